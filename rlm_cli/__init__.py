@@ -1,0 +1,1 @@
+"""The `rlm` command line: one group whose subcommands live beside each component."""

@@ -1,0 +1,66 @@
+"""Entry point of the `rlm` console script.
+
+Each component owns its subcommands in its own `cli.py` (a `commands` list of click
+commands); this module only gathers them, so a component's imports load only when one of
+its commands runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from rlm_cli.logs import configure_logging
+
+# Modules that define a `commands: list[click.Command]`.
+_COMMAND_MODULES = (
+    "broker.cli",
+    "host_poller.cli",
+    "sandbox_runtime.cli",
+)
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are looked up in the component modules on first use."""
+
+    def _all_commands(self) -> dict[str, click.Command]:
+        found: dict[str, click.Command] = {}
+        for module_name in _COMMAND_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                continue
+            for command in getattr(module, "commands", []):
+                if command.name:
+                    found[command.name] = command
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self._all_commands())
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._all_commands().get(cmd_name)
+
+
+@click.group(cls=_LazyGroup)
+@click.option(
+    "--log-level",
+    default="INFO",
+    envvar="RLM_LOG_LEVEL",
+    show_default=True,
+    help="Log level of the structured JSON logs written to stderr.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "console"]),
+    default="json",
+    envvar="RLM_LOG_FORMAT",
+    show_default=True,
+    help="json: one JSON object a line; console: human-readable.",
+)
+def cli(log_level: str, log_format: str) -> None:
+    """rlm-broker: run Recursive Language Models with sandboxed code and a Redis-backed broker."""
+    configure_logging(level=log_level, fmt=log_format)
