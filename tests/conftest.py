@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from broker.redis_server import RedisServer
+from tests.support.servers import BrokerServer
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +20,38 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """The URL of a running, empty Redis; restarted if an earlier test killed it."""
     if not redis_server.running:
         redis_server.start()
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def broker_factory(redis_url: str) -> Iterator[Callable[..., BrokerServer]]:
+    """Starts real brokers (uvicorn in a thread) on the test's Redis; settings as keywords."""
+    started: list[BrokerServer] = []
+
+    def start(**overrides: Any) -> BrokerServer:
+        server = BrokerServer(redis_url, **overrides)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def broker_server(broker_factory: Callable[..., BrokerServer]) -> BrokerServer:
+    """A running broker with default settings: `.url`, `.admin_token`, `.settings`."""
+    return broker_factory()

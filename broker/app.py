@@ -1,0 +1,102 @@
+"""The broker's Starlette application: routes, and the lifespan that opens Redis.
+
+`create_app(settings)` is all a server needs; `rlm broker` serves it with uvicorn
+(uvloop + httptools, one worker per process: scale with replicas over one Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from broker import routes_ops, routes_queue, routes_tenancy
+from broker.auth import Authenticator
+from broker.context import BrokerContext
+from broker.handling import http_exception
+from broker.listener import Listener
+from broker.metrics import Metrics
+from broker.settings import BrokerSettings
+from broker.store import Store
+from broker.waiters import Waiters, WorkSignals
+
+logger = logging.getLogger(__name__)
+
+#: How long start-up waits for the first subscription before serving anyway (Redis down:
+#: the broker still starts, answers 503, and recovers when Redis does).
+_SUBSCRIBE_TIMEOUT_S = 5.0
+
+
+def create_app(settings: BrokerSettings) -> Starlette:
+    if settings.redis_url is None:
+        raise ValueError("create_app needs settings.redis_url (rlm broker starts one if unset)")
+    redis_url = settings.redis_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        redis = Redis(connection_pool=pool)
+        # The subscription blocks for as long as the broker runs: no socket timeout there.
+        subscriber = Redis.from_url(redis_url, socket_connect_timeout=settings.redis_timeout_s)
+        replica_id = uuid.uuid4().hex[:12]
+        store = Store(redis, settings, replica_id)
+        subscriber_store = Store(subscriber, settings, replica_id)
+        waiters, signals = Waiters(), WorkSignals()
+        listener = Listener(subscriber_store, waiters, signals)
+        admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        app.state.broker = BrokerContext(
+            settings=settings,
+            replica_id=replica_id,
+            store=store,
+            auth=Authenticator(redis, store.keys, admin_token, settings.auth_cache_s),
+            waiters=waiters,
+            signals=signals,
+            listener=listener,
+            metrics=Metrics(),
+        )
+        listener_task = asyncio.create_task(listener.run(), name="rlm-broker-listener")
+        try:
+            await asyncio.wait_for(listener.ready.wait(), _SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("starting without a redis subscription; will keep trying")
+        logger.info("broker started", extra={"replica_id": replica_id})
+        try:
+            yield
+        finally:
+            listener_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener_task
+            await subscriber.aclose()
+            await redis.aclose()
+            logger.info("broker stopped", extra={"replica_id": replica_id})
+
+    routes = [
+        Route("/tenants", routes_tenancy.create_tenant, methods=["POST"]),
+        Route("/sessions", routes_tenancy.create_session, methods=["POST"]),
+        Route("/sessions/{session_id}", routes_tenancy.delete_session, methods=["DELETE"]),
+        Route("/enqueue", routes_queue.enqueue, methods=["POST"]),
+        Route("/requests/{request_id}", routes_queue.get_request, methods=["GET"]),
+        Route("/pending", routes_queue.pending, methods=["GET"]),
+        Route("/respond", routes_queue.respond, methods=["POST"]),
+        Route("/leases/extend", routes_queue.extend_leases, methods=["POST"]),
+        Route("/health", routes_ops.health, methods=["GET"]),
+        Route("/metrics", routes_ops.metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception, Exception: http_exception},
+    )

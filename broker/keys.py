@@ -1,0 +1,98 @@
+"""Every Redis key and channel the broker uses, built by functions, never by hand elsewhere.
+
+Keys of one tenant share the hash tag `{<tenant_id>}`, so a Redis Cluster keeps a tenant on
+one slot and each Lua script touches a single slot.
+
+    <p>:tenants                         set    tenant ids (admin draining, /health)
+    <p>:tenant:{t}                      hash   name, created_at
+    <p>:token:<sha256>                  hash   kind, tenant, session; TTL = the session's
+    <p>:{t}:stream                      stream one entry per delivery-ready request; group GROUP
+    <p>:{t}:session:<s>                 hash   status, metadata, expires_at, token_hash
+    <p>:{t}:session:<s>:open            set    the session's unanswered request ids
+    <p>:{t}:req:<id>                    hash   status, body, session, enqueued_at, entry,
+                                               attempt, result
+    <p>:{t}:req:<id>:w                  set    broker replicas waiting for this request's answer
+    <p>:{t}:reap                        string rate-limits re-delivery scans (PX)
+    <p>:{t}:reap:cursor                 string where the last re-delivery scan stopped
+    <p>:pollers                         zset   poller id -> last /pending time
+    channel <p>:work                    a tenant id: new work for that tenant
+    channel <p>:replies:<replica>       "<request id>\\n<result json>" for a waiting replica
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Consumer group of every tenant stream, and the one consumer name the broker claims with:
+#: leases are tracked by idle time, not by consumer, so any replica may re-deliver.
+GROUP = "pollers"
+CONSUMER = "broker"
+
+_TENANT_ID = re.compile(r"^t_[0-9a-f]{16}$")
+_SESSION_ID = re.compile(r"^s_[0-9a-f]{16}$")
+_REQUEST_ID = re.compile(r"^(t_[0-9a-f]{16})\.[0-9a-f]{20}$")
+
+
+def tenant_of_request(request_id: str) -> str | None:
+    """The tenant a request id belongs to (ids embed it), or None for a malformed id."""
+    match = _REQUEST_ID.match(request_id)
+    return match.group(1) if match else None
+
+
+def is_tenant_id(value: str) -> bool:
+    return bool(_TENANT_ID.match(value))
+
+
+def is_session_id(value: str) -> bool:
+    return bool(_SESSION_ID.match(value))
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one prefix (`RLM_KEY_PREFIX`)."""
+
+    prefix: str = "rlm"
+
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def tenant(self, tenant_id: str) -> str:
+        return f"{self.prefix}:tenant:{tenant_id}"
+
+    def token(self, token_hash: str) -> str:
+        return f"{self.prefix}:token:{token_hash}"
+
+    def tenant_base(self, tenant_id: str) -> str:
+        """The common start of a tenant's keys; Lua scripts append `req:<id>` etc. to it."""
+        return f"{self.prefix}:{{{tenant_id}}}:"
+
+    def stream(self, tenant_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}stream"
+
+    def session(self, tenant_id: str, session_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}session:{session_id}"
+
+    def session_open(self, tenant_id: str, session_id: str) -> str:
+        return f"{self.session(tenant_id, session_id)}:open"
+
+    def request(self, tenant_id: str, request_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}req:{request_id}"
+
+    def watchers(self, tenant_id: str, request_id: str) -> str:
+        return f"{self.request(tenant_id, request_id)}:w"
+
+    def reap_lock(self, tenant_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}reap"
+
+    def reap_cursor(self, tenant_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}reap:cursor"
+
+    def pollers(self) -> str:
+        return f"{self.prefix}:pollers"
+
+    def work_channel(self) -> str:
+        return f"{self.prefix}:work"
+
+    def reply_channel(self, replica_id: str) -> str:
+        return f"{self.prefix}:replies:{replica_id}"

@@ -1,0 +1,57 @@
+-- Lease up to COUNT requests of one tenant: first those whose lease expired (re-delivery,
+-- scanned at most every reap interval), then new ones. A request delivered more than
+-- max_attempts times fails as undeliverable instead.
+-- KEYS: tenant stream, reap lock, reap cursor
+-- ARGV: tenant base, group, consumer, count, lease ms, now, max attempts, reap interval ms,
+--       replies prefix, result ttl, undeliverable result json (with "__ID__" for the id)
+-- Returns a flat list of 5-tuples: id, attempt, body, session id, enqueued_at.
+local stream, reap_lock, reap_cursor = KEYS[1], KEYS[2], KEYS[3]
+local base, group, consumer = ARGV[1], ARGV[2], ARGV[3]
+local count, lease_ms, now = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local max_attempts, reap_ms = tonumber(ARGV[7]), ARGV[8]
+local replies, result_ttl, undeliverable = ARGV[9], ARGV[10], ARGV[11]
+
+local out = {}
+local function take(entries)
+  for _, entry in ipairs(entries) do
+    -- entry = {stream id, {'id', request id}}; a deleted entry has no fields
+    local fields = entry[2]
+    local id = fields and fields[2]
+    local req = id and (base .. 'req:' .. id)
+    local status = req and redis.call('HGET', req, 'status')
+    if status ~= 'pending' then
+      redis.call('XACK', stream, group, entry[1])
+      redis.call('XDEL', stream, entry[1])
+    else
+      local attempt = redis.call('HINCRBY', req, 'attempt', 1)
+      if attempt > max_attempts then
+        local result = string.gsub(undeliverable, '__ID__', id)
+        finish(base, stream, group, replies, id, 'error', result, result_ttl, now)
+      else
+        local data = redis.call('HMGET', req, 'body', 'session', 'enqueued_at')
+        out[#out + 1] = id
+        out[#out + 1] = attempt
+        out[#out + 1] = data[1]
+        out[#out + 1] = data[2]
+        out[#out + 1] = data[3]
+      end
+    end
+  end
+end
+
+if redis.call('SET', reap_lock, '1', 'NX', 'PX', reap_ms) then
+  local cursor = redis.call('GET', reap_cursor) or '0-0'
+  local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, lease_ms, cursor,
+    'COUNT', count)
+  redis.call('SET', reap_cursor, claimed[1])
+  take(claimed[2])
+end
+local wanted = count - #out / 5
+if wanted > 0 then
+  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', wanted,
+    'STREAMS', stream, '>')
+  if read then
+    take(read[1][2])
+  end
+end
+return out

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one broker replica, in a private registry served at `/metrics`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "rlm_broker_http_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.enqueue_to_respond = Histogram(
+            "rlm_broker_enqueue_to_respond_seconds",
+            "Time from a request's enqueue to its first accepted answer.",
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                120,
+                300,
+            ),
+            registry=self.registry,
+        )
+        self.queue_pending = Gauge(
+            "rlm_broker_queue_pending", "Requests waiting for a poller.", registry=self.registry
+        )
+        self.queue_leased = Gauge(
+            "rlm_broker_queue_leased", "Requests leased to a poller.", registry=self.registry
+        )
+        self.waiters = Gauge(
+            "rlm_broker_waiters",
+            "HTTP calls of this replica waiting for an answer.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

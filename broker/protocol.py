@@ -1,0 +1,214 @@
+"""The broker's wire protocol, version 1: every JSON body that crosses the broker.
+
+Defined once here and imported by the broker, the host poller and the sandbox runtime (the
+stdlib-only exec script mirrors it by hand and is tested against the real broker). Every
+model refuses unknown fields. docs/protocol.md describes the same protocol in prose.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+
+PROTOCOL_VERSION = 1
+
+#: Statuses of one request as seen by the side that enqueued it.
+RequestStatus = Literal["done", "error", "pending"]
+#: What `/respond` says of one answer.
+RespondStatus = Literal["accepted", "duplicate", "not_found", "forbidden", "invalid"]
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: unknown fields are an error, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ErrorInfo(WireModel):
+    """A machine-readable code and a human-readable message."""
+
+    code: str
+    message: str
+
+
+class ErrorBody(WireModel):
+    """The body of every error response: `{"error": {"code", "message"}}`."""
+
+    error: ErrorInfo
+
+
+class Usage(WireModel):
+    """Token usage and cost of the LLM work behind one answer."""
+
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    cost_usd: float = Field(0.0, ge=0)
+    calls: int = Field(0, ge=0)
+
+
+# --- tenants and sessions -------------------------------------------------------------------
+
+
+class CreateTenant(WireModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class TenantCreated(WireModel):
+    tenant_id: str
+    token: str
+
+
+class CreateSession(WireModel):
+    ttl_s: int | None = Field(None, gt=0, description="Token lifetime; capped by the broker.")
+    metadata: dict[str, JsonValue] | None = Field(
+        None, description="Opaque to the broker; delivered with every request of the session."
+    )
+
+
+class SessionCreated(WireModel):
+    session_id: str
+    token: str
+    expires_at: float
+
+
+# --- enqueue ------------------------------------------------------------------------------
+
+
+class LLMRequest(WireModel):
+    """One `llm_query`: a prompt or a message list, exactly one of them."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    model: Identifier | None = None
+    depth: int = Field(0, ge=0, le=64)
+    params: dict[str, JsonValue] | None = None
+    state: dict[str, JsonValue] | None = Field(
+        None, description="The caller's shared RLM state, for a sub-RLM (rlm_query) to start from."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_prompt_or_messages(self) -> LLMRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class EnqueueBatch(WireModel):
+    batch: list[LLMRequest] = Field(min_length=1)
+
+
+class RequestResult(WireModel):
+    """One request's outcome: done (with response), error (with error), or still pending."""
+
+    id: str
+    status: RequestStatus
+    response: str | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+    state: dict[str, JsonValue] | None = None
+
+
+class BatchResults(WireModel):
+    results: list[RequestResult]
+
+
+# --- pending -----------------------------------------------------------------------------
+
+
+class PendingRequest(WireModel):
+    """A request as a poller receives it, leased to that poller until `lease_expires_at`."""
+
+    id: str
+    session_id: str
+    tenant_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    model: str | None = None
+    depth: int = 0
+    params: dict[str, JsonValue] | None = None
+    state: dict[str, JsonValue] | None = None
+    metadata: dict[str, JsonValue] | None = None
+    attempt: int
+    enqueued_at: float
+    lease_expires_at: float
+
+
+class PendingBatch(WireModel):
+    requests: list[PendingRequest]
+
+
+class ExtendLeases(WireModel):
+    """Keep requests leased while their (slow) LLM calls run, so they are not delivered again."""
+
+    ids: list[str] = Field(min_length=1)
+
+
+class LeaseResult(WireModel):
+    id: str
+    status: Literal["extended", "not_leased", "not_found", "forbidden"]
+
+
+class LeaseResults(WireModel):
+    results: list[LeaseResult]
+    lease_expires_at: float
+
+
+# --- respond -----------------------------------------------------------------------------
+
+
+class Answer(WireModel):
+    """An answer to one request: a response or an error, exactly one of them."""
+
+    id: str
+    response: str | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+    state: dict[str, JsonValue] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_response_or_error(self) -> Answer:
+        if (self.response is None) == (self.error is None):
+            raise ValueError("give exactly one of 'response' or 'error'")
+        return self
+
+
+class AnswerBatch(WireModel):
+    responses: list[Answer] = Field(min_length=1)
+
+
+class RespondResult(WireModel):
+    id: str
+    status: RespondStatus
+    message: str | None = None
+
+
+class RespondResults(WireModel):
+    results: list[RespondResult]
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+class QueueDepths(WireModel):
+    pending: int
+    leased: int
+    oldest_pending_age_s: float | None
+
+
+class Health(WireModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    protocol: int = PROTOCOL_VERSION
+    replica_id: str
+    redis: dict[str, JsonValue]
+    queues: QueueDepths | None = None
+    pollers_last_minute: int | None = None
+    waiters: int

@@ -1,0 +1,62 @@
+"""Monitoring: `GET /health` (no auth) and `GET /metrics` (Prometheus text format)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker import __version__
+from broker import protocol as p
+from broker.context import context_of
+from broker.handling import endpoint, json_response
+
+logger = logging.getLogger(__name__)
+
+
+@endpoint("health")
+async def health(request: Request) -> Response:
+    ctx = context_of(request)
+    started = time.perf_counter()
+    try:
+        await ctx.store.redis.ping()
+        rtt_ms = (time.perf_counter() - started) * 1000
+        pending, leased, oldest = await ctx.store.queue_depths()
+        pollers = await ctx.store.pollers_since(60)
+    except (RedisError, ConnectionError, TimeoutError) as exc:
+        body = p.Health(
+            status="degraded",
+            version=__version__,
+            replica_id=ctx.replica_id,
+            redis={"reachable": False, "error": f"{type(exc).__name__}: {exc}"},
+            waiters=len(ctx.waiters),
+        )
+        return json_response(body.model_dump_json(), 503)
+    body = p.Health(
+        status="ok",
+        version=__version__,
+        replica_id=ctx.replica_id,
+        redis={"reachable": True, "rtt_ms": round(rtt_ms, 3), "subscribed": ctx.listener.connected},
+        queues=p.QueueDepths(pending=pending, leased=leased, oldest_pending_age_s=oldest),
+        pollers_last_minute=pollers,
+        waiters=len(ctx.waiters),
+    )
+    return json_response(body.model_dump_json())
+
+
+@endpoint("metrics")
+async def metrics(request: Request) -> Response:
+    ctx = context_of(request)
+    ctx.metrics.waiters.set(len(ctx.waiters))
+    try:
+        pending, leased, _ = await ctx.store.queue_depths()
+        ctx.metrics.queue_pending.set(pending)
+        ctx.metrics.queue_leased.set(leased)
+    except (RedisError, ConnectionError, TimeoutError) as exc:
+        # Scrapes go on during an outage; the queue gauges keep their last values.
+        logger.debug("queue depths unavailable for /metrics", extra={"error": str(exc)})
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,336 @@
+"""The queue: `/enqueue`, `/requests/{id}`, `/pending`, `/respond`, `/leases/extend`.
+
+Waiting never holds a Redis connection: a waiting call parks on a future (answers) or an
+event (new work) that the replica's one subscription resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker import protocol as p
+from broker.auth import Principal
+from broker.bodies import query_float, query_int, read_json, validate
+from broker.context import BrokerContext, context_of, principal_of
+from broker.errors import Forbidden, NotFound, PayloadTooLarge
+from broker.handling import endpoint, json_response
+from broker.keys import tenant_of_request
+from broker.store import Claimed
+
+# --- the sandbox side --------------------------------------------------------------------
+
+
+@endpoint("enqueue")
+async def enqueue(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("session")
+    wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
+    data = await read_json(request, ctx.settings.max_body_bytes)
+    is_batch = isinstance(data, dict) and "batch" in data
+    if is_batch:
+        items = validate(p.EnqueueBatch, data).batch
+        if len(items) > ctx.settings.max_enqueue_batch:
+            raise PayloadTooLarge(
+                f"batch of {len(items)} exceeds {ctx.settings.max_enqueue_batch} "
+                "(RLM_MAX_ENQUEUE_BATCH)"
+            )
+    else:
+        items = [validate(p.LLMRequest, data)]
+    tenant_id = principal.tenant
+    ids = [f"{tenant_id}.{secrets.token_hex(10)}" for _ in items]
+    # Register before publishing, so that an instant answer finds its waiter.
+    futures = [ctx.waiters.register(request_id) for request_id in ids]
+    try:
+        await ctx.store.enqueue(
+            tenant_id,
+            principal.session,
+            [
+                (rid, item.model_dump_json(exclude_none=True))
+                for rid, item in zip(ids, items, strict=True)
+            ],
+        )
+        results = await _await_results(ctx, ids, futures, wait_s)
+    finally:
+        for request_id, future in zip(ids, futures, strict=True):
+            ctx.waiters.discard(request_id, future)
+    all_done = all(r is not None for r in results)
+    bodies = [r if r is not None else _pending(rid) for rid, r in zip(ids, results, strict=True)]
+    status = 200 if all_done else 202
+    if is_batch:
+        return json_response(b'{"results":[' + b",".join(bodies) + b"]}", status)
+    return json_response(bodies[0], status)
+
+
+@endpoint("get_request")
+async def get_request(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("session", "tenant", "admin")
+    request_id = request.path_params["request_id"]
+    tenant_id = tenant_of_request(request_id)
+    if tenant_id is None:
+        raise NotFound(f"no request {request_id}")
+    if principal.scope != "admin" and principal.tenant_id != tenant_id:
+        raise Forbidden("this request belongs to another tenant")
+    wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
+    future = ctx.waiters.register(request_id) if wait_s > 0 else None
+    try:
+        if future is not None:
+            stored = await ctx.store.watch(tenant_id, request_id)
+        else:
+            stored = await ctx.store.read(tenant_id, request_id)
+        if stored is None:
+            raise NotFound(f"no request {request_id} (unknown, or its result expired)")
+        if principal.scope == "session" and stored.session_id != principal.session_id:
+            raise Forbidden("this request belongs to another session")
+        if stored.status != "pending" and stored.result is not None:
+            return json_response(stored.result)
+        if future is not None:
+            (result,) = await _await_results(ctx, [request_id], [future], wait_s)
+            if result is not None:
+                return json_response(result)
+        return json_response(_pending(request_id), 202)
+    finally:
+        if future is not None:
+            ctx.waiters.discard(request_id, future)
+
+
+async def _await_results(
+    ctx: BrokerContext, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]], wait_s: float
+) -> list[bytes | None]:
+    if wait_s > 0:
+        await asyncio.wait(futures, timeout=wait_s)
+    results = [f.result() if f.done() else None for f in futures]
+    if wait_s > 0 and any(r is None for r in results) and not ctx.listener.connected:
+        # The subscription is down: an answer may have landed without a notification.
+        missing = [(i, rid) for i, rid in enumerate(ids) if results[i] is None]
+        refs = [(tenant_of_request(rid) or "", rid) for _, rid in missing]
+        for (i, _), stored in zip(missing, await ctx.store.read_many(refs), strict=True):
+            results[i] = stored
+    return results
+
+
+def _pending(request_id: str) -> bytes:
+    return json.dumps({"id": request_id, "status": "pending"}).encode()
+
+
+# --- the host side -----------------------------------------------------------------------
+
+
+@endpoint("pending")
+async def pending(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant", "admin")
+    settings = ctx.settings
+    max_items = query_int(
+        request, "max", min(32, settings.max_pending_batch), settings.max_pending_batch
+    )
+    wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
+    poller_id = request.headers.get("x-rlm-poller", "")[:100] or principal.token_hash[:16]
+    await ctx.store.seen_poller(poller_id)
+    deadline = time.monotonic() + wait_s
+    disconnected = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        full_scan = True
+        while True:
+            woken = ctx.signals.event_for(principal.tenant_id)
+            claimed = await _claim(ctx, principal, max_items, full_scan)
+            remaining = deadline - time.monotonic()
+            if claimed or remaining <= 0 or disconnected.done():
+                break
+            sleep = min(remaining, settings.work_recheck_s)
+            woken_task = asyncio.ensure_future(woken.wait())
+            done, _ = await asyncio.wait(
+                [woken_task, disconnected], timeout=sleep, return_when=asyncio.FIRST_COMPLETED
+            )
+            woken_task.cancel()
+            full_scan = not done  # a periodic re-check looks at every tenant
+        if claimed and disconnected.done():
+            # The poller left while we waited: hand its requests straight back.
+            await _release(ctx, claimed)
+            claimed = []
+    finally:
+        disconnected.cancel()
+    return json_response(await _pending_body(ctx, claimed))
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _claim(
+    ctx: BrokerContext, principal: Principal, max_items: int, full_scan: bool
+) -> list[Claimed]:
+    if principal.scope == "tenant":
+        claimed = await ctx.store.claim([(principal.tenant, max_items)])
+        return claimed.get(principal.tenant, [])
+    return await _claim_fairly(ctx, max_items, full_scan)
+
+
+async def _claim_fairly(ctx: BrokerContext, max_items: int, full_scan: bool) -> list[Claimed]:
+    """Admin draining: an equal share per tenant with work, rotating who goes first."""
+    ready = ctx.signals.ready
+    tenants = await ctx.store.tenant_ids() if full_scan or not ready else sorted(ready)
+    if not tenants:
+        return []
+    offset = ctx.drain_offset % len(tenants)
+    ctx.drain_offset += 1
+    active = tenants[offset:] + tenants[:offset]
+    result: list[Claimed] = []
+    remaining = max_items
+    while remaining > 0 and active:
+        share = max(1, remaining // len(active))
+        batch = active if share > 1 else active[:remaining]
+        got = await ctx.store.claim([(t, share) for t in batch])
+        still_busy = []
+        for tenant_id in batch:
+            items = got.get(tenant_id, [])
+            result.extend(items)
+            remaining -= len(items)
+            if len(items) < share:
+                ready.discard(tenant_id)
+            else:
+                still_busy.append(tenant_id)
+        active = still_busy
+    return result
+
+
+async def _release(ctx: BrokerContext, claimed: Sequence[Claimed]) -> None:
+    by_tenant: dict[str, list[str]] = defaultdict(list)
+    for item in claimed:
+        by_tenant[tenant_of_request(item.id) or ""].append(item.id)
+    for tenant_id, ids in by_tenant.items():
+        await ctx.store.release(tenant_id, ids)
+
+
+async def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
+    if not claimed:
+        return b'{"requests":[]}'
+    lease_expires_at = time.time() + ctx.settings.lease_s
+    by_tenant: dict[str, list[Claimed]] = defaultdict(list)
+    for item in claimed:
+        by_tenant[tenant_of_request(item.id) or ""].append(item)
+    out: list[dict[str, Any]] = []
+    for tenant_id, items in by_tenant.items():
+        metadata = await ctx.store.session_metadata(tenant_id, [i.session_id for i in items])
+        for item in items:
+            entry = json.loads(item.body)
+            entry.update(
+                id=item.id,
+                session_id=item.session_id,
+                tenant_id=tenant_id,
+                attempt=item.attempt,
+                enqueued_at=item.enqueued_at,
+                lease_expires_at=lease_expires_at,
+                metadata=json.loads(metadata[item.session_id]),
+            )
+            out.append(entry)
+    return json.dumps({"requests": out}, separators=(",", ":")).encode()
+
+
+@endpoint("respond")
+async def respond(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant", "admin")
+    data = await read_json(request, ctx.settings.max_body_bytes)
+    is_batch = isinstance(data, dict) and "responses" in data
+    if is_batch:
+        answers = validate(p.AnswerBatch, data).responses
+        if len(answers) > ctx.settings.max_respond_batch:
+            raise PayloadTooLarge(
+                f"batch of {len(answers)} exceeds {ctx.settings.max_respond_batch} "
+                "(RLM_MAX_RESPOND_BATCH)"
+            )
+    else:
+        answers = [validate(p.Answer, data)]
+    statuses = await _record_answers(ctx, principal, answers)
+    if is_batch:
+        results = [{"id": a.id, "status": s} for a, s in zip(answers, statuses, strict=True)]
+        return json_response({"results": results})
+    status = statuses[0]
+    if status == "not_found":
+        raise NotFound(f"no request {answers[0].id} (unknown, or expired)")
+    if status == "forbidden":
+        raise Forbidden("this request belongs to another tenant")
+    return json_response({"id": answers[0].id, "status": status})
+
+
+async def _record_answers(
+    ctx: BrokerContext, principal: Principal, answers: Sequence[p.Answer]
+) -> list[str]:
+    statuses = ["not_found"] * len(answers)
+    by_tenant: dict[str, list[int]] = defaultdict(list)
+    for index, answer in enumerate(answers):
+        tenant_id = tenant_of_request(answer.id)
+        if tenant_id is None:
+            continue
+        if not principal.may_act_for_tenant(tenant_id):
+            statuses[index] = "forbidden"
+            continue
+        by_tenant[tenant_id].append(index)
+    now = time.time()
+    for tenant_id, indexes in by_tenant.items():
+        records = [_result_record(answers[i]) for i in indexes]
+        outcomes = await ctx.store.answer(tenant_id, records)
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            statuses[index] = outcome.status
+            if outcome.enqueued_at is not None:
+                ctx.metrics.enqueue_to_respond.observe(max(0.0, now - outcome.enqueued_at))
+    return statuses
+
+
+def _result_record(answer: p.Answer) -> tuple[str, str, str]:
+    status = "done" if answer.error is None else "error"
+    result = p.RequestResult(
+        id=answer.id,
+        status=status,
+        response=answer.response,
+        error=answer.error,
+        usage=answer.usage,
+        state=answer.state,
+    )
+    return answer.id, status, result.model_dump_json(exclude_none=True)
+
+
+@endpoint("extend_leases")
+async def extend_leases(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant", "admin")
+    body = validate(p.ExtendLeases, await read_json(request, ctx.settings.max_body_bytes))
+    statuses = ["not_found"] * len(body.ids)
+    by_tenant: dict[str, list[int]] = defaultdict(list)
+    for index, request_id in enumerate(body.ids):
+        tenant_id = tenant_of_request(request_id)
+        if tenant_id is None:
+            continue
+        if not principal.may_act_for_tenant(tenant_id):
+            statuses[index] = "forbidden"
+            continue
+        by_tenant[tenant_id].append(index)
+    for tenant_id, indexes in by_tenant.items():
+        outcomes = await ctx.store.extend(tenant_id, [body.ids[i] for i in indexes])
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            statuses[index] = outcome
+    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
+    return json_response(
+        {"results": results, "lease_expires_at": time.time() + ctx.settings.lease_s}
+    )
+
+
+__all__ = ["enqueue", "extend_leases", "get_request", "pending", "respond"]

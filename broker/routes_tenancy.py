@@ -1,0 +1,66 @@
+"""Tenants and sessions: `POST /tenants`, `POST /sessions`, `DELETE /sessions/{id}`."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker import protocol as p
+from broker.bodies import read_json, validate
+from broker.context import context_of, principal_of
+from broker.errors import NotFound, ValidationFailed
+from broker.handling import endpoint, json_response
+from broker.keys import is_session_id
+
+logger = logging.getLogger(__name__)
+
+
+@endpoint("create_tenant")
+async def create_tenant(request: Request) -> Response:
+    ctx = context_of(request)
+    (await principal_of(request)).require("admin")
+    body = validate(p.CreateTenant, await read_json(request, ctx.settings.max_body_bytes))
+    tenant_id, token = await ctx.store.create_tenant(body.name)
+    logger.info("tenant created", extra={"tenant_id": tenant_id})
+    return json_response(p.TenantCreated(tenant_id=tenant_id, token=token).model_dump_json(), 201)
+
+
+@endpoint("create_session")
+async def create_session(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant")
+    body = validate(p.CreateSession, await read_json(request, ctx.settings.max_body_bytes))
+    ttl_s = body.ttl_s or ctx.settings.session_ttl_s
+    if ttl_s > ctx.settings.max_session_ttl_s:
+        raise ValidationFailed(
+            f"ttl_s: at most {ctx.settings.max_session_ttl_s} (RLM_MAX_SESSION_TTL_S)"
+        )
+    session_id, token, expires_at = await ctx.store.create_session(
+        principal.tenant, ttl_s, body.metadata
+    )
+    logger.info(
+        "session created", extra={"tenant_id": principal.tenant_id, "session_id": session_id}
+    )
+    created = p.SessionCreated(session_id=session_id, token=token, expires_at=expires_at)
+    return json_response(created.model_dump_json(), 201)
+
+
+@endpoint("delete_session")
+async def delete_session(request: Request) -> Response:
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant")
+    session_id = request.path_params["session_id"]
+    if not is_session_id(session_id):
+        raise NotFound(f"no session {session_id}")
+    failed, token_hash = await ctx.store.close_session(principal.tenant, session_id)
+    if token_hash:
+        ctx.auth.forget(token_hash)
+    logger.info(
+        "session closed",
+        extra={"tenant_id": principal.tenant_id, "session_id": session_id, "failed": failed},
+    )
+    return json_response({"session_id": session_id, "status": "closed", "failed_requests": failed})

@@ -1,0 +1,65 @@
+"""The broker's settings: one frozen object, built once at start from `RLM_*` variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BrokerSettings(BaseSettings):
+    """Every knob of the broker; each field's environment variable is `RLM_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis to use. Unset: `rlm broker` starts an embedded server on a free port.",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the admin scope. Unset: admin endpoints refuse all."
+    )
+    lease_s: float = Field(
+        60.0, gt=0, le=3600, description="How long a delivered request is leased."
+    )
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    default_wait_s: float = Field(
+        25.0, ge=0, description="Wait of /enqueue and /requests when `wait` is not given."
+    )
+    max_wait_s: float = Field(120.0, gt=0, le=3600, description="Largest `wait` accepted.")
+    default_pending_wait_s: float = Field(25.0, ge=0, description="Default wait of /pending.")
+    max_pending_batch: int = Field(256, ge=1, le=10_000, description="Largest `max` of /pending.")
+    max_enqueue_batch: int = Field(1024, ge=1, description="Most requests in one /enqueue batch.")
+    max_respond_batch: int = Field(1024, ge=1, description="Most answers in one /respond batch.")
+    max_open_per_session: int = Field(
+        4096, ge=1, description="Unanswered requests one session may hold (429 above)."
+    )
+    max_attempts: int = Field(
+        5, ge=1, description="Deliveries of one request before it fails as undeliverable."
+    )
+    session_ttl_s: int = Field(86_400, gt=0, description="Default lifetime of a session token.")
+    max_session_ttl_s: int = Field(7 * 86_400, gt=0, description="Longest session lifetime.")
+    request_ttl_s: int = Field(
+        86_400, gt=0, description="How long an unanswered request is kept before it expires."
+    )
+    result_ttl_s: int = Field(3600, gt=0, description="How long an answer is kept for readers.")
+    auth_cache_s: float = Field(
+        2.0, ge=0, description="How long a token lookup is cached in-process (0 disables)."
+    )
+    redis_timeout_s: float = Field(5.0, gt=0, description="Timeout of each Redis command.")
+    redis_max_connections: int = Field(
+        32, ge=2, description="Redis connections per broker process for commands (bounded pool)."
+    )
+    work_recheck_s: float = Field(
+        1.0, gt=0, description="A waiting /pending re-reads the queues at least this often."
+    )
+    key_prefix: str = Field("rlm", min_length=1, description="Prefix of every Redis key.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BrokerSettings:
+        if self.default_wait_s > self.max_wait_s or self.default_pending_wait_s > self.max_wait_s:
+            raise ValueError("default waits must not exceed RLM_MAX_WAIT_S")
+        if self.session_ttl_s > self.max_session_ttl_s:
+            raise ValueError("RLM_SESSION_TTL_S must not exceed RLM_MAX_SESSION_TTL_S")
+        return self

@@ -1,0 +1,362 @@
+"""All Redis access of the broker: tenants, sessions, requests, leases and results.
+
+Handlers call this; it alone knows key names (through `Keys`) and scripts. Results and
+request bodies are stored as the JSON they are sent as, so the hot path re-serialises
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from broker.auth import hash_token, new_id, new_token
+from broker.codec import optional_bytes, text
+from broker.errors import NotFound, TooManyRequests, Unauthorized
+from broker.keys import CONSUMER, GROUP, Keys
+from broker.scripts import Scripts
+from broker.settings import BrokerSettings
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One leased request, as `claim.lua` returns it."""
+
+    id: str
+    attempt: int
+    body: bytes
+    session_id: str
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Outcome of one answer: its status, and when it was enqueued if it was accepted."""
+
+    status: str
+    enqueued_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A request as a reader sees it: its tenant, session, status and result JSON."""
+
+    tenant_id: str
+    session_id: str
+    status: str
+    result: bytes | None
+
+
+def error_result(request_id: str, code: str, message: str) -> str:
+    return json.dumps(
+        {"id": request_id, "status": "error", "error": {"code": code, "message": message}}
+    )
+
+
+class Store:
+    """Redis operations of one broker replica (`replica_id` names its reply channel)."""
+
+    def __init__(self, redis: Redis, settings: BrokerSettings, replica_id: str) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.settings = settings
+        self.replica_id = replica_id
+        self.scripts = Scripts.register(redis)
+        self._replies_prefix = self.keys.reply_channel("")
+        self._lease_ms = str(int(settings.lease_s * 1000))
+        self._reap_ms = str(max(50, min(1000, int(settings.lease_s * 250))))
+
+    # --- tenants and sessions ---------------------------------------------------------------
+
+    async def create_tenant(self, name: str) -> tuple[str, str]:
+        tenant_id, token = new_id("t"), new_token("tenant")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.keys.tenant(tenant_id), mapping={"name": name, "created_at": time.time()}
+            )
+            pipe.hset(
+                self.keys.token(hash_token(token)), mapping={"kind": "tenant", "tenant": tenant_id}
+            )
+            pipe.sadd(self.keys.tenants(), tenant_id)
+            pipe.xgroup_create(self.keys.stream(tenant_id), GROUP, id="0", mkstream=True)
+            await pipe.execute()
+        return tenant_id, token
+
+    async def tenant_ids(self) -> list[str]:
+        return sorted(text(m) for m in await self.redis.smembers(self.keys.tenants()))
+
+    async def create_session(
+        self, tenant_id: str, ttl_s: int, metadata: Mapping[str, Any] | None
+    ) -> tuple[str, str, float]:
+        session_id, token = new_id("s"), new_token("session")
+        expires_at = time.time() + ttl_s
+        token_hash = hash_token(token)
+        session_key = self.keys.session(tenant_id, session_id)
+        token_key = self.keys.token(token_hash)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                session_key,
+                mapping={
+                    "status": "active",
+                    "expires_at": expires_at,
+                    "metadata": json.dumps(metadata or {}),
+                    "token_hash": token_hash,
+                },
+            )
+            # The session outlives its token so that late answers still find its metadata.
+            pipe.expire(session_key, ttl_s + self.settings.request_ttl_s)
+            pipe.hset(
+                token_key, mapping={"kind": "session", "tenant": tenant_id, "session": session_id}
+            )
+            pipe.expire(token_key, ttl_s)
+            await pipe.execute()
+        return session_id, token, expires_at
+
+    async def session_owner(self, tenant_id: str, session_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.session(tenant_id, session_id)))
+
+    async def close_session(self, tenant_id: str, session_id: str) -> tuple[int, str | None]:
+        """Revoke the session's token and fail its open requests; (failed count, token hash)."""
+        session_key = self.keys.session(tenant_id, session_id)
+        token_hash = await self.redis.hget(session_key, "token_hash")
+        failed = await self.scripts.close(
+            keys=[
+                self.keys.stream(tenant_id),
+                session_key,
+                self.keys.session_open(tenant_id, session_id),
+            ],
+            args=[
+                self.keys.tenant_base(tenant_id),
+                GROUP,
+                self._replies_prefix,
+                self.settings.result_ttl_s,
+                time.time(),
+                error_result("__ID__", "session_closed", "the session was closed"),
+            ],
+        )
+        if int(failed) < 0:
+            raise NotFound(f"no session {session_id}")
+        digest = text(token_hash) if token_hash else None
+        if digest:
+            await self.redis.delete(self.keys.token(digest))
+        return int(failed), digest
+
+    async def session_metadata(
+        self, tenant_id: str, session_ids: Sequence[str]
+    ) -> dict[str, bytes]:
+        unique = list(dict.fromkeys(session_ids))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in unique:
+                pipe.hget(self.keys.session(tenant_id, session_id), "metadata")
+            values = await pipe.execute()
+        return {s: v or b"{}" for s, v in zip(unique, values, strict=True)}
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def enqueue(
+        self, tenant_id: str, session_id: str, items: Sequence[tuple[str, str]]
+    ) -> None:
+        """Store and publish requests `(id, body json)`; refuse if the session is closed."""
+        args: list[str | int | float] = [
+            self.keys.tenant_base(tenant_id),
+            tenant_id,
+            session_id,
+            self.replica_id,
+            time.time(),
+            self.settings.request_ttl_s,
+            self.settings.max_open_per_session,
+            self.keys.work_channel(),
+            len(items),
+        ]
+        for request_id, body in items:
+            args += [request_id, body]
+        accepted = int(
+            await self.scripts.enqueue(
+                keys=[
+                    self.keys.session(tenant_id, session_id),
+                    self.keys.session_open(tenant_id, session_id),
+                    self.keys.stream(tenant_id),
+                ],
+                args=args,
+            )
+        )
+        if accepted == -1:
+            raise Unauthorized("the session is closed or expired")
+        if accepted == -2:
+            raise TooManyRequests(
+                f"the session has reached its limit of {self.settings.max_open_per_session} "
+                "unanswered requests (RLM_MAX_OPEN_PER_SESSION)"
+            )
+
+    async def watch(self, tenant_id: str, request_id: str) -> StoredResult | None:
+        """Add this replica to the request's watchers, then read it (in that order: no gap)."""
+        request_key = self.keys.request(tenant_id, request_id)
+        watchers = self.keys.watchers(tenant_id, request_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(watchers, self.replica_id)
+            pipe.expire(watchers, self.settings.request_ttl_s)
+            pipe.hmget(request_key, ["status", "session", "result"])
+            _, _, (status, session, result) = await pipe.execute()
+        if status is None:
+            await self.redis.delete(watchers)
+            return None
+        return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+
+    async def read(self, tenant_id: str, request_id: str) -> StoredResult | None:
+        status, session, result = await self.redis.hmget(
+            self.keys.request(tenant_id, request_id), ["status", "session", "result"]
+        )
+        if status is None:
+            return None
+        return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+
+    async def read_many(self, refs: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """Result JSON (or None) of `(tenant id, request id)` pairs: used after a reconnect."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant_id, request_id in refs:
+                pipe.hget(self.keys.request(tenant_id, request_id), "result")
+            return list(await pipe.execute())
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def claim(self, claims: Sequence[tuple[str, int]]) -> dict[str, list[Claimed]]:
+        """Lease up to `count` requests from each `(tenant, count)`: one round trip in all."""
+        undeliverable = error_result(
+            "__ID__",
+            "undeliverable",
+            f"no poller answered within {self.settings.max_attempts} deliveries",
+        )
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant_id, count in claims:
+                await self.scripts.claim(
+                    keys=[
+                        self.keys.stream(tenant_id),
+                        self.keys.reap_lock(tenant_id),
+                        self.keys.reap_cursor(tenant_id),
+                    ],
+                    args=[
+                        self.keys.tenant_base(tenant_id),
+                        GROUP,
+                        CONSUMER,
+                        count,
+                        self._lease_ms,
+                        now,
+                        self.settings.max_attempts,
+                        self._reap_ms,
+                        self._replies_prefix,
+                        self.settings.result_ttl_s,
+                        undeliverable,
+                    ],
+                    client=pipe,
+                )
+            replies = await pipe.execute(raise_on_error=False)
+        out: dict[str, list[Claimed]] = {}
+        for (tenant_id, _), flat in zip(claims, replies, strict=True):
+            if isinstance(flat, ResponseError) and "NOGROUP" in str(flat):
+                continue  # a tenant whose stream was deleted by hand: nothing to lease
+            if isinstance(flat, Exception):
+                raise flat
+            out[tenant_id] = [
+                Claimed(
+                    id=flat[i].decode(),
+                    attempt=int(flat[i + 1]),
+                    body=flat[i + 2],
+                    session_id=flat[i + 3].decode(),
+                    enqueued_at=float(flat[i + 4]),
+                )
+                for i in range(0, len(flat), 5)
+            ]
+        return out
+
+    async def release(self, tenant_id: str, request_ids: Sequence[str]) -> None:
+        """Make leased requests deliverable again at once."""
+        await self.scripts.release(
+            keys=[self.keys.stream(tenant_id)],
+            args=[
+                self.keys.tenant_base(tenant_id),
+                GROUP,
+                CONSUMER,
+                int(self.settings.lease_s * 1000) + 1,
+                self.keys.work_channel(),
+                tenant_id,
+                *request_ids,
+            ],
+        )
+
+    async def extend(self, tenant_id: str, request_ids: Sequence[str]) -> list[str]:
+        replies = await self.scripts.extend(
+            keys=[self.keys.stream(tenant_id)],
+            args=[self.keys.tenant_base(tenant_id), GROUP, CONSUMER, *request_ids],
+        )
+        return [text(r) for r in replies]
+
+    async def answer(
+        self, tenant_id: str, answers: Sequence[tuple[str, str, str]]
+    ) -> list[Accepted]:
+        """Record `(id, "done" | "error", result json)` answers; the first answer wins."""
+        args: list[str | int | float] = [
+            self.keys.tenant_base(tenant_id),
+            GROUP,
+            self._replies_prefix,
+            self.settings.result_ttl_s,
+            time.time(),
+            len(answers),
+        ]
+        for answer in answers:
+            args += answer
+        replies = await self.scripts.answer(keys=[self.keys.stream(tenant_id)], args=args)
+        outcomes = []
+        for reply in replies:
+            outcome = text(reply)
+            if outcome.startswith("accepted:"):
+                outcomes.append(Accepted("accepted", float(outcome[9:])))
+            else:
+                outcomes.append(Accepted(outcome))
+        return outcomes
+
+    # --- monitoring -------------------------------------------------------------------------
+
+    async def seen_poller(self, poller_id: str) -> None:
+        await self.redis.zadd(self.keys.pollers(), {poller_id: time.time()})
+
+    async def pollers_since(self, seconds: float) -> int:
+        now = time.time()
+        key = self.keys.pollers()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now - 3600)
+            pipe.zcount(key, now - seconds, "+inf")
+            _, count = await pipe.execute()
+        return int(count)
+
+    async def queue_depths(self) -> tuple[int, int, float | None]:
+        """(pending, leased, age in seconds of the oldest unanswered request) over all tenants."""
+        tenants = await self.tenant_ids()
+        if not tenants:
+            return 0, 0, None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant_id in tenants:
+                stream = self.keys.stream(tenant_id)
+                pipe.xlen(stream)
+                pipe.xpending(stream, GROUP)
+                pipe.xrange(stream, count=1)
+            replies = await pipe.execute(raise_on_error=False)
+        unanswered = leased = 0
+        oldest_ms: int | None = None
+        for i in range(0, len(replies), 3):
+            length, pending_info, first = replies[i : i + 3]
+            if isinstance(length, Exception) or isinstance(pending_info, Exception):
+                continue
+            unanswered += int(length)
+            leased += int(pending_info["pending"])
+            if first and not isinstance(first, Exception):
+                entry_ms = int(first[0][0].split(b"-")[0])
+                oldest_ms = entry_ms if oldest_ms is None else min(oldest_ms, entry_ms)
+        age = None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        return max(0, unanswered - leased), leased, age

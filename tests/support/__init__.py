@@ -1,0 +1,1 @@
+"""Test helpers: real servers on loopback (uvicorn in a thread, or a subprocess)."""

@@ -1,0 +1,140 @@
+"""Real servers for tests: any ASGI app under uvicorn in a thread, or `rlm` subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx2
+import uvicorn
+
+from broker.app import create_app
+from broker.redis_server import free_port
+from broker.serve import uvicorn_config
+from broker.settings import BrokerSettings
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+class ThreadedServer:
+    """Serves an ASGI app with uvicorn (uvloop + httptools) in a background thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._server = uvicorn.Server(
+            uvicorn_config(app, "127.0.0.1", self.port, graceful_shutdown_s=1)
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> Self:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class BrokerServer(ThreadedServer):
+    """The real broker app on a real Redis, in this process."""
+
+    def __init__(self, redis_url: str, port: int | None = None, **overrides: Any) -> None:
+        self.settings = BrokerSettings(
+            redis_url=redis_url, admin_token=ADMIN_TOKEN, **overrides
+        )
+        self.admin_token = ADMIN_TOKEN
+        super().__init__(create_app(self.settings), port)
+
+
+class BrokerProcess:
+    """`rlm broker` as a child process, so a test can SIGKILL it and start it again."""
+
+    def __init__(self, redis_url: str, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.admin_token = ADMIN_TOKEN
+        self._env = {
+            **os.environ,
+            "RLM_REDIS_URL": redis_url,
+            "RLM_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RLM_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> BrokerProcess:
+        rlm = Path(sys.executable).with_name("rlm")
+        self._process = subprocess.Popen(
+            [str(rlm), "broker", "--port", str(self.port)],
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"rlm broker exited with {self._process.returncode}")
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=1).status_code in (200, 503):
+                    return self
+            except httpx2.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("rlm broker did not become ready")
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> None:
+    """Poll an async or sync predicate until it is true (never a wall-time assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval_s)
