@@ -1,0 +1,118 @@
+"""Wire models of the sandbox runtime's HTTP API (`rlm sandbox`), shared by server and clients.
+
+The RLM loop's `pyodide` and `remote` environments import these; the runtime validates every
+request body with them (unknown fields are refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Model):
+    """Per-session limits; any field left out takes the runtime's configured default."""
+
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="Wall clock per execution.")
+    memory_bytes: int | None = Field(
+        None, ge=64 * 2**20, le=4 * 2**30, description="Bound on the sandbox's WebAssembly memory."
+    )
+    output_bytes: int | None = Field(
+        None, ge=1024, le=64 * 2**20, description="Cap on stdout and on stderr, each, per execution."
+    )
+    idle_ttl_s: float | None = Field(
+        None, gt=0, le=7 * 86400, description="An idle session is ended after this long."
+    )
+
+
+class BrokerAccess(_Model):
+    """How the runtime (never the sandbox) reaches the broker for this session's llm_query."""
+
+    url: str = Field(description="Base URL of the broker, e.g. http://127.0.0.1:8000")
+    token: str = Field(description="The broker session token; kept outside the sandbox process.")
+    depth: int = Field(0, ge=0, description="Depth of this session's RLM; sub-calls go at depth+1.")
+    max_depth: int = Field(1, ge=0, description="rlm_query is allowed while depth + 1 < max_depth.")
+
+
+class CreateSession(_Model):
+    broker: BrokerAccess | None = None
+    limits: Limits = Limits()
+    setup_code: str | None = Field(None, description="Python run once when the session starts.")
+    state: dict[str, JsonValue] | None = Field(
+        None, description="Initial value of the shared `state` dict."
+    )
+
+
+class SessionCreated(_Model):
+    session_id: str
+
+
+class ExecuteRequest(_Model):
+    code: str
+    timeout_s: float | None = Field(None, gt=0, le=3600)
+
+
+class ExecutionError(_Model):
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class ExecutionResult(_Model):
+    """What one execution returned: output, the Python error if any, and FINAL if it was called."""
+
+    stdout: str
+    stderr: str
+    error: ExecutionError | None = None
+    final: dict[str, Any] | None = Field(
+        None,
+        description='Set when the code finished the run: {"value": str, "source": "FINAL" | '
+        '"FINAL_VAR" | "answer", "name"?: variable name for FINAL_VAR}.',
+    )
+    duration_ms: float
+    memory_bytes: int
+    state: dict[str, JsonValue] | None = Field(
+        None, description="The shared `state` dict after the execution."
+    )
+    state_lost: bool = Field(
+        False, description="The sandbox was killed (timeout grace or crash) and variables were lost."
+    )
+
+
+class StatelessExecuteRequest(_Model):
+    """`POST /execute`: code plus the namespace blob of an earlier call (remote placement)."""
+
+    code: str
+    snapshot: str | None = Field(None, description="Base64 blob from an earlier response.")
+    context: JsonValue | None = Field(None, description="Loaded as `context` before the code.")
+    broker: BrokerAccess | None = None
+    limits: Limits = Limits()
+    state: dict[str, JsonValue] | None = None
+
+
+class StatelessExecuteResult(_Model):
+    result: ExecutionResult
+    snapshot: str = Field(description="Base64 blob to send with the next call to keep variables.")
+
+
+class VarInfo(_Model):
+    name: str
+    type: str
+    size: int | None = None
+    preview: str
+
+
+class VarsResponse(_Model):
+    variables: list[VarInfo]
+
+
+class ErrorBody(_Model):
+    error: dict[str, str]
+
+
+SessionStatus = Literal["live", "hibernated", "busy"]
