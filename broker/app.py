@@ -48,7 +48,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
-        redis = Redis(connection_pool=pool)
+        redis = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         # The subscription blocks for as long as the broker runs: no socket timeout there.
         subscriber = Redis.from_url(redis_url, socket_connect_timeout=settings.redis_timeout_s)
         replica_id = uuid.uuid4().hex[:12]

@@ -68,7 +68,7 @@ class BrokerServer(ThreadedServer):
 
     def __init__(self, redis_url: str, port: int | None = None, **overrides: Any) -> None:
         self.settings = BrokerSettings(
-            redis_url=redis_url, admin_token=ADMIN_TOKEN, **overrides
+            **{"redis_url": redis_url, "admin_token": ADMIN_TOKEN, **overrides}
         )
         self.admin_token = ADMIN_TOKEN
         super().__init__(create_app(self.settings), port)

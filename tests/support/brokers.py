@@ -1,0 +1,71 @@
+"""Small async helpers over BrokerClient for broker tests: a tenant, a session, a poller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from broker import protocol as p
+from broker.client import BrokerClient
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    token: str
+    client: BrokerClient
+
+
+@dataclass
+class Session:
+    session_id: str
+    token: str
+    client: BrokerClient
+
+
+@asynccontextmanager
+async def tenant_and_session(
+    url: str, admin_token: str, *, name: str = "acme", metadata: dict[str, object] | None = None
+) -> AsyncIterator[tuple[Tenant, Session]]:
+    async with BrokerClient(url, admin_token) as admin:
+        created = await admin.create_tenant(name)
+    async with BrokerClient(url, created.token) as tenant_client:
+        session = await tenant_client.create_session(metadata=metadata)  # type: ignore[arg-type]
+        async with BrokerClient(url, session.token) as session_client:
+            yield (
+                Tenant(created.tenant_id, created.token, tenant_client),
+                Session(session.session_id, session.token, session_client),
+            )
+
+
+async def answer_all(
+    client: BrokerClient,
+    reply: Callable[[p.PendingRequest], str] = lambda r: f"echo:{r.prompt}",
+    *,
+    stop: asyncio.Event,
+    max_items: int = 64,
+) -> int:
+    """A minimal poller: drain and answer until `stop` is set; returns the count answered."""
+    answered = 0
+    while not stop.is_set():
+        batch = await client.pending(max_items=max_items, wait_s=0.2)
+        if batch.requests:
+            answers = [p.Answer(id=r.id, response=reply(r)) for r in batch.requests]
+            await client.respond_batch(answers)
+            answered += len(answers)
+    return answered
+
+
+@asynccontextmanager
+async def running_poller(
+    client: BrokerClient, reply: Callable[[p.PendingRequest], str] = lambda r: f"echo:{r.prompt}"
+) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(answer_all(client, reply, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task

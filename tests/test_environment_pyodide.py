@@ -1,0 +1,155 @@
+"""The "pyodide" and "remote" environments against a real runtime, broker and scripted LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from broker import protocol as bp
+from broker.client import BrokerClient
+from host_poller.environments import EnvironmentSpec, create_environment
+from host_poller.environments.pyodide import SandboxRuntimeError
+from host_poller.rlm import RLM
+from host_poller.rlm.embedded import host_settings_for, rlm_stack_components, root_client
+from host_poller.settings import HostSettings
+from host_poller.stack import LocalStack, StackConfig
+from sandbox_runtime.protocol import Limits
+from sandbox_runtime.service.serve import BackgroundRuntime
+from sandbox_runtime.service.settings import RuntimeSettings
+from tests.support.brokers import tenant_and_session
+from tests.support.servers import BrokerServer
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "env-runtime-token"
+
+
+@pytest.fixture(scope="module")
+def runtime_url() -> Iterator[str]:
+    settings = RuntimeSettings(
+        token=SecretStr(TOKEN), port=0, pool_size=1, max_concurrent_spawns=2, hibernate_after_s=0
+    )
+    with BackgroundRuntime(settings) as runtime:
+        yield runtime.url
+
+
+def _settings(runtime_url: str, **updates: Any) -> HostSettings:
+    return HostSettings(runtime_url=runtime_url, runtime_token=SecretStr(TOKEN), **updates)
+
+
+@pytest.fixture
+async def broker_session(
+    broker_server: BrokerServer,
+) -> AsyncIterator[tuple[str, list[bp.PendingRequest]]]:
+    """A broker session token, with a poller answering `echo:<prompt>` (requests are kept)."""
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
+        seen: list[bp.PendingRequest] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(_answer(tenant.client, seen, stop))
+        try:
+            yield bs.token, seen
+        finally:
+            stop.set()
+            await task
+
+
+def _spec(broker_server: BrokerServer, token: str, **updates: Any) -> EnvironmentSpec:
+    fields: dict[str, Any] = {
+        "broker_url": broker_server.url,
+        "session_token": token,
+        "depth": 0,
+        "max_depth": 1,
+        "limits": Limits(timeout_s=20),
+        "state": {"notes": []},
+    }
+    return EnvironmentSpec(**(fields | updates))
+
+
+@pytest.mark.parametrize("name", ["pyodide", "remote"])
+async def test_environment_runs_code_with_context_state_and_llm_query(
+    name: str,
+    runtime_url: str,
+    broker_server: BrokerServer,
+    broker_session: tuple[str, list[bp.PendingRequest]],
+) -> None:
+    token, seen = broker_session
+    env = create_environment(name, _settings(runtime_url))
+    await env.start(_spec(broker_server, token))
+    try:
+        await env.load_context({"title": "Moby Dick", "text": "whale " * 5000})
+        first = await env.execute(
+            "words = context['text'].split()\n"
+            "reply = llm_query('how many? ' + str(len(words)))\n"
+            "state['notes'].append(reply)\n"
+            "print(context['title'])"
+        )
+        assert first.error is None, first.error
+        assert first.stdout == "Moby Dick\n"
+        assert first.state == {"notes": ["echo:how many? 5000"]}
+        second = await env.execute("FINAL_VAR('reply')")
+        assert second.final is not None
+        assert second.final["value"] == "echo:how many? 5000"
+        assert await env.get_state() == {"notes": ["echo:how many? 5000"]}
+        assert [r.depth for r in seen] == [1]
+    finally:
+        await env.aclose()
+        await env.aclose()  # a second close is harmless
+
+
+async def test_pyodide_environment_needs_a_runtime_url() -> None:
+    env = create_environment("pyodide", HostSettings(runtime_url=None))
+    spec = EnvironmentSpec("http://127.0.0.1:9", "t", 0, 1, Limits(), None)
+    with pytest.raises(SandboxRuntimeError, match="RLM_RUNTIME_URL"):
+        await env.start(spec)
+
+
+async def test_rlm_query_is_refused_at_max_depth(
+    runtime_url: str,
+    broker_server: BrokerServer,
+    broker_session: tuple[str, list[bp.PendingRequest]],
+) -> None:
+    token, seen = broker_session
+    env = create_environment("pyodide", _settings(runtime_url))
+    await env.start(_spec(broker_server, token, depth=1, max_depth=2))
+    try:
+        result = await env.execute("rlm_query('go deeper')")
+        assert result.error is not None
+        assert result.error.type == "LLMQueryError"
+        assert "not allowed" in result.error.message
+        assert seen == []
+    finally:
+        await env.aclose()
+
+
+async def _answer(
+    client: BrokerClient, seen: list[bp.PendingRequest], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        batch = await client.pending(max_items=16, wait_s=0.2)
+        if batch.requests:
+            seen.extend(batch.requests)
+            await client.respond_batch(
+                [bp.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
+            )
+
+
+async def test_scripted_rlm_query_end_to_end_in_pyodide(
+    runtime_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Root LLM -> code in Pyodide -> llm_query_batched via runtime, broker, poller -> FINAL."""
+    settings = _settings(runtime_url, environment="pyodide", trajectory_dir=tmp_path)
+    config = StackConfig(redis_url=redis_url, scenario="count_words")
+    context = {"part1": "the whale swam. " * 900, "part2": "a whale, another whale " * 700}
+    async with LocalStack(config, rlm_stack_components(settings)) as stack:
+        rlm = RLM(model=root_client(stack), settings=host_settings_for(stack, settings))
+        result = await rlm.acompletion(context, "How many times is the word 'whale' used?")
+    assert result.answer == str(900 + 2 * 700)
+    assert result.answer_source == "FINAL_VAR"
+    events = [json.loads(line) for line in result.trajectory_path.read_text().splitlines()]
+    assert any(e.get("environment") == "pyodide" for e in events)

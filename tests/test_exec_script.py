@@ -1,0 +1,219 @@
+"""The stdlib exec script in a plain `python -I -S` process against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from broker import protocol as p
+from broker.client import BrokerClient
+from broker.redis_server import free_port
+from sandbox_runtime import exec_script
+from tests.support.brokers import tenant_and_session
+from tests.support.servers import BrokerServer
+
+pytestmark = pytest.mark.anyio
+
+SCRIPT = Path(exec_script.__file__)
+
+Reply = Callable[[p.PendingRequest], p.Answer]
+
+
+def echo(request: p.PendingRequest) -> p.Answer:
+    if (request.prompt or "").startswith("fail"):
+        return p.Answer(id=request.id, error=p.ErrorInfo(code="llm_error", message="boom"))
+    kind = (request.params or {}).get("kind")
+    state = None
+    if kind == "rlm":
+        state = {"child": request.prompt, "seen": dict(request.state or {})}
+    return p.Answer(
+        id=request.id, response=f"echo:{request.prompt}:d{request.depth}:{kind}", state=state
+    )
+
+
+@asynccontextmanager
+async def poller(tenant: BrokerClient, reply: Reply = echo, delay_s: float = 0.0) -> AsyncIterator[list[p.PendingRequest]]:
+    """A minimal poller answering every request with `reply`, after `delay_s`."""
+    seen: list[p.PendingRequest] = []
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            batch = await tenant.pending(max_items=64, wait_s=0.2)
+            if batch.requests:
+                seen.extend(batch.requests)
+                if delay_s:
+                    await asyncio.sleep(delay_s)
+                await tenant.respond_batch([reply(r) for r in batch.requests])
+
+    task = asyncio.create_task(loop())
+    try:
+        yield seen
+    finally:
+        stop.set()
+        await task
+
+
+async def run_script(
+    args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`python -I -S exec_script.py ARGS`: isolated mode, no site-packages, nothing installed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", str(SCRIPT), *args,
+        env=env, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+CODE = """
+import sys
+assert "pydantic" not in sys.modules and not any("site-packages" in p for p in sys.path)
+try:
+    import pydantic
+except ImportError:
+    print("nothing installed")
+print(llm_query("hello"))
+print(llm_query_batched(["a", "b", "c"]))
+state["mine"] = 1
+print(rlm_query("child"))
+print(sorted(state))
+try:
+    llm_query("fail please")
+except LLMQueryError as exc:
+    print("raised", type(exc).__name__, exc.code)
+total = len(context)
+FINAL_VAR("total")
+"""
+
+
+async def test_plain_cpython_process_calls_the_broker(
+    broker_server: BrokerServer, tmp_path: Path
+) -> None:
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, sess):
+        (tmp_path / "code.py").write_text(CODE)
+        (tmp_path / "ctx.txt").write_text("x" * 1234)
+        env = {
+            "RLM_BROKER_URL": broker_server.url,
+            "RLM_SESSION_TOKEN": sess.token,
+            "RLM_DEPTH": "0",
+            "RLM_MAX_DEPTH": "2",
+        }
+        async with poller(tenant.client) as seen:
+            done = await run_script(
+                ["code.py", "--context", "ctx.txt", "--result", "out.json"], env, tmp_path
+            )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "nothing installed"
+    assert lines[1] == "echo:hello:d1:llm"
+    assert lines[2] == str([f"echo:{x}:d1:llm" for x in "abc"])
+    assert lines[3] == "echo:child:d1:rlm"
+    assert lines[4] == str(["child", "mine", "seen"])
+    assert lines[5] == "raised LLMCallError llm_error"
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["final"] == {"value": "1234", "source": "FINAL_VAR", "name": "total"}
+    assert result["state"]["seen"] == {"mine": 1}
+    # the batch went as one POST: the three prompts arrived together at the poller
+    batch = [r for r in seen if r.prompt in ("a", "b", "c")]
+    assert len(batch) == 3
+    rlm = next(r for r in seen if r.prompt == "child")
+    assert rlm.state == {"mine": 1} and rlm.depth == 1
+
+
+async def test_pending_results_are_waited_for_again(
+    broker_server: BrokerServer, tmp_path: Path
+) -> None:
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, sess):
+        env = {
+            "RLM_BROKER_URL": broker_server.url,
+            "RLM_SESSION_TOKEN": sess.token,
+            "RLM_BROKER_WAIT_S": "0.1",
+        }
+        async with poller(tenant.client, delay_s=0.8):
+            done = await run_script(
+                ["-c", "print(llm_query('slow')); print(llm_query_batched(['x', 'y']))"],
+                env,
+                tmp_path,
+            )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["echo:slow:d1:llm", "['echo:x:d1:llm', 'echo:y:d1:llm']"]
+
+
+async def test_a_failed_prompt_in_a_batch_raises_with_the_other_answers(
+    broker_server: BrokerServer, tmp_path: Path
+) -> None:
+    code = """
+try:
+    llm_query_batched(["ok", "fail now", "ok2"])
+except LLMQueryError as exc:
+    print(type(exc).__name__, exc.index, exc.results)
+"""
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, sess):
+        env = {"RLM_BROKER_URL": broker_server.url, "RLM_SESSION_TOKEN": sess.token}
+        async with poller(tenant.client):
+            done = await run_script(["-c", code], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "LLMBatchError None ['echo:ok:d1:llm', None, 'echo:ok2:d1:llm']"
+
+
+async def test_a_bad_token_raises_a_broker_response_error(
+    broker_server: BrokerServer, tmp_path: Path
+) -> None:
+    env = {"RLM_BROKER_URL": broker_server.url, "RLM_SESSION_TOKEN": "wrong"}
+    code = "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n    print(type(e).__name__, e.status)"
+    done = await run_script(["-c", code], env, tmp_path)
+    assert done.stdout.strip() == "BrokerResponseError 401"
+
+
+async def test_an_unreachable_broker_is_retried_then_raises(tmp_path: Path) -> None:
+    env = {
+        "RLM_BROKER_URL": f"http://127.0.0.1:{free_port()}",
+        "RLM_SESSION_TOKEN": "t",
+        "RLM_BROKER_RETRIES": "2",
+    }
+    code = "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n    print(type(e).__name__)"
+    done = await run_script(["-c", code], env, tmp_path)
+    assert done.stdout.strip() == "BrokerUnavailableError"
+
+
+async def test_the_broker_coming_back_during_retries_is_used(
+    broker_factory: Callable[..., BrokerServer], tmp_path: Path
+) -> None:
+    port = free_port()
+    first = broker_factory(port=port)
+    async with tenant_and_session(first.url, first.admin_token) as (_, sess):
+        token = sess.token
+    first.stop()
+    env = {
+        "RLM_BROKER_URL": f"http://127.0.0.1:{port}",
+        "RLM_SESSION_TOKEN": token,
+        "RLM_BROKER_RETRIES": "30",
+    }
+    code = "try:\n    print(llm_query('x'))\nexcept LLMQueryError as e:\n    print(type(e).__name__)"
+    script = asyncio.create_task(run_script(["-c", code], env, tmp_path))
+    await asyncio.sleep(0.5)
+    second = broker_factory(port=port)  # same Redis: the session token is still valid
+    async with BrokerClient(second.url, second.admin_token) as admin:
+        async with poller(admin):
+            done = await script
+    assert done.stdout.strip() == "echo:x:d1:llm", done.stderr
+
+
+def test_the_script_reports_errors_with_the_model_traceback(tmp_path: Path) -> None:
+    env = {"RLM_BROKER_URL": "http://127.0.0.1:9", "RLM_SESSION_TOKEN": "t"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(SCRIPT), "-c", "x = 1\n1 / 0"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "ZeroDivisionError" in done.stderr and 'File "<repl>", line 2' in done.stderr

@@ -1,0 +1,286 @@
+"""The sandbox runtime service over real HTTP, with real Pyodide workers (and a real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from broker import protocol as bp
+from sandbox_runtime import protocol as p
+from sandbox_runtime.client import RuntimeClient
+from sandbox_runtime.service.errors import RuntimeResponseError
+from sandbox_runtime.service.serve import BackgroundRuntime
+from sandbox_runtime.service.settings import RuntimeSettings
+from tests.support.brokers import tenant_and_session
+from tests.support.servers import BrokerServer
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "runtime-test-token"
+
+
+@pytest.fixture(scope="module")
+def runtime_url() -> Iterator[str]:
+    """One runtime for the module: a pool of 2, no automatic hibernation."""
+    settings = RuntimeSettings(
+        token=TOKEN,
+        pool_size=2,
+        max_concurrent_spawns=2,
+        hibernate_after_s=0,
+        reaper_interval_s=0.2,
+        max_body_bytes=64 * 1024,
+        default_timeout_s=30,
+        port=0,
+    )
+    with BackgroundRuntime(settings) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def client(runtime_url: str) -> AsyncIterator[RuntimeClient]:
+    async with RuntimeClient(runtime_url, TOKEN) as runtime:
+        yield runtime
+
+
+async def _health(client: RuntimeClient) -> dict[str, Any]:
+    return await client.health()
+
+
+async def test_state_persists_across_executions(client: RuntimeClient) -> None:
+    session = await client.create_session(p.CreateSession(setup_code="base = 40"))
+    try:
+        first = await client.execute(session.session_id, "x = base + 2\nprint('set')")
+        assert first.error is None
+        assert first.stdout == "set\n"
+        second = await client.execute(session.session_id, "print(x)")
+        assert second.stdout == "42\n"
+        names = {v.name for v in await client.list_vars(session.session_id)}
+        assert {"x", "base"} <= names
+        await client.load_context(session.session_id, {"doc": "hello " * 1000})
+        third = await client.execute(session.session_id, "print(len(context['doc']))")
+        assert third.stdout == "6000\n"
+    finally:
+        await client.delete_session(session.session_id)
+    with pytest.raises(RuntimeResponseError) as info:
+        await client.execute(session.session_id, "print(x)")
+    assert info.value.status == 404
+
+
+async def test_timeout_interrupts_a_busy_loop_and_keeps_variables(client: RuntimeClient) -> None:
+    session = await client.create_session(p.CreateSession())
+    try:
+        await client.execute(session.session_id, "kept = 'yes'")
+        result = await client.execute(session.session_id, "while True: pass", timeout_s=0.5)
+        assert result.error is not None
+        assert result.error.type == "TimeoutError"
+        assert not result.state_lost
+        after = await client.execute(session.session_id, "print(kept)")
+        assert after.stdout == "yes\n"
+    finally:
+        await client.delete_session(session.session_id)
+
+
+async def test_sessions_cannot_see_each_other(client: RuntimeClient) -> None:
+    one = await client.create_session(p.CreateSession())
+    two = await client.create_session(p.CreateSession())
+    try:
+        await client.execute(one.session_id, "secret = 'one'")
+        seen = await client.execute(two.session_id, "print(secret)")
+        assert seen.error is not None
+        assert seen.error.type == "NameError"
+        both = await asyncio.gather(
+            client.execute(one.session_id, "import os; print(os.getpid(), secret)"),
+            client.execute(two.session_id, "print('two')"),
+        )
+        assert both[0].stdout.endswith("one\n")
+        assert both[1].stdout == "two\n"
+    finally:
+        await client.delete_session(one.session_id)
+        await client.delete_session(two.session_id)
+
+
+async def test_killed_worker_is_replaced_while_others_keep_working(
+    client: RuntimeClient, runtime_url: str
+) -> None:
+    victim = await client.create_session(p.CreateSession(setup_code="ready = True"))
+    bystander = await client.create_session(p.CreateSession())
+    try:
+        await client.execute(victim.session_id, "doomed = 1")
+        await client.execute(bystander.session_id, "survivor = 2")
+        info = await _session_info(runtime_url, victim.session_id)
+        restarts_before = (await _health(client))["restarts"]
+        os.kill(info["pid"], signal.SIGKILL)
+
+        crashed = await client.execute(victim.session_id, "print('never')")
+        assert crashed.state_lost
+        assert crashed.error is not None
+        assert crashed.error.type == "SandboxCrashed"
+        result = await client.execute(victim.session_id, "print(ready)")
+        assert result.stdout == "True\n"  # the setup code ran again on the replacement
+        assert not result.state_lost  # reported once, by the call that met the crash
+        lost = await client.execute(victim.session_id, "print(doomed)")
+        assert lost.error is not None
+        assert lost.error.type == "NameError"
+        assert (await _session_info(runtime_url, victim.session_id))["pid"] != info["pid"]
+
+        kept = await client.execute(bystander.session_id, "print(survivor)")
+        assert kept.stdout == "2\n"
+        assert not kept.state_lost
+        assert (await _health(client))["restarts"] == restarts_before + 1
+    finally:
+        await client.delete_session(victim.session_id)
+        await client.delete_session(bystander.session_id)
+
+
+async def test_hibernated_session_is_restored_on_execute(
+    client: RuntimeClient, runtime_url: str
+) -> None:
+    session = await client.create_session(p.CreateSession(state={"step": 1}))
+    try:
+        code = "class Box:\n    def __init__(self, v): self.v = v\nbox = Box([1, 2, 3])\n"
+        await client.execute(session.session_id, code + "def double(n): return 2 * n")
+        async with _http(runtime_url) as http:
+            response = await http.post(f"/sessions/{session.session_id}/hibernate")
+        assert response.json() == {"hibernated": True}
+        health = await _health(client)
+        assert health["sessions"]["hibernated"] >= 1
+        assert health["sessions"]["hibernated_bytes"] > 0
+        assert (await _session_info(runtime_url, session.session_id))["status"] == "hibernated"
+
+        result = await client.execute(
+            session.session_id, "state['step'] += 1\nprint(double(sum(box.v)))"
+        )
+        assert result.error is None, result.error
+        assert result.stdout == "12\n"
+        assert result.state == {"step": 2}
+        assert (await _session_info(runtime_url, session.session_id))["status"] == "live"
+    finally:
+        await client.delete_session(session.session_id)
+
+
+async def test_stateless_execute_carries_variables_in_the_blob(client: RuntimeClient) -> None:
+    first = await client.execute_stateless(
+        p.StatelessExecuteRequest(
+            code="total = sum(context)\nstate['seen'] = total",
+            context=[1, 2, 3],
+            state={"seen": 0},
+        )
+    )
+    assert first.result.error is None
+    assert first.result.state == {"seen": 6}
+    assert base64.b64decode(first.snapshot)
+    second = await client.execute_stateless(
+        p.StatelessExecuteRequest(
+            code="print(total * 2, len(context))", snapshot=first.snapshot, state={"seen": 6}
+        )
+    )
+    assert second.result.error is None, second.result.error
+    assert second.result.stdout == "12 3\n"
+    with pytest.raises(RuntimeResponseError) as info:
+        await client.execute_stateless(p.StatelessExecuteRequest(code="1", snapshot="bm9wZQ=="))
+    assert (info.value.status, info.value.code) == (400, "bad_snapshot")
+
+
+async def test_http_errors_are_json(runtime_url: str) -> None:
+    async with httpx2.AsyncClient(base_url=runtime_url) as anonymous:
+        response = await anonymous.post("/sessions", json={})
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert (await anonymous.get("/health")).status_code == 200
+        metrics = await anonymous.get("/metrics")
+        assert "rlm_sandbox_pool_idle" in metrics.text
+    async with _http(runtime_url) as http:
+        bad_json = await http.post("/sessions", content=b"{nope")
+        assert (bad_json.status_code, bad_json.json()["error"]["code"]) == (400, "bad_request")
+        unknown = await http.post("/sessions", json={"colour": "red"})
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "invalid_body")
+        missing = await http.post("/sessions/nope/execute", json={"code": "1"})
+        assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+        huge = await http.post("/sessions", content=b" " * (65 * 1024))
+        assert huge.status_code == 413
+        no_route = await http.get("/nowhere")
+        assert no_route.json()["error"]["code"] == "not_found"
+
+
+async def test_llm_query_goes_through_the_broker(
+    client: RuntimeClient, broker_server: BrokerServer
+) -> None:
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
+        access = p.BrokerAccess(url=broker_server.url, token=bs.token, depth=0, max_depth=1)
+        session = await client.create_session(p.CreateSession(broker=access))
+        stop = asyncio.Event()
+        seen: list[bp.PendingRequest] = []
+        poller = asyncio.create_task(_answer(tenant.client, seen, stop))
+        try:
+            code = (
+                "one = llm_query('ping')\n"
+                "many = llm_query_batched(['a', 'b', 'c'])\n"
+                "try:\n    rlm_query('deeper')\nexcept LLMQueryError as exc:\n"
+                "    refused = str(exc)\n"
+                "print(one, many)"
+            )
+            result = await client.execute(session.session_id, code)
+            assert result.error is None, result.error
+            assert result.stdout == "echo:ping ['echo:a', 'echo:b', 'echo:c']\n"
+            refused = await client.execute(session.session_id, "print(refused)")
+            assert "rlm_query is not allowed" in refused.stdout
+            assert {r.prompt for r in seen} == {"ping", "a", "b", "c"}
+            assert all(r.depth == 1 and r.params == {"kind": "llm"} for r in seen)
+        finally:
+            stop.set()
+            await poller
+            await client.delete_session(session.session_id)
+
+
+async def test_blocking_llm_query_times_out(
+    client: RuntimeClient, broker_server: BrokerServer
+) -> None:
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (_, bs):
+        access = p.BrokerAccess(url=broker_server.url, token=bs.token)
+        session = await client.create_session(p.CreateSession(broker=access))
+        try:
+            await client.execute(session.session_id, "before = 'kept'")
+            result = await client.execute(session.session_id, "llm_query('hello?')", timeout_s=1)
+            assert result.error is not None
+            assert result.error.type == "TimeoutError"
+            after = await client.execute(session.session_id, "print(before)")
+            assert after.stdout == "kept\n"
+        finally:
+            await client.delete_session(session.session_id)
+
+
+async def _answer(client: Any, seen: list[bp.PendingRequest], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        batch = await client.pending(max_items=16, wait_s=0.2)
+        if batch.requests:
+            seen.extend(batch.requests)
+            await client.respond_batch(
+                [bp.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
+            )
+
+
+def _http(runtime_url: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(
+        base_url=runtime_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
+
+
+async def _session_info(runtime_url: str, session_id: str) -> dict[str, Any]:
+    async with _http(runtime_url) as http:
+        response = await http.get(f"/sessions/{session_id}")
+        response.raise_for_status()
+        info: dict[str, Any] = response.json()
+        return info
+
+
+def test_settings_need_a_token_off_loopback() -> None:
+    with pytest.raises(ValueError, match="RLM_SANDBOX_TOKEN"):
+        RuntimeSettings(host="0.0.0.0")
+    assert RuntimeSettings(host="::1").token is None

@@ -1,0 +1,299 @@
+"""SandboxProcess against real Deno + Pyodide: REPL semantics, state, bridge, FINAL, context."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_runtime.errors import SandboxBlobError, SandboxCrashedError, SandboxGuestError
+from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings, blob
+from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
+from tests.sandbox_worker_helpers import SETTINGS, ok, run
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def sandbox(anyio_backend: str) -> AsyncIterator[SandboxProcess]:
+    process = await SandboxProcess.spawn(SETTINGS)
+    yield process
+    await process.aclose()
+
+
+@pytest.fixture
+async def fresh(anyio_backend: str) -> AsyncIterator[SandboxProcess]:
+    process = await SandboxProcess.spawn(SETTINGS)
+    yield process
+    await process.kill()
+
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_variables_persist_and_last_expression_is_echoed(sandbox: SandboxProcess) -> None:
+    assert await ok(sandbox, "counter = 41\ndef bump(n):\n    return n + 1") == ""
+    assert await ok(sandbox, "print('value:', bump(counter))\ncounter + 1") == "value: 42\n42\n"
+    result = await run(sandbox, "counter = bump(counter)\nNone")
+    assert result.stdout == ""
+    assert result.memory_bytes > 0
+    assert result.duration_ms > 0
+    assert await ok(sandbox, "counter") == "42\n"
+
+
+async def test_errors_carry_type_message_and_user_traceback(sandbox: SandboxProcess) -> None:
+    result = await run(sandbox, "def f():\n    return 1 / 0\nprint('before')\nf()")
+    assert result.stdout == "before\n"
+    assert result.error is not None
+    assert result.error.type == "ZeroDivisionError"
+    assert result.error.traceback is not None
+    assert "return 1 / 0" in result.error.traceback
+    assert "rlm_guest" not in result.error.traceback
+    syntax = await run(sandbox, "def (:")
+    assert syntax.error is not None
+    assert syntax.error.type == "SyntaxError"
+    stderr = await run(sandbox, "import sys; print('oops', file=sys.stderr)")
+    assert stderr.stderr == "oops\n"
+
+
+async def test_output_flood_is_truncated_with_a_marker(sandbox: SandboxProcess) -> None:
+    result = await sandbox.execute(
+        "for i in range(100_000):\n    print('line', i)", timeout_s=20, output_bytes=2048
+    )
+    assert result.error is None
+    assert len(result.stdout.encode()) < 2048 + 200
+    assert result.stdout.startswith("line 0\nline 1\n")
+    assert "[output truncated" in result.stdout
+
+
+async def test_final_final_var_and_answer(sandbox: SandboxProcess) -> None:
+    result = await run(sandbox, "FINAL('the answer is 42')")
+    assert result.final == {"value": "the answer is 42", "source": "FINAL"}
+    result = await run(sandbox, "report = {'n': 3}\nFINAL_VAR('report')")
+    assert result.final == {"value": "{'n': 3}", "source": "FINAL_VAR", "name": "report"}
+    result = await run(sandbox, "FINAL_VAR(report)")
+    assert result.final == {"value": "{'n': 3}", "source": "FINAL_VAR", "name": "report"}
+    missing = await run(sandbox, "FINAL_VAR('no_such_variable')")
+    assert missing.error is not None
+    assert missing.error.type == "NameError"
+    assert missing.final is None
+    assert (await run(sandbox, "x = 1")).final is None
+    result = await run(sandbox, "answer['content'] = 'done'\nanswer['ready'] = True")
+    assert result.final == {"value": "done", "source": "answer"}
+    await ok(sandbox, "answer['ready'] = False")
+
+
+async def test_show_vars_and_list_vars(sandbox: SandboxProcess) -> None:
+    await ok(sandbox, "names = ['a', 'b', 'c']\nimport json")
+    listing = await ok(sandbox, "SHOW_VARS()")
+    assert "names: list = ['a', 'b', 'c']" in listing
+    variables = {v.name: v for v in await sandbox.list_vars()}
+    assert variables["names"].type == "list"
+    assert variables["names"].size == 3
+    assert "json" not in variables  # modules are not variables
+    assert "llm_query" not in variables
+    assert {"context", "state", "answer"} <= set(variables)
+
+
+async def test_state_dict_round_trips_and_is_bounded(sandbox: SandboxProcess) -> None:
+    await sandbox.set_state({"seen": [1, 2], "note": "hi"})
+    result = await run(sandbox, "state['seen'].append(3)")
+    assert result.state == {"seen": [1, 2, 3], "note": "hi"}
+    assert await sandbox.get_state() == {"seen": [1, 2, 3], "note": "hi"}
+    bad = await run(sandbox, "state['f'] = object()")
+    assert bad.error is not None
+    assert bad.error.type == "StateError"
+    huge = await run(sandbox, "del state['f']\nstate['big'] = 'x' * 2_000_000")
+    assert huge.error is not None
+    assert huge.error.type == "StateError"
+    await ok(sandbox, "del state['big']")
+    with pytest.raises(SandboxGuestError):
+        await sandbox.set_state({"big": "x" * 2_000_000})
+
+
+async def test_large_context_arrives_without_code(sandbox: SandboxProcess) -> None:
+    text = "abcdefghij" * 2_000_000 + "END"
+    await sandbox.set_context(text)
+    assert await ok(sandbox, "print(len(context), context[-3:])") == f"{len(text)} END\n"
+    await sandbox.set_context({"docs": ["one", "two"], "n": 2})
+    assert await ok(sandbox, "print(context['docs'][1], context['n'])") == "two 2\n"
+    await sandbox.set_context(["x", 1])
+    assert await ok(sandbox, "context") == "['x', 1]\n"
+
+
+async def test_time_sleep_waits_without_breaking(sandbox: SandboxProcess) -> None:
+    out = await ok(
+        sandbox,
+        "import time\nt = time.monotonic()\ntime.sleep(0.2)\nprint(time.monotonic() - t >= 0.19)",
+    )
+    assert out == "True\n"
+
+
+async def test_two_processes_do_not_share_state(
+    sandbox: SandboxProcess, fresh: SandboxProcess
+) -> None:
+    await ok(sandbox, "secret_value = 'only here'")
+    other = await run(fresh, "secret_value")
+    assert other.error is not None
+    assert other.error.type == "NameError"
+    assert fresh.pid != sandbox.pid
+
+
+class RecordingBridge:
+    def __init__(self, fail: bool = False, delay: float = 0.0) -> None:
+        self.calls: list[LLMCall] = []
+        self.fail = fail
+        self.delay = delay
+
+    async def __call__(self, call: LLMCall) -> list[LLMCallResult]:
+        self.calls.append(call)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            return [LLMCallResult(error={"code": "upstream", "message": "model down"})] * len(
+                call.prompts
+            )
+        return [
+            LLMCallResult(
+                response=f"{call.kind}:{p if isinstance(p, str) else json.dumps(p)}",
+                state={"child": i} if call.kind == "rlm" else None,
+            )
+            for i, p in enumerate(call.prompts)
+        ]
+
+
+async def test_llm_query_goes_through_the_bridge(sandbox: SandboxProcess) -> None:
+    bridge = RecordingBridge()
+    sandbox.bridge = bridge
+    try:
+        out = await ok(sandbox, "print(llm_query('hello', model='small'))")
+        assert out == "llm:hello\n"
+        assert bridge.calls[-1] == LLMCall(kind="llm", prompts=["hello"], model="small")
+        code = "print(llm_query_batched(['a', 'b', [{'role': 'user', 'content': 'c'}]]))"
+        out = await ok(sandbox, code)
+        assert out == '[\'llm:a\', \'llm:b\', \'llm:[{"role": "user", "content": "c"}]\']\n'
+        assert len(bridge.calls) == 2
+        assert bridge.calls[-1].batched is True
+        assert len(bridge.calls[-1].prompts) == 3
+        await sandbox.set_state({"parent": True})
+        result = await run(sandbox, "print(rlm_query_batched(['x', 'y']))")
+        assert result.stdout == "['rlm:x', 'rlm:y']\n"
+        assert bridge.calls[-1].state == {"parent": True}
+        assert result.state == {"parent": True, "child": 1}
+    finally:
+        sandbox.bridge = None
+
+
+async def test_llm_errors_raise_in_python(sandbox: SandboxProcess) -> None:
+    sandbox.bridge = RecordingBridge(fail=True)
+    try:
+        result = await run(sandbox, "llm_query('hello')")
+        assert result.error is not None
+        assert result.error.type == "LLMQueryError"
+        assert "model down" in result.error.message
+        out = await ok(
+            sandbox,
+            "try:\n    llm_query_batched(['a', 'b'])\nexcept LLMQueryError as e:\n"
+            "    print(e.code, e.index, e.partial)",
+        )
+        assert out == "upstream 0 [None, None]\n"
+    finally:
+        sandbox.bridge = None
+    result = await run(sandbox, "llm_query('no bridge now')")
+    assert result.error is not None
+    assert result.error.type == "LLMQueryError"
+    assert "no_bridge" in result.error.message
+    bad = await run(sandbox, "llm_query(42)")
+    assert bad.error is not None
+    assert bad.error.type == "TypeError"
+
+
+async def test_blocking_llm_query_times_out_and_keeps_state(sandbox: SandboxProcess) -> None:
+    sandbox.bridge = RecordingBridge(delay=30)
+    try:
+        await ok(sandbox, "kept = 'yes'")
+        result = await run(sandbox, "llm_query('slow')", timeout_s=0.5)
+        assert result.error is not None
+        assert result.error.type == "TimeoutError"
+        assert not result.state_lost
+    finally:
+        sandbox.bridge = None
+    assert await ok(sandbox, "kept") == "'yes'\n"
+
+
+async def test_hibernate_and_restore_keep_variables_functions_classes(
+    fresh: SandboxProcess,
+) -> None:
+    await ok(
+        fresh,
+        "import json as j\nimport re\n"
+        "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+        "    def norm2(self):\n        return self.x ** 2 + self.y ** 2\n"
+        "def double(v):\n    return 2 * v\n"
+        "points = [Point(1, 2), Point(3, 4)]\nalias = points\n"
+        "table = {'k': list(range(1000))}\nhandlers = [double]\n"
+        "lam = lambda: 1\ngen = (i for i in range(3))\n",
+    )
+    await fresh.set_state({"s": 1})
+    await fresh.set_context("ctx" * 1000)
+    blob = await fresh.hibernate()
+    assert not fresh.alive
+    assert sorted(fresh.last_skipped) == ["gen", "lam"]
+    assert len(blob) < 1_000_000
+    restored = await SandboxProcess.restore(SETTINGS, blob)
+    try:
+        out = await ok(
+            restored,
+            "print(points[1].norm2(), double(21), handlers[0](2), alias is points)\n"
+            "print(j.dumps(table['k'][:3]), re.sub('a', 'b', 'aa'), len(context), state)\n"
+            "print(isinstance(points[0], Point), 'lam' in globals())",
+        )
+        assert out == "25 42 4 True\n[0, 1, 2] bb 3000 {'s': 1}\nTrue False\n"
+        again = await SandboxProcess.restore(SETTINGS, await restored.snapshot_namespace())
+        try:
+            assert await ok(again, "double(points[0].norm2())") == "10\n"
+        finally:
+            await again.kill()
+        assert restored.alive
+    finally:
+        await restored.kill()
+
+
+async def test_a_dead_process_refuses_work(fresh: SandboxProcess) -> None:
+    await fresh.kill()
+    assert not fresh.alive
+    with pytest.raises(SandboxCrashedError):
+        await run(fresh, "1")
+    with pytest.raises(SandboxCrashedError):
+        await fresh.list_vars()
+
+
+async def test_snapshot_is_made_once_per_pyodide_build(tmp_path: Path, anyio_backend: str) -> None:
+    settings = WorkerSettings(cache_dir=tmp_path, grace_s=1.0)
+    path = snapshot_path(settings)
+    assert path.name.startswith(f"pyodide-{pyodide_version(settings)}-")
+    assert not path.exists()
+    process = await SandboxProcess.spawn(settings)
+    try:
+        assert path.exists()
+        assert path.stat().st_size > 2**20
+        assert await ok(process, "1 + 1") == "2\n"
+    finally:
+        await process.kill()
+    cold = await SandboxProcess.spawn(WorkerSettings(cache_dir=tmp_path, use_snapshot=False))
+    try:
+        assert await ok(cold, "6 * 7") == "42\n"
+    finally:
+        await cold.kill()
+
+
+async def test_restore_refuses_bad_blobs(anyio_backend: str) -> None:
+    with pytest.raises(SandboxBlobError):
+        await SandboxProcess.restore(SETTINGS, b"junk")
+    with pytest.raises(SandboxGuestError):
+        await SandboxProcess.restore(SETTINGS, blob.pack(b"not a pickle", 6))

@@ -1,0 +1,162 @@
+"""Isolation probes from inside a real sandbox: host files, environment, JS host, network."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from broker.redis_server import free_port
+from sandbox_runtime.worker import SandboxProcess
+from sandbox_runtime.worker.launcher import network_namespace_available
+from tests.sandbox_worker_helpers import SETTINGS, ok, run
+
+pytestmark = pytest.mark.anyio
+CANARY = "RLM_SANDBOX_TEST_CANARY"
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("host") / "marker.txt"
+    path.write_text("host secret")
+    return path
+
+
+@pytest.fixture(scope="module")
+async def sandbox(anyio_backend: str) -> AsyncIterator[SandboxProcess]:
+    os.environ[CANARY] = "canary-value"
+    try:
+        process = await SandboxProcess.spawn(SETTINGS)
+    finally:
+        del os.environ[CANARY]
+    yield process
+    await process.aclose()
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:
+        self.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"reached")
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield port
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _host_path_exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+async def _fails(sandbox: SandboxProcess, code: str) -> str:
+    result = await run(sandbox, code)
+    assert result.error is not None, f"{code!r} succeeded: {result.stdout!r}"
+    assert not result.state_lost
+    return f"{result.error.type}: {result.error.message}"
+
+
+async def test_host_files_are_not_readable(sandbox: SandboxProcess, marker: Path) -> None:
+    error = await _fails(sandbox, f"open({str(marker)!r}).read()")
+    assert error.startswith("FileNotFoundError")
+    passwd = await ok(sandbox, "import os\nprint(os.path.exists('/etc/passwd'))")
+    assert passwd == "False\n"
+    error = await _fails(sandbox, f"import js\njs.Deno.readTextFileSync({str(marker)!r})")
+    assert "NotCapable" in error
+    error = await _fails(sandbox, "import js\njs.Deno.writeTextFileSync('/tmp/rlm_pwned', 'x')")
+    assert "NotCapable" in error
+    assert not _host_path_exists("/tmp/rlm_pwned")
+
+
+async def test_no_host_environment(sandbox: SandboxProcess) -> None:
+    env = await ok(sandbox, "import os\nprint(sorted(os.environ))")
+    assert CANARY not in env
+    assert "PATH" in env  # Pyodide's own defaults only
+    assert "NotCapable" in await _fails(sandbox, "import js\njs.Deno.env.get('PATH')")
+    assert "NotCapable" in await _fails(sandbox, "import js\njs.Deno.env.toObject()")
+    assert "NotCapable" in await _fails(sandbox, "import js\njs.process.env.PATH")
+
+
+async def test_no_way_out_through_the_javascript_realm(
+    sandbox: SandboxProcess, marker: Path
+) -> None:
+    await ok(
+        sandbox,
+        "import pyodide_js\nrealm = pyodide_js.constructor.constructor('return globalThis')()",
+    )
+    assert (await ok(sandbox, "print(hasattr(realm, 'require'))")) == "False\n"
+    for probe in (
+        f"realm.Deno.readTextFileSync({str(marker)!r})",
+        "realm.Deno.env.get('HOME')",
+        "realm.Function(\"return new Deno.Command('/bin/sh', {args: ['-c', 'true']})"
+        '.outputSync()")()',
+        "realm.Deno.openSync('/etc/hostname')",
+        "realm.Function(\"return Deno.dlopen('libc.so.6', {})\")()",
+        'realm.Function("return Deno.listen({port: 0})")()',
+    ):
+        error = await _fails(sandbox, probe)
+        assert "NotCapable" in error or "PermissionDenied" in error, (probe, error)
+
+
+async def test_no_network(sandbox: SandboxProcess, http_port: int) -> None:
+    url = f"http://127.0.0.1:{http_port}/probe"
+    await run(
+        sandbox,
+        f"import pyodide_js\n"
+        f"pyodide_js.constructor.constructor('return globalThis')().fetch({url!r})",
+    )
+    await run(sandbox, f"from pyodide.http import pyfetch\nfuture = pyfetch({url!r})")
+    await run(sandbox, f"import js\njs.Deno.connect(hostname='127.0.0.1', port={http_port})")
+    await _fails(sandbox, f"import socket\nsocket.create_connection(('127.0.0.1', {http_port}), 2)")
+    await _fails(sandbox, f"import urllib.request\nurllib.request.urlopen({url!r}, timeout=2)")
+    await ok(sandbox, "import time\ntime.sleep(0.3)")  # let any pending JS work run
+    assert _Recorder.hits == []
+
+
+async def test_os_system_fails_closed(anyio_backend: str, sandbox: SandboxProcess) -> None:
+    victim = await SandboxProcess.spawn(SETTINGS)
+    try:
+        result = await run(victim, "import os\nos.system('touch /tmp/rlm_system_probe')")
+        assert result.error is not None
+        assert result.state_lost or result.error.type in {"OSError", "NotCapable"}
+    finally:
+        await victim.kill()
+    assert not _host_path_exists("/tmp/rlm_system_probe")
+    assert await ok(sandbox, "1") == "1\n"
+
+
+def _process_facts(pid: int) -> tuple[str, str, str]:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    return limits, os.readlink(f"/proc/{pid}/ns/net"), os.readlink("/proc/self/ns/net")
+
+
+async def test_process_limits_and_network_namespace(sandbox: SandboxProcess) -> None:
+    limits, sandbox_net, own_net = _process_facts(sandbox.pid)
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert open_files.split()[3:5] == [str(SETTINGS.max_open_files)] * 2
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    if network_namespace_available():
+        assert sandbox_net != own_net

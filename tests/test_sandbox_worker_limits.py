@@ -1,0 +1,96 @@
+"""Timeouts, kills and memory bounds of real sandbox processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sandbox_runtime.worker import SandboxProcess
+from tests.sandbox_worker_helpers import SETTINGS, ok, run
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def sandbox(anyio_backend: str) -> AsyncIterator[SandboxProcess]:
+    process = await SandboxProcess.spawn(SETTINGS, memory_bytes=192 * 2**20)
+    yield process
+    await process.aclose()
+
+
+@pytest.fixture
+async def fresh(anyio_backend: str) -> AsyncIterator[SandboxProcess]:
+    process = await SandboxProcess.spawn(SETTINGS)
+    yield process
+    await process.kill()
+
+
+async def test_busy_loop_is_interrupted_and_state_is_kept(sandbox: SandboxProcess) -> None:
+    await ok(sandbox, "survivor = [1, 2, 3]")
+    result = await run(sandbox, "print('started')\nwhile True:\n    pass", timeout_s=0.5)
+    assert result.error is not None
+    assert result.error.type == "TimeoutError"
+    assert result.error.traceback is not None
+    assert "KeyboardInterrupt" in result.error.traceback
+    assert result.stdout == "started\n"
+    assert not result.state_lost
+    assert sandbox.alive
+    assert await ok(sandbox, "survivor") == "[1, 2, 3]\n"
+
+
+async def test_sleep_is_interruptible(sandbox: SandboxProcess) -> None:
+    await ok(sandbox, "survivor = [1, 2, 3]")
+    result = await run(sandbox, "import time\ntime.sleep(100)", timeout_s=0.5)
+    assert result.error is not None
+    assert result.error.type == "TimeoutError"
+    assert not result.state_lost
+    assert result.duration_ms < 100_000 / 2  # woke on the interrupt, not after 100 s
+    assert await ok(sandbox, "survivor") == "[1, 2, 3]\n"
+
+
+async def test_memory_bomb_gets_memory_error_and_the_sandbox_survives(
+    sandbox: SandboxProcess,
+) -> None:
+    await ok(sandbox, "survivor = [1, 2, 3]")
+    one_shot = await run(sandbox, "x = bytearray(2**30)")
+    assert one_shot.error is not None
+    assert one_shot.error.type == "MemoryError"
+    growing = await run(sandbox, "hoard = []\nwhile True:\n    hoard.append(bytearray(2**20))")
+    assert growing.error is not None
+    assert growing.error.type == "MemoryError"
+    assert growing.memory_bytes <= 192 * 2**20
+    assert await ok(sandbox, "del hoard\nprint(sum(survivor))") == "6\n"
+
+
+async def test_code_that_swallows_interrupts_is_killed(
+    fresh: SandboxProcess, sandbox: SandboxProcess
+) -> None:
+    result = await run(
+        fresh,
+        "while True:\n    try:\n        while True:\n            pass\n"
+        "    except BaseException:\n        pass",
+        timeout_s=0.5,
+    )
+    assert result.error is not None
+    assert result.error.type == "TimeoutError"
+    assert result.state_lost
+    assert not fresh.alive
+    assert await ok(sandbox, "1 + 1") == "2\n"  # other sandboxes are untouched
+
+
+async def test_kill_during_an_execution_reports_lost_state(fresh: SandboxProcess) -> None:
+    import asyncio
+
+    task = asyncio.create_task(run(fresh, "import time\ntime.sleep(30)", timeout_s=60))
+    await asyncio.sleep(0.3)
+    await fresh.kill()
+    result = await task
+    assert result.state_lost
+    assert result.error is not None
+    assert result.error.type == "SandboxCrashed"
