@@ -93,6 +93,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
         Route("/respond", routes_queue.respond, methods=["POST"]),
         Route("/leases/extend", routes_queue.extend_leases, methods=["POST"]),
         Route("/health", routes_ops.health, methods=["GET"]),
+        Route("/health/live", routes_ops.live, methods=["GET"]),
         Route("/metrics", routes_ops.metrics, methods=["GET"]),
     ]
     return Starlette(

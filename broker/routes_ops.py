@@ -48,6 +48,12 @@ async def health(request: Request) -> Response:
     return json_response(body.model_dump_json())
 
 
+@endpoint("live")
+async def live(request: Request) -> Response:
+    """Liveness: the process serves HTTP. Touches no Redis (that is `/health`'s job)."""
+    return json_response(b'{"status":"ok"}')
+
+
 @endpoint("metrics")
 async def metrics(request: Request) -> Response:
     ctx = context_of(request)

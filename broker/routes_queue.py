@@ -138,14 +138,15 @@ async def pending(request: Request) -> Response:
     )
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
     poller_id = request.headers.get("x-rlm-poller", "")[:100] or principal.token_hash[:16]
-    await ctx.store.seen_poller(poller_id)
     deadline = time.monotonic() + wait_s
     disconnected = asyncio.ensure_future(_until_disconnect(request))
     try:
         full_scan = True
+        seen: str | None = poller_id
         while True:
             woken = ctx.signals.event_for(principal.tenant_id)
-            claimed = await _claim(ctx, principal, max_items, full_scan)
+            claimed = await _claim(ctx, principal, max_items, full_scan, seen)
+            seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
             if claimed or remaining <= 0 or disconnected.done():
                 break
@@ -162,7 +163,7 @@ async def pending(request: Request) -> Response:
             claimed = []
     finally:
         disconnected.cancel()
-    return json_response(await _pending_body(ctx, claimed))
+    return json_response(_pending_body(ctx, claimed))
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -173,11 +174,17 @@ async def _until_disconnect(request: Request) -> None:
 
 
 async def _claim(
-    ctx: BrokerContext, principal: Principal, max_items: int, full_scan: bool
+    ctx: BrokerContext,
+    principal: Principal,
+    max_items: int,
+    full_scan: bool,
+    poller_id: str | None,
 ) -> list[Claimed]:
     if principal.scope == "tenant":
-        claimed = await ctx.store.claim([(principal.tenant, max_items)])
+        claimed = await ctx.store.claim([(principal.tenant, max_items)], poller_id)
         return claimed.get(principal.tenant, [])
+    if poller_id is not None:
+        await ctx.store.claim([], poller_id)
     return await _claim_fairly(ctx, max_items, full_scan)
 
 
@@ -217,28 +224,23 @@ async def _release(ctx: BrokerContext, claimed: Sequence[Claimed]) -> None:
         await ctx.store.release(tenant_id, ids)
 
 
-async def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
+def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
     if not claimed:
         return b'{"requests":[]}'
     lease_expires_at = time.time() + ctx.settings.lease_s
-    by_tenant: dict[str, list[Claimed]] = defaultdict(list)
-    for item in claimed:
-        by_tenant[tenant_of_request(item.id) or ""].append(item)
     out: list[dict[str, Any]] = []
-    for tenant_id, items in by_tenant.items():
-        metadata = await ctx.store.session_metadata(tenant_id, [i.session_id for i in items])
-        for item in items:
-            entry = json.loads(item.body)
-            entry.update(
-                id=item.id,
-                session_id=item.session_id,
-                tenant_id=tenant_id,
-                attempt=item.attempt,
-                enqueued_at=item.enqueued_at,
-                lease_expires_at=lease_expires_at,
-                metadata=json.loads(metadata[item.session_id]),
-            )
-            out.append(entry)
+    for item in claimed:
+        entry = json.loads(item.body)
+        entry.update(
+            id=item.id,
+            session_id=item.session_id,
+            tenant_id=tenant_of_request(item.id),
+            attempt=item.attempt,
+            enqueued_at=item.enqueued_at,
+            lease_expires_at=lease_expires_at,
+            metadata=json.loads(item.metadata),
+        )
+        out.append(entry)
     return json.dumps({"requests": out}, separators=(",", ":")).encode()
 
 

@@ -33,6 +33,7 @@ class Claimed:
     body: bytes
     session_id: str
     enqueued_at: float
+    metadata: bytes
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,13 @@ class Store:
 
     # --- leases -----------------------------------------------------------------------------
 
-    async def claim(self, claims: Sequence[tuple[str, int]]) -> dict[str, list[Claimed]]:
-        """Lease up to `count` requests from each `(tenant, count)`: one round trip in all."""
+    async def claim(
+        self, claims: Sequence[tuple[str, int]], poller_id: str | None = None
+    ) -> dict[str, list[Claimed]]:
+        """Lease up to `count` requests from each `(tenant, count)`: one round trip in all.
+
+        `poller_id`, when given, is recorded as seen (for /health) in the same round trip.
+        """
         undeliverable = error_result(
             "__ID__",
             "undeliverable",
@@ -256,9 +262,11 @@ class Store:
                     ],
                     client=pipe,
                 )
+            if poller_id is not None:
+                pipe.zadd(self.keys.pollers(), {poller_id: now})
             replies = await pipe.execute(raise_on_error=False)
         out: dict[str, list[Claimed]] = {}
-        for (tenant_id, _), flat in zip(claims, replies, strict=True):
+        for (tenant_id, _), flat in zip(claims, replies[: len(claims)], strict=True):
             if isinstance(flat, ResponseError) and "NOGROUP" in str(flat):
                 continue  # a tenant whose stream was deleted by hand: nothing to lease
             if isinstance(flat, Exception):
@@ -270,8 +278,9 @@ class Store:
                     body=flat[i + 2],
                     session_id=flat[i + 3].decode(),
                     enqueued_at=float(flat[i + 4]),
+                    metadata=flat[i + 5],
                 )
-                for i in range(0, len(flat), 5)
+                for i in range(0, len(flat), 6)
             ]
         return out
 
@@ -322,9 +331,6 @@ class Store:
         return outcomes
 
     # --- monitoring -------------------------------------------------------------------------
-
-    async def seen_poller(self, poller_id: str) -> None:
-        await self.redis.zadd(self.keys.pollers(), {poller_id: time.time()})
 
     async def pollers_since(self, seconds: float) -> int:
         now = time.time()

@@ -27,7 +27,10 @@ pytestmark = pytest.mark.anyio
 
 @asynccontextmanager
 async def local_env(
-    broker_server: BrokerServer, *, limits: Limits | None = None, state: dict[str, object] | None = None
+    broker_server: BrokerServer,
+    *,
+    limits: Limits | None = None,
+    state: dict[str, object] | None = None,
 ) -> AsyncIterator[Environment]:
     settings = HostSettings(broker_url=broker_server.url, environment="local")
     async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, sess):
@@ -74,7 +77,8 @@ async def test_variables_persist_and_llm_query_goes_through_the_broker(
         await env.load_context(["chunk one", "chunk two"])
         first = await env.execute("n = len(context)\nprint(llm_query('hi'))")
         second = await env.execute("state['n'] = n\nprint(n, SHOW_VARS())")
-        assert first.stdout == "re:hi\n" and first.error is None
+        assert first.stdout == "re:hi\n"
+        assert first.error is None
         assert second.stdout.startswith("2 ")
         assert "n: int" in second.stdout
         assert await env.get_state() == {"k": 1, "n": 2}
@@ -84,10 +88,12 @@ async def test_variables_persist_and_llm_query_goes_through_the_broker(
 async def test_errors_output_caps_and_finals_are_reported(broker_server: BrokerServer) -> None:
     async with local_env(broker_server, limits=Limits(output_bytes=2048)) as env:
         failed = await env.execute("x = 1\nraise ValueError('bad')")
-        assert failed.error is not None and failed.error.type == "ValueError"
+        assert failed.error is not None
+        assert failed.error.type == "ValueError"
         assert 'File "<repl>", line 2' in (failed.error.traceback or "")
         flood = await env.execute("print('y' * 100_000)")
-        assert len(flood.stdout) < 2200 and "output truncated" in flood.stdout
+        assert len(flood.stdout) < 2200
+        assert "output truncated" in flood.stdout
         none = await env.execute("answer['content'] = 'draft'")
         assert none.final is None
         ready = await env.execute("answer['ready'] = True")
@@ -100,7 +106,8 @@ async def test_a_bad_state_is_an_error_and_the_last_good_state_is_kept(
     async with local_env(broker_server) as env:
         await env.execute("state['ok'] = 1")
         bad = await env.execute("state['bad'] = object()")
-        assert bad.error is not None and bad.error.type == "StateError"
+        assert bad.error is not None
+        assert bad.error.type == "StateError"
         assert bad.state == {"ok": 1}
 
 
@@ -110,9 +117,11 @@ async def test_a_runaway_loop_is_interrupted_and_the_session_survives(
     async with local_env(broker_server) as env:
         await env.execute("before = 41")
         stuck = await env.execute("while True:\n    pass", timeout_s=0.3)
-        assert stuck.error is not None and stuck.error.type == "TimeoutError"
+        assert stuck.error is not None
+        assert stuck.error.type == "TimeoutError"
         after = await env.execute("print(before + 1)")
-        assert after.stdout == "42\n" and after.error is None
+        assert after.stdout == "42\n"
+        assert after.error is None
 
 
 async def test_two_environments_capture_their_own_output(broker_server: BrokerServer) -> None:
@@ -121,8 +130,10 @@ async def test_two_environments_capture_their_own_output(broker_server: BrokerSe
         first, second = await asyncio.gather(
             one.execute(code.format("one")), two.execute(code.format("two"))
         )
-    assert first.stdout.count("one") == 20 and "two" not in first.stdout
-    assert second.stdout.count("two") == 20 and "one" not in second.stdout
+    assert first.stdout.count("one") == 20
+    assert "two" not in first.stdout
+    assert second.stdout.count("two") == 20
+    assert "one" not in second.stdout
 
 
 async def test_a_closed_environment_refuses_work(broker_server: BrokerServer) -> None:

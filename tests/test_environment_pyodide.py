@@ -127,9 +127,7 @@ async def test_rlm_query_is_refused_at_max_depth(
         await env.aclose()
 
 
-async def _answer(
-    client: BrokerClient, seen: list[bp.PendingRequest], stop: asyncio.Event
-) -> None:
+async def _answer(client: BrokerClient, seen: list[bp.PendingRequest], stop: asyncio.Event) -> None:
     while not stop.is_set():
         batch = await client.pending(max_items=16, wait_s=0.2)
         if batch.requests:
@@ -139,17 +137,26 @@ async def _answer(
             )
 
 
-async def test_scripted_rlm_query_end_to_end_in_pyodide(
-    runtime_url: str, redis_url: str, tmp_path: Path
-) -> None:
-    """Root LLM -> code in Pyodide -> llm_query_batched via runtime, broker, poller -> FINAL."""
-    settings = _settings(runtime_url, environment="pyodide", trajectory_dir=tmp_path)
+async def test_scripted_rlm_query_end_to_end_in_pyodide(redis_url: str, tmp_path: Path) -> None:
+    """Root LLM -> code in Pyodide -> llm_query_batched via runtime, broker, poller -> FINAL.
+
+    The local stack starts its own sandbox runtime (the environment is pyodide and no
+    RLM_RUNTIME_URL is set).
+    """
+    settings = HostSettings(environment="pyodide", runtime_url=None, trajectory_dir=tmp_path)
     config = StackConfig(redis_url=redis_url, scenario="count_words")
     context = {"part1": "the whale swam. " * 900, "part2": "a whale, another whale " * 700}
     async with LocalStack(config, rlm_stack_components(settings)) as stack:
-        rlm = RLM(model=root_client(stack), settings=host_settings_for(stack, settings))
-        result = await rlm.acompletion(context, "How many times is the word 'whale' used?")
+        assert stack.environ()["RLM_RUNTIME_URL"] == stack.runtime_url
+        client = root_client(stack)
+        try:
+            rlm = RLM(model=client, settings=host_settings_for(stack, settings))
+            result = await rlm.acompletion(context, "How many times is the word 'whale' used?")
+        finally:
+            await client.aclose()
     assert result.answer == str(900 + 2 * 700)
     assert result.answer_source == "FINAL_VAR"
-    events = [json.loads(line) for line in result.trajectory_path.read_text().splitlines()]
+    assert result.trajectory_path is not None
+    lines = result.trajectory_path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
     assert any(e.get("environment") == "pyodide" for e in events)

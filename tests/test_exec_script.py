@@ -39,7 +39,9 @@ def echo(request: p.PendingRequest) -> p.Answer:
 
 
 @asynccontextmanager
-async def poller(tenant: BrokerClient, reply: Reply = echo, delay_s: float = 0.0) -> AsyncIterator[list[p.PendingRequest]]:
+async def poller(
+    tenant: BrokerClient, reply: Reply = echo, delay_s: float = 0.0
+) -> AsyncIterator[list[p.PendingRequest]]:
     """A minimal poller answering every request with `reply`, after `delay_s`."""
     seen: list[p.PendingRequest] = []
     stop = asyncio.Event()
@@ -127,7 +129,8 @@ async def test_plain_cpython_process_calls_the_broker(
     batch = [r for r in seen if r.prompt in ("a", "b", "c")]
     assert len(batch) == 3
     rlm = next(r for r in seen if r.prompt == "child")
-    assert rlm.state == {"mine": 1} and rlm.depth == 1
+    assert rlm.state == {"mine": 1}
+    assert rlm.depth == 1
 
 
 async def test_pending_results_are_waited_for_again(
@@ -170,7 +173,8 @@ async def test_a_bad_token_raises_a_broker_response_error(
     broker_server: BrokerServer, tmp_path: Path
 ) -> None:
     env = {"RLM_BROKER_URL": broker_server.url, "RLM_SESSION_TOKEN": "wrong"}
-    code = "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n    print(type(e).__name__, e.status)"
+    code = "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n"
+    code += "    print(type(e).__name__, e.status)"
     done = await run_script(["-c", code], env, tmp_path)
     assert done.stdout.strip() == "BrokerResponseError 401"
 
@@ -199,13 +203,14 @@ async def test_the_broker_coming_back_during_retries_is_used(
         "RLM_SESSION_TOKEN": token,
         "RLM_BROKER_RETRIES": "30",
     }
-    code = "try:\n    print(llm_query('x'))\nexcept LLMQueryError as e:\n    print(type(e).__name__)"
+    code = (
+        "try:\n    print(llm_query('x'))\nexcept LLMQueryError as e:\n    print(type(e).__name__)"
+    )
     script = asyncio.create_task(run_script(["-c", code], env, tmp_path))
     await asyncio.sleep(0.5)
     second = broker_factory(port=port)  # same Redis: the session token is still valid
-    async with BrokerClient(second.url, second.admin_token) as admin:
-        async with poller(admin):
-            done = await script
+    async with BrokerClient(second.url, second.admin_token) as admin, poller(admin):
+        done = await script
     assert done.stdout.strip() == "echo:x:d1:llm", done.stderr
 
 
@@ -216,4 +221,5 @@ def test_the_script_reports_errors_with_the_model_traceback(tmp_path: Path) -> N
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "ZeroDivisionError" in done.stderr and 'File "<repl>", line 2' in done.stderr
+    assert "ZeroDivisionError" in done.stderr
+    assert 'File "<repl>", line 2' in done.stderr

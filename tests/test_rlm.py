@@ -67,9 +67,7 @@ async def harness(
         path = tmp_path / f"{scenario['name']}.json"
         path.write_text(json.dumps(scenario))
         scenario = str(path)
-    host = HostSettings(
-        environment="local", trajectory_dir=tmp_path / "trajectories", **settings
-    )
+    host = HostSettings(environment="local", trajectory_dir=tmp_path / "trajectories", **settings)
     budgets = RunBudgets()
     config = StackConfig(
         redis_url=redis_url,
@@ -95,7 +93,11 @@ def scenario(name: str, *rules: dict[str, Any]) -> dict[str, Any]:
 
 
 def code_rule(name: str, code: str, **match: Any) -> dict[str, Any]:
-    return {"name": name, "match": {"system": ROOT, **match}, "reply": {"kind": "code", "code": code}}
+    return {
+        "name": name,
+        "match": {"system": ROOT, **match},
+        "reply": {"kind": "code", "code": code},
+    }
 
 
 # --- depth 1 and 2 -----------------------------------------------------------------------
@@ -115,14 +117,17 @@ async def test_depth_1_count_words_gives_the_right_count(redis_url: str, tmp_pat
     assert stats["max_in_flight"] >= 2
     events = read_trajectory(result.trajectory_path)  # type: ignore[arg-type]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
-    assert kinds.count("iteration") == 2 and "sub_call" in kinds
+    assert kinds[0] == "run_start"
+    assert kinds[-1] == "run_end"
+    assert kinds.count("iteration") == 2
+    assert "sub_call" in kinds
     first = next(e for e in events if e["event"] == "iteration")
     assert "llm_query_batched" in first["code"][0]["code"]
     assert first["code"][0]["stdout"].endswith("total 37\n")
     assert events[-1]["answer"] == "37"
     sub = next(e for e in events if e["event"] == "sub_call")
-    assert sub["depth"] == 1 and sub["usage"]["calls"] == 1
+    assert sub["depth"] == 1
+    assert sub["usage"]["calls"] == 1
 
 
 async def test_depth_2_sub_rlms_count_and_share_state(redis_url: str, tmp_path: Path) -> None:
@@ -136,39 +141,44 @@ async def test_depth_2_sub_rlms_count_and_share_state(redis_url: str, tmp_path: 
     child_iterations = [e for e in events if e["event"] == "iteration" and e["depth"] == 1]
     assert len(child_iterations) == 4  # two children, two turns each
     assert all(e.get("request_id") for e in child_iterations)
-    assert "children 2" in next(
-        e for e in events if e["event"] == "iteration" and e["depth"] == 0
-    )["code"][0]["stdout"]
+    assert (
+        "children 2"
+        in next(e for e in events if e["event"] == "iteration" and e["depth"] == 0)["code"][0][
+            "stdout"
+        ]
+    )
 
 
 STATE_SCENARIO = scenario(
     "state_merge",
     code_rule(
         "child",
-        "\n".join([
-            "name = context.split()[0]",
-            "state['order'] = state.get('order', []) + [name]",
-            "state['last'] = name",
-            "state[name] = state['base'] * 10",
-            "FINAL(name.upper())",
-        ]),
+        "\n".join(
+            [
+                "name = context.split()[0]",
+                "state['order'] = state.get('order', []) + [name]",
+                "state['last'] = name",
+                "state[name] = state['base'] * 10",
+                "FINAL(name.upper())",
+            ]
+        ),
         system=CHILD,
     ),
     code_rule(
         "root",
-        "\n".join([
-            "state['base'] = 4",
-            "answers = rlm_query_batched(['first child', 'second child', 'third child'])",
-            "print(answers, state)",
-            "FINAL(','.join(answers))",
-        ]),
+        "\n".join(
+            [
+                "state['base'] = 4",
+                "answers = rlm_query_batched(['first child', 'second child', 'third child'])",
+                "print(answers, state)",
+                "FINAL(','.join(answers))",
+            ]
+        ),
     ),
 )
 
 
-async def test_batched_children_merge_state_in_prompt_order(
-    redis_url: str, tmp_path: Path
-) -> None:
+async def test_batched_children_merge_state_in_prompt_order(redis_url: str, tmp_path: Path) -> None:
     async with harness(redis_url, tmp_path, STATE_SCENARIO) as h:
         result = await h.rlm(max_depth=2).acompletion("ctx", "merge")
     assert result.answer == "FIRST,SECOND,THIRD"
@@ -249,7 +259,8 @@ async def test_contexts_may_be_a_list_or_a_dict_and_are_described(
         result = await h.rlm().acompletion({"b": "x" * 5, "a": "y"}, "q")
     assert result.answer == "dict['a', 'b']"
     events = read_trajectory(result.trajectory_path)  # type: ignore[arg-type]
-    assert events[0]["context_type"] == "dict" and events[0]["context_chars"] == 6
+    assert events[0]["context_type"] == "dict"
+    assert events[0]["context_chars"] == 6
 
 
 # --- budgets -----------------------------------------------------------------------------
@@ -258,15 +269,17 @@ RUNAWAY = scenario(
     "runaway",
     code_rule(
         "root",
-        "\n".join([
-            "done = 0",
-            "try:",
-            "    for i in range(1000):",
-            "        llm_query(f'call {i}')",
-            "        done += 1",
-            "except LLMQueryError as exc:",
-            "    print('stopped after', done, exc.code)",
-        ]),
+        "\n".join(
+            [
+                "done = 0",
+                "try:",
+                "    for i in range(1000):",
+                "        llm_query(f'call {i}')",
+                "        done += 1",
+                "except LLMQueryError as exc:",
+                "    print('stopped after', done, exc.code)",
+            ]
+        ),
     ),
     {"name": "sub", "match": {"system": "^$"}, "reply": {"kind": "text", "text": "ok"}},
 )
@@ -302,6 +315,6 @@ async def test_progress_events_reach_the_hook(redis_url: str, tmp_path: Path) ->
     async with harness(redis_url, tmp_path, "count_words") as h:
         await h.rlm().acompletion(make_text("whale", 3), "How often is the word 'whale' used?")
         names = [name for name, _ in h.events]
-    assert names[0] == "run_start" and names[-1] == "run_end"
+    assert names[0] == "run_start"
+    assert names[-1] == "run_end"
     assert {"iteration_start", "iteration", "sub_call"} <= set(names)
-

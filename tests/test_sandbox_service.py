@@ -7,6 +7,7 @@ import base64
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -19,7 +20,7 @@ from sandbox_runtime.service.errors import RuntimeResponseError
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
 from tests.support.brokers import tenant_and_session
-from tests.support.servers import BrokerServer
+from tests.support.servers import BrokerServer, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -284,3 +285,46 @@ def test_settings_need_a_token_off_loopback() -> None:
     with pytest.raises(ValueError, match="RLM_SANDBOX_TOKEN"):
         RuntimeSettings(host="0.0.0.0")
     assert RuntimeSettings(host="::1").token is None
+
+
+async def test_idle_sessions_end_after_their_ttl(client: RuntimeClient) -> None:
+    session = await client.create_session(p.CreateSession(limits=p.Limits(idle_ttl_s=0.3)))
+    await client.execute(session.session_id, "x = 1")
+
+    async def ended() -> bool:
+        try:
+            await client.list_vars(session.session_id)
+        except RuntimeResponseError as exc:
+            return exc.status == 404
+        return False
+
+    await wait_until(ended, timeout_s=10, interval_s=0.5)
+
+
+async def test_idle_sessions_hibernate_to_disk_and_come_back(tmp_path: Path) -> None:
+    settings = RuntimeSettings(
+        token=TOKEN,
+        port=0,
+        pool_size=0,
+        hibernate_after_s=0.3,
+        reaper_interval_s=0.1,
+        hibernation_dir=tmp_path,
+    )
+    with BackgroundRuntime(settings) as runtime:
+        async with RuntimeClient(runtime.url, TOKEN) as client:
+            session = await client.create_session(p.CreateSession())
+            await client.execute(session.session_id, "import math\nr = math.sqrt(81)")
+
+            async def hibernated() -> bool:
+                return bool((await client.health())["sessions"]["hibernated"] == 1)
+
+            await wait_until(hibernated, timeout_s=10)
+            assert _blobs(tmp_path)
+            result = await client.execute(session.session_id, "print(int(r))")
+            assert result.stdout == "9\n"
+            await client.delete_session(session.session_id)
+            assert not _blobs(tmp_path)
+
+
+def _blobs(directory: Path) -> list[Path]:
+    return list(directory.glob("*.blob"))

@@ -4,7 +4,7 @@
 -- KEYS: tenant stream, reap lock, reap cursor
 -- ARGV: tenant base, group, consumer, count, lease ms, now, max attempts, reap interval ms,
 --       replies prefix, result ttl, undeliverable result json (with "__ID__" for the id)
--- Returns a flat list of 5-tuples: id, attempt, body, session id, enqueued_at.
+-- Returns a flat list of 6-tuples: id, attempt, body, session id, enqueued_at, session metadata.
 local stream, reap_lock, reap_cursor = KEYS[1], KEYS[2], KEYS[3]
 local base, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local count, lease_ms, now = tonumber(ARGV[4]), ARGV[5], ARGV[6]
@@ -12,6 +12,15 @@ local max_attempts, reap_ms = tonumber(ARGV[7]), ARGV[8]
 local replies, result_ttl, undeliverable = ARGV[9], ARGV[10], ARGV[11]
 
 local out = {}
+local metadata = {}
+local function session_metadata(session_id)
+  local found = metadata[session_id]
+  if found == nil then
+    found = redis.call('HGET', base .. 'session:' .. session_id, 'metadata') or '{}'
+    metadata[session_id] = found
+  end
+  return found
+end
 local function take(entries)
   for _, entry in ipairs(entries) do
     -- entry = {stream id, {'id', request id}}; a deleted entry has no fields
@@ -34,6 +43,7 @@ local function take(entries)
         out[#out + 1] = data[1]
         out[#out + 1] = data[2]
         out[#out + 1] = data[3]
+        out[#out + 1] = session_metadata(data[2])
       end
     end
   end
@@ -46,7 +56,7 @@ if redis.call('SET', reap_lock, '1', 'NX', 'PX', reap_ms) then
   redis.call('SET', reap_cursor, claimed[1])
   take(claimed[2])
 end
-local wanted = count - #out / 5
+local wanted = count - #out / 6
 if wanted > 0 then
   local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', wanted,
     'STREAMS', stream, '>')

@@ -1,0 +1,170 @@
+"""An `LLMClient` over `openai.AsyncOpenAI` chat completions.
+
+Retries are the SDK's own (`max_retries`, backoff with jitter, Retry-After honoured); this
+module adds none. It bounds concurrency, times each call, prices it, and maps the SDK's
+errors onto `host_poller.llm.errors` with the API key redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx2
+import openai
+from pydantic import SecretStr
+
+from host_poller.llm.errors import (
+    LLMConnectionError,
+    LLMError,
+    LLMRateLimitError,
+    LLMResponseError,
+    LLMStatusError,
+    LLMTimeoutError,
+)
+from host_poller.llm.pricing import cost_usd
+from host_poller.llm.profiles import Profile
+from host_poller.llm.types import Completion, Message, Usage
+
+logger = logging.getLogger(__name__)
+
+# Request fields the client owns; `params` may not override them.
+_RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+# Cap on the connect phase: a dead host should fail fast even with a long read timeout.
+_CONNECT_TIMEOUT_S = 10.0
+# Without an API key the SDK refuses to start; local servers ignore the header.
+_NO_KEY = "no-key"
+
+
+def _estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+class OpenAIChatClient:
+    """Chat completions of one profile's model; at most `profile.concurrency` in flight."""
+
+    def __init__(self, profile: Profile, api_key: SecretStr | None) -> None:
+        self.profile = profile
+        self.model = profile.model
+        self._secret = api_key.get_secret_value() if api_key is not None else None
+        self._semaphore = asyncio.Semaphore(profile.concurrency)
+        self._openai = openai.AsyncOpenAI(
+            base_url=profile.base_url,
+            api_key=self._secret or _NO_KEY,
+            timeout=httpx2.Timeout(
+                profile.timeout_s, connect=min(profile.timeout_s, _CONNECT_TIMEOUT_S)
+            ),
+            max_retries=profile.max_retries,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatClient(profile={self.profile.name!r}, model={self.model!r})"
+
+    async def complete(
+        self, messages: Sequence[Message], *, params: Mapping[str, Any] | None = None
+    ) -> Completion:
+        """One chat completion; raises an `LLMError` leaf once the SDK's retries are spent."""
+        extra = dict(params or {})
+        reserved = _RESERVED_PARAMS.intersection(extra)
+        if reserved:
+            raise ValueError(f"params may not set {sorted(reserved)}")
+        async with self._semaphore:
+            started = time.perf_counter()
+            try:
+                raw = await self._openai.chat.completions.with_raw_response.create(
+                    model=self.model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    **extra,
+                )
+                response = raw.parse()
+            except openai.OpenAIError as exc:
+                raise self._translate(exc) from exc
+            latency = time.perf_counter() - started
+        return self._completion(response, messages, latency, raw.retries_taken + 1)
+
+    def _completion(
+        self,
+        response: Any,
+        messages: Sequence[Message],
+        latency: float,
+        attempts: int,
+    ) -> Completion:
+        choices = getattr(response, "choices", None)
+        if not choices:
+            raise LLMResponseError("response has no choices", model=self.model)
+        text = choices[0].message.content
+        if not isinstance(text, str) or not text.strip():
+            raise LLMResponseError(
+                f"empty completion (finish_reason={choices[0].finish_reason})", model=self.model
+            )
+        if response.usage is not None:
+            input_tokens = int(response.usage.prompt_tokens)
+            output_tokens = int(response.usage.completion_tokens)
+        else:
+            # Some servers omit usage; budgets still need a number, so estimate it.
+            input_tokens = sum(_estimate_tokens(m.get("content", "")) for m in messages)
+            output_tokens = _estimate_tokens(text)
+            logger.warning("response without usage, tokens estimated", extra={"model": self.model})
+        usage = Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd(self.model, input_tokens, output_tokens, self.profile),
+            calls=1,
+        )
+        logger.debug(
+            "llm call done",
+            extra={
+                "model": self.model,
+                "latency_s": round(latency, 4),
+                "attempts": attempts,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            },
+        )
+        return Completion(
+            text=text,
+            model=self.model,  # the requested name: the ledger groups by profile model
+            usage=usage,
+            latency_s=latency,
+            attempts=attempts,
+        )
+
+    def _redact(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "[redacted]")
+        return text
+
+    def _scrub(self, exc: BaseException) -> None:
+        """Redact the key inside the SDK's error too: it is chained, and tracebacks print it."""
+        if not self._secret:
+            return
+        exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
+        if isinstance(getattr(exc, "message", None), str):
+            exc.message = self._redact(exc.message)  # type: ignore[attr-defined]
+        if self._secret in repr(getattr(exc, "body", None)):
+            exc.body = None  # type: ignore[attr-defined]
+
+    def _translate(self, exc: openai.OpenAIError) -> LLMError:
+        self._scrub(exc)
+        message = self._redact(str(getattr(exc, "message", None) or exc))
+        model = self.model
+        if isinstance(exc, openai.APITimeoutError):
+            return LLMTimeoutError(f"timed out after {self.profile.timeout_s}s", model=model)
+        if isinstance(exc, openai.APIConnectionError):
+            return LLMConnectionError(f"connection failed: {message}", model=model)
+        if isinstance(exc, openai.RateLimitError):
+            return LLMRateLimitError(f"rate limited: {message}", model=model)
+        if isinstance(exc, openai.APIStatusError):
+            return LLMStatusError(message, model=model, status_code=exc.status_code)
+        return LLMResponseError(f"bad response: {message}", model=model)
+
+    async def aclose(self) -> None:
+        await self._openai.close()
+
+
+def build_client(profile: Profile) -> OpenAIChatClient:
+    """A client for `profile`, its key read now from `profile.api_key_env`."""
+    return OpenAIChatClient(profile, profile.api_key())

@@ -1,0 +1,53 @@
+"""Turning a failure into an error `Answer`: the code table of the poller.
+
+The enqueuer sees `status: "error"` with one of these codes (the sandbox raises
+`LLMQueryError` from it); never an error string posing as a response.
+"""
+
+from __future__ import annotations
+
+from broker.protocol import Answer, ErrorInfo
+from host_poller.llm.errors import (
+    LLMConfigError,
+    LLMConnectionError,
+    LLMError,
+    LLMRateLimitError,
+    LLMResponseError,
+    LLMStatusError,
+    LLMTimeoutError,
+)
+from host_poller.poller.errors import RequestFailed
+
+#: Error code of each LLM failure, most specific class first.
+LLM_ERROR_CODES: tuple[tuple[type[LLMError], str], ...] = (
+    (LLMRateLimitError, "llm_rate_limited"),
+    (LLMTimeoutError, "llm_timeout"),
+    (LLMConnectionError, "llm_unreachable"),
+    (LLMStatusError, "llm_http_error"),
+    (LLMResponseError, "llm_bad_response"),
+    (LLMConfigError, "llm_config"),
+    (LLMError, "llm_error"),
+)
+INTERNAL_ERROR = "internal_error"
+
+
+def error_code(exc: BaseException) -> str:
+    """The wire code of `exc`."""
+    if isinstance(exc, RequestFailed):
+        return exc.code
+    for cls, code in LLM_ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return INTERNAL_ERROR
+
+
+def error_message(exc: BaseException) -> str:
+    """A message safe to send: LLM errors are already redacted; others name their type only."""
+    if isinstance(exc, (RequestFailed, LLMError)):
+        return str(exc)
+    return f"the poller failed to answer ({type(exc).__name__}); see its logs"
+
+
+def error_answer(request_id: str, exc: BaseException) -> Answer:
+    """The error Answer for a request that failed with `exc`."""
+    return Answer(id=request_id, error=ErrorInfo(code=error_code(exc), message=error_message(exc)))

@@ -1,0 +1,154 @@
+"""Answering one request: budgets, then a plain completion or a sub-RLM, then the ledger.
+
+Every failure becomes an error `Answer` with a code (see `answers.py`); no failure is ever
+turned into a response string.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import JsonValue
+
+from broker.protocol import Answer, PendingRequest
+from broker.protocol import Usage as WireUsage
+from host_poller.llm.errors import LLMError
+from host_poller.llm.ledger import UsageLedger
+from host_poller.llm.types import Message, Usage
+from host_poller.poller.answers import error_answer
+from host_poller.poller.errors import BudgetExceeded, RequestFailed
+from host_poller.poller.hooks import BudgetLookup, CallContext, RunBudget, SubRLMRunner
+from host_poller.poller.router import ModelRouter
+
+logger = logging.getLogger(__name__)
+
+#: Request params passed on to the LLM; model code cannot set anything else (model, n, ...).
+LLM_PARAMS = frozenset(
+    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+     "presence_penalty", "frequency_penalty"}
+)  # fmt: skip
+
+
+def _int(value: JsonValue) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def call_context(request: PendingRequest) -> CallContext:
+    """Read the call's run, depth and kind; the session's metadata is the authority on depth.
+
+    The metadata is set by the host when it creates the session, so model code cannot lower
+    its own depth: a session at RLM depth d issues calls at depth d + 1 whatever it sends.
+    """
+    meta = request.metadata or {}
+    params = request.params or {}
+    run_id = meta.get("run_id")
+    depth = request.depth
+    session_depth = _int(meta.get("depth"))
+    if session_depth is not None:
+        depth = session_depth + 1
+    kind = params.get("kind", "llm")
+    return CallContext(
+        tenant_id=request.tenant_id,
+        session_id=request.session_id,
+        run_id=run_id if isinstance(run_id, str) else None,
+        depth=depth,
+        max_depth=_int(meta.get("max_depth")),
+        kind=kind if isinstance(kind, str) else "llm",
+    )
+
+
+def messages_of(request: PendingRequest) -> list[Message]:
+    if request.messages is not None:
+        return [{"role": m.role, "content": m.content} for m in request.messages]
+    return [{"role": "user", "content": request.prompt or ""}]
+
+
+def llm_params(request: PendingRequest) -> dict[str, Any]:
+    params: Mapping[str, JsonValue] = request.params or {}
+    return {k: v for k, v in params.items() if k in LLM_PARAMS}
+
+
+class RequestHandler:
+    """Turns one `PendingRequest` into one `Answer`; never raises for a request's failure."""
+
+    def __init__(
+        self,
+        router: ModelRouter,
+        *,
+        ledger: UsageLedger | None = None,
+        budgets: BudgetLookup | None = None,
+        sub_rlm: SubRLMRunner | None = None,
+    ) -> None:
+        self.router = router
+        self.ledger = ledger
+        self.budgets = budgets
+        self.sub_rlm = sub_rlm
+
+    async def answer(self, request: PendingRequest) -> Answer:
+        call = call_context(request)
+        started = time.perf_counter()
+        try:
+            answer = await self._answer(request, call)
+        except Exception as exc:  # noqa: BLE001 - top of a request: its failure is its answer
+            answer = error_answer(request.id, exc)
+            # Expected failures are one line; anything else is a bug and keeps its traceback.
+            log = logger.info if isinstance(exc, (RequestFailed, LLMError)) else logger.exception
+            log(
+                "request failed",
+                extra={"request_id": request.id, "tenant_id": call.tenant_id,
+                       "code": answer.error.code if answer.error else None, "error": str(exc)},
+            )  # fmt: skip
+        logger.debug(
+            "request answered",
+            extra={"request_id": request.id, "kind": call.kind, "depth": call.depth,
+                   "latency_s": round(time.perf_counter() - started, 4)},
+        )  # fmt: skip
+        return answer
+
+    async def _answer(self, request: PendingRequest, call: CallContext) -> Answer:
+        if call.max_depth is not None and call.depth > call.max_depth:
+            raise BudgetExceeded(
+                f"depth budget exceeded: a call at depth {call.depth} is beyond the run's "
+                f"max_depth {call.max_depth}"
+            )
+        budget = self._budget(call)
+        if budget is not None:
+            budget.admit(call)
+        if call.wants_sub_rlm and self.sub_rlm is not None:
+            started = time.perf_counter()
+            result = await self.sub_rlm(request, call)
+            # The sub-RLM's own LLM calls are charged and recorded by the RLM loop; the run's
+            # budget only logs this call (it does not count its usage twice).
+            if budget is not None:
+                budget.charge(
+                    call, result.usage, model=request.model,
+                    latency_s=time.perf_counter() - started,
+                )  # fmt: skip
+            return Answer(
+                id=request.id, response=result.response, usage=_wire(result.usage),
+                state=result.state,
+            )  # fmt: skip
+        client = self.router.client(request.model)
+        completion = await client.complete(messages_of(request), params=llm_params(request))
+        if self.ledger is not None:
+            self.ledger.record(
+                usage=completion.usage, model=completion.model, depth=call.depth,
+                tenant_id=call.tenant_id, session_id=call.session_id, run_id=call.run_id,
+            )  # fmt: skip
+        if budget is not None:
+            budget.charge(
+                call, completion.usage, model=completion.model, latency_s=completion.latency_s
+            )
+        return Answer(id=request.id, response=completion.text, usage=_wire(completion.usage))
+
+    def _budget(self, call: CallContext) -> RunBudget | None:
+        if self.budgets is None or call.run_id is None:
+            return None
+        return self.budgets(call.run_id)
+
+
+def _wire(usage: Usage) -> WireUsage:
+    return WireUsage.model_validate(usage.to_wire())

@@ -1,0 +1,74 @@
+"""The plug points of the poller's request handler: run budgets and sub-RLMs.
+
+The RLM loop (`host_poller.rlm`) provides both; the poller depends only on these small
+protocols, so it runs (plain completions, no budgets) without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import JsonValue
+
+from broker.protocol import PendingRequest
+from host_poller.llm.types import Usage
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who a request belongs to and where it sits in its run, from the session's metadata."""
+
+    tenant_id: str
+    session_id: str
+    run_id: str | None
+    depth: int
+    """Depth of the call: the calling RLM's depth + 1."""
+    max_depth: int | None
+    """The run's max_depth; None when the session's metadata does not say (no sub-RLMs)."""
+    kind: str
+    """"llm" (plain completion) or "rlm" (rlm_query)."""
+
+    @property
+    def wants_sub_rlm(self) -> bool:
+        return self.kind == "rlm" and self.max_depth is not None and self.depth < self.max_depth
+
+
+class RunBudget(Protocol):
+    """The budgets of one run; raises `host_poller.poller.errors.BudgetExceeded` when spent."""
+
+    def admit(self, call: CallContext) -> None:
+        """Refuse the call if the run has no budget left for it."""
+        ...
+
+    def charge(
+        self,
+        call: CallContext,
+        usage: Usage,
+        *,
+        model: str | None = None,
+        latency_s: float | None = None,
+    ) -> None:
+        """Count a finished call's usage (and which model took how long) against the run."""
+        ...
+
+
+class BudgetLookup(Protocol):
+    def __call__(self, run_id: str) -> RunBudget | None:
+        """The budget of run `run_id`, or None when this process does not know the run."""
+        ...
+
+
+@dataclass(frozen=True)
+class SubRLMResult:
+    """What a sub-RLM answers an `rlm_query` with."""
+
+    response: str
+    usage: Usage
+    state: dict[str, JsonValue] | None = None
+
+
+class SubRLMRunner(Protocol):
+    async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
+        """Run a fresh sub-RLM for `request` (initial state `request.state`) to its answer."""
+        ...

@@ -1,0 +1,78 @@
+"""The poller's settings: one frozen object, built once at start from `RLM_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from host_poller.poller.errors import PollerConfigError
+
+
+class PollerSettings(BaseSettings):
+    """Every knob of `rlm poller`; each field's environment variable is `RLM_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
+
+    broker_url: str = Field(
+        "http://127.0.0.1:8080", description="Base URL of the broker (RLM_BROKER_URL)."
+    )
+    tenant_token: SecretStr | None = Field(
+        None, description="Tenant token: the poller answers this tenant's requests only."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Admin token: the poller answers every tenant (used when no tenant token).",
+    )
+    ledger_path: Path | None = Field(
+        None, description="SQLite usage ledger of every answered call (RLM_LEDGER_PATH)."
+    )
+    poller_concurrency: int = Field(
+        32, ge=1, le=10_000, description="Requests answered at once by this poller, all tenants."
+    )
+    poller_tenant_concurrency: int = Field(
+        16, ge=1, le=10_000, description="Requests of one tenant answered at once by this poller."
+    )
+    poller_wait_s: float = Field(
+        20.0, ge=0, le=120, description="Long-poll wait of each GET /pending."
+    )
+    poller_http_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of each broker call (long-polls get their wait on top)."
+    )
+    poller_respond_batch: int = Field(
+        64, ge=1, le=1024, description="Most answers posted in one POST /respond."
+    )
+    poller_respond_window_s: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="How long finished answers wait for company before one POST /respond.",
+    )
+    poller_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/stop(): how long in-flight calls may still finish."
+    )
+    poller_backoff_initial_s: float = Field(
+        0.1, gt=0, description="First wait before retrying an unreachable broker."
+    )
+    poller_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between retries of an unreachable broker."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PollerSettings:
+        if self.poller_tenant_concurrency > self.poller_concurrency:
+            # A per-tenant limit above the global one is meaningless; cap it, do not fail.
+            object.__setattr__(self, "poller_tenant_concurrency", self.poller_concurrency)
+        if self.poller_backoff_initial_s > self.poller_backoff_max_s:
+            raise ValueError(
+                "RLM_POLLER_BACKOFF_INITIAL_S must not exceed RLM_POLLER_BACKOFF_MAX_S"
+            )
+        return self
+
+    def token(self) -> SecretStr:
+        """The token to poll with: the tenant token if set, else the admin token."""
+        token = self.tenant_token or self.admin_token
+        if token is None:
+            raise PollerConfigError("set RLM_TENANT_TOKEN or RLM_ADMIN_TOKEN for the poller")
+        return token

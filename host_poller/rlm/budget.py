@@ -1,0 +1,237 @@
+"""Budgets of one RLM run, enforced on the host where model code cannot reach them.
+
+A `Budget` bounds a whole run, its sub-RLMs included: sub-calls, tokens, cost and wall time.
+Depth and iterations are bounded by the run's `max_depth` / `max_iterations` (the poller
+refuses calls beyond max_depth). A `RunTracker` counts one run; `RunBudgets` maps run ids to
+trackers, so that the poller (`host_poller.poller.hooks.BudgetLookup`) and the sub-RLMs of
+a run share the run's count within one process.
+
+What is charged where (so nothing is counted twice):
+- the root's and every sub-RLM's own root-model calls: by the RLM loop (`charge_root`);
+- plain sub-calls (`llm_query`): by the poller (`charge`);
+- an `rlm_query` answered by a sub-RLM: not again (`charge` ignores it), its parts are
+  already counted above.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from host_poller.llm.types import Usage
+from host_poller.poller.errors import BudgetExceeded
+from host_poller.poller.hooks import CallContext
+
+StopReason = Literal[
+    "final",
+    "max_iterations",
+    "budget_sub_calls",
+    "budget_tokens",
+    "budget_cost",
+    "budget_time",
+]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits of one run and all its sub-RLMs; None means unbounded."""
+
+    max_sub_calls: int | None = None
+    """llm_query / rlm_query calls (each prompt of a batch counts), all depths."""
+    max_tokens: int | None = None
+    """Input + output tokens of every LLM call of the run."""
+    max_cost_usd: float | None = None
+    max_seconds: float | None = None
+    """Wall clock of the whole run."""
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and value < 0:
+                raise ValueError(f"Budget.{name} must be >= 0, got {value}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any] | None) -> Budget:
+        data = data or {}
+        return cls(
+            **{
+                k: data[k]
+                for k in ("max_sub_calls", "max_tokens", "max_cost_usd", "max_seconds")
+                if data.get(k) is not None
+            }
+        )
+
+
+@dataclass
+class SubCallRecord:
+    """One answered sub-call, as the trajectory records it."""
+
+    depth: int
+    kind: str
+    model: str | None
+    usage: Usage
+    latency_s: float | None
+    at: float = field(default_factory=time.time)
+
+
+class RunTracker:
+    """Counts one run's sub-calls, tokens, cost and time; thread-safe.
+
+    Implements the poller's `RunBudget` protocol (`admit`, `charge`).
+    """
+
+    def __init__(self, run_id: str, budget: Budget, *, started: float | None = None) -> None:
+        self.run_id = run_id
+        self.budget = budget
+        self.started = started if started is not None else time.monotonic()
+        self._lock = threading.Lock()
+        self._usage = Usage()
+        self._by_key: dict[tuple[str, int], Usage] = {}
+        self._by_session: dict[str, Usage] = {}
+        self.sub_calls_admitted = 0
+        self.sub_calls_done = 0
+        self.sub_call_log: list[SubCallRecord] = []
+        self.on_sub_call: Callable[[SubCallRecord], None] | None = None
+        """Called after each charged sub-call (the run's trajectory writes it)."""
+        self.trajectory: Any = None
+        """The run's `TrajectoryWriter`, for sub-RLMs of this process to write into."""
+        self.refused: StopReason | None = None
+        """Set once a sub-call was refused: the run stops after the current execution."""
+
+    # the poller's side ---------------------------------------------------------------------
+
+    def admit(self, call: CallContext) -> None:
+        """Count one sub-call, or raise `BudgetExceeded` when the run has nothing left."""
+        with self._lock:
+            reason = self._exhausted_locked()
+            limit = self.budget.max_sub_calls
+            if reason is None and limit is not None and self.sub_calls_admitted >= limit:
+                reason = "budget_sub_calls"
+            if reason is not None:
+                self.refused = reason
+                raise BudgetExceeded(f"{_describe(reason, self.budget)} (run {self.run_id})")
+            self.sub_calls_admitted += 1
+
+    def charge(
+        self,
+        call: CallContext,
+        usage: Usage,
+        *,
+        model: str | None = None,
+        latency_s: float | None = None,
+    ) -> None:
+        """Count a finished sub-call; an rlm_query answered by a sub-RLM is already counted."""
+        record = SubCallRecord(call.depth, call.kind, model, usage, latency_s)
+        with self._lock:
+            self.sub_calls_done += 1
+            self.sub_call_log.append(record)
+            if not call.wants_sub_rlm:
+                self._add_locked(model or "sub-call", call.depth, usage)
+                previous = self._by_session.get(call.session_id, Usage())
+                self._by_session[call.session_id] = previous + usage
+        if self.on_sub_call is not None:
+            self.on_sub_call(record)
+
+    # the loop's side -----------------------------------------------------------------------
+
+    def charge_root(self, model: str, depth: int, usage: Usage) -> None:
+        """Count a call of an RLM's own (root) model at `depth`."""
+        with self._lock:
+            self._add_locked(model, depth, usage)
+
+    def exhausted(self) -> StopReason | None:
+        """The budget that is spent, or None; a refused sub-call counts as spent."""
+        with self._lock:
+            return self._exhausted_locked() or self.refused
+
+    @property
+    def usage(self) -> Usage:
+        with self._lock:
+            return self._usage
+
+    def usage_by(self) -> dict[tuple[str, int], Usage]:
+        """Usage per (model, depth)."""
+        with self._lock:
+            return dict(self._by_key)
+
+    def sub_call_usage(self, session_id: str) -> Usage:
+        """Usage of the plain sub-calls made by one broker session (one RLM's code)."""
+        with self._lock:
+            return self._by_session.get(session_id, Usage())
+
+    @property
+    def sub_calls_in_flight(self) -> int:
+        return max(0, self.sub_calls_admitted - self.sub_calls_done)
+
+    # plumbing ------------------------------------------------------------------------------
+
+    def _add_locked(self, model: str, depth: int, usage: Usage) -> None:
+        self._usage = self._usage + usage
+        key = (model, depth)
+        self._by_key[key] = self._by_key.get(key, Usage()) + usage
+
+    def _exhausted_locked(self) -> StopReason | None:
+        b = self.budget
+        if b.max_tokens is not None and self._usage.total_tokens >= b.max_tokens:
+            return "budget_tokens"
+        if b.max_cost_usd is not None and self._usage.cost_usd >= b.max_cost_usd:
+            return "budget_cost"
+        if b.max_seconds is not None and time.monotonic() - self.started >= b.max_seconds:
+            return "budget_time"
+        return None
+
+
+def _describe(reason: StopReason, budget: Budget) -> str:
+    return {
+        "budget_sub_calls": f"sub-call budget of {budget.max_sub_calls} calls spent",
+        "budget_tokens": f"token budget of {budget.max_tokens} tokens spent",
+        "budget_cost": f"cost budget of ${budget.max_cost_usd} spent",
+        "budget_time": f"time budget of {budget.max_seconds} s spent",
+    }.get(reason, reason)
+
+
+def describe_stop(reason: StopReason, budget: Budget) -> str:
+    """A sentence saying why a run stopped."""
+    if reason == "final":
+        return "the model gave its final answer"
+    if reason == "max_iterations":
+        return "max_iterations reached; the model was asked once more for its best answer"
+    return _describe(reason, budget)
+
+
+class RunBudgets:
+    """Trackers of the runs alive in this process, by run id (the poller's `BudgetLookup`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, RunTracker] = {}
+
+    def __call__(self, run_id: str) -> RunTracker | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def open(self, run_id: str, budget: Budget) -> tuple[RunTracker, bool]:
+        """The run's tracker, created if absent; True when this call created it."""
+        with self._lock:
+            tracker = self._runs.get(run_id)
+            if tracker is not None:
+                return tracker, False
+            tracker = self._runs[run_id] = RunTracker(run_id, budget)
+            return tracker, True
+
+    def release(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+
+#: The registry shared by the RLM loop and the poller within one process.
+default_run_budgets = RunBudgets()

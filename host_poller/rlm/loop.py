@@ -1,0 +1,235 @@
+"""The RLM loop of one session: ask the root model, run its code, feed the output back.
+
+Ends when the code calls FINAL / FINAL_VAR or readies the `answer` dict, when the reply has
+a FINAL(...) / FINAL_VAR(...) tag, when a budget is spent, or after `max_iterations` turns
+(then the model is asked once more for its best answer). Session set-up (broker session,
+environment) is the caller's: see `host_poller.rlm.session`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from host_poller.environments.base import Environment
+from host_poller.llm.errors import LLMError
+from host_poller.llm.ledger import UsageLedger
+from host_poller.llm.types import Completion, LLMClient, Message, Usage
+from host_poller.rlm import prompts
+from host_poller.rlm.budget import RunTracker, StopReason, describe_stop
+from host_poller.rlm.errors import RLMRunError
+from host_poller.rlm.parsing import code_blocks, final_tag
+from host_poller.rlm.trajectory import TrajectoryWriter
+from host_poller.rlm.types import CodeRun, Iteration
+from host_poller.settings import HostSettings
+from sandbox_runtime.protocol import ExecutionResult
+
+logger = logging.getLogger(__name__)
+
+#: Progress callback: (event name, fields), the same as the trajectory's lines.
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """Everything one session's loop uses; built by `host_poller.rlm.session`."""
+
+    run_id: str
+    depth: int
+    max_depth: int
+    max_iterations: int
+    settings: HostSettings
+    client: LLMClient
+    env: Environment
+    tracker: RunTracker
+    session_id: str
+    tenant_id: str | None = None
+    trajectory: TrajectoryWriter | None = None
+    ledger: UsageLedger | None = None
+    on_event: EventHook | None = None
+    request_id: str | None = None
+    """The rlm_query this session answers (sub-RLMs only)."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        fields = {"run_id": self.run_id, "depth": self.depth, **fields}
+        if self.request_id is not None:
+            fields["request_id"] = self.request_id
+        if self.trajectory is not None:
+            self.trajectory.write(event, **fields)
+        if self.on_event is not None:
+            self.on_event(event, fields)
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    answer: str | None
+    answer_source: str | None
+    stop_reason: StopReason
+    stop_detail: str
+    iterations: tuple[Iteration, ...]
+    root_usage: Usage
+
+
+class _Loop:
+    def __init__(self, ctx: LoopContext, query: str) -> None:
+        self.ctx = ctx
+        self.query = query
+        self.iterations: list[Iteration] = []
+        self.root_usage = Usage()
+
+    async def complete(self, messages: list[Message]) -> Completion:
+        ctx = self.ctx
+        try:
+            completion = await ctx.client.complete(messages)
+        except LLMError as exc:
+            path = ctx.trajectory.path if ctx.trajectory else None
+            ctx.emit("error", where="root_llm", error=str(exc))
+            raise RLMRunError(
+                f"root model failed: {exc}", run_id=ctx.run_id, trajectory_path=path
+            ) from exc
+        self.root_usage = self.root_usage + completion.usage
+        ctx.tracker.charge_root(completion.model, ctx.depth, completion.usage)
+        if ctx.ledger is not None:
+            ctx.ledger.record(
+                usage=completion.usage,
+                model=completion.model,
+                depth=ctx.depth,
+                tenant_id=ctx.tenant_id,
+                session_id=ctx.session_id,
+                run_id=ctx.run_id,
+            )
+        return completion
+
+    async def execute(self, code: str) -> ExecutionResult:
+        return await self.ctx.env.execute(code, timeout_s=self.ctx.settings.execution_timeout_s)
+
+    async def final_from_tag(self, reply: str) -> tuple[dict[str, Any] | None, CodeRun | None]:
+        tag = final_tag(reply)
+        if tag is None:
+            return None, None
+        if tag.kind == "FINAL":
+            return {"value": tag.argument, "source": "FINAL"}, None
+        # FINAL_VAR names a variable of the REPL: read it there.
+        code = f"FINAL_VAR({tag.argument!r})"
+        result = await self.execute(code)
+        return result.final, CodeRun(code, result)
+
+    def outcome(
+        self, answer: dict[str, Any] | None, reason: StopReason, detail: str | None = None
+    ) -> LoopOutcome:
+        return LoopOutcome(
+            answer=None if answer is None else str(answer.get("value")),
+            answer_source=None if answer is None else str(answer.get("source")),
+            stop_reason=reason,
+            stop_detail=detail or describe_stop(reason, self.ctx.tracker.budget),
+            iterations=tuple(self.iterations),
+            root_usage=self.root_usage,
+        )
+
+    async def run(self, context: str | list[str] | dict[str, Any]) -> LoopOutcome:
+        ctx = self.ctx
+        limit = ctx.settings.output_max_chars
+        messages: list[Message] = [
+            {
+                "role": "system",
+                "content": prompts.system_prompt(
+                    context, depth=ctx.depth, max_depth=ctx.max_depth, output_chars=limit
+                ),
+            },
+            {"role": "user", "content": prompts.first_prompt(self.query)},
+        ]
+        for index in range(ctx.max_iterations):
+            spent = ctx.tracker.exhausted()
+            if spent is not None:
+                return self.outcome(None, spent)
+            ctx.emit("iteration_start", index=index)
+            completion = await self.complete(messages)
+            runs: list[CodeRun] = []
+            final: dict[str, Any] | None = None
+            for code in code_blocks(completion.text):
+                result = await self.execute(code)
+                runs.append(CodeRun(code, result))
+                if result.final is not None:
+                    final = result.final
+                    break
+            if final is None:
+                final, tag_run = await self.final_from_tag(completion.text)
+                if tag_run is not None:
+                    runs.append(tag_run)
+            iteration = Iteration(
+                index=index,
+                response=completion.text,
+                code_runs=tuple(runs),
+                usage=completion.usage,
+                latency_s=completion.latency_s,
+                final=final,
+            )
+            self.iterations.append(iteration)
+            ctx.emit("iteration", **_iteration_fields(iteration, ctx.tracker))
+            if final is not None:
+                return self.outcome(final, "final")
+            spent = ctx.tracker.exhausted()
+            if spent is not None:
+                return self.outcome(None, spent)
+            messages += prompts.feedback_messages(
+                completion.text, [(r.code, r.result) for r in runs], self.query, limit
+            )
+        return await self.last_call(messages)
+
+    async def last_call(self, messages: list[Message]) -> LoopOutcome:
+        """After max_iterations: one more root call for the best answer, code not run."""
+        messages = [*messages, {"role": "user", "content": prompts.last_call_prompt(self.query)}]
+        self.ctx.emit("last_call")
+        completion = await self.complete(messages)
+        final, _ = await self.final_from_tag(completion.text)
+        if final is None or final.get("value") is None:
+            final = {"value": completion.text.strip(), "source": "forced"}
+        else:
+            final = {**final, "source": f"forced:{final.get('source')}"}
+        self.ctx.emit("last_call_reply", response=completion.text, usage=completion.usage.to_wire())
+        return self.outcome(final, "max_iterations")
+
+
+def _iteration_fields(iteration: Iteration, tracker: RunTracker) -> dict[str, Any]:
+    return {
+        "index": iteration.index,
+        "response": iteration.response,
+        "code": [
+            {
+                "code": run.code,
+                "stdout": run.result.stdout,
+                "stderr": run.result.stderr,
+                "error": run.result.error.model_dump() if run.result.error else None,
+                "final": run.result.final,
+                "duration_ms": round(run.result.duration_ms, 3),
+            }
+            for run in iteration.code_runs
+        ],
+        "usage": iteration.usage.to_wire(),
+        "latency_s": round(iteration.latency_s, 4),
+        "final": iteration.final,
+        "run_usage": tracker.usage.to_wire(),
+        "sub_calls": tracker.sub_calls_done,
+    }
+
+
+async def run_loop(
+    ctx: LoopContext, context: str | list[str] | dict[str, Any], query: str
+) -> LoopOutcome:
+    """Drive one session's loop to its end; the environment must hold `context` already."""
+    started = time.perf_counter()
+    outcome = await _Loop(ctx, query).run(context)
+    logger.info(
+        "rlm loop ended",
+        extra={
+            "run_id": ctx.run_id,
+            "depth": ctx.depth,
+            "stop_reason": outcome.stop_reason,
+            "iterations": len(outcome.iterations),
+            "wall_s": round(time.perf_counter() - started, 3),
+        },
+    )
+    return outcome

@@ -1,0 +1,148 @@
+"""What the root model is told: the system prompt, each turn's feedback, the last call.
+
+The scripted LLM's scenarios match two markers of the system prompt: the sentence
+"You are the root of a Recursive Language Model" and the line "depth: N" (N >= 1 for a
+sub-RLM). Keep both when editing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from host_poller.llm.types import Message
+from sandbox_runtime.protocol import ExecutionResult
+
+_MAX_LISTED_CHUNKS = 20
+
+_SYSTEM = """\
+You are the root of a Recursive Language Model (RLM): you answer a query about a context \
+that is too large to read at once, by writing Python code that runs in a REPL.
+depth: {depth}
+
+The REPL holds:
+- `context`: {context_info}
+- `llm_query(prompt, model=None) -> str`: ask a language model (it can read about \
+500,000 characters at once); use it on chunks of the context.
+- `llm_query_batched(prompts, model=None) -> list[str]`: many llm_query calls run in \
+parallel; answers come back in prompt order. Much faster than a loop of llm_query.
+- `rlm_query(prompt, model=None) -> str` and `rlm_query_batched(prompts)`: like llm_query, \
+but answered by a recursive RLM with its own REPL{rlm_note}.
+- `state`: a dict of JSON values shared with your sub-RLMs: they start from it, and what \
+they change is merged back when they return.
+- `SHOW_VARS()`: lists the variables you have defined.
+- `print(...)`: you see the output of your code, cut to {output_chars} characters.
+A failed llm_query raises LLMQueryError (it never returns an error text).
+Variables persist between code blocks.
+
+Write code in ```repl blocks, one or more per reply; you get their output back. Look at \
+the context before answering, split it into chunks, use the sub-LLMs, and build up the \
+answer in variables.
+
+When you are done, give the final answer in one of these ways:
+- call `FINAL(answer)` or `FINAL_VAR("variable_name")` in a ```repl block,
+- or set `answer["content"] = ...` and `answer["ready"] = True` in a ```repl block,
+- or write FINAL(your answer) or FINAL_VAR(variable_name) on its own line, outside code.
+Do not finish before you have actually looked at the context."""
+
+
+def describe_context(context: str | list[str] | dict[str, Any]) -> str:
+    """Type, total length and chunk lengths of `context`, for the system prompt."""
+    if isinstance(context, str):
+        return f"a str of {len(context):,} characters."
+    if isinstance(context, list):
+        lengths = [len(str(item)) for item in context]
+        listed = ", ".join(f"{n:,}" for n in lengths[:_MAX_LISTED_CHUNKS])
+        more = f", ... ({len(lengths) - _MAX_LISTED_CHUNKS} more)" if len(lengths) > 20 else ""
+        return (
+            f"a list of {len(context)} str chunks, {sum(lengths):,} characters in all; "
+            f"chunk lengths: [{listed}{more}]."
+        )
+    keys = list(context)
+    lengths = [len(str(context[k])) for k in keys]
+    listed = ", ".join(f"{k!r}: {n:,}" for k, n in list(zip(keys, lengths, strict=True))[:20])
+    more = f", ... ({len(keys) - _MAX_LISTED_CHUNKS} more)" if len(keys) > 20 else ""
+    return (
+        f"a dict of {len(keys)} keys, {sum(lengths):,} characters of values in all; "
+        f"value lengths: {{{listed}{more}}}."
+    )
+
+
+def system_prompt(
+    context: str | list[str] | dict[str, Any], *, depth: int, max_depth: int, output_chars: int
+) -> str:
+    recursive = depth + 1 < max_depth
+    rlm_note = "" if recursive else " (at this depth it is a plain llm_query)"
+    return _SYSTEM.format(
+        depth=depth,
+        context_info=describe_context(context),
+        rlm_note=rlm_note,
+        output_chars=f"{output_chars:,}",
+    )
+
+
+def first_prompt(query: str) -> str:
+    return (
+        f'The query: "{query}"\n\n'
+        "You have not looked at the context yet. Start by exploring it in a ```repl block. "
+        "Your next action:"
+    )
+
+
+def next_prompt(query: str) -> str:
+    return (
+        f'Continue with the query: "{query}". Use the REPL and sub-LLMs as needed, and '
+        "finish with FINAL(...) or FINAL_VAR(...) once you have the answer. Your next action:"
+    )
+
+
+def no_code_prompt(query: str) -> str:
+    return (
+        "Your reply had no ```repl block and no FINAL(...). Write code in a ```repl block, "
+        "or give the final answer.\n\n" + next_prompt(query)
+    )
+
+
+def last_call_prompt(query: str) -> str:
+    return (
+        "You have used all your iterations. Give your best final answer to the query "
+        f'"{query}" now, as FINAL(your answer) on its own line, using what you found so far.'
+    )
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit:,} more characters cut ...]"
+
+
+def format_execution(code: str, result: ExecutionResult, limit: int) -> str:
+    """One code block's feedback: the code, then its output (truncated), then its error."""
+    parts = [result.stdout]
+    if result.stderr:
+        parts.append(result.stderr)
+    if result.error is not None:
+        parts.append(result.error.traceback or f"{result.error.type}: {result.error.message}")
+    if result.state_lost:
+        parts.append("[the sandbox was restarted: variables were lost]")
+    output = "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts).rstrip("\n")
+    return (
+        f"Code executed:\n```python\n{code}\n```\n\n"
+        f"REPL output:\n{truncate(output, limit) if output else '(no output)'}"
+    )
+
+
+def feedback_messages(
+    reply: str, runs: Sequence[tuple[str, ExecutionResult]], query: str, limit: int
+) -> list[Message]:
+    """The assistant reply and the user turn that answers it."""
+    if not runs:
+        return [
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": no_code_prompt(query)},
+        ]
+    blocks = "\n\n".join(format_execution(code, result, limit) for code, result in runs)
+    return [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": f"{blocks}\n\n{next_prompt(query)}"},
+    ]

@@ -1,0 +1,155 @@
+"""One RLM session end to end: a broker session, an environment, the loop, the clean-up.
+
+Shared by the root run (`RLM.acompletion`) and the sub-RLMs the poller starts. The broker
+session's metadata carries what the poller needs to route and bound the session's calls:
+{"run_id", "depth", "max_depth", "max_iterations", "budget", "environment"[, "sub_model",
+"parent_request_id"]}.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import JsonValue
+
+from broker.client import BrokerClient
+from broker.errors import ClientError
+from host_poller.environments.base import EnvironmentSpec, create_environment
+from host_poller.environments.errors import ExecutionEnvironmentError
+from host_poller.llm.ledger import UsageLedger
+from host_poller.llm.types import LLMClient
+from host_poller.rlm.budget import RunTracker
+from host_poller.rlm.errors import RLMConfigError, RLMRunError
+from host_poller.rlm.loop import EventHook, LoopContext, LoopOutcome, run_loop
+from host_poller.rlm.trajectory import TrajectoryWriter
+from host_poller.settings import HostSettings
+from sandbox_runtime.protocol import Limits
+
+logger = logging.getLogger(__name__)
+
+Context = str | list[str] | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """Where one session sits in its run."""
+
+    run_id: str
+    depth: int
+    max_depth: int
+    max_iterations: int
+    environment: str
+    state: dict[str, JsonValue] | None = None
+    request_id: str | None = None
+    sub_model: str | None = None
+    extra_metadata: dict[str, JsonValue] = field(default_factory=dict)
+
+    def metadata(self, tracker: RunTracker) -> dict[str, JsonValue]:
+        meta: dict[str, JsonValue] = {
+            "run_id": self.run_id,
+            "depth": self.depth,
+            "max_depth": self.max_depth,
+            "max_iterations": self.max_iterations,
+            "budget": tracker.budget.to_wire(),
+            "environment": self.environment,
+            **self.extra_metadata,
+        }
+        if self.sub_model is not None:
+            meta["sub_model"] = self.sub_model
+        if self.request_id is not None:
+            meta["parent_request_id"] = self.request_id
+        return meta
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    loop: LoopOutcome
+    final_state: dict[str, JsonValue]
+    session_id: str
+
+
+def validate_context(context: Any) -> Context:
+    """Accept str, list of str, or dict with str keys; anything else is a config error."""
+    if isinstance(context, str):
+        return context
+    if isinstance(context, list) and all(isinstance(c, str) for c in context):
+        return context
+    if isinstance(context, dict) and all(isinstance(k, str) for k in context):
+        return context
+    raise RLMConfigError("context must be a str, a list of str, or a dict with str keys")
+
+
+async def run_session(
+    *,
+    settings: HostSettings,
+    broker: BrokerClient,
+    client: LLMClient,
+    tracker: RunTracker,
+    plan: SessionPlan,
+    context: Context,
+    query: str,
+    trajectory: TrajectoryWriter | None = None,
+    ledger: UsageLedger | None = None,
+    on_event: EventHook | None = None,
+) -> SessionOutcome:
+    """Open a broker session and an environment, run the loop, close both."""
+    if settings.broker_url is None:
+        raise RLMConfigError("no broker URL: set RLM_BROKER_URL (or start a local stack)")
+    path = trajectory.path if trajectory is not None else None
+    try:
+        created = await broker.create_session(
+            ttl_s=settings.session_ttl_s, metadata=plan.metadata(tracker)
+        )
+    except ClientError as exc:
+        raise RLMRunError(
+            f"could not open a broker session: {exc}", run_id=plan.run_id, trajectory_path=path
+        ) from exc
+    env = create_environment(plan.environment, settings)
+    try:
+        await env.start(
+            EnvironmentSpec(
+                broker_url=settings.broker_url,
+                session_token=created.token,
+                depth=plan.depth,
+                max_depth=plan.max_depth,
+                limits=Limits(timeout_s=settings.execution_timeout_s),
+                state=plan.state,
+            )
+        )
+        await env.load_context(context)
+        ctx = LoopContext(
+            run_id=plan.run_id,
+            depth=plan.depth,
+            max_depth=plan.max_depth,
+            max_iterations=plan.max_iterations,
+            settings=settings,
+            client=client,
+            env=env,
+            tracker=tracker,
+            session_id=created.session_id,
+            trajectory=trajectory,
+            ledger=ledger,
+            on_event=on_event,
+            request_id=plan.request_id,
+        )
+        outcome = await run_loop(ctx, context, query)
+        final_state = await env.get_state()
+    except ExecutionEnvironmentError as exc:
+        raise RLMRunError(
+            f"environment {plan.environment!r} failed: {exc}",
+            run_id=plan.run_id,
+            trajectory_path=path,
+        ) from exc
+    finally:
+        await env.aclose()
+        try:
+            await broker.delete_session(created.session_id)
+        except ClientError as exc:
+            # The session expires on its own; a failed delete only keeps it a little longer.
+            logger.warning(
+                "broker session not deleted",
+                extra={"session_id": created.session_id, "error": str(exc)},
+            )
+    return SessionOutcome(outcome, final_state, created.session_id)

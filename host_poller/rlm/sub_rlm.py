@@ -1,0 +1,128 @@
+"""Sub-RLMs: how the poller answers an `rlm_query` with a fresh RLM session at depth + 1.
+
+The child's context is the rlm_query prompt, its initial `state` the caller's (sent with
+the request); it answers with its final answer, its usage, and the keys of `state` it
+added or changed (the caller merges them; see docs/state.md). The child shares its run's
+budget and trajectory when the run lives in this process, else it opens its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import JsonValue
+
+from broker.client import BrokerClient
+from broker.protocol import PendingRequest
+from host_poller.llm.ledger import UsageLedger
+from host_poller.llm.types import LLMClient
+from host_poller.poller.errors import BudgetExceeded, SubRLMFailed
+from host_poller.poller.hooks import CallContext, SubRLMResult
+from host_poller.rlm.budget import Budget, RunBudgets, default_run_budgets
+from host_poller.rlm.errors import RLMError
+from host_poller.rlm.loop import EventHook
+from host_poller.rlm.session import SessionPlan, run_session
+from host_poller.rlm.trajectory import TrajectoryWriter
+from host_poller.settings import HostSettings
+from sandbox_runtime.exec_script import changed_keys
+
+logger = logging.getLogger(__name__)
+
+SUB_RLM_QUERY = (
+    "Do what the prompt in `context` asks (it is the request of the RLM that called you) and "
+    "give its answer."
+)
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def prompt_text(request: PendingRequest) -> str:
+    """The child's context: the prompt, or the messages as "role: content" paragraphs."""
+    if request.prompt is not None:
+        return request.prompt
+    return "\n\n".join(f"{m.role}: {m.content}" for m in request.messages or [])
+
+
+class SubRLMRunner:
+    """The poller's `SubRLMRunner`: runs an rlm_query as a sub-RLM session.
+
+    `broker` holds a tenant token (it opens the child's broker session); `client_for`
+    gives the child's root model for the request's `model` (the poller's
+    `ModelRouter.client`).
+    """
+
+    def __init__(
+        self,
+        settings: HostSettings,
+        broker: BrokerClient,
+        client_for: Callable[[str | None], LLMClient],
+        *,
+        budgets: RunBudgets | None = None,
+        ledger: UsageLedger | None = None,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.client_for = client_for
+        self.budgets = budgets if budgets is not None else default_run_budgets
+        self.ledger = ledger
+        self.on_event = on_event
+
+    async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
+        meta = request.metadata or {}
+        run_id = call.run_id or uuid.uuid4().hex
+        budget_wire = meta.get("budget")
+        budget = Budget.from_wire(budget_wire if isinstance(budget_wire, dict) else None)
+        tracker, created = self.budgets.open(run_id, budget)
+        trajectory: TrajectoryWriter | None = tracker.trajectory
+        own_trajectory = trajectory is None
+        if trajectory is None:
+            name = f"{run_id}.d{call.depth}.{request.id}.jsonl"
+            trajectory = TrajectoryWriter(self.settings.trajectory_dir / name)
+        environment = meta.get("environment")
+        sub_model = meta.get("sub_model")
+        plan = SessionPlan(
+            run_id=run_id,
+            depth=call.depth,
+            max_depth=call.max_depth if call.max_depth is not None else self.settings.max_depth,
+            max_iterations=_int(meta.get("max_iterations"), self.settings.max_iterations),
+            environment=environment if isinstance(environment, str) else self.settings.environment,
+            state=dict(request.state or {}),
+            request_id=request.id,
+            sub_model=sub_model if isinstance(sub_model, str) else None,
+        )
+        initial: dict[str, JsonValue] = dict(request.state or {})
+        try:
+            session = await run_session(
+                settings=self.settings,
+                broker=self.broker,
+                client=self.client_for(request.model),
+                tracker=tracker,
+                plan=plan,
+                context=prompt_text(request),
+                query=SUB_RLM_QUERY,
+                trajectory=trajectory,
+                ledger=self.ledger,
+                on_event=self.on_event,
+            )
+        except RLMError as exc:
+            raise SubRLMFailed(f"sub-RLM at depth {call.depth} failed: {exc}") from exc
+        finally:
+            if created:
+                self.budgets.release(run_id)
+            if own_trajectory:
+                trajectory.close()
+        loop = session.loop
+        if loop.answer is None:
+            raise BudgetExceeded(f"sub-RLM at depth {call.depth} stopped: {loop.stop_detail}")
+        usage = loop.root_usage + tracker.sub_call_usage(session.session_id)
+        return SubRLMResult(
+            response=loop.answer,
+            usage=usage,
+            state=changed_keys(initial, session.final_state),
+        )

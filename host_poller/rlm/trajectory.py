@@ -1,0 +1,58 @@
+"""The JSONL trajectory of a run: one JSON object per line, one event each.
+
+Events: `run_start`, `iteration` (reply, code, outputs, usage, latency), `sub_call`
+(depth, kind, model, usage, latency), `run_end` (answer, stop reason, usage). Every event
+carries `run_id`, `depth` and `t` (Unix time); sub-RLMs running in the same process write
+into their run's file, so one file replays the whole tree. No secret is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+
+class TrajectoryWriter:
+    """Appends events to one JSONL file; thread-safe; each line is flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file: TextIO | None = path.open("a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "t": round(time.time(), 6), **fields}
+        line = json.dumps(record, default=str, ensure_ascii=False)
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def read_trajectory(path: Path) -> list[dict[str, Any]]:
+    """All events of a trajectory file, in order."""
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,61 @@
+"""The host side's settings for RLM runs: one frozen object, built once at start from `RLM_*`.
+
+LLM profiles live in `host_poller.llm.LLMSettings` and the poller's knobs in
+`host_poller.poller.settings.PollerSettings`; both read the same environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class HostSettings(BaseSettings):
+    """How an RLM run reaches the broker and runs code; each field's variable is `RLM_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
+
+    broker_url: str | None = Field(
+        None,
+        description="Base URL of the broker (RLM_BROKER_URL). Unset: `rlm ask` starts an "
+        "embedded stack (Redis, broker, poller) in-process.",
+    )
+    tenant_token: SecretStr | None = Field(
+        None, description="Tenant token the RLM creates its broker sessions with."
+    )
+    environment: str = Field(
+        "pyodide", description="Where model code runs: pyodide, remote, or local (trusted only)."
+    )
+    runtime_url: str | None = Field(
+        None, description="Base URL of the `rlm sandbox` runtime (pyodide/remote environments)."
+    )
+    runtime_token: SecretStr | None = Field(
+        None, description="Bearer token of the sandbox runtime."
+    )
+    trajectory_dir: Path = Field(
+        Path(".rlm/trajectories"), description="Directory of the JSONL trajectory of each run."
+    )
+    max_depth: int = Field(
+        1, ge=0, le=16, description="Recursion depth: 1 = sub-calls are plain LLM calls."
+    )
+    max_iterations: int = Field(20, ge=1, le=1000, description="Root turns before a forced answer.")
+    output_max_chars: int = Field(
+        20_000, ge=100, description="Execution output fed back to the model is cut to this."
+    )
+    execution_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Wall clock of one code execution."
+    )
+    state_max_bytes: int = Field(
+        1_000_000, ge=1024, description="Bound on the shared `state` dict as JSON."
+    )
+    broker_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of each broker HTTP call (long-polls add their wait)."
+    )
+    broker_wait_s: float = Field(
+        20.0, gt=0, le=120, description="Long-poll wait of /enqueue and /requests in the REPL."
+    )
+    session_ttl_s: int = Field(
+        6 * 3600, gt=0, description="Lifetime of the broker session token of one RLM run."
+    )

@@ -1,0 +1,472 @@
+"""The local stack: everything rlm-broker needs on one machine, in this process.
+
+    Redis (embedded unless RLM_REDIS_URL) -> broker (uvicorn, free or fixed port)
+    -> admin token + one tenant -> scripted LLM (unless a provider is configured) -> poller
+
+Used by `rlm up`, `rlm ask` (with no broker configured) and tests. The parts are a list of
+`StackComponent`s started in order and stopped in reverse, so another component (the sandbox
+runtime) joins by being added to the list. `LocalStack` is an async context manager.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+import uvicorn
+from pydantic import SecretStr
+
+from broker.client import BrokerClient
+from broker.redis_server import RedisServer
+from broker.settings import BrokerSettings
+from host_poller.llm.profiles import LLMSettings
+from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
+from host_poller.poller.poller import Poller
+from host_poller.poller.settings import PollerSettings
+
+logger = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 20.0
+_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What to start. Unset settings objects are read from the environment at start."""
+
+    host: str = "127.0.0.1"
+    broker_port: int = 0
+    """0 picks a free port."""
+    redis_url: str | None = None
+    """None: the broker settings' RLM_REDIS_URL, else an embedded Redis."""
+    scenario: str = "count_words"
+    """Scenario of the scripted LLM, used when no LLM provider is configured."""
+    tenant_name: str = "local"
+    env_file: Path | None = None
+    """Where `rlm up` writes URLs and tokens (mode 0600); removed at stop."""
+    broker_settings: BrokerSettings | None = None
+    llm_settings: LLMSettings | None = None
+    poller_settings: PollerSettings | None = None
+
+
+class StackComponent(abc.ABC):
+    """One part of the stack: reads what earlier parts set on the stack, adds its own."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self, stack: LocalStack) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop; called only after a successful `start`."""
+
+
+class LocalStack:
+    """The running stack; its attributes are set by the components as they start."""
+
+    def __init__(
+        self,
+        config: StackConfig | None = None,
+        components: Sequence[StackComponent] | None = None,
+    ) -> None:
+        self.config = config or StackConfig()
+        self.components = list(components) if components is not None else default_components()
+        self.urls: dict[str, str] = {}
+        """Name -> URL of each service (redis, broker, llm, ...), for display."""
+        self.redis_url = ""
+        self.broker_url = ""
+        self.admin_token = ""
+        self.tenant_id = ""
+        self.tenant_token = ""
+        self.llm_settings: LLMSettings | None = None
+        self.scripted_llm = False
+        self.poller: Poller | None = None
+        self.runtime_url = ""
+        """The sandbox runtime's URL and bearer token, when the stack runs one."""
+        self.runtime_token = ""
+        self._started: list[StackComponent] = []
+
+    def component(self, name: str) -> StackComponent:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise KeyError(name)
+
+    async def start(self) -> LocalStack:
+        try:
+            for component in self.components:
+                await component.start(self)
+                self._started.append(component)
+                logger.debug("stack component started", extra={"component": component.name})
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def stop(self) -> None:
+        while self._started:
+            component = self._started.pop()
+            try:
+                await component.stop()
+            except Exception:  # stop the others whatever one of them does
+                logger.exception(
+                    "stack component failed to stop", extra={"component": component.name}
+                )
+
+    async def __aenter__(self) -> LocalStack:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def environ(self) -> dict[str, str]:
+        """The variables that point `rlm ask` / `rlm poller` / clients at this stack."""
+        return {
+            "RLM_BROKER_URL": self.broker_url,
+            "RLM_TENANT_TOKEN": self.tenant_token,
+            "RLM_ADMIN_TOKEN": self.admin_token,
+            "RLM_REDIS_URL": self.redis_url,
+            **(
+                {"RLM_RUNTIME_URL": self.runtime_url, "RLM_RUNTIME_TOKEN": self.runtime_token}
+                if self.runtime_url
+                else {}
+            ),
+        }
+
+    def admin_client(self, **kwargs: Any) -> BrokerClient:
+        return BrokerClient(self.broker_url, self.admin_token, **kwargs)
+
+    def tenant_client(self, **kwargs: Any) -> BrokerClient:
+        return BrokerClient(self.broker_url, self.tenant_token, **kwargs)
+
+
+# --- an ASGI app on uvicorn, inside the running event loop ----------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the stack's owner handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class UvicornService:
+    """An ASGI app served by uvicorn as a task of the current event loop."""
+
+    def __init__(self, config: uvicorn.Config, *, name: str = "app") -> None:
+        self.host = config.host
+        self.port = config.port
+        self.name = name
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> UvicornService:
+        self._task = asyncio.create_task(self._server.serve(), name=f"uvicorn-{self.name}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_TIMEOUT_S
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError(f"{self.name} server exited during start-up")
+            if loop.time() > deadline:
+                await self.stop()
+                raise RuntimeError(f"{self.name} server did not start in time")
+            await asyncio.sleep(0.01)
+        for server in self._server.servers:
+            for sock in server.sockets:
+                self.port = int(sock.getsockname()[1])
+                return self
+        return self
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=_STOP_TIMEOUT_S)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+
+
+# --- the components -------------------------------------------------------------------------
+
+
+class RedisComponent(StackComponent):
+    """A Redis for the broker: the configured one, else an embedded server."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self._server: RedisServer | None = None
+
+    async def start(self, stack: LocalStack) -> None:
+        url = stack.config.redis_url or _broker_settings(stack).redis_url
+        if url is None:
+            self._server = await asyncio.to_thread(RedisServer().start)
+            url = self._server.url
+        stack.redis_url = url
+        stack.urls["redis"] = url
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._server = None
+
+
+class BrokerComponent(StackComponent):
+    """The broker on uvicorn, with a fresh admin token."""
+
+    name = "broker"
+
+    def __init__(self) -> None:
+        self.service: UvicornService | None = None
+
+    async def start(self, stack: LocalStack) -> None:
+        from broker.app import create_app
+        from broker.serve import uvicorn_config
+
+        stack.admin_token = secrets.token_urlsafe(32)
+        settings = _broker_settings(stack).model_copy(
+            update={"redis_url": stack.redis_url, "admin_token": SecretStr(stack.admin_token)}
+        )
+        config = uvicorn_config(create_app(settings), stack.config.host, stack.config.broker_port)
+        self.service = UvicornService(config, name="broker")
+        await self.service.start()
+        stack.broker_url = self.service.url
+        stack.urls["broker"] = self.service.url
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
+
+
+class TenantComponent(StackComponent):
+    """Creates the stack's tenant with the admin token."""
+
+    name = "tenant"
+
+    async def start(self, stack: LocalStack) -> None:
+        async with stack.admin_client(timeout_s=10.0) as admin:
+            created = await admin.create_tenant(stack.config.tenant_name)
+        stack.tenant_id = created.tenant_id
+        stack.tenant_token = created.token
+
+    async def stop(self) -> None:
+        """Nothing to undo: the tenant lives as long as its Redis."""
+
+
+class ScriptedLLMComponent(StackComponent):
+    """The configured LLM profiles; without any, the scripted LLM on a free port."""
+
+    name = "llm"
+
+    def __init__(self) -> None:
+        self._server: Any = None
+
+    async def start(self, stack: LocalStack) -> None:
+        configured = stack.config.llm_settings or LLMSettings()
+        if configured.is_configured:
+            stack.llm_settings = configured
+            stack.urls["llm"] = configured.sub().base_url
+            return
+        from host_poller.fake_llm import FakeLLMServer, scripted_profiles
+
+        self._server = await asyncio.to_thread(FakeLLMServer(stack.config.scenario).start)
+        root, sub = scripted_profiles(self._server.base_url)
+        stack.llm_settings = LLMSettings(
+            llm_profiles=(root, sub), root_profile=root.name, sub_profile=sub.name
+        )
+        stack.scripted_llm = True
+        stack.urls["llm"] = self._server.base_url
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._server = None
+
+
+class PollerComponent(StackComponent):
+    """A poller with the admin token, so it answers every tenant of this stack."""
+
+    name = "poller"
+
+    def __init__(
+        self, *, budgets: BudgetLookup | None = None, sub_rlm: SubRLMRunner | None = None
+    ) -> None:
+        self.budgets = budgets
+        self.sub_rlm = sub_rlm
+        self._exit: contextlib.AsyncExitStack | None = None
+        self._poller: Poller | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, stack: LocalStack) -> None:
+        from host_poller.poller.serve import open_poller
+
+        if stack.llm_settings is None:
+            raise RuntimeError("the poller component needs the llm component before it")
+        base = stack.config.poller_settings or PollerSettings()
+        settings = base.model_copy(
+            update={"broker_url": stack.broker_url, "tenant_token": None,
+                    "admin_token": SecretStr(stack.admin_token)}
+        )  # fmt: skip
+        self._exit = contextlib.AsyncExitStack()
+        poller = await self._exit.enter_async_context(
+            open_poller(settings, stack.llm_settings, budgets=self.budgets, sub_rlm=self.sub_rlm)
+        )
+        self._poller = stack.poller = poller
+        self._task = asyncio.create_task(poller.run(), name="stack-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None and self._poller is not None:
+            # `run()` stops leasing, finishes in-flight calls within the grace, posts answers.
+            self._poller.request_stop()
+            await self._task
+            self._task = None
+        if self._exit is not None:
+            await self._exit.aclose()
+            self._exit = None
+
+
+# --- the sandbox runtime (`rlm sandbox`, for the pyodide and remote environments) -------------
+
+
+class SandboxRuntimeComponent(StackComponent):
+    """The sandbox runtime on uvicorn with a fresh bearer token (RLM_SANDBOX_* settings)."""
+
+    name = "sandbox"
+
+    def __init__(self) -> None:
+        self.service: UvicornService | None = None
+
+    async def start(self, stack: LocalStack) -> None:
+        from sandbox_runtime.service.app import create_app
+        from sandbox_runtime.service.serve import uvicorn_config
+        from sandbox_runtime.service.settings import RuntimeSettings
+
+        token = secrets.token_urlsafe(32)
+        settings = RuntimeSettings().model_copy(
+            update={"host": stack.config.host, "port": 0, "token": SecretStr(token)}
+        )
+        config = uvicorn_config(create_app(settings), settings)
+        self.service = UvicornService(config, name="sandbox")
+        await self.service.start()
+        stack.runtime_url, stack.runtime_token = self.service.url, token
+        stack.urls["sandbox"] = self.service.url
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
+
+
+def default_components(
+    *,
+    poller: bool = True,
+    budgets: BudgetLookup | None = None,
+    sub_rlm: SubRLMRunner | None = None,
+    sandbox: bool = True,
+) -> list[StackComponent]:
+    """Redis, broker, tenant, LLM, (unless `sandbox=False`) the sandbox runtime and (unless
+    `poller=False`) a poller, in start order."""
+    components: list[StackComponent] = [
+        RedisComponent(),
+        BrokerComponent(),
+        TenantComponent(),
+        ScriptedLLMComponent(),
+    ]
+    if sandbox:
+        components.append(SandboxRuntimeComponent())
+    if poller:
+        components.append(PollerComponent(budgets=budgets, sub_rlm=sub_rlm))
+    return components
+
+
+def _broker_settings(stack: LocalStack) -> BrokerSettings:
+    return stack.config.broker_settings or BrokerSettings()
+
+
+# --- `rlm up` ----------------------------------------------------------------------------------
+
+
+def write_env_file(path: Path, variables: dict[str, str]) -> None:
+    """Write `NAME=value` lines readable by the owner only (they hold tokens)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode otherwise
+        handle.writelines(f"{name}={value}\n" for name, value in variables.items())
+
+
+def describe(stack: LocalStack, env_file: Path | None) -> list[str]:
+    """What `rlm up` prints: the URLs and how to use them; never a token."""
+    lines = ["rlm stack is up"]
+    lines += [f"  {name:<8} {url}" for name, url in stack.urls.items()]
+    if stack.scripted_llm:
+        lines.append(
+            f"  the LLM is the scripted one (scenario {stack.config.scenario!r}); "
+            "configure RLM_LLM_PROFILES for a real provider"
+        )
+    if env_file is not None:
+        lines += [
+            f"  tokens   written to {env_file} (mode 0600, removed at stop)",
+            "use it from another shell:",
+            f"  set -a; . {env_file}; set +a",
+            '  rlm ask --context FILE "question"',
+        ]
+    lines.append("stop with Ctrl+C (SIGINT) or SIGTERM")
+    return lines
+
+
+async def run_until_signal(
+    config: StackConfig,
+    *,
+    announce: Callable[[str], None] = print,
+    components: Sequence[StackComponent] | None = None,
+) -> None:
+    """Start the stack, announce it, and keep it up until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with LocalStack(config, components) as stack:
+            if config.env_file is not None:
+                write_env_file(config.env_file, stack.environ())
+            try:
+                for line in describe(stack, config.env_file):
+                    announce(line)
+                await stop.wait()
+                logger.info("stack stopping")
+            finally:
+                if config.env_file is not None:
+                    config.env_file.unlink(missing_ok=True)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,156 @@
+// Deno host of one sandbox: loads Pyodide (from the memory snapshot when given), imports the
+// guest package, then serves framed requests from the supervisor over dedicated pipe fds
+// (stdio can turn non-blocking and break synchronous reads). A frame is two big-endian u32
+// (header length, payload length), a JSON header and raw payload bytes.
+//
+// Argument: one JSON object {pyodide_dir, guest_dir, snapshot_path, make_snapshot, fd_in,
+// fd_out, fd_int, state_bytes}. Permissions come from the command line; this script needs
+// read access to the Pyodide and guest directories, the snapshot file and the pipes, and write
+// access to the output pipe only.
+
+const config = JSON.parse(Deno.args[0]);
+const input = Deno.openSync(`/dev/fd/${config.fd_in}`, { read: true });
+const output = Deno.openSync(`/dev/fd/${config.fd_out}`, { write: true });
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const EXIT_PROTOCOL = 65;
+const EXIT_FATAL = 70;
+
+function readExact(length) {
+  const buffer = new Uint8Array(length);
+  let got = 0;
+  while (got < length) {
+    const n = input.readSync(buffer.subarray(got));
+    if (n === null || n === 0) return null;
+    got += n;
+  }
+  return buffer;
+}
+
+function readFrame() {
+  const prefix = readExact(8);
+  if (prefix === null) return null;
+  const view = new DataView(prefix.buffer);
+  const header = readExact(view.getUint32(0, false));
+  const payloadLength = view.getUint32(4, false);
+  const payload = payloadLength ? readExact(payloadLength) : new Uint8Array(0);
+  if (header === null || payload === null) return null;
+  return { header: decoder.decode(header), payload };
+}
+
+function writeAll(bytes) {
+  let sent = 0;
+  while (sent < bytes.length) sent += output.writeSync(bytes.subarray(sent));
+}
+
+function writeFrame(header, payload) {
+  const headerBytes = encoder.encode(typeof header === "string" ? header : JSON.stringify(header));
+  const body = payload ?? new Uint8Array(0);
+  const prefix = new Uint8Array(8);
+  const view = new DataView(prefix.buffer);
+  view.setUint32(0, headerBytes.length, false);
+  view.setUint32(4, body.length, false);
+  writeAll(prefix);
+  writeAll(headerBytes);
+  if (body.length) writeAll(body);
+}
+
+function loadGuest(pyodide) {
+  const target = "/rlm/rlm_guest";
+  pyodide.FS.mkdirTree(target);
+  for (const entry of Deno.readDirSync(config.guest_dir)) {
+    if (entry.isFile && entry.name.endsWith(".py")) {
+      pyodide.FS.writeFile(`${target}/${entry.name}`, Deno.readFileSync(`${config.guest_dir}/${entry.name}`));
+    }
+  }
+  pyodide.runPython("import sys\nif '/rlm' not in sys.path: sys.path.insert(0, '/rlm')\nimport rlm_guest.runtime");
+}
+
+const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
+const quiet = () => {};
+const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
+if (config.snapshot_path) options._loadSnapshot = Deno.readFileSync(config.snapshot_path);
+if (config.make_snapshot) options._makeSnapshot = true;
+const pyodide = await loadPyodide(options);
+const discard = { write: (bytes) => bytes.length };
+pyodide.setStdout(discard);
+pyodide.setStderr(discard);
+loadGuest(pyodide);
+
+if (config.make_snapshot) {
+  writeFrame({ op: "snapshot_made", pyodide_version: version }, pyodide.makeMemorySnapshot());
+  Deno.exit(0);
+}
+
+const flags = new Int32Array(new SharedArrayBuffer(8)); // [0] pending signal, [1] running seq
+pyodide.setInterruptBuffer(flags);
+const watcher = new Worker(new URL("./interrupt_worker.mjs", import.meta.url).href, { type: "module" });
+await new Promise((resolve, reject) => {
+  watcher.onmessage = resolve;
+  watcher.onerror = reject;
+  watcher.postMessage({ sab: flags.buffer, path: `/dev/fd/${config.fd_int}` });
+});
+
+const memoryBytes = () => pyodide._module.HEAP8.buffer.byteLength;
+const host = {
+  call(headerJson) {
+    writeFrame(headerJson);
+    const frame = readFrame();
+    if (frame === null) Deno.exit(0);
+    return frame.header;
+  },
+  reply(headerJson, payload) {
+    if (payload === undefined || payload === null) {
+      writeFrame(headerJson);
+      return;
+    }
+    const buffer = payload.getBuffer("u8");
+    try {
+      writeFrame(headerJson, buffer.data);
+    } finally {
+      buffer.release();
+    }
+  },
+  memory_bytes: memoryBytes,
+  sleep(ms) {
+    Atomics.wait(flags, 0, 0, ms);
+    return Atomics.load(flags, 0) !== 0;
+  },
+  clear_interrupt() {
+    Atomics.store(flags, 0, 0);
+  },
+};
+const runtime = pyodide.pyimport("rlm_guest.runtime");
+runtime.install(host, config.state_bytes);
+const dispatch = runtime.dispatch;
+writeFrame({ op: "ready", pyodide_version: version, memory_bytes: memoryBytes() });
+
+for (;;) {
+  const frame = readFrame();
+  if (frame === null) break;
+  let header;
+  try {
+    header = JSON.parse(frame.header);
+  } catch {
+    Deno.exit(EXIT_PROTOCOL);
+  }
+  if (header.op === "exit") break;
+  Atomics.store(flags, 0, 0);
+  Atomics.store(flags, 1, header.seq ?? 0);
+  try {
+    dispatch(frame.header, frame.payload.length ? frame.payload : undefined);
+  } catch (error) {
+    // A Python exception outside the guest's own handler (e.g. an interrupt landing there) is
+    // reported. Anything else unwound through the interpreter (a JavaScript error from inside
+    // wasm, e.g. os.system hitting a denied permission): its state cannot be trusted, so the
+    // process ends and the supervisor reports the sandbox lost (fail closed).
+    if (!(error instanceof pyodide.ffi.PythonError)) {
+      console.error(`fatal: ${String(error).slice(0, 2000)}`);
+      Deno.exit(EXIT_FATAL);
+    }
+    writeFrame({ op: "error", type: error.type ?? "PythonError", message: String(error.message).slice(0, 4000) });
+  } finally {
+    Atomics.store(flags, 1, 0);
+  }
+}
+Deno.exit(0);

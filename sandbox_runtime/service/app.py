@@ -1,0 +1,200 @@
+"""The runtime's HTTP API (Starlette): sessions, stateless execution, health and metrics.
+
+Errors are `{"error": {"code", "message"}}` with a fitting status, never a traceback. Every
+route but /health and /metrics needs the bearer token when one is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+import pydantic_core
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandbox_runtime import protocol as p
+from sandbox_runtime.service.errors import (
+    ApiError,
+    BadRequest,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+)
+from sandbox_runtime.service.runtime import Runtime
+from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.worker import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def create_app(
+    settings: RuntimeSettings, worker_settings: WorkerSettings | None = None
+) -> Starlette:
+    """The ASGI app of one runtime replica; its lifespan starts the pool and the reaper."""
+    runtime = Runtime(settings, worker_settings or WorkerSettings())
+    token = settings.token.get_secret_value().encode() if settings.token else None
+    if token is None:
+        logger.warning("no RLM_SANDBOX_TOKEN: the API accepts unauthenticated calls on loopback")
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise Unauthorized("a valid bearer token is required")
+
+    async def create_session(request: Request) -> Response:
+        authorize(request)
+        body = await _model(request, p.CreateSession, settings.max_body_bytes)
+        session = await runtime.sessions.create(body)
+        return _json(p.SessionCreated(session_id=session.id), status=201)
+
+    async def execute(request: Request) -> Response:
+        authorize(request)
+        body = await _model(request, p.ExecuteRequest, settings.max_body_bytes)
+        result = await runtime.sessions.execute(
+            request.path_params["session_id"], body.code, body.timeout_s
+        )
+        return _json(result)
+
+    async def put_context(request: Request) -> Response:
+        authorize(request)
+        raw = await _read_body(request, settings.max_context_bytes)
+        try:
+            context = pydantic_core.from_json(raw)
+        except ValueError as exc:
+            raise BadRequest(f"the context is not JSON: {exc}") from exc
+        if not isinstance(context, str | list | dict):
+            raise ValidationFailed("the context must be a JSON string, array or object")
+        await runtime.sessions.load_context(request.path_params["session_id"], context)
+        return Response(status_code=204)
+
+    async def get_vars(request: Request) -> Response:
+        authorize(request)
+        variables = await runtime.sessions.list_vars(request.path_params["session_id"])
+        return _json(p.VarsResponse(variables=variables))
+
+    async def get_session(request: Request) -> Response:
+        authorize(request)
+        return JSONResponse(runtime.sessions.info(request.path_params["session_id"]))
+
+    async def hibernate(request: Request) -> Response:
+        authorize(request)
+        done = await runtime.sessions.hibernate(request.path_params["session_id"])
+        return JSONResponse({"hibernated": done})
+
+    async def delete_session(request: Request) -> Response:
+        authorize(request)
+        await runtime.sessions.delete(request.path_params["session_id"])
+        return Response(status_code=204)
+
+    async def execute_stateless(request: Request) -> Response:
+        authorize(request)
+        body = await _model(request, p.StatelessExecuteRequest, settings.max_stateless_body_bytes)
+        return _json(await runtime.stateless.execute(body))
+
+    async def health(request: Request) -> Response:
+        data = runtime.health()
+        return JSONResponse(data, status_code=200 if data["status"] == "ok" else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(
+            runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.aclose()
+
+    session_path = "/sessions/{session_id:str}"
+    app = Starlette(
+        routes=[
+            Route("/sessions", create_session, methods=["POST"]),
+            Route(session_path, get_session, methods=["GET"]),
+            Route(session_path, delete_session, methods=["DELETE"]),
+            Route(f"{session_path}/execute", execute, methods=["POST"]),
+            Route(f"{session_path}/context", put_context, methods=["PUT"]),
+            Route(f"{session_path}/vars", get_vars, methods=["GET"]),
+            Route(f"{session_path}/hibernate", hibernate, methods=["POST"]),
+            Route("/execute", execute_stateless, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.runtime = runtime
+    return app
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    if exc.status >= 500:
+        logger.warning("request failed", extra={"path": request.url.path, "error": exc.message})
+    return _error(exc.status, exc.code, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
+    return _error(500, "internal_error", "internal error; see the runtime's logs")
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _model(request: Request, model: type[ModelT], limit: int) -> ModelT:
+    raw = await _read_body(request, limit)
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise BadRequest(f"the body is not JSON: {errors[0]['msg']}") from exc
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
+        )
+        raise ValidationFailed(detail) from exc

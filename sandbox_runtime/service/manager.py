@@ -1,0 +1,390 @@
+"""The sessions of one runtime replica: create, execute, hibernate, restore, replace, reap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from sandbox_runtime.errors import SandboxError, SandboxGuestError
+from sandbox_runtime.protocol import CreateSession, ExecutionError, ExecutionResult, VarInfo
+from sandbox_runtime.service.bridge import make_bridge
+from sandbox_runtime.service.errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    TooManySessions,
+    Unavailable,
+)
+from sandbox_runtime.service.metrics import Metrics
+from sandbox_runtime.service.pool import WarmPool, quiet_kill
+from sandbox_runtime.service.session import Session
+from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.service.store import HibernationStore
+from sandbox_runtime.worker import SandboxProcess
+
+logger = logging.getLogger(__name__)
+
+#: What PUT /sessions/{id}/context may bind: a string, or a JSON array or object.
+Context = str | list[Any] | dict[str, Any]
+
+
+class SessionManager:
+    """Owns every session of this replica and the processes they hold."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        pool: WarmPool,
+        store: HibernationStore,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._store = store
+        self._metrics = metrics
+        self._sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    # --- counts ---------------------------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.process is not None)
+
+    @property
+    def hibernated(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.hibernated)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.busy)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_loop(), name="session-reaper")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for running executions to finish."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                for session in list(self._sessions.values()):
+                    async with session.lock:
+                        pass
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(self._end(s, "shutdown") for s in list(self._sessions.values())))
+
+    # --- the API's operations ---------------------------------------------------------------
+
+    async def create(self, body: CreateSession) -> Session:
+        """A new session on a sandbox from the warm pool."""
+        if len(self._sessions) >= self._settings.max_sessions:
+            raise TooManySessions(f"{self._settings.max_sessions} sessions are open")
+        limits = self._settings.limits(body.limits, memory_bytes=self._pool.memory_bytes)
+        process = await self._pool.acquire(limits.memory_bytes)
+        self._pool.kick()
+        session = Session(
+            id=secrets.token_urlsafe(16),
+            limits=limits,
+            bridge=make_bridge(body.broker, self._settings, self._metrics),
+            setup_code=body.setup_code,
+            state=body.state,
+            process=process,
+        )
+        try:
+            await self._prepare(session, process)
+        except BaseException:
+            await quiet_kill(process)
+            await session.bridge.aclose()
+            raise
+        self._sessions[session.id] = session
+        self._metrics.sessions_created.inc()
+        logger.info("session created", extra={"session_id": session.id, "pid": process.pid})
+        await self._enforce_live_cap()
+        return session
+
+    async def execute(self, session_id: str, code: str, timeout_s: float | None) -> ExecutionResult:
+        """Run `code` in the session, restoring or replacing its sandbox first if needed."""
+        session = self._get(session_id)
+        async with session.lock:
+            self._check_open(session)
+            session.touch()
+            process = await self._live_process(session)
+            timeout = timeout_s or session.limits.timeout_s or self._settings.default_timeout_s
+            output = session.limits.output_bytes or self._settings.default_output_bytes
+            started = time.perf_counter()
+            try:
+                result = await process.execute(code, timeout_s=timeout, output_bytes=output)
+            except SandboxError as exc:
+                result = _crash_result(exc, time.perf_counter() - started)
+            session.executions += 1
+            session.touch()
+            if not process.alive or result.state_lost:
+                await self._lost_process(session, process)
+            if session.state_lost and not result.state_lost:
+                result = result.model_copy(update={"state_lost": True})
+            session.state_lost = False
+            if result.state is not None:
+                session.state = result.state
+            self._observe(result, time.perf_counter() - started)
+            return result
+
+    async def load_context(self, session_id: str, context: Context) -> None:
+        session = self._get(session_id)
+        async with session.lock:
+            self._check_open(session)
+            session.touch()
+            process = await self._live_process(session)
+            try:
+                await process.set_context(context)
+            except SandboxError as exc:
+                raise await self._control_failed(
+                    session, process, "loading the context", exc
+                ) from exc
+
+    async def list_vars(self, session_id: str) -> list[VarInfo]:
+        session = self._get(session_id)
+        async with session.lock:
+            self._check_open(session)
+            session.touch()
+            process = await self._live_process(session)
+            try:
+                return await process.list_vars()
+            except SandboxError as exc:
+                raise await self._control_failed(
+                    session, process, "listing variables", exc
+                ) from exc
+
+    async def delete(self, session_id: str) -> None:
+        await self._end(self._get(session_id), "deleted")
+
+    async def hibernate(self, session_id: str) -> bool:
+        """Hibernate the session now (if live and idle); True if it was hibernated."""
+        session = self._get(session_id)
+        if session.busy:
+            return False
+        async with session.lock:
+            return await self._hibernate_locked(session)
+
+    def info(self, session_id: str) -> dict[str, Any]:
+        session = self._get(session_id)
+        return {
+            "session_id": session.id,
+            "status": "busy" if session.busy else "hibernated" if session.hibernated else "live",
+            "pid": session.process.pid if session.process is not None else None,
+            "executions": session.executions,
+            "idle_s": round(session.idle_for(), 3),
+        }
+
+    # --- processes ----------------------------------------------------------------------------
+
+    async def _prepare(self, session: Session, process: SandboxProcess) -> None:
+        """Give a fresh process the session's bridge, state and setup code."""
+        process.bridge = session.bridge
+        if session.state is not None:
+            try:
+                await process.set_state(session.state)
+            except SandboxGuestError as exc:
+                raise BadRequest(f"the state was refused: {exc.message}", code=exc.type) from exc
+            except SandboxError as exc:
+                raise Unavailable(f"the sandbox failed while setting the state: {exc}") from exc
+        if session.setup_code:
+            timeout = session.limits.timeout_s or self._settings.default_timeout_s
+            output = session.limits.output_bytes or self._settings.default_output_bytes
+            result = await process.execute(
+                session.setup_code, timeout_s=timeout, output_bytes=output
+            )
+            if result.error is not None:
+                raise BadRequest(
+                    f"setup_code failed: {result.error.type}: {result.error.message}",
+                    code="setup_failed",
+                )
+
+    async def _live_process(self, session: Session) -> SandboxProcess:
+        """The session's running process: restored from hibernation or replaced if dead."""
+        process = session.process
+        if process is not None and process.alive:
+            return process
+        if process is not None:
+            await self._lost_process(session, process)
+        blob = await self._store.get(session.id) if session.has_blob else None
+        if blob is not None:
+            started = time.perf_counter()
+            process = await self._pool.restore(blob, session.limits.memory_bytes)
+            process.bridge = session.bridge
+            self._metrics.restores.inc()
+            logger.info(
+                "session restored",
+                extra={
+                    "session_id": session.id,
+                    "pid": process.pid,
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
+        else:
+            process = await self._pool.acquire(session.limits.memory_bytes)
+            self._pool.kick()
+            await self._prepare(session, process)
+            logger.info("session re-created", extra={"session_id": session.id, "pid": process.pid})
+        session.process = process
+        await self._enforce_live_cap(keep=session)
+        return process
+
+    async def _control_failed(
+        self, session: Session, process: SandboxProcess, doing: str, exc: SandboxError
+    ) -> ApiError:
+        """The error to answer with when a control request failed; a dead process is replaced."""
+        if isinstance(exc, SandboxGuestError) and process.alive:
+            return BadRequest(f"the sandbox refused {doing}: {exc.message}", code=exc.type)
+        if not process.alive:
+            await self._lost_process(session, process)
+        return Unavailable(f"the sandbox failed while {doing}: {exc}")
+
+    async def _lost_process(self, session: Session, process: SandboxProcess) -> None:
+        """The session's process died (or failed): end it and mark the session."""
+        await quiet_kill(process)
+        if session.process is process:
+            session.process = None
+        session.state_lost = True
+        self.restarts += 1
+        self._metrics.restarts.inc()
+        logger.warning("sandbox lost", extra={"session_id": session.id, "pid": process.pid})
+
+    async def _hibernate_locked(self, session: Session) -> bool:
+        process = session.process
+        if process is None or session.closed:
+            return False
+        if not process.alive:
+            await self._lost_process(session, process)
+            return False
+        started = time.perf_counter()
+        try:
+            blob = await process.hibernate()
+        except SandboxError as exc:
+            logger.warning(
+                "hibernation failed", extra={"session_id": session.id, "error": str(exc)}
+            )
+            await self._lost_process(session, process)
+            return False
+        await quiet_kill(process)
+        session.process = None
+        await self._store.put(session.id, blob)
+        session.has_blob = True
+        self._metrics.hibernations.inc()
+        logger.info(
+            "session hibernated",
+            extra={
+                "session_id": session.id,
+                "bytes": len(blob),
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+        return True
+
+    async def _end(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        # Kill first (outside the lock) so a running execution stops now, not at its timeout.
+        if session.process is not None:
+            await quiet_kill(session.process)
+        async with session.lock:
+            session.process = None
+        await self._store.delete(session.id)
+        await session.bridge.aclose()
+        self._metrics.sessions_ended.labels(reason=reason).inc()
+        logger.info("session ended", extra={"session_id": session.id, "reason": reason})
+
+    # --- idle sessions -------------------------------------------------------------------------
+
+    async def reap_once(self) -> None:
+        """End sessions idle past their TTL; hibernate live ones idle past `hibernate_after_s`."""
+        now = time.monotonic()
+        for session in list(self._sessions.values()):
+            if session.busy:
+                continue
+            ttl = session.limits.idle_ttl_s or self._settings.default_idle_ttl_s
+            if session.idle_for(now) >= ttl:
+                await self._end(session, "idle_ttl")
+            elif (
+                self._settings.hibernate_after_s > 0
+                and session.process is not None
+                and session.idle_for(now) >= self._settings.hibernate_after_s
+            ):
+                async with session.lock:
+                    await self._hibernate_locked(session)
+
+    async def _enforce_live_cap(self, keep: Session | None = None) -> None:
+        """Hibernate the least recently used idle sessions beyond `max_live_sessions`."""
+        excess = self.live - self._settings.max_live_sessions
+        if excess <= 0:
+            return
+        idle = sorted(
+            (
+                s
+                for s in self._sessions.values()
+                if s.process is not None and not s.busy and s is not keep
+            ),
+            key=lambda s: s.last_used,
+        )
+        for session in idle[:excess]:
+            async with session.lock:
+                await self._hibernate_locked(session)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.reaper_interval_s)
+            try:
+                await self.reap_once()
+            except Exception:
+                logger.exception("reaping idle sessions failed")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}")
+        return session
+
+    @staticmethod
+    def _check_open(session: Session) -> None:
+        if session.closed:
+            raise NotFound(f"session {session.id!r} was ended")
+
+    def _observe(self, result: ExecutionResult, seconds: float) -> None:
+        if result.state_lost:
+            outcome = "state_lost"
+        elif result.error is None:
+            outcome = "ok"
+        elif result.error.type in ("TimeoutError", "KeyboardInterrupt"):
+            outcome = "timeout"
+        else:
+            outcome = "error"
+        self._metrics.executions.labels(outcome=outcome).inc()
+        self._metrics.execution_seconds.observe(seconds)
+
+
+def _crash_result(exc: Exception, seconds: float) -> ExecutionResult:
+    return ExecutionResult(
+        stdout="",
+        stderr="",
+        error=ExecutionError(type=type(exc).__name__, message=str(exc)),
+        duration_ms=seconds * 1000,
+        memory_bytes=0,
+        state_lost=True,
+    )

@@ -1,0 +1,181 @@
+"""The warm pool: sandboxes started ahead of demand from the memory snapshot.
+
+Every start-up (pool refill, a dedicated sandbox with its own memory bound, a restore from a
+hibernation blob) runs under one semaphore sized to the core count: start-up is CPU-bound,
+and more at once only makes each slower. A caller waiting for a sandbox adds to the refill
+target, so waiters and refills share one queue and none starts a process of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
+from sandbox_runtime.service.errors import BadRequest, Unavailable
+from sandbox_runtime.service.metrics import Metrics
+from sandbox_runtime.worker import SandboxProcess, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+#: Pause after a failed start-up, so a broken installation does not spin.
+_FAILURE_BACKOFF_S = 1.0
+
+
+class WarmPool:
+    """Pre-started `SandboxProcess`es with the default memory bound, refilled in the background."""
+
+    def __init__(
+        self,
+        worker_settings: WorkerSettings,
+        *,
+        size: int,
+        max_concurrent_spawns: int,
+        memory_bytes: int,
+        metrics: Metrics,
+        acquire_timeout_s: float = 60.0,
+    ) -> None:
+        self._worker_settings = worker_settings
+        self.size = size
+        self.memory_bytes = memory_bytes
+        self._metrics = metrics
+        self._acquire_timeout_s = acquire_timeout_s
+        self._spawn_slots = asyncio.Semaphore(max_concurrent_spawns)
+        self._ready: asyncio.Queue[SandboxProcess] = asyncio.Queue()
+        self._waiters = 0
+        self._spawning = 0
+        self._wake = asyncio.Event()
+        self._filled = asyncio.Event()
+        self._refill_task: asyncio.Task[None] | None = None
+        self._spawn_tasks: set[asyncio.Task[None]] = set()
+        self.last_error: str | None = None
+
+    @property
+    def idle(self) -> int:
+        """Ready sandboxes waiting in the pool."""
+        return self._ready.qsize()
+
+    @property
+    def spawning(self) -> int:
+        return self._spawning
+
+    def start(self) -> None:
+        self._refill_task = asyncio.create_task(self._refill_loop(), name="pool-refill")
+
+    async def wait_ready(self, count: int | None = None, timeout_s: float = 60.0) -> None:
+        """Wait until `count` (default: the pool size) sandboxes are ready; for start-up/tests."""
+        want = self.size if count is None else count
+        async with asyncio.timeout(timeout_s):
+            while self._ready.qsize() < want:
+                self._filled.clear()
+                await self._filled.wait()
+
+    async def acquire(self, memory_bytes: int | None = None) -> SandboxProcess:
+        """A started sandbox, owned by the caller from now on (it must kill or close it)."""
+        if memory_bytes is not None and memory_bytes != self.memory_bytes:
+            return await self.spawn(memory_bytes)
+        self._waiters += 1
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self._acquire_timeout_s):
+                while True:
+                    process = await self._ready.get()
+                    if process.alive:
+                        return process
+                    await quiet_kill(process)
+        except TimeoutError as exc:
+            detail = f": {self.last_error}" if self.last_error else ""
+            raise Unavailable(f"no sandbox could be started{detail}") from exc
+        finally:
+            self._waiters -= 1
+            self._wake.set()
+
+    async def spawn(self, memory_bytes: int | None = None) -> SandboxProcess:
+        """Start a sandbox outside the pool (e.g. with its own memory bound)."""
+        async with self._spawn_slots:
+            started = time.perf_counter()
+            try:
+                process = await SandboxProcess.spawn(
+                    self._worker_settings, memory_bytes=memory_bytes or self.memory_bytes
+                )
+            except SandboxError as exc:
+                raise Unavailable(f"a sandbox could not be started: {exc}") from exc
+            self._metrics.spawns.inc()
+            self._metrics.spawn_seconds.observe(time.perf_counter() - started)
+            return process
+
+    async def restore(self, blob: bytes, memory_bytes: int | None = None) -> SandboxProcess:
+        """Start a sandbox from a hibernation (or stateless) namespace blob.
+
+        A blob the sandbox cannot read raises `BadRequest` (code `bad_snapshot`).
+        """
+        async with self._spawn_slots:
+            started = time.perf_counter()
+            try:
+                process = await SandboxProcess.restore(
+                    self._worker_settings, blob, memory_bytes=memory_bytes or self.memory_bytes
+                )
+            except (SandboxBlobError, SandboxGuestError) as exc:
+                raise BadRequest(
+                    f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
+                ) from exc
+            except SandboxError as exc:
+                raise Unavailable(f"a sandbox could not be restored: {exc}") from exc
+            self._metrics.spawns.inc()
+            self._metrics.spawn_seconds.observe(time.perf_counter() - started)
+            return process
+
+    async def aclose(self) -> None:
+        """Stop refilling and end every pooled sandbox."""
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill_task
+        # Start-ups in flight are awaited, not cancelled: a cancelled start-up could leave a
+        # process behind that nobody kills.
+        if self._spawn_tasks:
+            _, late = await asyncio.wait(set(self._spawn_tasks), timeout=self._acquire_timeout_s)
+            for task in late:
+                task.cancel()
+        while not self._ready.empty():
+            await quiet_kill(self._ready.get_nowait())
+
+    async def _refill_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            missing = self.size + self._waiters - self._ready.qsize() - self._spawning
+            for _ in range(max(0, missing)):
+                self._spawning += 1
+                task = asyncio.create_task(self._spawn_one(), name="pool-spawn")
+                self._spawn_tasks.add(task)
+                task.add_done_callback(self._spawn_tasks.discard)
+
+    async def _spawn_one(self) -> None:
+        try:
+            process = await self.spawn()
+        except Unavailable as exc:
+            self.last_error = str(exc)
+            logger.error("sandbox start-up failed", extra={"error": str(exc)})
+            await asyncio.sleep(_FAILURE_BACKOFF_S)
+            return
+        finally:
+            self._spawning -= 1
+            self._wake.set()
+        self.last_error = None
+        self._ready.put_nowait(process)
+        self._filled.set()
+
+    def kick(self) -> None:
+        """Re-check the refill target (after a sandbox was taken)."""
+        self._wake.set()
+
+
+async def quiet_kill(process: SandboxProcess) -> None:
+    """Kill `process`, logging (not raising) a failure: used on paths that are already ending."""
+    try:
+        await process.kill()
+    except (SandboxError, OSError):
+        logger.exception("killing a sandbox failed", extra={"pid": process.pid})

@@ -1,0 +1,104 @@
+"""The parts of one runtime replica, built together, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sandbox_runtime.service.manager import SessionManager
+from sandbox_runtime.service.metrics import Metrics
+from sandbox_runtime.service.pool import WarmPool
+from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.service.stateless import StatelessExecutor
+from sandbox_runtime.service.store import make_store
+from sandbox_runtime.worker import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Warm pool, sessions, stateless executor and metrics of this replica."""
+
+    def __init__(self, settings: RuntimeSettings, worker_settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.pool = WarmPool(
+            worker_settings,
+            size=settings.pool_size,
+            max_concurrent_spawns=settings.max_concurrent_spawns,
+            memory_bytes=worker_settings.memory_bytes,
+            metrics=self.metrics,
+            acquire_timeout_s=worker_settings.start_timeout_s,
+        )
+        self.store = make_store(settings.hibernation_dir)
+        self.sessions = SessionManager(settings, self.pool, self.store, self.metrics)
+        self.stateless = StatelessExecutor(settings, self.pool, self.metrics)
+        self.started_at = time.time()
+        self._register_gauges()
+
+    def _register_gauges(self) -> None:
+        gauge = self.metrics.gauge
+        gauge("rlm_sandbox_pool_idle", "Ready sandboxes in the warm pool.", lambda: self.pool.idle)
+        gauge("rlm_sandbox_pool_spawning", "Sandboxes starting.", lambda: self.pool.spawning)
+        gauge(
+            "rlm_sandbox_sessions_live", "Sessions holding a process.", lambda: self.sessions.live
+        )
+        gauge(
+            "rlm_sandbox_sessions_hibernated",
+            "Sessions hibernated to a blob.",
+            lambda: self.sessions.hibernated,
+        )
+        gauge("rlm_sandbox_workers_busy", "Sandboxes executing code.", lambda: self.busy)
+        gauge(
+            "rlm_sandbox_hibernated_bytes",
+            "Bytes of hibernation blobs held.",
+            lambda: self.store.total_bytes,
+        )
+
+    @property
+    def busy(self) -> int:
+        return self.sessions.busy + self.stateless.running
+
+    async def start(self) -> None:
+        self.pool.start()
+        self.pool.kick()
+        self.sessions.start()
+        logger.info(
+            "sandbox runtime started",
+            extra={"pool_size": self.pool.size, "max_sessions": self.settings.max_sessions},
+        )
+
+    async def aclose(self) -> None:
+        """Let running executions finish (up to the grace period), then end everything."""
+        await self.sessions.drain(self.settings.shutdown_grace_s)
+        await self.sessions.aclose()
+        await self.pool.aclose()
+        logger.info("sandbox runtime stopped")
+
+    def health(self) -> dict[str, Any]:
+        live = self.sessions.live
+        busy_sessions = self.sessions.busy
+        return {
+            "status": "degraded" if self.pool.last_error else "ok",
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "pool": {
+                "size": self.pool.size,
+                "idle": self.pool.idle,
+                "spawning": self.pool.spawning,
+                "last_error": self.pool.last_error,
+            },
+            "workers": {
+                "busy": self.busy,
+                "idle": self.pool.idle + max(0, live - busy_sessions),
+            },
+            "sessions": {
+                "live": live,
+                "hibernated": self.sessions.hibernated,
+                "busy": busy_sessions,
+                "max": self.settings.max_sessions,
+                "hibernated_bytes": self.store.total_bytes,
+            },
+            "stateless_running": self.stateless.running,
+            "restarts": self.sessions.restarts,
+        }

@@ -1,0 +1,105 @@
+"""Stateless execution (`POST /execute`, the remote placement): nothing stays on the replica.
+
+The namespace travels with the call: the request's base64 blob (if any) is restored into a
+sandbox, the code runs, the namespace is snapshotted into the response, and the sandbox is
+killed. Any replica can serve the next call.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from sandbox_runtime.errors import SandboxError, SandboxGuestError
+from sandbox_runtime.protocol import (
+    ExecutionResult,
+    Limits,
+    StatelessExecuteRequest,
+    StatelessExecuteResult,
+)
+from sandbox_runtime.service.bridge import make_bridge
+from sandbox_runtime.service.errors import BadRequest, Unavailable, ValidationFailed
+from sandbox_runtime.service.metrics import Metrics
+from sandbox_runtime.service.pool import WarmPool, quiet_kill
+from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.worker import SandboxProcess
+
+
+class StatelessExecutor:
+    """Runs one `StatelessExecuteRequest` on a sandbox of its own."""
+
+    def __init__(self, settings: RuntimeSettings, pool: WarmPool, metrics: Metrics) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self.running = 0
+
+    async def execute(self, request: StatelessExecuteRequest) -> StatelessExecuteResult:
+        """Restore (or take a fresh sandbox), run, snapshot, kill; the blob goes back."""
+        limits = self._settings.limits(request.limits, memory_bytes=self._pool.memory_bytes)
+        blob = _decode(request.snapshot) if request.snapshot else None
+        context = request.context
+        if context is not None and not isinstance(context, str | list | dict):
+            raise ValidationFailed("context must be a JSON string, array or object")
+        self.running += 1
+        bridge = make_bridge(request.broker, self._settings, self._metrics)
+        try:
+            if blob is not None:
+                process = await self._pool.restore(blob, limits.memory_bytes)
+            else:
+                process = await self._pool.acquire(limits.memory_bytes)
+                self._pool.kick()
+            try:
+                process.bridge = bridge
+                result, snapshot = await self._run(process, request, context, limits)
+            finally:
+                await quiet_kill(process)
+        finally:
+            self.running -= 1
+            await bridge.aclose()
+        self._metrics.executions.labels(
+            outcome="state_lost" if result.state_lost else "ok" if result.error is None else "error"
+        ).inc()
+        return StatelessExecuteResult(result=result, snapshot=snapshot)
+
+    async def _run(
+        self,
+        process: SandboxProcess,
+        request: StatelessExecuteRequest,
+        context: str | list[Any] | dict[str, Any] | None,
+        limits: Limits,
+    ) -> tuple[ExecutionResult, str]:
+        try:
+            if request.state is not None:
+                await process.set_state(request.state)
+            if context is not None:
+                await process.set_context(context)
+        except SandboxGuestError as exc:
+            raise BadRequest(
+                f"the sandbox refused the request: {exc.message}", code=exc.type
+            ) from exc
+        except SandboxError as exc:
+            raise Unavailable(f"the sandbox failed: {exc}") from exc
+        # execute() reports timeouts and crashes as results, not exceptions.
+        result = await process.execute(
+            request.code,
+            timeout_s=limits.timeout_s or self._settings.default_timeout_s,
+            output_bytes=limits.output_bytes or self._settings.default_output_bytes,
+        )
+        if not process.alive:
+            # Killed (a timeout it ignored, or a crash): the caller keeps its last blob.
+            self._metrics.restarts.inc()
+            return result.model_copy(update={"state_lost": True}), request.snapshot or ""
+        try:
+            blob = await process.snapshot_namespace()
+        except SandboxError as exc:
+            raise Unavailable(f"the namespace could not be saved: {exc}") from exc
+        return result, base64.b64encode(blob).decode()
+
+
+def _decode(snapshot: str) -> bytes:
+    try:
+        return base64.b64decode(snapshot, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest("snapshot is not valid base64", code="bad_snapshot") from exc

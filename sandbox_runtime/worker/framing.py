@@ -1,0 +1,51 @@
+"""Frames on the pipes between supervisor and sandbox: two big-endian u32 (header length,
+payload length), a JSON object header, then raw payload bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SandboxProtocolError
+
+_PREFIX = struct.Struct(">II")
+MAX_HEADER_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    header: dict[str, Any]
+    payload: bytes = b""
+
+
+def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(len(body), len(payload)) + body + payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Frame | None:
+    """The next frame, or None at a clean end of stream."""
+    try:
+        prefix = await reader.readexactly(_PREFIX.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise SandboxProtocolError("stream ended inside a frame prefix") from exc
+        return None
+    header_len, payload_len = _PREFIX.unpack(prefix)
+    if header_len > min(max_bytes, MAX_HEADER_BYTES) or payload_len > max_bytes:
+        raise SandboxProtocolError(f"frame too large ({header_len} + {payload_len} bytes)")
+    try:
+        header_bytes = await reader.readexactly(header_len)
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except asyncio.IncompleteReadError as exc:
+        raise SandboxProtocolError("stream ended inside a frame") from exc
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise SandboxProtocolError("frame header is not JSON") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise SandboxProtocolError("frame header is not an object with an 'op'")
+    return Frame(header, payload)

@@ -1,0 +1,440 @@
+"""SandboxProcess: the supervisor's handle on one Deno + Pyodide sandbox process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import (
+    SandboxCrashedError,
+    SandboxError,
+    SandboxGuestError,
+    SandboxMemoryError,
+    SandboxProtocolError,
+    SandboxStartError,
+    SandboxTimeoutError,
+)
+from ..protocol import ExecutionError, ExecutionResult, VarInfo
+from . import blob as blob_format
+from .framing import Frame, encode_frame, read_frame
+from .launcher import Launched, launch
+from .models import Bridge, LLMCall, LLMCallResult
+from .settings import WorkerSettings
+from .snapshot_cache import ensure_snapshot
+
+logger = logging.getLogger(__name__)
+
+_TRUNCATION_SLACK = 200
+_EXIT_WAIT_S = 2.0
+_OOM_MARKERS = ("out of memory", "Out of memory", "OOM", "RangeError: WebAssembly.Memory")
+
+
+class _Killed(Exception):
+    """The request overran its grace period and the process was killed."""
+
+
+class SandboxProcess:
+    """One sandbox process. Requests run one at a time; `kill` may be called at any moment."""
+
+    bridge: Bridge | None
+
+    def __init__(self, settings: WorkerSettings, launched: Launched, memory_limit: int) -> None:
+        self.settings = settings
+        self.bridge = None
+        self.started_at = time.time()
+        self.memory_limit = memory_limit
+        self.last_skipped: list[str] = []
+        self._launched = launched
+        self._process = launched.process
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        self._pending_read: asyncio.Task[Frame | None] | None = None
+        self._stderr_tail = bytearray()
+        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._killed = False
+        self._closed = False
+        self._released = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def spawn(
+        cls, settings: WorkerSettings, *, memory_bytes: int | None = None
+    ) -> SandboxProcess:
+        """Start a sandbox: from the memory snapshot (made on first use), else cold."""
+        snapshot = None
+        if settings.use_snapshot:
+            try:
+                snapshot = await ensure_snapshot(settings)
+            except (SandboxError, OSError) as exc:
+                logger.warning(
+                    "pyodide snapshot unavailable; cold start", extra={"error": str(exc)}
+                )
+        limit = memory_bytes or settings.memory_bytes
+        launched = await launch(settings, memory_bytes=limit, snapshot_path=snapshot)
+        process = cls(settings, launched, limit)
+        try:
+            frame = await process._next_frame(time.monotonic() + settings.start_timeout_s)
+        except SandboxCrashedError as exc:
+            await process.kill()
+            raise SandboxStartError(f"sandbox process died while starting: {exc}") from exc
+        if frame is None:
+            await process.kill()
+            raise SandboxStartError(
+                f"sandbox process not ready after {settings.start_timeout_s} s"
+                f"{process._stderr_excerpt()}"
+            )
+        if frame.header.get("op") != "ready":
+            await process.kill()
+            raise SandboxStartError(f"unexpected first frame {frame.header.get('op')!r}")
+        logger.debug("sandbox started", extra={"pid": process.pid, "snapshot": bool(snapshot)})
+        return process
+
+    @classmethod
+    async def restore(
+        cls, settings: WorkerSettings, blob: bytes, *, memory_bytes: int | None = None
+    ) -> SandboxProcess:
+        """A new process holding the namespace saved by `hibernate` / `snapshot_namespace`."""
+        raw = await asyncio.to_thread(blob_format.unpack, blob, settings.max_blob_bytes)
+        process = await cls.spawn(settings, memory_bytes=memory_bytes)
+        try:
+            frame = await process._control({"op": "restore"}, raw)
+        except BaseException:
+            await process.kill()
+            raise
+        process.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
+        return process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.returncode is None and not self._killed and not self._closed
+
+    async def kill(self) -> None:
+        """End the process now (SIGKILL); safe to call at any time, also during a request."""
+        self._killed = True
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        await self._process.wait()
+        await self._release()
+
+    async def aclose(self) -> None:
+        """Ask the process to exit, killing it if it does not within a short wait."""
+        if self._process.returncode is None and not self._killed and not self._lock.locked():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._launched.writer.write(encode_frame({"op": "exit"}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), _EXIT_WAIT_S)
+        self._closed = True
+        await self.kill()
+
+    async def _release(self) -> None:
+        if self._pending_read is not None and not self._pending_read.done():
+            self._pending_read.cancel()
+        if not self._released:
+            self._released = True
+            self._launched.close_pipes()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stderr_task
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def execute(self, code: str, *, timeout_s: float, output_bytes: int) -> ExecutionResult:
+        """Run a cell. Timeouts, crashes and kills come back as results, never as exceptions."""
+        self._check_alive()
+        async with self._lock:
+            started = time.monotonic()
+            request = {"op": "execute", "code": code, "output_bytes": output_bytes}
+            try:
+                frame, interrupted = await self._roundtrip(request, b"", timeout_s)
+            except _Killed:
+                return self._lost_result(
+                    "TimeoutError",
+                    f"execution exceeded {timeout_s:g} s and did not stop within "
+                    f"{self.settings.grace_s:g} s of the interrupt; the sandbox was killed",
+                    started,
+                )
+            except SandboxCrashedError as exc:
+                kind = "MemoryError" if isinstance(exc, SandboxMemoryError) else "SandboxCrashed"
+                return self._lost_result(kind, str(exc), started)
+            except SandboxProtocolError as exc:
+                return self._lost_result("SandboxProtocolError", str(exc), started)
+            return self._result(frame, interrupted, timeout_s, output_bytes, started)
+
+    async def set_context(self, context: str | list[Any] | dict[str, Any]) -> None:
+        """Bind `context` in the sandbox; the data travels as one frame, never as code."""
+        if isinstance(context, str):
+            await self._control({"op": "set_context", "kind": "str"}, context.encode("utf-8"))
+            return
+        payload = await asyncio.to_thread(_json_bytes, context)
+        await self._control({"op": "set_context", "kind": "json"}, payload)
+
+    async def set_state(self, state: dict[str, Any]) -> None:
+        """Replace the shared `state` dict (JSON values, within settings.state_bytes)."""
+        await self._control({"op": "set_state"}, _json_bytes(state))
+
+    async def get_state(self) -> dict[str, Any]:
+        frame = await self._control({"op": "get_state"})
+        state = frame.header.get("state")
+        if not isinstance(state, dict):
+            raise SandboxProtocolError("state reply without a state object")
+        return state
+
+    async def list_vars(self) -> list[VarInfo]:
+        frame = await self._control({"op": "list_vars"})
+        try:
+            return [VarInfo.model_validate(v) for v in frame.header.get("variables", [])]
+        except ValidationError as exc:
+            raise SandboxProtocolError(f"malformed variable list: {exc}") from exc
+
+    async def snapshot_namespace(self) -> bytes:
+        """The compressed namespace blob; the process keeps running."""
+        frame = await self._control({"op": "snapshot"})
+        self.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
+        if self.last_skipped:
+            logger.info(
+                "namespace values not kept", extra={"pid": self.pid, "names": self.last_skipped}
+            )
+        level = self.settings.blob_compression_level
+        return await asyncio.to_thread(blob_format.pack, frame.payload, level)
+
+    async def hibernate(self) -> bytes:
+        """The compressed namespace blob, then the process exits."""
+        blob = await self.snapshot_namespace()
+        await self.aclose()
+        return blob
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise SandboxCrashedError(f"sandbox process {self.pid} is not running")
+
+    async def _control(self, request: dict[str, Any], payload: bytes = b"") -> Frame:
+        self._check_alive()
+        timeout = self.settings.control_timeout_s
+        async with self._lock:
+            try:
+                frame, interrupted = await self._roundtrip(request, payload, timeout)
+            except _Killed as exc:
+                raise SandboxTimeoutError(
+                    f"{request['op']} exceeded {timeout:g} s; the sandbox was killed",
+                    state_lost=True,
+                ) from exc
+        op = frame.header.get("op")
+        if op == "error":
+            if interrupted:
+                raise SandboxTimeoutError(
+                    f"{request['op']} exceeded {timeout:g} s and was interrupted", state_lost=False
+                )
+            raise SandboxGuestError(
+                str(frame.header.get("type", "Error")), str(frame.header.get("message", ""))
+            )
+        if op == "result":
+            await self.kill()
+            raise SandboxProtocolError(f"unexpected {op!r} reply to {request['op']}")
+        return frame
+
+    async def _roundtrip(
+        self, request: dict[str, Any], payload: bytes, timeout_s: float
+    ) -> tuple[Frame, bool]:
+        """Send a request; serve the sandbox's llm calls until its reply.
+
+        On the deadline the request is interrupted; if no reply follows within grace_s the
+        process is killed (`_Killed`). Returns the reply and whether it was interrupted.
+        """
+        self._seq += 1
+        seq = self._seq
+        deadline = time.monotonic() + timeout_s
+        interrupted = False
+        await self._send({**request, "seq": seq}, payload, deadline)
+        while True:
+            frame = await self._next_frame(deadline)
+            if frame is None:
+                if interrupted:
+                    await self.kill()
+                    raise _Killed
+                self._interrupt(seq)
+                interrupted = True
+                deadline = time.monotonic() + self.settings.grace_s
+                continue
+            if frame.header["op"] != "llm_call":
+                return frame, interrupted
+            if interrupted:
+                await self._send({"op": "llm_result", "interrupted": True}, b"", deadline)
+                continue
+            results = await self._serve_call(frame, deadline)
+            if results is None:
+                self._interrupt(seq)
+                interrupted = True
+                deadline = time.monotonic() + self.settings.grace_s
+                await self._send({"op": "llm_result", "interrupted": True}, b"", deadline)
+                continue
+            reply = {"op": "llm_result", "results": [r.model_dump() for r in results]}
+            await self._send(reply, b"", deadline)
+
+    async def _serve_call(self, frame: Frame, deadline: float) -> list[LLMCallResult] | None:
+        """Run the bridge for one llm_call frame; None if the deadline came first."""
+        try:
+            call = LLMCall.model_validate(frame.header.get("call"))
+        except ValidationError as exc:
+            raw = frame.header.get("call")
+            prompts = raw.get("prompts") if isinstance(raw, dict) else None
+            count = len(prompts) if isinstance(prompts, list) else 1
+            return [_error_result("invalid_call", str(exc)[:500])] * max(count, 1)
+        if self.bridge is None:
+            return [_error_result("no_bridge", "this sandbox has no LLM bridge")] * len(
+                call.prompts
+            )
+        task = asyncio.ensure_future(self.bridge(call))
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return None
+        try:
+            results = task.result()
+        except Exception as exc:  # bridge failures become LLMQueryError in the guest
+            logger.exception("llm bridge failed", extra={"pid": self.pid})
+            return [_error_result("bridge_error", f"{type(exc).__name__}: {exc}")] * len(
+                call.prompts
+            )
+        if len(results) != len(call.prompts):
+            return [_error_result("bridge_error", "wrong number of results")] * len(call.prompts)
+        return results
+
+    async def _send(self, header: dict[str, Any], payload: bytes, deadline: float) -> None:
+        writer = self._launched.writer
+        try:
+            writer.write(encode_frame(header, payload))
+            await asyncio.wait_for(writer.drain(), max(0.001, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            await self.kill()
+            raise _Killed from exc
+        except (ConnectionError, RuntimeError) as exc:
+            raise self._crashed() from exc
+
+    async def _next_frame(self, deadline: float) -> Frame | None:
+        """The next frame from the sandbox, or None at the deadline (the read stays pending)."""
+        if self._pending_read is None:
+            self._pending_read = asyncio.create_task(
+                read_frame(self._launched.reader, self.settings.max_frame_bytes)
+            )
+        task = self._pending_read
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            return None
+        self._pending_read = None
+        try:
+            frame = task.result()
+        except SandboxProtocolError:
+            await self.kill()
+            raise
+        except asyncio.CancelledError as exc:
+            raise self._crashed() from exc
+        if frame is None:
+            raise self._crashed()
+        return frame
+
+    def _crashed(self) -> SandboxCrashedError:
+        code = self._process.returncode
+        detail = "killed by the supervisor" if self._killed else f"exit status {code}"
+        message = f"sandbox process {self.pid} ended ({detail}){self._stderr_excerpt()}"
+        tail = bytes(self._stderr_tail).decode("utf-8", "replace")
+        if any(marker in tail for marker in _OOM_MARKERS):
+            return SandboxMemoryError(message)
+        return SandboxCrashedError(message)
+
+    def _interrupt(self, seq: int) -> None:
+        if self._released:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._launched.interrupt_fd, struct.pack(">i", seq))
+
+    async def _drain_stderr(self) -> None:
+        stream = self._process.stderr
+        if stream is None:
+            return
+        while chunk := await stream.read(65536):
+            self._stderr_tail += chunk
+            del self._stderr_tail[: -self.settings.stderr_tail_bytes]
+
+    def _stderr_excerpt(self) -> str:
+        tail = bytes(self._stderr_tail[-2000:]).decode("utf-8", "replace").strip()
+        return f": {tail}" if tail else ""
+
+    def _result(
+        self,
+        frame: Frame,
+        interrupted: bool,
+        timeout_s: float,
+        output_bytes: int,
+        started: float,
+    ) -> ExecutionResult:
+        header = frame.header
+        duration_ms = (time.monotonic() - started) * 1000
+        if header["op"] == "error":
+            fields: dict[str, Any] = {
+                "stdout": "",
+                "stderr": "",
+                "error": {"type": header.get("type", "Error"), "message": header.get("message")},
+                "memory_bytes": 0,
+            }
+        elif header["op"] == "result":
+            fields = {k: header.get(k) for k in ("stdout", "stderr", "error", "final", "state")}
+            fields["memory_bytes"] = header.get("memory_bytes", 0)
+        else:
+            raise SandboxProtocolError(f"unexpected {header['op']!r} reply to execute")
+        if interrupted and fields["error"] is not None:
+            error = dict(fields["error"])
+            if error.get("type") in {"KeyboardInterrupt", "PythonError"}:
+                error["type"] = "TimeoutError"
+                error["message"] = f"execution exceeded {timeout_s:g} s and was interrupted"
+            fields["error"] = error
+        for stream in ("stdout", "stderr"):
+            fields[stream] = _cap(str(fields[stream] or ""), output_bytes)
+        try:
+            return ExecutionResult.model_validate({**fields, "duration_ms": duration_ms})
+        except ValidationError as exc:
+            raise SandboxProtocolError(f"malformed execution result: {exc}") from exc
+
+    def _lost_result(self, kind: str, message: str, started: float) -> ExecutionResult:
+        return ExecutionResult(
+            stdout="",
+            stderr="",
+            error=ExecutionError(type=kind, message=message),
+            duration_ms=(time.monotonic() - started) * 1000,
+            memory_bytes=0,
+            state_lost=True,
+        )
+
+
+def _error_result(code: str, message: str) -> LLMCallResult:
+    return LLMCallResult(error={"code": code, "message": message})
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _cap(text: str, limit: int) -> str:
+    """The guest caps its own output; this bounds what a misbehaving guest could send."""
+    if len(text) <= limit + _TRUNCATION_SLACK:
+        return text
+    return text[:limit] + "\n[output truncated by the supervisor]\n"
+
+
+__all__ = ["SandboxProcess"]

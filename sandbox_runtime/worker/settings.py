@@ -1,0 +1,77 @@
+"""Settings of the sandbox worker layer (one Deno + Pyodide process per sandbox)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "rlm-broker" / "sandbox"
+
+
+class WorkerSettings(BaseSettings):
+    """How sandbox processes are started and bounded. Environment prefix: RLM_SANDBOX_."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_SANDBOX_", frozen=True, extra="ignore")
+
+    deno_path: Path = Field(
+        _PROJECT_ROOT / "node_modules" / "deno" / "deno",
+        description="The Deno binary (pinned by the project's npm lock file).",
+    )
+    pyodide_dir: Path = Field(
+        _PROJECT_ROOT / "node_modules" / "pyodide",
+        description="The npm `pyodide` package directory (the sandbox may read it, nothing else).",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where the Pyodide memory snapshot is kept (keyed by the exact Pyodide build).",
+    )
+    use_snapshot: bool = Field(
+        True, description="Start sandboxes from the memory snapshot (made on first use)."
+    )
+    memory_bytes: int = Field(
+        512 * 2**20,
+        ge=64 * 2**20,
+        le=4 * 2**30,
+        description="Default bound on a sandbox's WebAssembly memory (V8 --wasm-max-mem-pages).",
+    )
+    grace_s: float = Field(
+        2.0, gt=0, description="After a timeout's interrupt, how long before the process is killed."
+    )
+    start_timeout_s: float = Field(
+        60.0, gt=0, description="Time for a process to report ready (cold start is ~2.5 s of CPU)."
+    )
+    control_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time limit of control operations (context, state, vars, hibernate, restore).",
+    )
+    state_bytes: int = Field(
+        1 * 2**20, ge=1024, description="Bound on the JSON size of the shared `state` dict."
+    )
+    max_frame_bytes: int = Field(
+        1 * 2**30, ge=2**20, description="Largest frame accepted from a sandbox process."
+    )
+    max_blob_bytes: int = Field(
+        1 * 2**30,
+        ge=2**20,
+        description="Largest decompressed hibernation blob accepted by restore.",
+    )
+    blob_compression_level: int = Field(
+        6, ge=1, le=9, description="zlib level of hibernation blobs."
+    )
+    network_namespace: Literal["auto", "require", "off"] = Field(
+        "auto",
+        description="Run each sandbox in an empty network namespace (`unshare -n`): 'auto' when "
+        "the machine allows it, 'require' to refuse to start without it, 'off' never.",
+    )
+    max_open_files: int = Field(256, ge=64, description="RLIMIT_NOFILE of a sandbox process.")
+    stderr_tail_bytes: int = Field(
+        16 * 1024, ge=1024, description="How much of a sandbox's stderr is kept to explain crashes."
+    )
