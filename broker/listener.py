@@ -74,7 +74,8 @@ class Listener:
                 request_id, _, result = data.partition(b"\n")
                 self._waiters.resolve(text(request_id), result)
             elif channel == self._work_channel:
-                self._signals.notify((text(data),))
+                tenant_id, _, count = text(data).partition(" ")
+                self._signals.notify(tenant_id, int(count or 1))
 
     async def _catch_up(self) -> None:
         """Resolve waiters whose answer came while unsubscribed; wake all pollers."""

@@ -140,23 +140,25 @@ async def pending(request: Request) -> Response:
     poller_id = request.headers.get("x-rlm-poller", "")[:100] or principal.token_hash[:16]
     deadline = time.monotonic() + wait_s
     disconnected = asyncio.ensure_future(_until_disconnect(request))
+    tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
         full_scan = True
         seen: str | None = poller_id
         while True:
-            woken = ctx.signals.event_for(principal.tenant_id)
+            woken = ctx.signals.join(tenant_id)
             claimed = await _claim(ctx, principal, max_items, full_scan, seen)
             seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
             if claimed or remaining <= 0 or disconnected.done():
+                ctx.signals.leave(tenant_id, woken, used=False)
                 break
             sleep = min(remaining, settings.work_recheck_s)
-            woken_task = asyncio.ensure_future(woken.wait())
-            done, _ = await asyncio.wait(
-                [woken_task, disconnected], timeout=sleep, return_when=asyncio.FIRST_COMPLETED
+            await asyncio.wait(
+                [woken, disconnected], timeout=sleep, return_when=asyncio.FIRST_COMPLETED
             )
-            woken_task.cancel()
-            full_scan = not done  # a periodic re-check looks at every tenant
+            full_scan = not woken.done()  # a periodic re-check looks at every tenant
+            # A wake-up is used by the claim at the top of the loop, unless the poller left.
+            ctx.signals.leave(tenant_id, woken, used=not disconnected.done())
         if claimed and disconnected.done():
             # The poller left while we waited: hand its requests straight back.
             await _release(ctx, claimed)

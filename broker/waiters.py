@@ -9,7 +9,8 @@ all-tenants event); the listener sets them when Redis announces new work.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+from collections import deque
 
 
 class Waiters:
@@ -45,32 +46,77 @@ class Waiters:
 
 
 class WorkSignals:
-    """Wakes waiting `/pending` calls when their tenant (or any tenant) has new work."""
+    """Wakes waiting `/pending` calls when new work arrives, one waiter per new request.
+
+    Waking every long-poll of a tenant for each request would have all but one of them
+    claim nothing (a wasted Redis script per extra poller). So a tenant's waiters queue up,
+    an announcement of n requests wakes n of them, and a waiter that was woken but leaves
+    without claiming passes its wake-up on (`leave`). Admin long-polls (all tenants) wait
+    on one shared event instead; they are few.
+    """
 
     def __init__(self) -> None:
-        self._tenant_events: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
         self._any = asyncio.Event()
         #: tenants announced since an admin drain last looked; admin draining serves these first
         self.ready: set[str] = set()
 
-    def event_for(self, tenant_id: str | None) -> asyncio.Event:
-        """The event to wait on; take it *before* reading the queue so no wake-up is missed."""
+    def join(self, tenant_id: str | None) -> asyncio.Future[None]:
+        """A future that is woken by new work; take it *before* reading the queue."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if tenant_id is None:
-            return self._any
-        event = self._tenant_events.get(tenant_id)
-        if event is None:
-            event = self._tenant_events[tenant_id] = asyncio.Event()
-        return event
+            any_event = self._any
 
-    def notify(self, tenant_ids: Iterable[str]) -> None:
-        for tenant_id in tenant_ids:
-            self.ready.add(tenant_id)
-            event = self._tenant_events.pop(tenant_id, None)
-            if event is not None:
-                event.set()
+            async def on_any() -> None:
+                await any_event.wait()
+
+            def wake(_: object) -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            task = asyncio.ensure_future(on_any())
+            task.add_done_callback(wake)
+            future.add_done_callback(lambda _: task.cancel())
+        else:
+            self._waiting.setdefault(tenant_id, deque()).append(future)
+        return future
+
+    def leave(self, tenant_id: str | None, future: asyncio.Future[None], *, used: bool) -> None:
+        """Stop waiting; a wake-up received but not `used` goes to the next waiter."""
+        if tenant_id is None:
+            future.cancel()
+            return
+        if future.done():
+            if not used and not future.cancelled():
+                self._wake(tenant_id, 1)
+            return
+        future.cancel()
+        waiting = self._waiting.get(tenant_id)
+        if waiting is not None:
+            with contextlib.suppress(ValueError):
+                waiting.remove(future)
+            if not waiting:
+                del self._waiting[tenant_id]
+
+    def notify(self, tenant_id: str, count: int = 1) -> None:
+        self.ready.add(tenant_id)
+        self._wake(tenant_id, count)
         self._any.set()
         self._any = asyncio.Event()
 
     def notify_all(self) -> None:
         """After a reconnect: wake everyone, since announcements may have been lost."""
-        self.notify(list(self._tenant_events))
+        for tenant_id in list(self._waiting):
+            self._wake(tenant_id, len(self._waiting[tenant_id]))
+        self._any.set()
+        self._any = asyncio.Event()
+
+    def _wake(self, tenant_id: str, count: int) -> None:
+        waiting = self._waiting.get(tenant_id)
+        while waiting and count > 0:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+                count -= 1
+        if waiting is not None and not waiting:
+            del self._waiting[tenant_id]

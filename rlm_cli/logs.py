@@ -15,7 +15,9 @@ import structlog
 _SECRET_FIELDS = frozenset({"token", "api_key", "authorization", "password", "secret"})
 
 
-def _drop_secrets(_: Any, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+def _drop_secrets(
+    _: Any, __: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
     """Replace any field whose name says it holds a secret; a last line of defence."""
     for key in list(event_dict):
         if key.lower() in _SECRET_FIELDS:

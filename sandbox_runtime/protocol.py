@@ -23,7 +23,10 @@ class Limits(_Model):
         None, ge=64 * 2**20, le=4 * 2**30, description="Bound on the sandbox's WebAssembly memory."
     )
     output_bytes: int | None = Field(
-        None, ge=1024, le=64 * 2**20, description="Cap on stdout and on stderr, each, per execution."
+        None,
+        ge=1024,
+        le=64 * 2**20,
+        description="Cap on stdout and on stderr, each, per execution.",
     )
     idle_ttl_s: float | None = Field(
         None, gt=0, le=7 * 86400, description="An idle session is ended after this long."
@@ -80,7 +83,8 @@ class ExecutionResult(_Model):
         None, description="The shared `state` dict after the execution."
     )
     state_lost: bool = Field(
-        False, description="The sandbox was killed (timeout grace or crash) and variables were lost."
+        False,
+        description="The sandbox was killed (timeout grace or crash) and variables were lost.",
     )
 
 

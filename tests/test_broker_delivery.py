@@ -39,7 +39,7 @@ async def test_a_request_no_poller_answers_fails_as_undeliverable(
     broker = broker_factory(lease_s=0.1, max_attempts=2)
     async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
         queued = await session.client.enqueue(p.LLMRequest(prompt="q"), wait_s=0)
-        attempts = []
+        attempts: list[int] = []
         while len(attempts) < 2:
             attempts += [r.attempt for r in (await tenant.client.pending(wait_s=5)).requests]
         assert attempts == [1, 2]
@@ -111,7 +111,7 @@ async def test_redis_outage_gives_503_then_recovers_without_restart(
     redis_server: RedisServer, broker_factory: Callable[..., BrokerServer]
 ) -> None:
     broker = broker_factory(redis_timeout_s=1.0)
-    async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
+    async with tenant_and_session(broker.url, broker.admin_token) as (_, session):
         async with BrokerClient(broker.url, None) as anonymous:
             redis_server.stop()
             health = await anonymous.health()

@@ -17,6 +17,6 @@ end
 if #entries > 0 then
   redis.call('XCLAIM', stream, group, consumer, 0, unpack(entries), 'IDLE', idle, 'JUSTID')
   redis.call('DEL', base .. 'reap')
-  redis.call('PUBLISH', channel, tenant)
+  redis.call('PUBLISH', channel, tenant .. ' ' .. #entries)
 end
 return #entries

@@ -32,7 +32,7 @@ async def tenant_and_session(
     async with BrokerClient(url, admin_token) as admin:
         created = await admin.create_tenant(name)
     async with BrokerClient(url, created.token) as tenant_client:
-        session = await tenant_client.create_session(metadata=metadata)  # type: ignore[arg-type]
+        session = await tenant_client.create_session(metadata=metadata)
         async with BrokerClient(url, session.token) as session_client:
             yield (
                 Tenant(created.tenant_id, created.token, tenant_client),
