@@ -77,9 +77,16 @@ class BrokerClient:
         return await self._call("POST", "/tenants", p.TenantCreated, body=p.CreateTenant(name=name))
 
     async def create_session(
-        self, *, ttl_s: int | None = None, metadata: Mapping[str, Any] | None = None
+        self,
+        *,
+        ttl_s: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tenant_id: str | None = None,
     ) -> p.SessionCreated:
-        body = p.CreateSession(ttl_s=ttl_s, metadata=dict(metadata) if metadata else None)
+        """Open a session; `tenant_id` is for admin tokens, which must name the tenant."""
+        body = p.CreateSession(
+            ttl_s=ttl_s, metadata=dict(metadata) if metadata else None, tenant_id=tenant_id
+        )
         return await self._call("POST", "/sessions", p.SessionCreated, body=body)
 
     async def delete_session(self, session_id: str) -> None:

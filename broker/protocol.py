@@ -67,7 +67,14 @@ class TenantCreated(WireModel):
 
 
 class CreateSession(WireModel):
-    ttl_s: int | None = Field(None, gt=0, description="Token lifetime; capped by the broker.")
+    ttl_s: int | None = Field(
+        None, gt=0, description="Token lifetime; at most the broker's RLM_MAX_SESSION_TTL_S."
+    )
+    tenant_id: str | None = Field(
+        None,
+        description="Admin only: the tenant to open the session for (a tenant's own token "
+        "opens sessions for itself).",
+    )
     metadata: dict[str, JsonValue] | None = Field(
         None, description="Opaque to the broker; delivered with every request of the session."
     )

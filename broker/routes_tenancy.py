@@ -8,9 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker import protocol as p
+from broker.auth import Principal
 from broker.bodies import read_json, validate
 from broker.context import context_of, principal_of
-from broker.errors import NotFound, ValidationFailed
+from broker.errors import Forbidden, NotFound, ValidationFailed
 from broker.handling import endpoint, json_response
 from broker.keys import is_session_id
 
@@ -31,21 +32,30 @@ async def create_tenant(request: Request) -> Response:
 async def create_session(request: Request) -> Response:
     ctx = context_of(request)
     principal = await principal_of(request)
-    principal.require("tenant")
+    principal.require("tenant", "admin")
     body = validate(p.CreateSession, await read_json(request, ctx.settings.max_body_bytes))
+    tenant_id = _session_tenant(principal, body.tenant_id)
+    if principal.scope == "admin" and not await ctx.store.tenant_exists(tenant_id):
+        raise NotFound(f"no tenant {tenant_id}")
     ttl_s = body.ttl_s or ctx.settings.session_ttl_s
     if ttl_s > ctx.settings.max_session_ttl_s:
         raise ValidationFailed(
             f"ttl_s: at most {ctx.settings.max_session_ttl_s} (RLM_MAX_SESSION_TTL_S)"
         )
-    session_id, token, expires_at = await ctx.store.create_session(
-        principal.tenant, ttl_s, body.metadata
-    )
-    logger.info(
-        "session created", extra={"tenant_id": principal.tenant_id, "session_id": session_id}
-    )
+    session_id, token, expires_at = await ctx.store.create_session(tenant_id, ttl_s, body.metadata)
+    logger.info("session created", extra={"tenant_id": tenant_id, "session_id": session_id})
     created = p.SessionCreated(session_id=session_id, token=token, expires_at=expires_at)
     return json_response(created.model_dump_json(), 201)
+
+
+def _session_tenant(principal: Principal, requested: str | None) -> str:
+    if principal.scope == "admin":
+        if requested is None:
+            raise ValidationFailed("tenant_id: an admin token must name the session's tenant")
+        return requested
+    if requested is not None and requested != principal.tenant:
+        raise Forbidden("a tenant token opens sessions for its own tenant only")
+    return principal.tenant
 
 
 @endpoint("delete_session")

@@ -89,6 +89,9 @@ class Store:
             await pipe.execute()
         return tenant_id, token
 
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.tenants(), tenant_id))
+
     async def tenant_ids(self) -> list[str]:
         return sorted(text(m) for m in await self.redis.smembers(self.keys.tenants()))
 

@@ -120,3 +120,20 @@ async def test_without_an_admin_token_no_tenant_can_be_made(
     broker = broker_factory(admin_token=None)
     async with BrokerClient(broker.url, "anything") as client:
         assert await _status(client.create_tenant("x")) == 401
+
+
+async def test_admin_opens_sessions_for_a_named_tenant_only(broker_server: BrokerServer) -> None:
+    url, admin_token = broker_server.url, broker_server.admin_token
+    async with tenant_and_session(url, admin_token, name="a") as (tenant_a, _):
+        async with tenant_and_session(url, admin_token, name="b") as (tenant_b, _):
+            async with BrokerClient(url, admin_token) as admin:
+                opened = await admin.create_session(tenant_id=tenant_a.tenant_id)
+                assert await _status(admin.create_session()) == 422
+                assert await _status(admin.create_session(tenant_id="t_0000000000000000")) == 404
+            assert (
+                await _status(tenant_b.client.create_session(tenant_id=tenant_a.tenant_id)) == 403
+            )
+            async with BrokerClient(url, opened.token) as session_for_a:
+                queued = await session_for_a.enqueue(p.LLMRequest(prompt="via admin"), wait_s=0)
+            (request,) = (await tenant_a.client.pending(wait_s=2)).requests
+            assert (request.id, request.tenant_id) == (queued.id, tenant_a.tenant_id)
