@@ -56,6 +56,6 @@ class HostSettings(BaseSettings):
     broker_wait_s: float = Field(
         20.0, gt=0, le=120, description="Long-poll wait of /enqueue and /requests in the REPL."
     )
-    session_ttl_s: int = Field(
+    run_session_ttl_s: int = Field(
         6 * 3600, gt=0, description="Lifetime of the broker session token of one RLM run."
     )

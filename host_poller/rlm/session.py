@@ -100,7 +100,7 @@ async def run_session(
     path = trajectory.path if trajectory is not None else None
     try:
         created = await broker.create_session(
-            ttl_s=settings.session_ttl_s, metadata=plan.metadata(tracker)
+            ttl_s=settings.run_session_ttl_s, metadata=plan.metadata(tracker)
         )
     except ClientError as exc:
         raise RLMRunError(
