@@ -10,6 +10,8 @@ then measures, with an instant-answer long-polling poller in this process:
     round trip, sequentially, as one client would see them;
   - a fixed-interval poller (checks `/pending?wait=0` every 100 ms, as the official RLM
     library's host does) at concurrency 1;
+  - the same c=1 round trip and floor with the project's own client (`BrokerClient`, httpx2)
+    on both sides, as the poller and runtime really talk to the broker;
 and prints the ratios. Wall-clock figures vary run to run on a shared 2-core machine:
 compare the ratios, which are taken in one run, and the CPU time per round trip.
 """
@@ -26,10 +28,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx2
 import redis.asyncio as aioredis
 import uvloop
 from _http import RawConnection  # bench/ is run as scripts, not installed
 
+from broker import protocol as p
+from broker.client import BrokerClient
 from broker.redis_server import RedisServer, free_port
 
 ADMIN = "bench-admin-token"
@@ -78,6 +83,56 @@ async def poller(port: int, token: str, stop: asyncio.Event, interval_s: float |
         if interval_s is not None:
             await asyncio.sleep(interval_s)
     await connection.close()
+
+
+async def with_project_client(
+    port: int, redis_url: str, tenant_token: str, session_token: str, seconds: float
+) -> tuple[list[float], list[float]]:
+    """Floor and c=1 round trips with BrokerClient (httpx2) as every real component uses it."""
+    url = f"http://{HOST}:{port}"
+    redis = aioredis.Redis.from_url(redis_url)
+    async with httpx2.AsyncClient(base_url=url) as bare:
+
+        def floor() -> Callable[[], Awaitable[object]]:
+            async def call() -> None:
+                (await bare.get("/health/live")).raise_for_status()
+                await redis.ping()
+
+            return call
+
+        await timed_loop(floor, 1, 0.5)
+        floor_lat, _ = await timed_loop(floor, 1, seconds)
+    await redis.aclose()
+
+    stop = asyncio.Event()
+    tenant = BrokerClient(url, tenant_token)
+    session = BrokerClient(url, session_token)
+
+    async def answer() -> None:
+        while not stop.is_set():
+            batch = await tenant.pending(max_items=256, wait_s=0.5)
+            if batch.requests:
+                await tenant.respond_batch(
+                    [p.Answer(id=r.id, response="ok") for r in batch.requests]
+                )
+
+    pollers = [asyncio.create_task(answer()) for _ in range(2)]
+    request = p.LLMRequest(prompt="What is 2+2?")
+
+    def round_trip() -> Callable[[], Awaitable[object]]:
+        async def call() -> None:
+            if (await session.enqueue(request, wait_s=30)).status != "done":
+                raise RuntimeError("unexpected pending result")
+
+        return call
+
+    await timed_loop(round_trip, 1, 0.5)
+    rt_lat, _ = await timed_loop(round_trip, 1, seconds)
+    stop.set()
+    await asyncio.gather(*pollers)
+    await tenant.aclose()
+    await session.aclose()
+    return floor_lat, rt_lat
 
 
 async def run(
@@ -138,6 +193,10 @@ async def run(
     stop.set()
     await asyncio.gather(*pollers)
 
+    own_floor, own_rt = await with_project_client(
+        port, redis_url, tenant["token"], session["token"], seconds
+    )
+
     floor_p50 = statistics.median(floor_lat)
     interval_p50 = statistics.median(interval_lat)
     print(
@@ -161,6 +220,13 @@ async def run(
     for level, _, _, rate, _ in rows:
         if level == 64:
             print(f"round trips/s at 64 waiters:     {rate:.0f}  (target: thousands)")
+    own_floor_p50, own_rt_p50 = statistics.median(own_floor), statistics.median(own_rt)
+    print()
+    print("with the project's client (BrokerClient / httpx2) on both sides, c=1:")
+    print(
+        f"  floor p50 {own_floor_p50 * 1000:.3f} ms, round trip p50 {own_rt_p50 * 1000:.3f} ms "
+        f"p99 {percentile(own_rt, 0.99) * 1000:.3f} ms: {own_rt_p50 / own_floor_p50:.2f}x the floor"
+    )
     print(f"load average while measuring:    {os.getloadavg()[0]:.2f} (2 cores)")
 
 

@@ -8,6 +8,7 @@ pool. Methods take and return the wire models of `broker.protocol`; failures rai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -183,20 +184,26 @@ class BrokerClient:
         timeout = self._timeout_s + (wait_s + _WAIT_SLACK_S if wait_s else 0.0)
         content = body.model_dump_json(exclude_none=True) if body is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else None
-        attempts = self._retries + 1 if idempotent else 1
+        send = functools.partial(
+            self._http.request,
+            method,
+            path,
+            content=content,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+        )
+        try:
+            return await send()  # the common case: no retry machinery on the hot path
+        except httpx2.TransportError as exc:
+            if not idempotent or self._retries == 0:
+                raise BrokerUnreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         try:
             async for attempt in stamina.retry_context(
-                on=(httpx2.TransportError,), attempts=attempts, wait_initial=0.05, wait_max=2.0
+                on=httpx2.TransportError, attempts=self._retries, wait_initial=0.05, wait_max=2.0
             ):
                 with attempt:
-                    return await self._http.request(
-                        method,
-                        path,
-                        content=content,
-                        params=params,
-                        headers=headers,
-                        timeout=timeout,
-                    )
+                    return await send()
         except httpx2.TransportError as exc:
             raise BrokerUnreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover

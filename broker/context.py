@@ -13,6 +13,8 @@ from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
 
+_POLLER_RECORD_EVERY_S = 5.0
+
 
 @dataclass
 class BrokerContext:
@@ -26,6 +28,17 @@ class BrokerContext:
     metrics: Metrics
     #: rotation offset of admin draining over tenants (fairness)
     drain_offset: int = field(default=0)
+    #: when this replica last recorded each poller as seen (for /health's "last minute")
+    pollers_recorded_at: dict[str, float] = field(default_factory=dict)
+
+    def poller_due(self, poller_id: str, now: float) -> bool:
+        """Whether to record the poller as seen now: at most every 5 s per poller."""
+        if now - self.pollers_recorded_at.get(poller_id, 0.0) < _POLLER_RECORD_EVERY_S:
+            return False
+        if len(self.pollers_recorded_at) > 10_000:
+            self.pollers_recorded_at.clear()
+        self.pollers_recorded_at[poller_id] = now
+        return True
 
 
 def context_of(request: Request) -> BrokerContext:

@@ -143,7 +143,7 @@ async def pending(request: Request) -> Response:
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
         full_scan = True
-        seen: str | None = poller_id
+        seen = poller_id if ctx.poller_due(poller_id, time.monotonic()) else None
         while True:
             woken = ctx.signals.join(tenant_id)
             claimed = await _claim(ctx, principal, max_items, full_scan, seen)

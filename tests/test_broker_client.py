@@ -1,0 +1,29 @@
+"""BrokerClient: typed errors, retries of idempotent calls only."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import protocol as p
+from broker.client import BrokerClient
+from broker.errors import BrokerResponseError, BrokerUnreachable
+from broker.redis_server import free_port
+from tests.support.servers import BrokerServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_unreachable_broker_raises_a_typed_error() -> None:
+    async with BrokerClient(f"http://127.0.0.1:{free_port()}", "t", retries=2) as client:
+        with pytest.raises(BrokerUnreachable, match="GET /pending"):
+            await client.pending(wait_s=0)
+        with pytest.raises(BrokerUnreachable, match="POST /enqueue"):
+            await client.enqueue(p.LLMRequest(prompt="x"), wait_s=0)
+
+
+async def test_error_bodies_become_broker_response_errors(broker_server: BrokerServer) -> None:
+    async with BrokerClient(broker_server.url, "wrong") as client:
+        with pytest.raises(BrokerResponseError) as caught:
+            await client.pending(wait_s=0)
+    assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+    assert "unknown, revoked or expired" in caught.value.message
