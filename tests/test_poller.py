@@ -73,13 +73,13 @@ async def open_tenant_session(
 
 
 async def enqueue_all(session: BrokerClient, prompts: list[str], **fields: Any) -> list[str]:
-    batch = await session.enqueue_batch(
-        [LLMRequest(prompt=p, **fields) for p in prompts], wait_s=0
-    )
+    batch = await session.enqueue_batch([LLMRequest(prompt=p, **fields) for p in prompts], wait_s=0)
     return [r.id for r in batch.results]
 
 
-async def results(session: BrokerClient, ids: list[str], wait_s: float = 20.0) -> list[RequestResult]:
+async def results(
+    session: BrokerClient, ids: list[str], wait_s: float = 20.0
+) -> list[RequestResult]:
     out = []
     for request_id in ids:
         result = await session.get_request(request_id, wait_s=wait_s)
@@ -361,6 +361,26 @@ async def test_rlm_kind_at_max_depth_is_a_plain_completion(
     assert sub_rlm.calls == []
 
 
+@pytest.mark.anyio
+async def test_rlm_kind_without_a_sub_rlm_runner_is_an_error(
+    broker_server: BrokerServer, fake_llm: Any, session_of: Any
+) -> None:
+    fake = fake_llm()
+    _, session = await session_of({"run_id": "r", "depth": 0, "max_depth": 2})
+    ids = await enqueue_all(session, ["think"], depth=1, params={"kind": "rlm"})
+    poller = make_poller(
+        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url
+    )
+    try:
+        await poller.drain()
+    finally:
+        await close_poller(poller)
+    [result] = await results(session, ids)
+    assert result.status == "error"
+    assert result.error is not None and result.error.code == "sub_rlm_unavailable"
+    assert fake.stats()["requests"] == 0
+
+
 # --- the serving loop -------------------------------------------------------------------------
 
 
@@ -457,7 +477,7 @@ async def test_stop_after_grace_abandons_calls_and_stops(
         await task
         await close_poller(poller)
     assert poller.stats.abandoned == 1
-    [result] = await results(session, ids, wait_s=0)
+    result = await session.get_request(ids[0], wait_s=0)
     assert result.status == "pending"  # left to its lease: another poller will answer it
 
 
@@ -502,7 +522,7 @@ async def test_broker_outage_logged_once_and_served_after(
         await asyncio.to_thread(broker.stop)
         await wait_until(lambda: not poller.link.reachable)
         # Several tries fail while the broker is away.
-        await wait_until(lambda: poller.link._failures >= 3)
+        await wait_until(lambda: poller.link.failed_tries >= 3)
         restarted = await asyncio.to_thread(BrokerServer(redis_url, port=port).start)
         [after] = await results(session, await enqueue_all(session, ["after"], depth=1))
         assert after.response == "echo: after"
@@ -516,3 +536,48 @@ async def test_broker_outage_logged_once_and_served_after(
     messages = [r.getMessage() for r in caplog.records if r.name == "host_poller.poller.link"]
     assert messages == ["broker unreachable", "broker reachable again"]
     assert poller.link.outages == 1
+
+
+@pytest.mark.anyio
+async def test_refused_token_stops_the_poller(broker_server: BrokerServer, fake_llm: Any) -> None:
+    from host_poller.poller import BrokerRejected
+
+    fake = fake_llm()
+    poller = make_poller(poller_settings(broker_server.url, "not-a-token"), fake.base_url)
+    try:
+        with pytest.raises(BrokerRejected) as caught:
+            await poller.run()
+    finally:
+        await close_poller(poller)
+    assert caught.value.status == 401
+    assert "not-a-token" not in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_answer_finished_during_an_outage_is_posted_after(
+    redis_url: str, fake_llm: Any
+) -> None:
+    fake = fake_llm({"delay_s": 0.5})
+    broker = BrokerServer(redis_url, lease_s=30).start()
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    poller = make_poller(poller_settings(broker.url, broker.admin_token), fake.base_url)
+    task = asyncio.create_task(poller.run())
+    restarted: BrokerServer | None = None
+    try:
+        ids = await enqueue_all(session, ["through the outage"], depth=1)
+        await wait_until(lambda: fake.stats()["in_flight"] == 1)
+        await asyncio.to_thread(broker.stop)
+        # The call ends while the broker is away: its answer waits in the poster.
+        await wait_until(lambda: poller.stats.answered == 1 and poller.poster.unsettled == 1)
+        await wait_until(lambda: poller.link.failed_tries >= 2)
+        restarted = await asyncio.to_thread(BrokerServer(redis_url, port=broker.port).start)
+        [result] = await results(session, ids)
+    finally:
+        await poller.stop()
+        await task
+        await close_poller(poller)
+        await session.aclose()
+        if restarted is not None:
+            await asyncio.to_thread(restarted.stop)
+    assert result.response == "echo: through the outage"
+    assert poller.poster.answers_dropped == 0

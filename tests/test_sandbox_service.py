@@ -328,3 +328,33 @@ async def test_idle_sessions_hibernate_to_disk_and_come_back(tmp_path: Path) -> 
 
 def _blobs(directory: Path) -> list[Path]:
     return list(directory.glob("*.blob"))
+
+
+def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from sandbox_runtime.cli import commands
+
+    monkeypatch.delenv("RLM_SANDBOX_TOKEN", raising=False)
+    (command,) = commands
+    outcome = CliRunner().invoke(command, ["--host", "0.0.0.0", "--port", "0"])
+    assert outcome.exit_code == 2
+    assert "RLM_SANDBOX_TOKEN is required" in outcome.output
+
+
+async def test_crashed_session_comes_back_from_its_last_hibernation(
+    client: RuntimeClient, runtime_url: str
+) -> None:
+    session = await client.create_session(p.CreateSession())
+    try:
+        await client.execute(session.session_id, "saved = 'in the blob'")
+        async with _http(runtime_url) as http:
+            await http.post(f"/sessions/{session.session_id}/hibernate")
+        await client.execute(session.session_id, "later = 'not in the blob'")
+        os.kill((await _session_info(runtime_url, session.session_id))["pid"], signal.SIGKILL)
+        crashed = await client.execute(session.session_id, "pass")
+        assert crashed.state_lost
+        back = await client.execute(session.session_id, "print(saved, 'later' in globals())")
+        assert back.stdout == "in the blob False\n"
+    finally:
+        await client.delete_session(session.session_id)

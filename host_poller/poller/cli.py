@@ -82,11 +82,17 @@ def poller(
     help="Where the URLs and tokens are written (mode 0600); never printed.",
 )
 def up(port: int, scenario: str, env_file: Path) -> None:
-    """Start Redis, the broker, the scripted LLM (unless configured) and a poller; keep them up."""
+    """Start Redis, the broker, the scripted LLM (unless configured), the sandbox runtime (for
+    the pyodide/remote environments) and a poller with sub-RLMs; keep them up until SIGINT/SIGTERM.
+
+    URLs and tokens go to --env-file (mode 0600, removed at stop), never to the terminal.
+    """
+    from host_poller.rlm.embedded import rlm_stack_components
     from host_poller.stack import StackConfig, run_until_signal
 
     config = StackConfig(broker_port=port, scenario=scenario, env_file=env_file)
-    asyncio.run(run_until_signal(config, announce=click.echo))
+    components = rlm_stack_components()
+    asyncio.run(run_until_signal(config, announce=click.echo, components=components))
 
 
 commands: list[click.Command] = [poller, up]

@@ -114,40 +114,60 @@ class RequestHandler:
                 f"depth budget exceeded: a call at depth {call.depth} is beyond the run's "
                 f"max_depth {call.max_depth}"
             )
+        if call.wants_sub_rlm and self.sub_rlm is None:
+            raise RequestFailed(
+                "this poller cannot run sub-RLMs (rlm_query below max_depth); run it with "
+                "a tenant token and the RLM loop configured, or lower max_depth",
+                code="sub_rlm_unavailable",
+            )
         budget = self._budget(call)
-        if budget is not None:
-            budget.admit(call)
+        if budget is None:
+            answer, _, _ = await self._work(request, call)
+            return answer
+        budget.admit(call)
+        started = time.perf_counter()
+        try:
+            answer, usage, model = await self._work(request, call)
+        except BaseException:
+            # Admitted calls are always charged, so the run's in-flight count stays right.
+            budget.charge(call, Usage(), model=request.model,
+                          latency_s=time.perf_counter() - started)  # fmt: skip
+            raise
+        # A sub-RLM's own LLM calls are charged by the RLM loop; `charge` only logs this one.
+        budget.charge(call, usage, model=model, latency_s=time.perf_counter() - started)
+        return answer
+
+    async def _work(
+        self, request: PendingRequest, call: CallContext
+    ) -> tuple[Answer, Usage, str | None]:
+        """The answer, its usage, and the model that gave it."""
         if call.wants_sub_rlm and self.sub_rlm is not None:
-            started = time.perf_counter()
             result = await self.sub_rlm(request, call)
-            # The sub-RLM's own LLM calls are charged and recorded by the RLM loop; the run's
-            # budget only logs this call (it does not count its usage twice).
-            if budget is not None:
-                budget.charge(
-                    call, result.usage, model=request.model,
-                    latency_s=time.perf_counter() - started,
-                )  # fmt: skip
-            return Answer(
+            answer = Answer(
                 id=request.id, response=result.response, usage=_wire(result.usage),
                 state=result.state,
             )  # fmt: skip
-        client = self.router.client(request.model)
+            return answer, result.usage, request.model
+        client = self.router.client(request.model or _sub_model(request))
         completion = await client.complete(messages_of(request), params=llm_params(request))
         if self.ledger is not None:
             self.ledger.record(
                 usage=completion.usage, model=completion.model, depth=call.depth,
                 tenant_id=call.tenant_id, session_id=call.session_id, run_id=call.run_id,
             )  # fmt: skip
-        if budget is not None:
-            budget.charge(
-                call, completion.usage, model=completion.model, latency_s=completion.latency_s
-            )
-        return Answer(id=request.id, response=completion.text, usage=_wire(completion.usage))
+        answer = Answer(id=request.id, response=completion.text, usage=_wire(completion.usage))
+        return answer, completion.usage, completion.model
 
     def _budget(self, call: CallContext) -> RunBudget | None:
         if self.budgets is None or call.run_id is None:
             return None
         return self.budgets(call.run_id)
+
+
+def _sub_model(request: PendingRequest) -> str | None:
+    """The run's sub-call model (session metadata `sub_model`), for calls naming no model."""
+    value = (request.metadata or {}).get("sub_model")
+    return value if isinstance(value, str) else None
 
 
 def _wire(usage: Usage) -> WireUsage:

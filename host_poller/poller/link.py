@@ -45,6 +45,11 @@ class BrokerLink:
         """Outages seen so far (for tests and metrics)."""
 
     @property
+    def failed_tries(self) -> int:
+        """Failed calls in the current outage (0 when the broker is reachable)."""
+        return self._failures
+
+    @property
     def reachable(self) -> bool:
         return self._outage_started is None
 

@@ -248,6 +248,7 @@ class Poller:
             if not fetch.done():
                 # Dropping the long-poll's connection lets the broker hand back what it leased.
                 fetch.cancel()
+                await asyncio.wait({fetch})
         if fetch.cancelled():
             return
         try:

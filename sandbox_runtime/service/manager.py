@@ -277,12 +277,14 @@ class SessionManager:
             logger.warning(
                 "hibernation failed", extra={"session_id": session.id, "error": str(exc)}
             )
-            await self._lost_process(session, process)
+            if not process.alive:  # else the session simply stays live
+                await self._lost_process(session, process)
             return False
         await quiet_kill(process)
-        session.process = None
+        # The blob is stored before the session counts as hibernated (/health, the reaper).
         await self._store.put(session.id, blob)
         session.has_blob = True
+        session.process = None
         self._metrics.hibernations.inc()
         logger.info(
             "session hibernated",

@@ -1,0 +1,122 @@
+"""The poller's parts: answer batching, model routing, call context, error codes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from broker.client import BrokerClient
+from broker.protocol import Answer, PendingRequest
+from host_poller.llm import LLMRateLimitError, LLMStatusError, build_client
+from host_poller.poller import (
+    Backoff,
+    BrokerLink,
+    BudgetExceeded,
+    ModelRouter,
+    call_context,
+    error_answer,
+    error_code,
+)
+from host_poller.poller.poster import AnswerPoster
+from tests.support.servers import BrokerServer
+from tests.test_poller import META, enqueue_all, llm_profile, open_tenant_session, results
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("max_items", "batches"), [(64, 1), (4, 3)])
+async def test_answers_finished_together_share_one_post(
+    broker_server: BrokerServer, max_items: int, batches: int
+) -> None:
+    _, session = await open_tenant_session(broker_server.url, broker_server.admin_token, META)
+    ids = await enqueue_all(session, [f"q{i}" for i in range(10)], depth=1)
+    async with BrokerClient(broker_server.url, broker_server.admin_token) as admin:
+        leased = await admin.pending(max_items=10, wait_s=5)
+        assert len(leased.requests) == 10
+        link = BrokerLink(Backoff(), broker_url=broker_server.url)
+        settled: list[str] = []
+        poster = AnswerPoster(admin, link, max_items=max_items, on_settled=settled.extend)
+        for request in leased.requests:
+            poster.submit(Answer(id=request.id, response=f"a-{request.prompt}"))
+        task = asyncio.create_task(poster.run())
+        try:
+            assert await poster.flush(10.0)
+        finally:
+            task.cancel()
+    done = await results(session, ids)
+    await session.aclose()
+    assert [r.response for r in done] == [f"a-q{i}" for i in range(10)]
+    assert poster.batches_posted == batches
+    assert poster.answers_posted == 10
+    assert sorted(settled) == sorted(ids)
+
+
+def _profiles() -> dict[str, Any]:
+    return {
+        "sub": llm_profile("http://127.0.0.1:9/v1", name="sub", model="small-model"),
+        "big": llm_profile("http://127.0.0.1:9/v1", name="big", model="large-model"),
+    }
+
+
+def test_router_picks_profile_by_name_or_model_else_default() -> None:
+    router = ModelRouter(_profiles(), "sub", build_client)
+    assert router.profile_name(None) == "sub"
+    assert router.profile_name("big") == "big"
+    assert router.profile_name("large-model") == "big"
+    assert router.profile_name("unknown-model") == "sub"
+    assert router.client("large-model") is router.client("big")
+    assert router.client(None).model == "small-model"
+
+
+def test_router_refuses_an_unknown_default() -> None:
+    with pytest.raises(ValueError, match="default profile"):
+        ModelRouter(_profiles(), "nope", build_client)
+
+
+def _pending(**fields: Any) -> PendingRequest:
+    base: dict[str, Any] = {
+        "id": "r1", "session_id": "s1", "tenant_id": "t1", "prompt": "p",
+        "attempt": 1, "enqueued_at": 0.0, "lease_expires_at": 0.0,
+    }  # fmt: skip
+    return PendingRequest(**(base | fields))
+
+
+def test_call_context_takes_depth_from_the_session_metadata() -> None:
+    call = call_context(
+        _pending(depth=0, params={"kind": "rlm"}, metadata={"run_id": "x", "depth": 1,
+                                                            "max_depth": 3})
+    )  # fmt: skip
+    assert (call.depth, call.max_depth, call.kind, call.run_id) == (2, 3, "rlm", "x")
+    assert call.wants_sub_rlm
+
+
+def test_call_context_without_metadata_never_wants_a_sub_rlm() -> None:
+    call = call_context(_pending(depth=1, params={"kind": "rlm"}))
+    assert (call.depth, call.max_depth, call.run_id) == (1, None, None)
+    assert not call.wants_sub_rlm
+
+
+def test_error_codes() -> None:
+    assert error_code(LLMRateLimitError("x", model="m")) == "llm_rate_limited"
+    assert error_code(LLMStatusError("x", model="m", status_code=500)) == "llm_http_error"
+    assert error_code(BudgetExceeded("spent")) == "budget_exceeded"
+    answer = error_answer("r1", KeyError("secret detail"))
+    assert answer.error is not None
+    assert answer.error.code == "internal_error"
+    assert "secret detail" not in answer.error.message
+    assert answer.response is None
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
+    backoff = Backoff(initial_s=0.1, max_s=1.0)
+    for attempt in range(10):
+        ceiling = min(1.0, 0.1 * 2**attempt)
+        assert ceiling / 2 <= backoff.delay(attempt) <= ceiling
+    with pytest.raises(ValueError, match="Backoff"):
+        Backoff(initial_s=2.0, max_s=1.0)

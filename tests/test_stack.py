@@ -1,0 +1,139 @@
+"""The local stack (`host_poller.stack`) and `rlm up`: real Redis, broker, scripted LLM, poller."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from broker.protocol import LLMRequest
+from host_poller.stack import (
+    LocalStack,
+    StackComponent,
+    StackConfig,
+    default_components,
+    describe,
+    write_env_file,
+)
+from tests.support.servers import wait_until
+
+COUNT_PROMPT = (
+    "Count occurrences of the word 'cat' in the text below. Reply with the integer only.\n"
+    "cat dog cat bird cat"
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_rlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RLM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.anyio
+async def test_stack_answers_through_its_poller(tmp_path: Path) -> None:
+    components = default_components(sandbox=False)
+    async with LocalStack(StackConfig(), components) as stack:
+        assert stack.scripted_llm
+        assert set(stack.urls) == {"redis", "broker", "llm"}
+        async with stack.tenant_client() as tenant:
+            session = await tenant.create_session(metadata={"run_id": "r", "depth": 0,
+                                                            "max_depth": 1})  # fmt: skip
+        async with stack.admin_client() as admin:
+            health = await admin.health()
+        from broker.client import BrokerClient
+
+        async with BrokerClient(stack.broker_url, session.token) as client:
+            result = await client.enqueue(LLMRequest(prompt=COUNT_PROMPT, depth=1), wait_s=20)
+            result = await client.wait_result(result)
+        assert stack.poller is not None
+        poller = stack.poller
+    assert health["status"] == "ok"
+    assert result.status == "done"
+    assert result.response == "3"
+    assert result.usage is not None and result.usage.calls == 1
+    assert poller.stopping and poller.stats.answered == 1
+
+
+class _Recorder(StackComponent):
+    name = "recorder"
+
+    def __init__(self, log: list[str], fail: bool = False) -> None:
+        self.log = log
+        self.fail = fail
+
+    async def start(self, stack: LocalStack) -> None:
+        if self.fail:
+            raise RuntimeError("cannot start")
+        self.log.append("start")
+
+    async def stop(self) -> None:
+        self.log.append("stop")
+
+
+@pytest.mark.anyio
+async def test_failed_start_stops_what_started() -> None:
+    log: list[str] = []
+    stack = LocalStack(StackConfig(), [_Recorder(log), _Recorder(log), _Recorder(log, fail=True)])
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await stack.start()
+    assert log == ["start", "start", "stop", "stop"]
+
+
+def test_env_file_is_private_and_the_terminal_gets_no_token(tmp_path: Path) -> None:
+    stack = LocalStack(StackConfig(), [])
+    stack.broker_url, stack.tenant_token, stack.admin_token = "http://b", "tenant-secret", "adm"
+    stack.urls = {"broker": "http://b"}
+    path = tmp_path / "dir" / "stack.env"
+    path.parent.mkdir()
+    path.write_text("old")
+    path.chmod(0o644)
+    write_env_file(path, stack.environ())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "RLM_TENANT_TOKEN=tenant-secret" in path.read_text().splitlines()
+    shown = "\n".join(describe(stack, path))
+    assert "tenant-secret" not in shown and "adm\n" not in shown
+    assert str(path) in shown
+
+
+def test_rlm_up_serves_until_sigterm(tmp_path: Path) -> None:
+    env_file = tmp_path / "stack.env"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
+    environ |= {"RLM_ENVIRONMENT": "local", "RLM_LOG_LEVEL": "WARNING"}
+    rlm = Path(sys.executable).with_name("rlm")
+    child = subprocess.Popen(
+        [str(rlm), "up", "--port", "0", "--env-file", str(env_file)],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        asyncio.run(wait_until(env_file.exists, timeout_s=60))
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        health = httpx2.get(f"{values['RLM_BROKER_URL']}/health", timeout=10)
+        assert health.status_code == 200
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    assert child.returncode == 0, stderr.decode()[-2000:]
+    out = stdout.decode()
+    assert "rlm stack is up" in out
+    assert values["RLM_TENANT_TOKEN"] not in out + stderr.decode()
+    assert values["RLM_ADMIN_TOKEN"] not in out + stderr.decode()
+    assert not env_file.exists()
