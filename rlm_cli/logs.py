@@ -61,5 +61,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # Access logs are one line per HTTP request: too chatty at INFO on the hot path.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # One line per HTTP request (server access logs, client request logs) is too chatty at
+    # INFO on the hot path: a poller would log every /pending and /respond.
+    for name in ("uvicorn.access", "httpx2", "httpcore2", "openai._base_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
