@@ -26,4 +26,36 @@ def broker_command(host: str, port: int) -> None:
     serve(settings, host, port)
 
 
-commands: list[click.Command] = [broker_command]
+@click.group("tenant")
+def tenant_group() -> None:
+    """Manage tenants (needs RLM_ADMIN_TOKEN)."""
+
+
+@tenant_group.command("create")
+@click.argument("name")
+@click.option(
+    "--broker-url", envvar="RLM_BROKER_URL", default="http://127.0.0.1:8000", show_default=True
+)
+def tenant_create(name: str, broker_url: str) -> None:
+    """Create a tenant; prints {"tenant_id", "token"} as JSON (the token is shown only once)."""
+    import asyncio
+    import os
+
+    from broker.client import BrokerClient
+    from broker.errors import ClientError
+
+    admin_token = os.environ.get("RLM_ADMIN_TOKEN")
+    if not admin_token:
+        raise click.UsageError("set RLM_ADMIN_TOKEN")
+
+    async def create() -> str:
+        async with BrokerClient(broker_url, admin_token) as admin:
+            return (await admin.create_tenant(name)).model_dump_json()
+
+    try:
+        click.echo(asyncio.run(create()))
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+commands: list[click.Command] = [broker_command, tenant_group]

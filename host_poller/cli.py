@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from host_poller.demo_cli import demo
 from host_poller.llm.ledger import DIMENSIONS
 from host_poller.poller.cli import poller, up
 from host_poller.rlm.cli import ask
@@ -94,4 +95,4 @@ def usage(
     render_usage_table(rows, list(group_by))
 
 
-commands: list[click.Command] = [fake_llm, usage, poller, up, ask]
+commands: list[click.Command] = [fake_llm, usage, poller, up, ask, demo]
