@@ -8,7 +8,8 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --loglevel=error
+# npm install, not npm ci: see scripts/setup.sh (the lock lists only linux-x64 Deno).
+RUN npm install --no-audit --no-fund --loglevel=error
 
 COPY pyproject.toml README.md ./
 COPY broker ./broker
