@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic.fields import FieldInfo
@@ -45,6 +46,17 @@ def load(path: str) -> type[BaseSettings]:
     return cls
 
 
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _portable(value: Path) -> str:
+    """A path default as it reads on any machine: under `<project>` or `~`."""
+    for base, label in ((_PROJECT_ROOT, "<project>"), (Path.home(), "~")):
+        if value.is_relative_to(base):
+            return f"{label}/{value.relative_to(base)}"
+    return str(value)
+
+
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         value: Any = field.default_factory()  # type: ignore[call-arg]
@@ -54,6 +66,8 @@ def _default(field: FieldInfo) -> str:
         value = field.default
     if value is None:
         return "unset"
+    if isinstance(value, Path):
+        return f"`{_portable(value)}`"
     if isinstance(value, str):
         return f"`{value}`" if value else '`""`'
     try:
