@@ -16,6 +16,7 @@ COPY broker ./broker
 COPY host_poller ./host_poller
 COPY sandbox_runtime ./sandbox_runtime
 COPY rlm_cli ./rlm_cli
+COPY rlm_http ./rlm_http
 RUN pip install --no-cache-dir .
 
 # The sandbox runtime's Pyodide and Deno, from the npm install above.

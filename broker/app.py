@@ -14,18 +14,17 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from broker import routes_ops, routes_queue, routes_tenancy
 from broker.auth import Authenticator
 from broker.context import BrokerContext
-from broker.handling import http_exception
 from broker.listener import Listener
 from broker.metrics import Metrics
 from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
+from rlm_http.responses import exception_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -99,5 +98,6 @@ def create_app(settings: BrokerSettings) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_exception, Exception: http_exception},
+        # Endpoints answer their own errors (`broker.handling`); this covers the rest.
+        exception_handlers=exception_handlers(logger),
     )

@@ -14,75 +14,65 @@
         ├── BrokerUnreachable       connection failed or timed out (after retries)
         └── BrokerResponseError     the broker answered with an error body (.status, .code)
 
-Handlers raise `ApiError`s; `broker.app` maps them to `{"error": {"code", "message"}}` with
-the status. The client maps the same bodies back to `BrokerResponseError`.
+Each class here is also its namesake in `rlm_http.errors` (`ApiError` is an
+`rlm_http.HttpApiError`), which holds the status codes and the shared behaviour. Handlers
+raise `ApiError`s; the request-body and query readers of `rlm_http.bodies` raise
+`rlm_http`'s own classes. `broker.handling` maps both to `{"error": {"code", "message"}}`
+with the status; the client maps the same bodies back to `BrokerResponseError`.
 """
 
 from __future__ import annotations
+
+from rlm_http import errors as http
 
 
 class BrokerError(Exception):
     """Root of the broker package's exceptions."""
 
 
-class ApiError(BrokerError):
+class ApiError(BrokerError, http.HttpApiError):
     """An error the API answers with; `status` and `code` go on the wire."""
 
-    status: int = 500
-    code: str = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+class BadRequest(ApiError, http.BadRequest):
+    pass
 
 
-class BadRequest(ApiError):
-    status, code = 400, "bad_request"
+class ValidationFailed(ApiError, http.ValidationFailed):
+    pass
 
 
-class ValidationFailed(ApiError):
-    status, code = 422, "invalid_body"
+class Unauthorized(ApiError, http.Unauthorized):
+    pass
 
 
-class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
+class Forbidden(ApiError, http.Forbidden):
+    pass
 
 
-class Forbidden(ApiError):
-    status, code = 403, "forbidden"
+class NotFound(ApiError, http.NotFound):
+    pass
 
 
-class NotFound(ApiError):
-    status, code = 404, "not_found"
+class PayloadTooLarge(ApiError, http.PayloadTooLarge):
+    pass
 
 
-class PayloadTooLarge(ApiError):
-    status, code = 413, "payload_too_large"
+class TooManyRequests(ApiError, http.TooManyRequests):
+    pass
 
 
-class TooManyRequests(ApiError):
-    status, code = 429, "too_many_requests"
-
-
-class Unavailable(ApiError):
-    status, code = 503, "unavailable"
+class Unavailable(ApiError, http.Unavailable):
+    pass
 
 
 class ClientError(BrokerError):
     """Root of the errors `BrokerClient` raises."""
 
 
-class BrokerUnreachable(ClientError):
+class BrokerUnreachable(ClientError, http.ServiceUnreachable):
     """The broker could not be reached (connection refused, reset, or timed out)."""
 
 
-class BrokerResponseError(ClientError):
-    """The broker answered with an error body."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
+class BrokerResponseError(ClientError, http.ServiceResponseError):
+    """The broker answered with an error body (`.status`, `.code`, `.message`)."""

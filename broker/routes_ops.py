@@ -13,7 +13,8 @@ from starlette.responses import Response
 from broker import __version__
 from broker import protocol as p
 from broker.context import context_of
-from broker.handling import endpoint, json_response
+from broker.handling import endpoint
+from rlm_http.responses import json_response
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ from starlette.responses import Response
 
 from broker import protocol as p
 from broker.auth import Principal
-from broker.bodies import query_float, query_int, read_json, validate
 from broker.context import BrokerContext, context_of, principal_of
 from broker.errors import Forbidden, NotFound, PayloadTooLarge
-from broker.handling import endpoint, json_response
+from broker.handling import endpoint
 from broker.keys import tenant_of_request
 from broker.store import Claimed
+from rlm_http.bodies import query_float, query_int, read_json, validate
+from rlm_http.responses import json_response
 
 # --- the sandbox side --------------------------------------------------------------------
 

@@ -9,11 +9,12 @@ from starlette.responses import Response
 
 from broker import protocol as p
 from broker.auth import Principal
-from broker.bodies import read_json, validate
 from broker.context import context_of, principal_of
 from broker.errors import Forbidden, NotFound, ValidationFailed
-from broker.handling import endpoint, json_response
+from broker.handling import endpoint
 from broker.keys import is_session_id
+from rlm_http.bodies import read_json, validate
+from rlm_http.responses import json_response
 
 logger = logging.getLogger(__name__)
 

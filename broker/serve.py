@@ -1,4 +1,8 @@
-"""Serving the broker: an embedded Redis when none is configured, then uvicorn."""
+"""Serving the broker: an embedded Redis when none is configured, then uvicorn.
+
+uvicorn runs with uvloop + httptools (`rlm_http.serving.uvicorn_config`), one worker per
+process: scale with replicas over one Redis.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ import logging
 from collections.abc import Iterator
 
 import uvicorn
-from starlette.applications import Starlette
 
 from broker.app import create_app
 from broker.redis_server import RedisServer
 from broker.settings import BrokerSettings
+from rlm_http.serving import uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,26 +34,12 @@ def redis_for(settings: BrokerSettings) -> Iterator[BrokerSettings]:
         yield settings.model_copy(update={"redis_url": server.url})
 
 
-def uvicorn_config(
-    app: Starlette, host: str, port: int, graceful_shutdown_s: int = GRACEFUL_SHUTDOWN_S
-) -> uvicorn.Config:
-    """uvloop + httptools: the plain asyncio/h11 stack is 3.5x slower (research/broker.md)."""
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=graceful_shutdown_s,
-    )
-
-
 def serve(settings: BrokerSettings, host: str, port: int) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     if settings.admin_token is None:
         logger.warning("RLM_ADMIN_TOKEN is unset: POST /tenants and admin draining are disabled")
     with redis_for(settings) as ready:
-        uvicorn.Server(uvicorn_config(create_app(ready), host, port)).run()
+        config = uvicorn_config(
+            create_app(ready), host, port, graceful_shutdown_s=GRACEFUL_SHUTDOWN_S
+        )
+        uvicorn.Server(config).run()

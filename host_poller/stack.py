@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,11 +33,9 @@ from host_poller.llm.profiles import LLMSettings
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.poller.poller import Poller
 from host_poller.poller.settings import PollerSettings
+from rlm_http.serving import LoopServer, uvicorn_config
 
 logger = logging.getLogger(__name__)
-
-_START_TIMEOUT_S = 20.0
-_STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -156,63 +154,6 @@ class LocalStack:
         return BrokerClient(self.broker_url, self.tenant_token, **kwargs)
 
 
-# --- an ASGI app on uvicorn, inside the running event loop ----------------------------------
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the stack's owner handles signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class UvicornService:
-    """An ASGI app served by uvicorn as a task of the current event loop."""
-
-    def __init__(self, config: uvicorn.Config, *, name: str = "app") -> None:
-        self.host = config.host
-        self.port = config.port
-        self.name = name
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> UvicornService:
-        self._task = asyncio.create_task(self._server.serve(), name=f"uvicorn-{self.name}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _START_TIMEOUT_S
-        while not self._server.started:
-            if self._task.done():
-                await self._task
-                raise RuntimeError(f"{self.name} server exited during start-up")
-            if loop.time() > deadline:
-                await self.stop()
-                raise RuntimeError(f"{self.name} server did not start in time")
-            await asyncio.sleep(0.01)
-        for server in self._server.servers:
-            for sock in server.sockets:
-                self.port = int(sock.getsockname()[1])
-                return self
-        return self
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=_STOP_TIMEOUT_S)
-        except TimeoutError:
-            self._server.force_exit = True
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
-
-
 # --- the components -------------------------------------------------------------------------
 
 
@@ -238,32 +179,44 @@ class RedisComponent(StackComponent):
             self._server = None
 
 
-class BrokerComponent(StackComponent):
-    """The broker on uvicorn, with a fresh admin token."""
-
-    name = "broker"
+class ServiceComponent(StackComponent):
+    """A component that is one ASGI app on uvicorn, served in the stack's event loop."""
 
     def __init__(self) -> None:
-        self.service: UvicornService | None = None
+        self.service: LoopServer | None = None
 
-    async def start(self, stack: LocalStack) -> None:
-        from broker.app import create_app
-        from broker.serve import uvicorn_config
-
-        stack.admin_token = secrets.token_urlsafe(32)
-        settings = _broker_settings(stack).model_copy(
-            update={"redis_url": stack.redis_url, "admin_token": SecretStr(stack.admin_token)}
-        )
-        config = uvicorn_config(create_app(settings), stack.config.host, stack.config.broker_port)
-        self.service = UvicornService(config, name="broker")
-        await self.service.start()
-        stack.broker_url = self.service.url
-        stack.urls["broker"] = self.service.url
+    async def _serve(self, stack: LocalStack, config: uvicorn.Config) -> str:
+        """Serve `config`'s app; its URL, also listed in `stack.urls` under the name."""
+        self.service = await LoopServer(config, name=self.name).start()
+        stack.urls[self.name] = self.service.url
+        return self.service.url
 
     async def stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
             self.service = None
+
+
+class BrokerComponent(ServiceComponent):
+    """The broker on uvicorn, with a fresh admin token."""
+
+    name = "broker"
+
+    async def start(self, stack: LocalStack) -> None:
+        from broker.app import create_app
+        from broker.serve import GRACEFUL_SHUTDOWN_S
+
+        stack.admin_token = secrets.token_urlsafe(32)
+        settings = _broker_settings(stack).model_copy(
+            update={"redis_url": stack.redis_url, "admin_token": SecretStr(stack.admin_token)}
+        )
+        config = uvicorn_config(
+            create_app(settings),
+            stack.config.host,
+            stack.config.broker_port,
+            graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
+        )
+        stack.broker_url = await self._serve(stack, config)
 
 
 class TenantComponent(StackComponent):
@@ -356,33 +309,23 @@ class PollerComponent(StackComponent):
 # --- the sandbox runtime (`rlm sandbox`, for the pyodide and remote environments) -------------
 
 
-class SandboxRuntimeComponent(StackComponent):
+class SandboxRuntimeComponent(ServiceComponent):
     """The sandbox runtime on uvicorn with a fresh bearer token (RLM_SANDBOX_* settings)."""
 
     name = "sandbox"
 
-    def __init__(self) -> None:
-        self.service: UvicornService | None = None
-
     async def start(self, stack: LocalStack) -> None:
         from sandbox_runtime.service.app import create_app
-        from sandbox_runtime.service.serve import uvicorn_config
+        from sandbox_runtime.service.serve import uvicorn_config as runtime_config
         from sandbox_runtime.service.settings import RuntimeSettings
 
         token = secrets.token_urlsafe(32)
         settings = RuntimeSettings().model_copy(
             update={"host": stack.config.host, "port": 0, "token": SecretStr(token)}
         )
-        config = uvicorn_config(create_app(settings), settings)
-        self.service = UvicornService(config, name="sandbox")
-        await self.service.start()
-        stack.runtime_url, stack.runtime_token = self.service.url, token
-        stack.urls["sandbox"] = self.service.url
-
-    async def stop(self) -> None:
-        if self.service is not None:
-            await self.service.stop()
-            self.service = None
+        config = runtime_config(create_app(settings), settings)
+        stack.runtime_url = await self._serve(stack, config)
+        stack.runtime_token = token
 
 
 def default_components(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from sandbox_runtime.protocol import ExecutionResult
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 
@@ -18,3 +21,19 @@ async def ok(process: SandboxProcess, code: str, timeout_s: float = 20.0) -> str
     result = await run(process, code, timeout_s)
     assert result.error is None, result.error
     return result.stdout
+
+
+def child_pids() -> set[int]:
+    """Processes whose parent is this one (the sandboxes started by this test process)."""
+    me = str(os.getpid())
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.add(int(entry.name))
+    return found

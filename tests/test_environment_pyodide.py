@@ -12,7 +12,6 @@ import pytest
 from pydantic import SecretStr
 
 from broker import protocol as bp
-from broker.client import BrokerClient
 from host_poller.environments import EnvironmentSpec, create_environment
 from host_poller.environments.pyodide import SandboxRuntimeError
 from host_poller.rlm import RLM
@@ -22,7 +21,7 @@ from host_poller.stack import LocalStack, StackConfig
 from sandbox_runtime.protocol import Limits
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
-from tests.support.brokers import tenant_and_session
+from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer
 
 pytestmark = pytest.mark.anyio
@@ -51,7 +50,7 @@ async def broker_session(
     async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
         seen: list[bp.PendingRequest] = []
         stop = asyncio.Event()
-        task = asyncio.create_task(_answer(tenant.client, seen, stop))
+        task = asyncio.create_task(echo_answers(tenant.client, seen, stop))
         try:
             yield bs.token, seen
         finally:
@@ -125,16 +124,6 @@ async def test_rlm_query_is_refused_at_max_depth(
         assert seen == []
     finally:
         await env.aclose()
-
-
-async def _answer(client: BrokerClient, seen: list[bp.PendingRequest], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        batch = await client.pending(max_items=16, wait_s=0.2)
-        if batch.requests:
-            seen.extend(batch.requests)
-            await client.respond_batch(
-                [bp.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
-            )
 
 
 async def test_scripted_rlm_query_end_to_end_in_pyodide(redis_url: str, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from sandbox_runtime.client import RuntimeClient
 from sandbox_runtime.service.errors import RuntimeResponseError
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
-from tests.support.brokers import tenant_and_session
+from tests.sandbox_worker_helpers import child_pids
+from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -166,6 +167,27 @@ async def test_hibernated_session_is_restored_on_execute(
         await client.delete_session(session.session_id)
 
 
+async def test_hibernated_session_restores_into_a_warm_sandbox(
+    client: RuntimeClient, runtime_url: str
+) -> None:
+    session = await client.create_session(p.CreateSession())
+    try:
+        await client.execute(session.session_id, "kept = 'warm'")
+        async with _http(runtime_url) as http:
+            await http.post(f"/sessions/{session.session_id}/hibernate")
+
+        async def pool_full() -> bool:
+            return bool((await _health(client))["pool"]["idle"] >= 1)
+
+        await wait_until(pool_full, timeout_s=30)
+        warm = child_pids()  # the runtime runs on a thread of this process
+        result = await client.execute(session.session_id, "print(kept)")
+        assert result.stdout == "warm\n"
+        assert (await _session_info(runtime_url, session.session_id))["pid"] in warm
+    finally:
+        await client.delete_session(session.session_id)
+
+
 async def test_stateless_execute_carries_variables_in_the_blob(client: RuntimeClient) -> None:
     first = await client.execute_stateless(
         p.StatelessExecuteRequest(
@@ -218,7 +240,7 @@ async def test_llm_query_goes_through_the_broker(
         session = await client.create_session(p.CreateSession(broker=access))
         stop = asyncio.Event()
         seen: list[bp.PendingRequest] = []
-        poller = asyncio.create_task(_answer(tenant.client, seen, stop))
+        poller = asyncio.create_task(echo_answers(tenant.client, seen, stop))
         try:
             code = (
                 "one = llm_query('ping')\n"
@@ -255,16 +277,6 @@ async def test_blocking_llm_query_times_out(
             assert after.stdout == "kept\n"
         finally:
             await client.delete_session(session.session_id)
-
-
-async def _answer(client: Any, seen: list[bp.PendingRequest], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        batch = await client.pending(max_items=16, wait_s=0.2)
-        if batch.requests:
-            seen.extend(batch.requests)
-            await client.respond_batch(
-                [bp.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
-            )
 
 
 def _http(runtime_url: str) -> httpx2.AsyncClient:

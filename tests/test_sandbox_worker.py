@@ -264,6 +264,43 @@ async def test_hibernate_and_restore_keep_variables_functions_classes(
         await restored.kill()
 
 
+async def test_load_namespace_into_a_running_process(
+    sandbox: SandboxProcess, fresh: SandboxProcess
+) -> None:
+    await ok(
+        fresh,
+        "import math\nclass Box:\n    def __init__(self, v):\n        self.v = v\n"
+        "def area(r):\n    return round(math.pi * r * r, 2)\nbox = Box([1, 2])\n"
+        "state['step'] = 7\nFINAL('done')",
+    )
+    await fresh.set_context({"doc": "abc"})
+    saved = await fresh.snapshot_namespace()
+    pid = sandbox.pid
+    await ok(sandbox, "leftover = 'from before'")
+    await sandbox.load_namespace(saved)
+    assert sandbox.pid == pid and sandbox.alive
+    out = await ok(
+        sandbox,
+        "print(area(1), box.v, isinstance(box, Box), context['doc'], state)\n"
+        "print('leftover' in globals())",
+    )
+    assert out == "3.14 [1, 2] True abc {'step': 7}\nFalse\n"
+    # A refused blob leaves the process running and its namespace as it was.
+    with pytest.raises(SandboxBlobError):
+        await sandbox.load_namespace(b"junk")
+    assert await ok(sandbox, "print(area(2))") == "12.57\n"
+    # The bridge still reaches the sandbox's llm_query after a load.
+    sandbox.bridge = _echo_bridge
+    try:
+        assert await ok(sandbox, "print(llm_query('hi'))") == "echo:hi\n"
+    finally:
+        sandbox.bridge = None
+
+
+async def _echo_bridge(call: LLMCall) -> list[LLMCallResult]:
+    return [LLMCallResult(response=f"echo:{prompt}") for prompt in call.prompts]
+
+
 async def test_a_dead_process_refuses_work(fresh: SandboxProcess) -> None:
     await fresh.kill()
     assert not fresh.alive

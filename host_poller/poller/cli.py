@@ -27,6 +27,16 @@ import click
     type=click.Path(dir_okay=False, path_type=Path),
     help="SQLite usage ledger (RLM_LEDGER_PATH).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve Prometheus metrics on this port at /metrics (RLM_POLLER_METRICS_PORT).",
+)
+@click.option(
+    "--sub-rlms/--no-sub-rlms",
+    default=None,
+    help="Answer rlm_query below max_depth with sub-RLMs (RLM_POLLER_SUB_RLMS; default on).",
+)
 def poller(
     broker_url: str | None,
     concurrency: int | None,
@@ -34,11 +44,14 @@ def poller(
     wait_s: float | None,
     grace_s: float | None,
     ledger_path: Path | None,
+    metrics_port: int | None,
+    sub_rlms: bool | None,
 ) -> None:
     """Answer the broker's queue with the configured LLMs until SIGTERM/SIGINT.
 
     The token comes from RLM_TENANT_TOKEN (this tenant's requests) or RLM_ADMIN_TOKEN (every
-    tenant's); LLM profiles from RLM_LLM_PROFILES / RLM_LLM_PROFILES_FILE.
+    tenant's); LLM profiles from RLM_LLM_PROFILES / RLM_LLM_PROFILES_FILE. Sub-RLMs run in
+    RLM_ENVIRONMENT (a sandbox runtime at RLM_RUNTIME_URL for pyodide/remote).
     """
     from host_poller.llm.errors import LLMConfigError
     from host_poller.llm.profiles import LLMSettings
@@ -50,6 +63,7 @@ def poller(
         "broker_url": broker_url, "poller_concurrency": concurrency,
         "poller_tenant_concurrency": tenant_concurrency, "poller_wait_s": wait_s,
         "poller_grace_s": grace_s, "ledger_path": ledger_path,
+        "poller_metrics_port": metrics_port, "poller_sub_rlms": sub_rlms,
     }  # fmt: skip
     settings = PollerSettings(**{k: v for k, v in candidates.items() if v is not None})
     try:

@@ -50,6 +50,8 @@ def call_context(request: PendingRequest) -> CallContext:
     if session_depth is not None:
         depth = session_depth + 1
     kind = params.get("kind", "llm")
+    budget = meta.get("budget")
+    started = meta.get("run_started_at")
     return CallContext(
         tenant_id=request.tenant_id,
         session_id=request.session_id,
@@ -57,6 +59,10 @@ def call_context(request: PendingRequest) -> CallContext:
         depth=depth,
         max_depth=_int(meta.get("max_depth")),
         kind=kind if isinstance(kind, str) else "llm",
+        budget=budget if isinstance(budget, dict) else None,
+        run_started_at=float(started)
+        if isinstance(started, (int, float)) and not isinstance(started, bool)
+        else None,
     )
 
 
@@ -117,7 +123,7 @@ class RequestHandler:
         if call.wants_sub_rlm and self.sub_rlm is None:
             raise RequestFailed(
                 "this poller cannot run sub-RLMs (rlm_query below max_depth); run it with "
-                "a tenant token and the RLM loop configured, or lower max_depth",
+                "sub-RLMs on (RLM_POLLER_SUB_RLMS), or lower max_depth",
                 code="sub_rlm_unavailable",
             )
         budget = self._budget(call)
@@ -161,7 +167,7 @@ class RequestHandler:
     def _budget(self, call: CallContext) -> RunBudget | None:
         if self.budgets is None or call.run_id is None:
             return None
-        return self.budgets(call.run_id)
+        return self.budgets.for_call(call)
 
 
 def _sub_model(request: PendingRequest) -> str | None:

@@ -6,7 +6,8 @@ protocols, so it runs (plain completions, no budgets) without them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import JsonValue
@@ -28,6 +29,10 @@ class CallContext:
     """The run's max_depth; None when the session's metadata does not say (no sub-RLMs)."""
     kind: str
     """"llm" (plain completion) or "rlm" (rlm_query)."""
+    budget: Mapping[str, JsonValue] | None = field(default=None, compare=False)
+    """The run's `Budget` as the session's metadata carries it (None: not said)."""
+    run_started_at: float | None = None
+    """Unix time the run started (session metadata), for its time budget."""
 
     @property
     def wants_sub_rlm(self) -> bool:
@@ -54,8 +59,12 @@ class RunBudget(Protocol):
 
 
 class BudgetLookup(Protocol):
-    def __call__(self, run_id: str) -> RunBudget | None:
-        """The budget of run `run_id`, or None when this process does not know the run."""
+    def for_call(self, call: CallContext) -> RunBudget | None:
+        """The budget of the call's run, or None when there is nothing to enforce.
+
+        A run that lives in this process has its own tracker; a run living elsewhere may be
+        tracked from the budget its session metadata carries (`call.budget`).
+        """
         ...
 
 

@@ -52,6 +52,8 @@ class PollerStats:
     answered: int = 0
     failed: int = 0
     abandoned: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    """Answers by outcome: "done", or the error code of an error answer."""
     running: int = 0
     max_running: int = 0
     running_by_tenant: Counter[str] = field(default_factory=Counter)
@@ -322,8 +324,10 @@ class Poller:
             answered = True
             if answer.error is None:
                 self.stats.answered += 1
+                self.stats.outcomes["done"] += 1
             else:
                 self.stats.failed += 1
+                self.stats.outcomes[answer.error.code] += 1
         finally:
             self._tenants.release_ref(tenant)
             if not answered:

@@ -6,16 +6,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from host_poller.llm.client import build_client
 from host_poller.llm.ledger import UsageLedger
-from host_poller.llm.profiles import LLMSettings
+from host_poller.llm.profiles import LLMSettings, Profile
+from host_poller.llm.types import LLMClient
 from host_poller.poller.handler import RequestHandler
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
+from host_poller.poller.metrics import PollerMetrics
 from host_poller.poller.poller import Poller
 from host_poller.poller.router import ModelRouter
 from host_poller.poller.settings import PollerSettings
+
+if TYPE_CHECKING:
+    from host_poller.rlm.budget import RunBudgets
 
 logger = logging.getLogger(__name__)
 
@@ -49,58 +55,105 @@ async def open_poller(
 
 
 @contextlib.asynccontextmanager
-async def _with_sub_rlms(
+async def open_standalone(
     settings: PollerSettings, llm_settings: LLMSettings
 ) -> AsyncIterator[Poller]:
-    """A poller that answers rlm_query with sub-RLMs (needs a tenant token to open sessions)."""
-    from broker.client import BrokerClient
-    from host_poller.rlm.budget import default_run_budgets
-    from host_poller.rlm.sub_rlm import SubRLMRunner as RLMSubRunner
-    from host_poller.settings import HostSettings
+    """The poller of `rlm poller`: sub-RLMs, run budgets from session metadata, metrics.
+
+    Sub-RLMs (unless `poller_sub_rlms` is off) take their environment, sandbox runtime and
+    trajectory directory from `HostSettings` (RLM_ENVIRONMENT, RLM_RUNTIME_URL, ...). With
+    the admin token they open their sessions for the tenant of each request, so one poller
+    runs sub-RLMs for every tenant. The metrics endpoint runs while the poller does.
+    """
+    from host_poller.rlm.budget import RunBudgets
 
     async with contextlib.AsyncExitStack() as stack:
-        router = ModelRouter.from_settings(llm_settings, build_client)
+        metrics = PollerMetrics() if settings.poller_metrics_port is not None else None
+        factory: Callable[[Profile], LLMClient] = build_client
+        if metrics is not None:
+            factory = _instrumented_factory(metrics)
+        router = ModelRouter.from_settings(llm_settings, factory)
         stack.push_async_callback(router.aclose)
         ledger = None
         if settings.ledger_path is not None:
             ledger = UsageLedger(settings.ledger_path)
             stack.callback(ledger.close)
+        budgets = RunBudgets(adopted_idle_s=settings.poller_run_budget_idle_s)
         sub_rlm: SubRLMRunner | None = None
-        if settings.tenant_token is not None:
-            host = HostSettings().model_copy(
-                update={"broker_url": settings.broker_url, "tenant_token": settings.tenant_token}
-            )
-            broker = BrokerClient(
-                settings.broker_url,
-                settings.tenant_token.get_secret_value(),
-                timeout_s=host.broker_timeout_s,
-            )
-            stack.push_async_callback(broker.aclose)
-            sub_rlm = RLMSubRunner(
-                host, broker, router.client, budgets=default_run_budgets, ledger=ledger
+        if settings.poller_sub_rlms:
+            sub_rlm = await stack.enter_async_context(
+                _sub_rlm_runner(settings, router, budgets, ledger)
             )
         else:
-            logger.warning(
-                "sub-RLMs disabled: they need RLM_TENANT_TOKEN to open sessions; "
-                "rlm_query below max_depth is answered with error sub_rlm_unavailable"
-            )
+            logger.info("sub-RLMs disabled: rlm_query below max_depth gets sub_rlm_unavailable")
         poller = await stack.enter_async_context(
             open_poller(
                 settings,
                 llm_settings,
-                budgets=default_run_budgets,
+                budgets=budgets,
                 sub_rlm=sub_rlm,
                 ledger=ledger,
                 router=router,
             )
         )
+        if metrics is not None and settings.poller_metrics_port is not None:
+            metrics.bind(poller)
+            server = metrics.serve(settings.poller_metrics_host, settings.poller_metrics_port)
+            stack.callback(server.close)
         yield poller
+
+
+def _instrumented_factory(metrics: PollerMetrics) -> Callable[[Profile], LLMClient]:
+    def factory(profile: Profile) -> LLMClient:
+        return metrics.instrument(build_client(profile))
+
+    return factory
+
+
+@contextlib.asynccontextmanager
+async def _sub_rlm_runner(
+    settings: PollerSettings,
+    router: ModelRouter,
+    budgets: RunBudgets,
+    ledger: UsageLedger | None,
+) -> AsyncIterator[SubRLMRunner]:
+    from broker.client import BrokerClient
+    from host_poller.rlm.sub_rlm import SubRLMRunner as RLMSubRunner
+    from host_poller.settings import HostSettings
+
+    host = HostSettings().model_copy(update={"broker_url": settings.broker_url})
+    admin = settings.tenant_token is None
+    if host.environment in ("pyodide", "remote") and not host.runtime_url:
+        logger.warning(
+            "sub-RLMs need a sandbox runtime: RLM_RUNTIME_URL is unset, so rlm_query below "
+            "max_depth will fail with sub_rlm_failed",
+            extra={"environment": host.environment},
+        )
+    async with BrokerClient(
+        settings.broker_url,
+        settings.token().get_secret_value(),
+        timeout_s=host.broker_timeout_s,
+    ) as broker:
+        logger.info(
+            "sub-RLMs enabled",
+            extra={"environment": host.environment, "as_admin": admin,
+                   "metadata_environments": list(settings.poller_sub_rlm_environments)},
+        )  # fmt: skip
+        yield RLMSubRunner(
+            host,
+            broker,
+            router.client,
+            budgets=budgets,
+            ledger=ledger,
+            admin=admin,
+            environments=settings.poller_sub_rlm_environments,
+        )
 
 
 async def serve(settings: PollerSettings, llm_settings: LLMSettings) -> None:
     """Run one poller until SIGTERM or SIGINT; in-flight calls get the grace period."""
     loop = asyncio.get_running_loop()
-    async with _with_sub_rlms(settings, llm_settings) as poller:
+    async with open_standalone(settings, llm_settings) as poller:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, poller.request_stop)

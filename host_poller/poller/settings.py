@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from host_poller.poller.errors import PollerConfigError
 
@@ -58,6 +59,42 @@ class PollerSettings(BaseSettings):
     poller_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest wait between retries of an unreachable broker."
     )
+    poller_sub_rlms: bool = Field(
+        True,
+        description="Answer rlm_query below max_depth with sub-RLMs (environment, runtime and "
+        "trajectory directory from the RLM_* settings of the RLM loop); off: such calls are "
+        "answered with error sub_rlm_unavailable.",
+    )
+    poller_sub_rlm_environments: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("pyodide", "remote"),
+        description="Comma-separated environments a sub-RLM may take from its run's session "
+        "metadata, besides RLM_ENVIRONMENT (always allowed). `local` runs model code in the "
+        "poller's process: list it only when every tenant is trusted.",
+    )
+    poller_run_budget_idle_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Budgets of runs living in other processes are tracked from their session "
+        "metadata until this long without a call of theirs.",
+    )
+    poller_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port at /metrics (unset: no endpoint; "
+        "0: a free port).",
+    )
+    poller_metrics_host: str = Field(
+        "0.0.0.0",  # noqa: S104 - a scrape target (opt-in: the port is unset by default)
+        description="Address the metrics endpoint listens on.",
+    )
+
+    @field_validator("poller_sub_rlm_environments", mode="before")
+    @classmethod
+    def _split_environments(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> PollerSettings:

@@ -6,6 +6,11 @@ refuses calls beyond max_depth). A `RunTracker` counts one run; `RunBudgets` map
 trackers, so that the poller (`host_poller.poller.hooks.BudgetLookup`) and the sub-RLMs of
 a run share the run's count within one process.
 
+A run that lives in another process (a root run by `rlm ask` or the Python API, answered by a
+standalone `rlm poller`) is *adopted*: the first call of it that this process sees opens a
+tracker from the budget and start time in the session metadata, and that tracker counts what
+this process sees of the run until it has been idle for a while (see docs/rlm.md, Budgets).
+
 What is charged where (so nothing is counted twice):
 - the root's and every sub-RLM's own root-model calls: by the RLM loop (`charge_root`);
 - plain sub-calls (`llm_query`): by the poller (`charge`);
@@ -24,6 +29,9 @@ from typing import Any, Literal
 from host_poller.llm.types import Usage
 from host_poller.poller.errors import BudgetExceeded
 from host_poller.poller.hooks import CallContext
+
+#: Adopted trackers (runs of other processes) idle this long are forgotten.
+DEFAULT_ADOPTED_IDLE_S = 3600.0
 
 StopReason = Literal[
     "final",
@@ -89,6 +97,8 @@ class RunTracker:
         self.run_id = run_id
         self.budget = budget
         self.started = started if started is not None else time.monotonic()
+        self.started_at = time.time() - (time.monotonic() - self.started)
+        """Unix time of `started`; sessions carry it so other processes share the clock."""
         self._lock = threading.Lock()
         self._usage = Usage()
         self._by_key: dict[tuple[str, int], Usage] = {}
@@ -204,24 +214,85 @@ def describe_stop(reason: StopReason, budget: Budget) -> str:
     return _describe(reason, budget)
 
 
-class RunBudgets:
-    """Trackers of the runs alive in this process, by run id (the poller's `BudgetLookup`)."""
+def tracker_from_wire(
+    run_id: str, budget: Mapping[str, Any] | None, run_started_at: float | None
+) -> RunTracker:
+    """A tracker of a run that started elsewhere, from its session metadata.
 
-    def __init__(self) -> None:
+    The time budget counts from `run_started_at` (Unix time, so clocks of different hosts
+    must roughly agree); without it, from now.
+    """
+    started = None
+    if run_started_at is not None:
+        started = time.monotonic() - max(0.0, time.time() - run_started_at)
+    return RunTracker(run_id, Budget.from_wire(budget), started=started)
+
+
+class RunBudgets:
+    """Trackers of the runs this process knows, by run id (the poller's `BudgetLookup`).
+
+    Runs are *opened* by whoever runs them here (`open` / `release`); runs of other
+    processes are *adopted* by `for_call` from their session metadata and forgotten after
+    `adopted_idle_s` without a call.
+    """
+
+    def __init__(self, *, adopted_idle_s: float = DEFAULT_ADOPTED_IDLE_S) -> None:
+        if adopted_idle_s <= 0:
+            raise ValueError("adopted_idle_s must be > 0")
+        self.adopted_idle_s = adopted_idle_s
         self._lock = threading.Lock()
         self._runs: dict[str, RunTracker] = {}
+        self._adopted: dict[str, tuple[RunTracker, float]] = {}
+        self._next_prune = 0.0
 
     def __call__(self, run_id: str) -> RunTracker | None:
         with self._lock:
-            return self._runs.get(run_id)
+            tracker = self._runs.get(run_id)
+            if tracker is None and run_id in self._adopted:
+                tracker = self._adopted[run_id][0]
+            return tracker
 
-    def open(self, run_id: str, budget: Budget) -> tuple[RunTracker, bool]:
-        """The run's tracker, created if absent; True when this call created it."""
+    def for_call(self, call: CallContext) -> RunTracker | None:
+        """The call's run tracker: the open run's, else one adopted from the call's metadata."""
+        if call.run_id is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            tracker = self._runs.get(call.run_id)
+            if tracker is not None:
+                return tracker
+            self._prune_locked(now)
+            entry = self._adopted.get(call.run_id)
+            if entry is not None:
+                tracker = entry[0]
+            elif call.budget is not None:
+                tracker = tracker_from_wire(call.run_id, call.budget, call.run_started_at)
+            else:
+                return None
+            self._adopted[call.run_id] = (tracker, now)
+            return tracker
+
+    def open(
+        self, run_id: str, budget: Budget, *, started_at: float | None = None
+    ) -> tuple[RunTracker, bool]:
+        """The run's tracker, created if absent; True when this call created it.
+
+        An adopted tracker of the run is returned (not created) so that a sub-RLM run here
+        shares the count of the calls this process already answered for its run.
+        """
         with self._lock:
             tracker = self._runs.get(run_id)
             if tracker is not None:
                 return tracker, False
-            tracker = self._runs[run_id] = RunTracker(run_id, budget)
+            entry = self._adopted.get(run_id)
+            if entry is not None:
+                self._adopted[run_id] = (entry[0], time.monotonic())
+                return entry[0], False
+            if started_at is not None:
+                tracker = tracker_from_wire(run_id, budget.to_wire(), started_at)
+            else:
+                tracker = RunTracker(run_id, budget)
+            self._runs[run_id] = tracker
             return tracker, True
 
     def release(self, run_id: str) -> None:
@@ -229,8 +300,24 @@ class RunBudgets:
             self._runs.pop(run_id, None)
 
     def __len__(self) -> int:
+        """Runs opened in this process and not released (adopted runs not included)."""
         with self._lock:
             return len(self._runs)
+
+    @property
+    def adopted(self) -> int:
+        """Runs of other processes tracked here now."""
+        with self._lock:
+            self._prune_locked(time.monotonic())
+            return len(self._adopted)
+
+    def _prune_locked(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + min(60.0, self.adopted_idle_s / 2)
+        cutoff = now - self.adopted_idle_s
+        for run_id in [r for r, (_, seen) in self._adopted.items() if seen < cutoff]:
+            del self._adopted[run_id]
 
 
 #: The registry shared by the RLM loop and the poller within one process.

@@ -2,8 +2,8 @@
 
 Shared by the root run (`RLM.acompletion`) and the sub-RLMs the poller starts. The broker
 session's metadata carries what the poller needs to route and bound the session's calls:
-{"run_id", "depth", "max_depth", "max_iterations", "budget", "environment"[, "sub_model",
-"parent_request_id"]}.
+{"run_id", "depth", "max_depth", "max_iterations", "budget", "run_started_at", "environment"
+[, "sub_model", "parent_request_id"]}.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class SessionPlan:
     request_id: str | None = None
     sub_model: str | None = None
     extra_metadata: dict[str, JsonValue] = field(default_factory=dict)
+    tenant_id: str | None = None
+    """The tenant to open the broker session for: set when the broker client holds the
+    admin token (a standalone poller running sub-RLMs for every tenant)."""
 
     def metadata(self, tracker: RunTracker) -> dict[str, JsonValue]:
         meta: dict[str, JsonValue] = {
@@ -53,6 +56,7 @@ class SessionPlan:
             "max_depth": self.max_depth,
             "max_iterations": self.max_iterations,
             "budget": tracker.budget.to_wire(),
+            "run_started_at": tracker.started_at,
             "environment": self.environment,
             **self.extra_metadata,
         }
@@ -100,7 +104,9 @@ async def run_session(
     path = trajectory.path if trajectory is not None else None
     try:
         created = await broker.create_session(
-            ttl_s=settings.run_session_ttl_s, metadata=plan.metadata(tracker)
+            ttl_s=settings.run_session_ttl_s,
+            metadata=plan.metadata(tracker),
+            tenant_id=plan.tenant_id,
         )
     except ClientError as exc:
         raise RLMRunError(

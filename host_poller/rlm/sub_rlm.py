@@ -3,14 +3,18 @@
 The child's context is the rlm_query prompt, its initial `state` the caller's (sent with
 the request); it answers with its final answer, its usage, and the keys of `state` it
 added or changed (the caller merges them; see docs/state.md). The child shares its run's
-budget and trajectory when the run lives in this process, else it opens its own.
+budget and trajectory when the run lives in this process, else it counts against a tracker
+opened (or adopted) from the budget in the session metadata.
+
+A runner holding the admin token (a standalone poller answering every tenant) opens each
+child session for the tenant of the request it answers.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pydantic import JsonValue
@@ -19,7 +23,7 @@ from broker.client import BrokerClient
 from broker.protocol import PendingRequest
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import LLMClient
-from host_poller.poller.errors import BudgetExceeded, SubRLMFailed
+from host_poller.poller.errors import BudgetExceeded, RequestFailed, SubRLMFailed
 from host_poller.poller.hooks import CallContext, SubRLMResult
 from host_poller.rlm.budget import Budget, RunBudgets, default_run_budgets
 from host_poller.rlm.errors import RLMError
@@ -51,9 +55,16 @@ def prompt_text(request: PendingRequest) -> str:
 class SubRLMRunner:
     """The poller's `SubRLMRunner`: runs an rlm_query as a sub-RLM session.
 
-    `broker` holds a tenant token (it opens the child's broker session); `client_for`
+    `broker` opens the child's broker session: with a tenant token (`admin=False`) for that
+    tenant, with the admin token (`admin=True`) for the tenant of each request. `client_for`
     gives the child's root model for the request's `model` (the poller's
     `ModelRouter.client`).
+
+    `environments`: the environments a child may take from the run's session metadata
+    (the root's environment); `settings.environment` is always allowed, and a run naming
+    another one is refused. None trusts the metadata (a stack whose runs are all this
+    host's own). Session metadata is written by the tenant's host, so a poller serving
+    tenants it does not trust must not let them choose `local` (code in this process).
     """
 
     def __init__(
@@ -65,6 +76,8 @@ class SubRLMRunner:
         budgets: RunBudgets | None = None,
         ledger: UsageLedger | None = None,
         on_event: EventHook | None = None,
+        admin: bool = False,
+        environments: Collection[str] | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -72,29 +85,45 @@ class SubRLMRunner:
         self.budgets = budgets if budgets is not None else default_run_budgets
         self.ledger = ledger
         self.on_event = on_event
+        self.admin = admin
+        self.environments = None if environments is None else frozenset(environments)
+
+    def environment_for(self, requested: Any) -> str:
+        """The child's environment: the run's, if allowed; raises `RequestFailed` if not."""
+        own = self.settings.environment
+        if not isinstance(requested, str) or requested == own:
+            return own
+        if self.environments is None or requested in self.environments:
+            return requested
+        raise RequestFailed(
+            f"this poller does not run sub-RLMs in the {requested!r} environment (allowed: "
+            f"{', '.join(sorted(self.environments | {own}))}; RLM_POLLER_SUB_RLM_ENVIRONMENTS)",
+            code="sub_rlm_unavailable",
+        )
 
     async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
         meta = request.metadata or {}
         run_id = call.run_id or uuid.uuid4().hex
         budget_wire = meta.get("budget")
         budget = Budget.from_wire(budget_wire if isinstance(budget_wire, dict) else None)
-        tracker, created = self.budgets.open(run_id, budget)
+        environment = self.environment_for(meta.get("environment"))
+        tracker, created = self.budgets.open(run_id, budget, started_at=call.run_started_at)
         trajectory: TrajectoryWriter | None = tracker.trajectory
         own_trajectory = trajectory is None
         if trajectory is None:
             name = f"{run_id}.d{call.depth}.{request.id}.jsonl"
             trajectory = TrajectoryWriter(self.settings.trajectory_dir / name)
-        environment = meta.get("environment")
         sub_model = meta.get("sub_model")
         plan = SessionPlan(
             run_id=run_id,
             depth=call.depth,
             max_depth=call.max_depth if call.max_depth is not None else self.settings.max_depth,
             max_iterations=_int(meta.get("max_iterations"), self.settings.max_iterations),
-            environment=environment if isinstance(environment, str) else self.settings.environment,
+            environment=environment,
             state=dict(request.state or {}),
             request_id=request.id,
             sub_model=sub_model if isinstance(sub_model, str) else None,
+            tenant_id=request.tenant_id if self.admin else None,
         )
         initial: dict[str, JsonValue] = dict(request.state or {})
         try:

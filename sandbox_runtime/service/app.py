@@ -10,31 +10,22 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import pydantic_core
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rlm_http.bodies import read_body, read_model
+from rlm_http.responses import exception_handlers, json_response
 from sandbox_runtime import protocol as p
-from sandbox_runtime.service.errors import (
-    ApiError,
-    BadRequest,
-    PayloadTooLarge,
-    Unauthorized,
-    ValidationFailed,
-)
+from sandbox_runtime.service.errors import BadRequest, Unauthorized, ValidationFailed
 from sandbox_runtime.service.runtime import Runtime
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
 
 logger = logging.getLogger(__name__)
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def create_app(
@@ -56,21 +47,21 @@ def create_app(
 
     async def create_session(request: Request) -> Response:
         authorize(request)
-        body = await _model(request, p.CreateSession, settings.max_body_bytes)
+        body = await read_model(request, p.CreateSession, settings.max_body_bytes)
         session = await runtime.sessions.create(body)
-        return _json(p.SessionCreated(session_id=session.id), status=201)
+        return json_response(p.SessionCreated(session_id=session.id), status=201)
 
     async def execute(request: Request) -> Response:
         authorize(request)
-        body = await _model(request, p.ExecuteRequest, settings.max_body_bytes)
+        body = await read_model(request, p.ExecuteRequest, settings.max_body_bytes)
         result = await runtime.sessions.execute(
             request.path_params["session_id"], body.code, body.timeout_s
         )
-        return _json(result)
+        return json_response(result)
 
     async def put_context(request: Request) -> Response:
         authorize(request)
-        raw = await _read_body(request, settings.max_context_bytes)
+        raw = await read_body(request, settings.max_context_bytes)
         try:
             context = pydantic_core.from_json(raw)
         except ValueError as exc:
@@ -83,7 +74,7 @@ def create_app(
     async def get_vars(request: Request) -> Response:
         authorize(request)
         variables = await runtime.sessions.list_vars(request.path_params["session_id"])
-        return _json(p.VarsResponse(variables=variables))
+        return json_response(p.VarsResponse(variables=variables))
 
     async def get_session(request: Request) -> Response:
         authorize(request)
@@ -101,8 +92,10 @@ def create_app(
 
     async def execute_stateless(request: Request) -> Response:
         authorize(request)
-        body = await _model(request, p.StatelessExecuteRequest, settings.max_stateless_body_bytes)
-        return _json(await runtime.stateless.execute(body))
+        body = await read_model(
+            request, p.StatelessExecuteRequest, settings.max_stateless_body_bytes
+        )
+        return json_response(await runtime.stateless.execute(body))
 
     async def health(request: Request) -> Response:
         data = runtime.health()
@@ -136,65 +129,9 @@ def create_app(
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={
-            ApiError: _api_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
+        exception_handlers=exception_handlers(
+            logger, internal_message="internal error; see the runtime's logs"
+        ),
     )
     app.state.runtime = runtime
     return app
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    if exc.status >= 500:
-        logger.warning("request failed", extra={"path": request.url.path, "error": exc.message})
-    return _error(exc.status, exc.code, exc.message)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(exc.status_code, code, str(exc.detail))
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error", extra={"path": request.url.path}, exc_info=exc)
-    return _error(500, "internal_error", "internal error; see the runtime's logs")
-
-
-def _json(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _model(request: Request, model: type[ModelT], limit: int) -> ModelT:
-    raw = await _read_body(request, limit)
-    try:
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            raise BadRequest(f"the body is not JSON: {errors[0]['msg']}") from exc
-        detail = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
-        )
-        raise ValidationFailed(detail) from exc

@@ -13,11 +13,16 @@
         ├── RuntimeUnreachable        connection failed or timed out
         └── RuntimeResponseError      the runtime answered with an error body (.status, .code)
 
-Route handlers raise `ApiError`s; `sandbox_runtime.service.app` turns them into responses.
+Each class here is also its namesake in `rlm_http.errors` (`ApiError` is an
+`rlm_http.HttpApiError`, `TooManySessions` an `rlm_http.TooManyRequests`), which holds the
+status codes and the shared behaviour. Route handlers raise `ApiError`s; the body readers of
+`rlm_http.bodies` raise `rlm_http`'s own classes; `sandbox_runtime.service.app` turns both
+into responses.
 """
 
 from __future__ import annotations
 
+from rlm_http import errors as http
 from sandbox_runtime.errors import SandboxError
 
 
@@ -25,60 +30,45 @@ class ServiceError(SandboxError):
     """Root of the runtime service's exceptions."""
 
 
-class ApiError(ServiceError):
+class ApiError(ServiceError, http.HttpApiError):
     """An error the API answers with; `status` and `code` go on the wire."""
 
-    status: int = 500
-    code: str = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+class BadRequest(ApiError, http.BadRequest):
+    pass
 
 
-class BadRequest(ApiError):
-    status, code = 400, "bad_request"
+class Unauthorized(ApiError, http.Unauthorized):
+    pass
 
 
-class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
+class NotFound(ApiError, http.NotFound):
+    pass
 
 
-class NotFound(ApiError):
-    status, code = 404, "not_found"
+class PayloadTooLarge(ApiError, http.PayloadTooLarge):
+    pass
 
 
-class PayloadTooLarge(ApiError):
-    status, code = 413, "payload_too_large"
+class ValidationFailed(ApiError, http.ValidationFailed):
+    pass
 
 
-class ValidationFailed(ApiError):
-    status, code = 422, "invalid_body"
+class TooManySessions(ApiError, http.TooManyRequests):
+    code = "too_many_sessions"
 
 
-class TooManySessions(ApiError):
-    status, code = 429, "too_many_sessions"
-
-
-class Unavailable(ApiError):
-    status, code = 503, "unavailable"
+class Unavailable(ApiError, http.Unavailable):
+    pass
 
 
 class RuntimeClientError(ServiceError):
     """Root of the errors `RuntimeClient` raises."""
 
 
-class RuntimeUnreachable(RuntimeClientError):
+class RuntimeUnreachable(RuntimeClientError, http.ServiceUnreachable):
     """The runtime could not be reached (connection refused, reset, or timed out)."""
 
 
-class RuntimeResponseError(RuntimeClientError):
-    """The runtime answered with an error body."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
+class RuntimeResponseError(RuntimeClientError, http.ServiceResponseError):
+    """The runtime answered with an error body (`.status`, `.code`, `.message`)."""

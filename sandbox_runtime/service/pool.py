@@ -1,9 +1,10 @@
 """The warm pool: sandboxes started ahead of demand from the memory snapshot.
 
-Every start-up (pool refill, a dedicated sandbox with its own memory bound, a restore from a
-hibernation blob) runs under one semaphore sized to the core count: start-up is CPU-bound,
-and more at once only makes each slower. A caller waiting for a sandbox adds to the refill
-target, so waiters and refills share one queue and none starts a process of its own.
+Every start-up (pool refill, a dedicated sandbox with its own memory bound) runs under one
+semaphore sized to the core count: start-up is CPU-bound, and more at once only makes each
+slower. A caller waiting for a sandbox adds to the refill target, so waiters and refills share
+one queue and none starts a process of its own. A restore (a hibernated session, a stateless
+call with a snapshot) loads its blob into a sandbox from the pool instead of starting one.
 """
 
 from __future__ import annotations
@@ -107,25 +108,48 @@ class WarmPool:
             return process
 
     async def restore(self, blob: bytes, memory_bytes: int | None = None) -> SandboxProcess:
-        """Start a sandbox from a hibernation (or stateless) namespace blob.
+        """A sandbox holding the namespace of a hibernation (or stateless) blob.
 
+        With the pool's memory bound the blob is loaded into a sandbox taken from the pool,
+        so no start-up lies on the caller's path; with another bound one is started for it.
         A blob the sandbox cannot read raises `BadRequest` (code `bad_snapshot`).
         """
-        async with self._spawn_slots:
-            started = time.perf_counter()
-            try:
-                process = await SandboxProcess.restore(
-                    self._worker_settings, blob, memory_bytes=memory_bytes or self.memory_bytes
-                )
-            except (SandboxBlobError, SandboxGuestError) as exc:
-                raise BadRequest(
-                    f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
-                ) from exc
-            except SandboxError as exc:
-                raise Unavailable(f"a sandbox could not be restored: {exc}") from exc
-            self._metrics.spawns.inc()
-            self._metrics.spawn_seconds.observe(time.perf_counter() - started)
-            return process
+        if memory_bytes is None or memory_bytes == self.memory_bytes:
+            process = await self.acquire()
+            self.kick()
+        else:
+            process = await self.spawn(memory_bytes)
+        try:
+            await process.load_namespace(blob)
+        except SandboxBlobError as exc:
+            # Refused before anything reached the sandbox: it is still clean, keep it.
+            if process.memory_limit == self.memory_bytes:
+                self._give_back(process)
+            else:
+                await quiet_kill(process)
+            raise BadRequest(
+                f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
+            ) from exc
+        except SandboxGuestError as exc:
+            await quiet_kill(process)
+            raise BadRequest(
+                f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
+            ) from exc
+        except SandboxError as exc:
+            await quiet_kill(process)
+            raise Unavailable(f"a sandbox could not be restored: {exc}") from exc
+        except BaseException:
+            await quiet_kill(process)
+            raise
+        return process
+
+    def _give_back(self, process: SandboxProcess) -> None:
+        """Return an untouched sandbox (no bridge, no code run, no data loaded) to the pool.
+
+        `acquire` kills it instead of handing it out if it died meanwhile.
+        """
+        self._ready.put_nowait(process)
+        self._filled.set()
 
     async def aclose(self) -> None:
         """Stop refilling and end every pooled sandbox."""

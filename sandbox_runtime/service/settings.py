@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,12 @@ class RuntimeSettings(BaseSettings):
         None,
         description="Bearer token the host side must present. Required unless the service "
         "listens on loopback only.",
+    )
+
+    loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of the service: uvloop (faster bridge and HTTP), or the stdlib "
+        "asyncio loop.",
     )
 
     pool_size: int = Field(2, ge=0, le=256, description="Pre-started sandboxes kept ready.")

@@ -38,7 +38,11 @@ class Launched:
     read_transport: asyncio.BaseTransport
 
     def close_pipes(self) -> None:
-        """Close the supervisor's ends (idempotent)."""
+        """Close the supervisor's ends (idempotent).
+
+        The read transport is closed explicitly: the stdlib loop closes it at end of stream,
+        but uvloop keeps a read pipe whose peer died open (and its fd) until it is closed.
+        """
         self.writer.close()
         self.read_transport.close()
         with contextlib.suppress(OSError):
@@ -171,13 +175,27 @@ async def launch(
         os.close(fd)
     _limit_resources(process.pid, settings)
     os.set_blocking(parent_int, False)
-    reader = asyncio.StreamReader(limit=PIPE_STREAM_LIMIT)
-    read_transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(parent_in, "rb", buffering=0)
-    )
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(parent_out, "wb", buffering=0)
-    )
+    read_file = os.fdopen(parent_in, "rb", buffering=0)
+    write_file = os.fdopen(parent_out, "wb", buffering=0)
+    read_transport: asyncio.BaseTransport | None = None
+    try:
+        reader = asyncio.StreamReader(limit=PIPE_STREAM_LIMIT)
+        read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), read_file
+        )
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, write_file
+        )
+    except BaseException:
+        # Nothing owns the process or the pipes yet: end both here, or they leak.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        if read_transport is not None:
+            read_transport.close()
+        for handle in (read_file, write_file):
+            handle.close()
+        os.close(parent_int)
+        raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return Launched(process, reader, writer, parent_int, read_transport)
 

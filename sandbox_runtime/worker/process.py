@@ -86,6 +86,9 @@ class SandboxProcess:
         except SandboxCrashedError as exc:
             await process.kill()
             raise SandboxStartError(f"sandbox process died while starting: {exc}") from exc
+        except BaseException:  # e.g. cancelled: the process must not outlive its handle
+            await process.kill()
+            raise
         if frame is None:
             await process.kill()
             raise SandboxStartError(
@@ -102,15 +105,18 @@ class SandboxProcess:
     async def restore(
         cls, settings: WorkerSettings, blob: bytes, *, memory_bytes: int | None = None
     ) -> SandboxProcess:
-        """A new process holding the namespace saved by `hibernate` / `snapshot_namespace`."""
+        """A new process holding the namespace saved by `hibernate` / `snapshot_namespace`.
+
+        The blob is checked before the process is started. To restore without a start-up,
+        `load_namespace` into a process that is already running (e.g. from a warm pool).
+        """
         raw = await asyncio.to_thread(blob_format.unpack, blob, settings.max_blob_bytes)
         process = await cls.spawn(settings, memory_bytes=memory_bytes)
         try:
-            frame = await process._control({"op": "restore"}, raw)
+            await process._load_raw_namespace(raw)
         except BaseException:
             await process.kill()
             raise
-        process.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
         return process
 
     @property
@@ -209,6 +215,22 @@ class SandboxProcess:
             )
         level = self.settings.blob_compression_level
         return await asyncio.to_thread(blob_format.pack, frame.payload, level)
+
+    async def load_namespace(self, blob: bytes) -> None:
+        """Replace this process's namespace with the one in `blob` (`hibernate`'s format).
+
+        Variables, cell definitions and imports of the blob replace whatever the process
+        held; `state` and `context` come from the blob too. Names that could not be restored
+        are in `last_skipped`. A bad blob raises `SandboxBlobError` (nothing was sent) or
+        `SandboxGuestError` (the sandbox refused it, and its namespace may be half-loaded:
+        kill the process rather than use it).
+        """
+        raw = await asyncio.to_thread(blob_format.unpack, blob, self.settings.max_blob_bytes)
+        await self._load_raw_namespace(raw)
+
+    async def _load_raw_namespace(self, raw: bytes) -> None:
+        frame = await self._control({"op": "restore"}, raw)
+        self.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
 
     async def hibernate(self) -> bytes:
         """The compressed namespace blob, then the process exits."""

@@ -69,3 +69,16 @@ async def running_poller(
     finally:
         stop.set()
         await task
+
+
+async def echo_answers(
+    client: BrokerClient, seen: list[p.PendingRequest], stop: asyncio.Event
+) -> None:
+    """A poller until `stop`: answers every request with `echo:<prompt>`, noting it in `seen`."""
+    while not stop.is_set():
+        batch = await client.pending(max_items=16, wait_s=0.2)
+        if batch.requests:
+            seen.extend(batch.requests)
+            await client.respond_batch(
+                [p.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
+            )

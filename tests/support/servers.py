@@ -1,4 +1,4 @@
-"""Real servers for tests: any ASGI app under uvicorn in a thread, or `rlm` subprocesses."""
+"""Real servers for tests: the broker under uvicorn in a thread, or `rlm` subprocesses."""
 
 from __future__ import annotations
 
@@ -7,60 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx2
-import uvicorn
 
 from broker.app import create_app
 from broker.redis_server import free_port
-from broker.serve import uvicorn_config
 from broker.settings import BrokerSettings
+from rlm_http.serving import ThreadedServer, uvicorn_config
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-class ThreadedServer:
-    """Serves an ASGI app with uvicorn (uvloop + httptools) in a background thread."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self._server = uvicorn.Server(
-            uvicorn_config(app, "127.0.0.1", self.port, graceful_shutdown_s=1)
-        )
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 15.0) -> Self:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=15)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class BrokerServer(ThreadedServer):
@@ -71,7 +29,10 @@ class BrokerServer(ThreadedServer):
             **{"redis_url": redis_url, "admin_token": ADMIN_TOKEN, **overrides}
         )
         self.admin_token = ADMIN_TOKEN
-        super().__init__(create_app(self.settings), port)
+        config = uvicorn_config(
+            create_app(self.settings), "127.0.0.1", port or free_port(), graceful_shutdown_s=1
+        )
+        super().__init__(config, name="test-broker")
 
 
 class BrokerProcess:

@@ -1,6 +1,9 @@
-"""Reading request bodies and query values: size limits, JSON, and protocol validation.
+"""Reading request bodies and query values: size limits, JSON, and model validation.
 
-Every failure is an `ApiError` with a message that says what was wrong and where.
+Every failure is an `rlm_http.errors.HttpApiError` whose message says what was wrong and
+where: 400 for a malformed body or query value, 413 past the size limit (checked while the
+body streams in, so an over-long body is never held whole), 422 for a body that does not fit
+the model.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from broker.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from rlm_http.errors import BadRequest, PayloadTooLarge, ValidationFailed
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+#: How many field errors a 422 message lists.
+_MAX_FIELD_ERRORS = 10
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The parsed JSON body; 413 beyond `max_bytes` (checked while streaming), 400 if malformed."""
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body; 413 beyond `max_bytes` (declared or streamed), 400 for a bad length."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -31,13 +37,40 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body; limits as `read_body`, 400 if empty or malformed."""
+    raw = await read_body(request, max_bytes)
     if not raw:
         raise BadRequest("the request needs a JSON body")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+async def read_model(
+    request: Request, model: type[ModelT], max_bytes: int, *, empty: bytes | None = b"{}"
+) -> ModelT:
+    """The body parsed straight into `model` (no intermediate objects).
+
+    An empty body reads as `empty` (`{}`: a model whose fields have defaults needs no body;
+    `None` makes it a 400). 400 for malformed JSON, 422 naming each offending field.
+    """
+    raw = await read_body(request, max_bytes)
+    if not raw:
+        if empty is None:
+            raise BadRequest("the request needs a JSON body")
+        raw = empty
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise BadRequest(f"malformed JSON: {errors[0]['msg']}") from exc
+        raise ValidationFailed(describe(exc)) from exc
 
 
 def validate(model: type[ModelT], data: Any) -> ModelT:
@@ -49,8 +82,9 @@ def validate(model: type[ModelT], data: Any) -> ModelT:
 
 
 def describe(exc: ValidationError) -> str:
+    """`loc: message` for the first few errors of `exc`, separated by `; `."""
     parts = []
-    for error in exc.errors(include_url=False)[:10]:
+    for error in exc.errors(include_url=False, include_input=False)[:_MAX_FIELD_ERRORS]:
         location = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{location}: {error['msg']}")
     return "; ".join(parts)

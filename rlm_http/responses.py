@@ -1,0 +1,72 @@
+"""JSON answers, and the one table from exceptions to HTTP error answers.
+
+Every error answer is `{"error": {"code", "message"}}` with a fitting status, never a
+traceback: an `HttpApiError` carries its own status and code, Starlette's `HTTPException`
+(unknown route, wrong method) gets a code from its status, and anything else is a logged 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ExceptionHandler
+
+from rlm_http.errors import HttpApiError
+
+_HTTP_EXCEPTION_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def json_response(body: bytes | str | BaseModel | object, status: int = 200) -> Response:
+    """A JSON response; bytes and str are sent as they are (already JSON), models dumped."""
+    if isinstance(body, BaseModel):
+        content: bytes | str = body.model_dump_json()
+    elif isinstance(body, bytes | str):
+        content = body
+    else:
+        content = json.dumps(body, separators=(",", ":"))
+    return Response(content, status_code=status, media_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    """The error body every endpoint answers with."""
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def api_error_response(exc: HttpApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+def http_exception_response(exc: HTTPException) -> Response:
+    code = _HTTP_EXCEPTION_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+def exception_handlers(
+    logger: logging.Logger, *, internal_message: str = "internal error (logged)"
+) -> Mapping[Any, ExceptionHandler]:
+    """Starlette `exception_handlers` for the table above; failures are logged to `logger`.
+
+    API errors of status 500 and up are logged as warnings, unexpected exceptions with their
+    traceback; the client of an unexpected one gets a 500 with `internal_message`.
+    """
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HttpApiError):
+            if exc.status >= 500:
+                logger.warning(
+                    "request failed", extra={"path": request.url.path, "error": exc.message}
+                )
+            return api_error_response(exc)
+        if isinstance(exc, HTTPException):
+            return http_exception_response(exc)
+        logger.error("unhandled error", extra={"path": request.url.path}, exc_info=exc)
+        return error_response(500, "internal_error", internal_message)
+
+    return {HttpApiError: handle, HTTPException: handle, Exception: handle}

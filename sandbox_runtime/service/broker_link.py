@@ -1,0 +1,204 @@
+"""A lean HTTP/1.1 keep-alive link to the broker for the bridge's hot path.
+
+Every `llm_query` from a sandbox is one `POST /enqueue` (and, for a long answer, re-waits on
+`GET /requests/{id}`) on the runtime's critical path. Through httpx2 (the project's general
+HTTP client) each request costs the runtime ~0.5 ms of CPU in the client's layers; this link
+costs ~0.05 ms (bench/sandbox.py, docs/performance.md). It speaks only what the broker's
+answers need: one request at a time per connection, `Content-Length` or chunked bodies,
+keep-alive, `http` and `https`. Everything else of the broker API goes through
+`broker.client.BrokerClient`.
+
+Failures raise `BrokerUnreachable` (connect, timeout, a broken or malformed answer); an HTTP
+status is returned to the caller as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from urllib.parse import urlsplit
+
+from broker.errors import BrokerUnreachable
+
+#: Largest response head and body accepted (the broker's answers are a few KB to a few MB).
+MAX_HEAD_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 2**20
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @property
+    def usable(self) -> bool:
+        """Still open: the broker closes idle keep-alive connections, and the loop sees the
+        end of stream long before the connection is reused."""
+        return not self.reader.at_eof() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _StaleConnection(Exception):
+    """A reused connection ended before any byte of the answer: the request was not read."""
+
+
+class BrokerLink:
+    """Keep-alive connections to one broker, carrying one bearer token."""
+
+    def __init__(self, url: str, token: str, *, max_connections: int = 16) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._prefix = parts.path.rstrip("/")
+        default_port = self._port == (443 if self._tls else 80)
+        host_header = self._host if default_port else f"{self._host}:{self._port}"
+        self._head_tail = (
+            f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\n"
+            "Accept: application/json\r\n"
+        )
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
+
+    async def request(
+        self, method: str, target: str, body: bytes | None, *, timeout_s: float
+    ) -> tuple[int, bytes]:
+        """Send one request; (status, body). `target` is the path and query."""
+        head = f"{method} {self._prefix}{target} HTTP/1.1\r\n{self._head_tail}"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        message = (head + "\r\n").encode("latin-1") + (body or b"")
+        async with self._slots:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self._exchange(message)
+            except TimeoutError as exc:
+                raise BrokerUnreachable(
+                    f"{method} {target}: no answer within {timeout_s:g} s"
+                ) from exc
+
+    async def _exchange(self, message: bytes) -> tuple[int, bytes]:
+        connection = self._reuse()
+        if connection is not None:
+            try:
+                return await self._roundtrip(connection, message)
+            except _StaleConnection:
+                pass  # the broker closed it as we sent: a new connection, once
+        connection = await self._connect()
+        try:
+            return await self._roundtrip(connection, message)
+        except _StaleConnection as exc:
+            raise BrokerUnreachable("the broker closed the connection without an answer") from exc
+
+    def _reuse(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise BrokerUnreachable("the broker link is closed")
+        try:
+            reader, writer = await asyncio.open_connection(
+                self._host, self._port, ssl=self._tls, limit=MAX_HEAD_BYTES
+            )
+        except OSError as exc:
+            raise BrokerUnreachable(
+                f"cannot connect to {self._host}:{self._port}: {exc}"
+            ) from exc
+        return _Connection(reader, writer)
+
+    async def _roundtrip(self, connection: _Connection, message: bytes) -> tuple[int, bytes]:
+        got_bytes = False
+        try:
+            connection.writer.write(message)
+            await connection.writer.drain()
+            status_line = await connection.reader.readline()
+            got_bytes = bool(status_line)
+            if not status_line:
+                raise _StaleConnection
+            status, keep_alive, length, chunked = await _read_head(connection.reader, status_line)
+            if chunked:
+                body = await _read_chunked(connection.reader)
+            else:
+                body = await connection.reader.readexactly(length) if length else b""
+        except _StaleConnection:
+            connection.close()
+            raise
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            connection.close()
+            if not got_bytes and isinstance(exc, ConnectionError):
+                raise _StaleConnection from exc
+            raise BrokerUnreachable(f"broken answer from the broker: {exc!r}") from exc
+        except BaseException:  # cancelled or timed out mid-answer: the connection is unusable
+            connection.close()
+            raise
+        if keep_alive and not self._closed:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return status, body
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+            with contextlib.suppress(OSError):
+                await connection.writer.wait_closed()
+
+
+async def _read_head(
+    reader: asyncio.StreamReader, status_line: bytes
+) -> tuple[int, bool, int, bool]:
+    """(status, keep-alive, content length, chunked) from the status line and headers."""
+    version, _, rest = status_line.partition(b" ")
+    if not version.startswith(b"HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
+    status = int(rest[:3])
+    keep_alive = version == b"HTTP/1.1"
+    length, chunked, size = 0, False, len(status_line)
+    while True:
+        line = await reader.readline()
+        size += len(line)
+        if size > MAX_HEAD_BYTES:
+            raise ValueError("answer head too large")
+        if line in (b"\r\n", b"\n"):
+            break
+        if not line:
+            raise asyncio.IncompleteReadError(line, None)
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+            if length > MAX_BODY_BYTES:
+                raise ValueError(f"answer body of {length} bytes")
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            token = value.strip().lower()
+            keep_alive = token == b"keep-alive" or (keep_alive and token != b"close")
+    return status, keep_alive, length, chunked
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size = int((await reader.readline()).split(b";", 1)[0], 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return bytes(body)
+        if len(body) + size > MAX_BODY_BYTES:
+            raise ValueError("answer body too large")
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
