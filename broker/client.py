@@ -71,8 +71,10 @@ class BrokerClient(ApiClient):
         )
         return await self._call("POST", "/sessions", p.SessionCreated, body=body)
 
-    async def delete_session(self, session_id: str) -> None:
-        await self._send("DELETE", f"/sessions/{session_id}")
+    async def delete_session(self, session_id: str, *, tenant_id: str | None = None) -> None:
+        """Close a session; `tenant_id` is for admin tokens, which must name the tenant."""
+        params = {"tenant_id": tenant_id} if tenant_id is not None else None
+        await self._send("DELETE", f"/sessions/{session_id}", params=params)
 
     # --- sandbox side (session token) --------------------------------------------------------
 

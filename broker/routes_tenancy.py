@@ -12,7 +12,7 @@ from broker.auth import Principal
 from broker.context import context_of, principal_of
 from broker.errors import Forbidden, NotFound, ValidationFailed
 from broker.handling import endpoint
-from broker.keys import is_session_id
+from broker.keys import is_session_id, is_tenant_id
 from rlm_http.bodies import read_json, validate
 from rlm_http.responses import json_response
 
@@ -63,15 +63,16 @@ def _session_tenant(principal: Principal, requested: str | None) -> str:
 async def delete_session(request: Request) -> Response:
     ctx = context_of(request)
     principal = await principal_of(request)
-    principal.require("tenant")
+    principal.require("tenant", "admin")
+    tenant_id = _session_tenant(principal, request.query_params.get("tenant_id"))
     session_id = request.path_params["session_id"]
-    if not is_session_id(session_id):
+    if not is_session_id(session_id) or not is_tenant_id(tenant_id):
         raise NotFound(f"no session {session_id}")
-    failed, token_hash = await ctx.store.close_session(principal.tenant, session_id)
+    failed, token_hash = await ctx.store.close_session(tenant_id, session_id)
     if token_hash:
         ctx.auth.forget(token_hash)
     logger.info(
         "session closed",
-        extra={"tenant_id": principal.tenant_id, "session_id": session_id, "failed": failed},
+        extra={"tenant_id": tenant_id, "session_id": session_id, "failed": failed},
     )
     return json_response({"session_id": session_id, "status": "closed", "failed_requests": failed})

@@ -137,3 +137,17 @@ async def test_admin_opens_sessions_for_a_named_tenant_only(broker_server: Broke
                 queued = await session_for_a.enqueue(p.LLMRequest(prompt="via admin"), wait_s=0)
             (request,) = (await tenant_a.client.pending(wait_s=2)).requests
             assert (request.id, request.tenant_id) == (queued.id, tenant_a.tenant_id)
+
+
+async def test_admin_closes_a_named_tenants_session(broker_server: BrokerServer) -> None:
+    url, admin_token = broker_server.url, broker_server.admin_token
+    async with tenant_and_session(url, admin_token, name="a") as (tenant, session):
+        async with BrokerClient(url, admin_token) as admin:
+            assert await _status(admin.delete_session(session.session_id)) == 422
+            other = "t_0000000000000000"
+            assert await _status(admin.delete_session(session.session_id, tenant_id=other)) == 404
+            await admin.delete_session(session.session_id, tenant_id=tenant.tenant_id)
+        assert await _status(session.client.enqueue(p.LLMRequest(prompt="x"))) == 401
+        assert (
+            await _status(tenant.client.delete_session(session.session_id, tenant_id=other)) == 403
+        )

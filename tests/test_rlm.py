@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from host_poller.fake_llm import load_scenario
 from host_poller.llm.profiles import LLMSettings
 from host_poller.llm.types import LLMClient
 from host_poller.poller.settings import PollerSettings
@@ -105,7 +106,11 @@ def code_rule(name: str, code: str, **match: Any) -> dict[str, Any]:
 
 async def test_depth_1_count_words_gives_the_right_count(redis_url: str, tmp_path: Path) -> None:
     text = make_text("whale", 37)
-    async with harness(redis_url, tmp_path, "count_words") as h:
+    # Each scripted reply takes 50 ms, so parallel sub-calls must overlap at the fake LLM
+    # (and sequential ones could not).
+    slow = load_scenario("count_words").model_dump(mode="json")
+    slow["faults"] = {**(slow.get("faults") or {}), "delay_s": 0.05}
+    async with harness(redis_url, tmp_path, slow) as h:
         result = await h.rlm(max_depth=1).acompletion(text, "How often is the word 'whale' used?")
         stats = h.fake_stats()
     assert result.answer == "37"

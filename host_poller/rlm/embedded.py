@@ -79,13 +79,15 @@ class SubRLMComponent(StackComponent):
             raise RuntimeError("the sub_rlm component needs the llm component before it")
         settings = host_settings_for(stack, self.settings)
         self._router = ModelRouter.from_settings(stack.llm_settings, build_client)
+        # The stack's poller answers every tenant (admin token), so its sub-RLMs open their
+        # sessions for each request's own tenant.
         self._broker = BrokerClient(
             stack.broker_url,
-            stack.tenant_token,
+            stack.admin_token,
             timeout_s=settings.broker_timeout_s,
         )
         self.poller.sub_rlm = SubRLMRunner(
-            settings, self._broker, self._router.client, budgets=self.budgets
+            settings, self._broker, self._router.client, budgets=self.budgets, admin=True
         )
         self.poller.budgets = self.budgets
 

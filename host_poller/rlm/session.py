@@ -151,7 +151,7 @@ async def run_session(
     finally:
         await env.aclose()
         try:
-            await broker.delete_session(created.session_id)
+            await broker.delete_session(created.session_id, tenant_id=plan.tenant_id)
         except ClientError as exc:
             # The session expires on its own; a failed delete only keeps it a little longer.
             logger.warning(
