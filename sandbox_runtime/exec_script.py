@@ -358,6 +358,8 @@ class Repl:
         self.depth, self.max_depth = depth, max_depth
         self.state_max_bytes, self.output_max_chars = state_max_bytes, output_max_chars
         self.default_model = default_model
+        self._sub_calls: list[dict[str, Any]] = []
+        self._sub_calls_lock = threading.Lock()
         self.final: dict[str, Any] | None = None
         self._last_good_state = check_state(state or {}, state_max_bytes)
         self.answer: dict[str, Any] = {"content": "", "ready": False}
@@ -397,6 +399,12 @@ class Repl:
 
     def _run(self, calls: list[dict[str, Any]], batched: bool) -> list[dict[str, Any]]:
         results = self.transport.send(calls)
+        with self._sub_calls_lock:
+            self._sub_calls.extend(
+                {"id": r["id"], "usage": r["usage"]}
+                for r in results
+                if isinstance(r.get("id"), str) and isinstance(r.get("usage"), dict)
+            )
         failures: list[LLMCallError] = []
         for index, result in enumerate(results):
             if result.get("status") != "done" or not isinstance(result.get("response"), str):
@@ -513,6 +521,8 @@ class Repl:
         loops but not a blocking C call, which is interrupted only when that call returns.
         """
         out, err = _CappedBuffer(self.output_max_chars), _CappedBuffer(self.output_max_chars)
+        with self._sub_calls_lock:
+            self._sub_calls = []
         error: dict[str, Any] | None = None
         timer = _Timer()
         started = time.perf_counter()
@@ -550,7 +560,14 @@ class Repl:
             "duration_ms": (time.perf_counter() - started) * 1000,
             "memory_bytes": 0,
             "state": state,
+            "sub_calls": self._take_sub_calls(),
         }
+
+    def _take_sub_calls(self) -> list[dict[str, Any]]:
+        """The answered sub-calls of the execution that just ran, for the host's accounting."""
+        with self._sub_calls_lock:
+            taken, self._sub_calls = self._sub_calls, []
+        return taken
 
 
 def build_namespace(

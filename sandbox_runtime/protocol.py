@@ -66,6 +66,17 @@ class ExecutionError(_Model):
     traceback: str | None = None
 
 
+class SubCallUsage(_Model):
+    """One answered llm_query / rlm_query of an execution: its broker request id and usage.
+
+    The host counts each request id once, so a run's usage is right whichever process's
+    poller answered the call.
+    """
+
+    id: str
+    usage: dict[str, float]
+
+
 class ExecutionResult(_Model):
     """What one execution returned: output, the Python error if any, and FINAL if it was called."""
 
@@ -85,6 +96,10 @@ class ExecutionResult(_Model):
     state_lost: bool = Field(
         False,
         description="The sandbox was killed (timeout grace or crash) and variables were lost.",
+    )
+    sub_calls: list[SubCallUsage] = Field(
+        default_factory=list,
+        description="The answered sub-calls of this execution, with their usage.",
     )
 
 

@@ -178,8 +178,11 @@ async def test_admin_poller_runs_depth_2_for_two_tenants(
     for result in results:
         assert result.stop_reason == "final"
         assert result.final_state == {"children": 2}, "each child bumped the shared state"
-        # The children ran in the poller's process: here, only the root's own calls count.
-        assert set(result.usage_by_depth) == {0}
+        # The children ran in the poller's process; their whole subtrees come back with
+        # the answers, so the root's usage covers the run, at depths 0 and 1.
+        assert set(result.usage_by_depth) == {0, 1}
+    # Every LLM call the scripted LLM served is counted in exactly one run, once.
+    assert sum(r.usage.calls for r in results) == llm_requests
 
     # Each tenant's root session and its two children's sessions were opened for it.
     opened = [
@@ -200,7 +203,7 @@ async def test_admin_poller_runs_depth_2_for_two_tenants(
         assert [e["depth"] for e in iterations] == [1, 1]
 
     # The metrics endpoint saw it all: 4 rlm_query and the plain calls, all answered.
-    root_calls = sum(r.usage.calls for r in results)
+    root_calls = sum(r.usage_by_depth[0].calls for r in results)
     poller_llm_calls = total(samples, "rlm_poller_llm_calls_total", outcome="ok")
     assert poller_llm_calls == llm_requests - root_calls
     child_root_calls = 4 * 2

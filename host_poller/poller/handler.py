@@ -63,6 +63,7 @@ def call_context(request: PendingRequest) -> CallContext:
         run_started_at=float(started)
         if isinstance(started, (int, float)) and not isinstance(started, bool)
         else None,
+        request_id=request.id,
     )
 
 

@@ -33,6 +33,8 @@ class CallContext:
     """The run's `Budget` as the session's metadata carries it (None: not said)."""
     run_started_at: float | None = None
     """Unix time the run started (session metadata), for its time budget."""
+    request_id: str | None = None
+    """The broker request id: the run's tracker counts each answered request once."""
 
     @property
     def wants_sub_rlm(self) -> bool:

@@ -13,22 +13,41 @@ this process sees of the run until it has been idle for a while (see docs/rlm.md
 
 What is charged where (so nothing is counted twice):
 - the root's and every sub-RLM's own root-model calls: by the RLM loop (`charge_root`);
-- plain sub-calls (`llm_query`): by the poller (`charge`);
-- an `rlm_query` answered by a sub-RLM: not again (`charge` ignores it), its parts are
-  already counted above.
+- plain sub-calls (`llm_query`): by the poller (`charge`) when it runs in this process;
+- an `rlm_query` answered by a sub-RLM of this process: not again (`charge` ignores it for
+  the total), its parts are already counted above;
+- every answered sub-call, as the code's execution reports it (broker request id and the
+  answer's usage, a sub-RLM's covering its whole subtree): by the RLM loop
+  (`charge_reported`), unless this tracker already counted that request id. This is how a
+  run whose sub-calls were answered by a poller in another process counts them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from host_poller.llm.types import Usage
 from host_poller.poller.errors import BudgetExceeded
 from host_poller.poller.hooks import CallContext
+
+#: The model name under which sub-calls answered in another process are counted (the
+#: broker's answer does not say which model gave it).
+REPORTED_MODEL = "sub-calls answered elsewhere"
+
+
+class ReportedSubCall(Protocol):
+    """One sub-call as an execution reports it (`sandbox_runtime.protocol.SubCallUsage`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def usage(self) -> Mapping[str, Any]: ...
+
 
 #: Adopted trackers (runs of other processes) idle this long are forgotten.
 DEFAULT_ADOPTED_IDLE_S = 3600.0
@@ -103,6 +122,7 @@ class RunTracker:
         self._usage = Usage()
         self._by_key: dict[tuple[str, int], Usage] = {}
         self._by_session: dict[str, Usage] = {}
+        self._counted_requests: set[str] = set()
         self.sub_calls_admitted = 0
         self.sub_calls_done = 0
         self.sub_call_log: list[SubCallRecord] = []
@@ -140,10 +160,16 @@ class RunTracker:
         with self._lock:
             self.sub_calls_done += 1
             self.sub_call_log.append(record)
+            if call.request_id is not None:
+                if call.request_id in self._counted_requests:
+                    usage = Usage()  # its execution already reported it
+                self._counted_requests.add(call.request_id)
+            # A sub-RLM's answer covers its subtree: part of what its caller's session used,
+            # but already in the run's total through the sub-RLM's own charges.
+            previous = self._by_session.get(call.session_id, Usage())
+            self._by_session[call.session_id] = previous + usage
             if not call.wants_sub_rlm:
                 self._add_locked(model or "sub-call", call.depth, usage)
-                previous = self._by_session.get(call.session_id, Usage())
-                self._by_session[call.session_id] = previous + usage
         if self.on_sub_call is not None:
             self.on_sub_call(record)
 
@@ -153,6 +179,24 @@ class RunTracker:
         """Count a call of an RLM's own (root) model at `depth`."""
         with self._lock:
             self._add_locked(model, depth, usage)
+
+    def charge_reported(
+        self, session_id: str, depth: int, calls: Iterable[ReportedSubCall]
+    ) -> None:
+        """Count the sub-calls an execution reports, each broker request id once.
+
+        Those this tracker already counted (a poller or sub-RLM of this process) are skipped;
+        the rest were answered elsewhere and are counted here with the answer's usage.
+        """
+        with self._lock:
+            for call in calls:
+                if call.id in self._counted_requests:
+                    continue
+                self._counted_requests.add(call.id)
+                usage = Usage.from_wire(call.usage)
+                self._add_locked(REPORTED_MODEL, depth, usage)
+                previous = self._by_session.get(session_id, Usage())
+                self._by_session[session_id] = previous + usage
 
     def exhausted(self) -> StopReason | None:
         """The budget that is spent, or None; a refused sub-call counts as spent."""

@@ -104,7 +104,11 @@ class _Loop:
         return completion
 
     async def execute(self, code: str) -> ExecutionResult:
-        return await self.ctx.env.execute(code, timeout_s=self.ctx.settings.execution_timeout_s)
+        ctx = self.ctx
+        result = await ctx.env.execute(code, timeout_s=ctx.settings.execution_timeout_s)
+        # Sub-calls answered by a poller in another process are counted here, once each.
+        ctx.tracker.charge_reported(ctx.session_id, ctx.depth + 1, result.sub_calls)
+        return result
 
     async def final_from_tag(self, reply: str) -> tuple[dict[str, Any] | None, CodeRun | None]:
         tag = final_tag(reply)
