@@ -41,6 +41,20 @@ class HostSettings(BaseSettings):
         1, ge=0, le=16, description="Recursion depth: 1 = sub-calls are plain LLM calls."
     )
     max_iterations: int = Field(20, ge=1, le=1000, description="Root turns before a forced answer.")
+    sub_rlm_max_depth: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Operator cap on the depth of sub-RLMs this host runs for any tenant: a "
+        "session's max_depth (tenant-set metadata) is lowered to it.",
+    )
+    sub_rlm_max_iterations: int = Field(
+        50,
+        ge=1,
+        le=1000,
+        description="Operator cap on the root turns of each sub-RLM this host runs, whatever "
+        "the session's metadata asks.",
+    )
     output_max_chars: int = Field(
         20_000, ge=100, description="Execution output fed back to the model is cut to this."
     )

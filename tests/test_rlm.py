@@ -154,6 +154,19 @@ async def test_depth_2_sub_rlms_count_and_share_state(redis_url: str, tmp_path: 
     )
 
 
+async def test_the_operator_caps_a_tenants_depth(redis_url: str, tmp_path: Path) -> None:
+    """max_depth comes from tenant-written metadata; RLM_SUB_RLM_MAX_DEPTH bounds it."""
+    text = make_text("whale", 23, lines=600)
+    async with harness(redis_url, tmp_path, "depth2", sub_rlm_max_depth=1) as h:
+        result = await h.rlm(max_depth=2).acompletion(text, "How often is the word 'whale' used?")
+    events = read_trajectory(result.trajectory_path)  # type: ignore[arg-type]
+    assert not [e for e in events if e["event"] == "iteration" and e["depth"] == 1]
+    first = next(e for e in events if e["event"] == "iteration" and e["depth"] == 0)
+    error = first["code"][0]["error"]
+    assert error is not None
+    assert "RLM_SUB_RLM_MAX_DEPTH" in error["message"]
+
+
 STATE_SCENARIO = scenario(
     "state_merge",
     code_rule(

@@ -103,6 +103,12 @@ class SubRLMRunner:
 
     async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
         meta = request.metadata or {}
+        # Metadata is written by the tenant's host: the operator's caps bound what it asks.
+        if call.depth >= self.settings.sub_rlm_max_depth:
+            raise BudgetExceeded(
+                f"sub-RLM at depth {call.depth}: this host runs sub-RLMs only below depth "
+                f"{self.settings.sub_rlm_max_depth} (RLM_SUB_RLM_MAX_DEPTH)"
+            )
         run_id = call.run_id or uuid.uuid4().hex
         budget_wire = meta.get("budget")
         budget = Budget.from_wire(budget_wire if isinstance(budget_wire, dict) else None)
@@ -117,8 +123,14 @@ class SubRLMRunner:
         plan = SessionPlan(
             run_id=run_id,
             depth=call.depth,
-            max_depth=call.max_depth if call.max_depth is not None else self.settings.max_depth,
-            max_iterations=_int(meta.get("max_iterations"), self.settings.max_iterations),
+            max_depth=min(
+                call.max_depth if call.max_depth is not None else self.settings.max_depth,
+                self.settings.sub_rlm_max_depth,
+            ),
+            max_iterations=min(
+                _int(meta.get("max_iterations"), self.settings.max_iterations),
+                self.settings.sub_rlm_max_iterations,
+            ),
             environment=environment,
             state=dict(request.state or {}),
             request_id=request.id,
