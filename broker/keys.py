@@ -15,7 +15,7 @@ one slot and each Lua script touches a single slot.
     <p>:{t}:reap                        string rate-limits re-delivery scans (PX)
     <p>:{t}:reap:cursor                 string where the last re-delivery scan stopped
     <p>:pollers                         zset   poller id -> last /pending time
-    channel <p>:work                    "<tenant id> <count>": new work for that tenant
+    channel <p>:work                    "<tenant id> <count> [<replica>]": new work of a tenant
     channel <p>:replies:<replica>       "<request id>\\n<result json>" for a waiting replica
 """
 

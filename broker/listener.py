@@ -35,6 +35,7 @@ class Listener:
         self._signals = signals
         self._work_channel = store.keys.work_channel().encode()
         self._reply_channel = store.keys.reply_channel(store.replica_id).encode()
+        self._replica_id = store.replica_id
         self.ready = asyncio.Event()
         self.connected = False
 
@@ -74,8 +75,9 @@ class Listener:
                 request_id, _, result = data.partition(b"\n")
                 self._waiters.resolve(text(request_id), result)
             elif channel == self._work_channel:
-                tenant_id, _, count = text(data).partition(" ")
-                self._signals.notify(tenant_id, int(count or 1))
+                tenant_id, count, *origin = text(data).split(" ")
+                if origin != [self._replica_id]:  # this replica woke its own pollers already
+                    self._signals.notify(tenant_id, int(count))
 
     async def _catch_up(self) -> None:
         """Resolve waiters whose answer came while unsubscribed; wake all pollers."""

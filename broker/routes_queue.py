@@ -60,6 +60,8 @@ async def enqueue(request: Request) -> Response:
                 for rid, item in zip(ids, items, strict=True)
             ],
         )
+        # Pollers waiting on this replica wake now; other replicas hear it through Redis.
+        ctx.signals.notify(tenant_id, len(items))
         results = await _await_results(ctx, ids, futures, wait_s)
     finally:
         for request_id, future in zip(ids, futures, strict=True):
@@ -292,10 +294,13 @@ async def _record_answers(
     for tenant_id, indexes in by_tenant.items():
         records = [_result_record(answers[i]) for i in indexes]
         outcomes = await ctx.store.answer(tenant_id, records)
-        for index, outcome in zip(indexes, outcomes, strict=True):
+        for index, record, outcome in zip(indexes, records, outcomes, strict=True):
             statuses[index] = outcome.status
             if outcome.enqueued_at is not None:
                 ctx.metrics.enqueue_to_respond.observe(max(0.0, now - outcome.enqueued_at))
+                # A waiter on this replica gets the answer now, not after a trip through
+                # Redis pub/sub (which still reaches waiters on other replicas).
+                ctx.waiters.resolve(record[0], record[2].encode())
     return statuses
 
 

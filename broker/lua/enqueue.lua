@@ -28,5 +28,5 @@ for i = 0, n - 1 do
   redis.call('SADD', open_set, id)
 end
 redis.call('EXPIRE', open_set, ttl)
-redis.call('PUBLISH', channel, tenant .. ' ' .. n)
+redis.call('PUBLISH', channel, tenant .. ' ' .. n .. ' ' .. replica)
 return n
