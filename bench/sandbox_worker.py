@@ -1,8 +1,8 @@
 """Measures the sandbox worker layer in one run: `python bench/sandbox_worker.py`.
 
 Cold start, start from the memory snapshot, a trivial execute round trip, an llm_query round
-trip through the pipe (the bridge answers at once), hibernate size and time, restore time,
-and PSS memory per live process.
+trip through the pipe (the bridge answers at once), hibernate size and time, restore time
+(into a new process, and into one already running), and PSS memory per live process.
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ async def main() -> None:
             restores.append(time.perf_counter() - started)
             await restored.kill()
         report("restore (spawn + load namespace)", restores)
+        loads = []
+        for process in processes[:-1]:  # already running, like the runtime's warm pool
+            started = time.perf_counter()
+            await process.load_namespace(blob)
+            loads.append(time.perf_counter() - started)
+        report("load namespace into a running one", loads)
         for process in processes:
             await process.kill()
 

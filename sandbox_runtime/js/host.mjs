@@ -43,16 +43,22 @@ function writeAll(bytes) {
   while (sent < bytes.length) sent += output.writeSync(bytes.subarray(sent));
 }
 
+// Frames up to this size go out in one write: the supervisor then wakes once per frame, not
+// once per part (an llm_query frame is on every call's critical path).
+const ONE_WRITE_BYTES = 1 << 20;
+
 function writeFrame(header, payload) {
   const headerBytes = encoder.encode(typeof header === "string" ? header : JSON.stringify(header));
   const body = payload ?? new Uint8Array(0);
-  const prefix = new Uint8Array(8);
-  const view = new DataView(prefix.buffer);
+  const small = 8 + headerBytes.length + body.length <= ONE_WRITE_BYTES;
+  const frame = new Uint8Array(8 + headerBytes.length + (small ? body.length : 0));
+  const view = new DataView(frame.buffer);
   view.setUint32(0, headerBytes.length, false);
   view.setUint32(4, body.length, false);
-  writeAll(prefix);
-  writeAll(headerBytes);
-  if (body.length) writeAll(body);
+  frame.set(headerBytes, 8);
+  if (small && body.length) frame.set(body, 8 + headerBytes.length);
+  writeAll(frame);
+  if (!small) writeAll(body);
 }
 
 function loadGuest(pyodide) {

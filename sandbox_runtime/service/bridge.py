@@ -4,25 +4,36 @@ The sandbox process holds no token and no network; its calls come out through th
 pipe as `LLMCall`s, and this bridge POSTs them to the broker's `/enqueue` with the session's
 broker token, re-waits on `pending`, and hands back one `LLMCallResult` per prompt. Any broker
 failure becomes an error result, which the sandbox raises as `LLMQueryError`.
+
+The calls travel over a `BrokerLink` (keep-alive connections of its own, no general HTTP
+client on this path): the bridge is on the critical path of every `llm_query`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from broker import protocol as bp
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError, ClientError
+from broker.errors import BrokerResponseError, BrokerUnreachable, ClientError
 from sandbox_runtime.protocol import BrokerAccess
+from sandbox_runtime.service.broker_link import BrokerLink
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import LLMCall, LLMCallResult
 
 logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Extra seconds a request may take beyond the broker's long-poll wait.
+_WAIT_SLACK_S = 10.0
+#: First pause between retries of a re-wait after a connection failure (doubles, max 2 s).
+_RETRY_PAUSE_S = 0.05
 
 
 class BrokerBridge:
@@ -42,17 +53,16 @@ class BrokerBridge:
     ) -> None:
         self._access = access
         self._wait_s = wait_s
+        self._wait_param = f"wait={wait_s:g}"
+        self._timeout_s = timeout_s + wait_s + _WAIT_SLACK_S
+        self._retries = retries
         self._metrics = metrics
-        self._client = (
-            BrokerClient(access.url, access.token, timeout_s=timeout_s, retries=retries)
-            if access is not None
-            else None
-        )
+        self._link = BrokerLink(access.url, access.token) if access is not None else None
 
     async def __call__(self, call: LLMCall) -> list[LLMCallResult]:
         if self._metrics is not None:
             self._metrics.llm_calls.labels(kind=call.kind).inc(len(call.prompts))
-        if self._access is None or self._client is None:
+        if self._access is None or self._link is None:
             message = "this sandbox has no broker: llm_query and rlm_query are unavailable"
             return [_error("no_broker", message) for _ in call.prompts]
         if call.kind == "rlm" and self._access.depth + 1 >= self._access.max_depth:
@@ -66,7 +76,7 @@ class BrokerBridge:
         except ValidationError as exc:
             return [_error("invalid_request", _first_error(exc)) for _ in call.prompts]
         try:
-            results = await self._send(self._client, call, requests)
+            results = await self._send(call, requests)
         except BrokerResponseError as exc:
             logger.warning(
                 "broker refused llm call",
@@ -78,21 +88,42 @@ class BrokerBridge:
             return [_error("broker_unreachable", str(exc)) for _ in call.prompts]
         return [_result(result) for result in results]
 
-    async def _send(
-        self, client: BrokerClient, call: LLMCall, requests: list[bp.LLMRequest]
-    ) -> list[bp.RequestResult]:
+    async def _send(self, call: LLMCall, requests: list[bp.LLMRequest]) -> list[bp.RequestResult]:
         if call.batched:
-            batch = await client.enqueue_batch(requests, wait_s=self._wait_s)
+            batch = await self._enqueue(bp.EnqueueBatch(batch=requests), bp.BatchResults)
             first = list(batch.results)
         else:
-            first = [await client.enqueue(r, wait_s=self._wait_s) for r in requests]
+            first = [await self._enqueue(r, bp.RequestResult) for r in requests]
         if all(result.status != "pending" for result in first):
             return first
-        return list(
-            await asyncio.gather(
-                *(client.wait_result(result, wait_s=self._wait_s) for result in first)
-            )
+        return list(await asyncio.gather(*(self._wait_result(result) for result in first)))
+
+    async def _enqueue(self, body: BaseModel, model: type[ModelT]) -> ModelT:
+        """POST /enqueue, never retried: a retry could enqueue twice."""
+        assert self._link is not None
+        content = body.model_dump_json(exclude_none=True).encode()
+        status, answer = await self._link.request(
+            "POST", f"/enqueue?{self._wait_param}", content, timeout_s=self._timeout_s
         )
+        return _parse(status, answer, model)
+
+    async def _wait_result(self, result: bp.RequestResult) -> bp.RequestResult:
+        """Re-wait on a `pending` result (GET /requests/{id}) until it is done or failed."""
+        assert self._link is not None
+        target = f"/requests/{quote(result.id, safe='')}?{self._wait_param}"
+        while result.status == "pending":
+            for attempt in range(self._retries + 1):
+                try:
+                    status, answer = await self._link.request(
+                        "GET", target, None, timeout_s=self._timeout_s
+                    )
+                    break
+                except BrokerUnreachable:
+                    if attempt == self._retries:
+                        raise
+                    await asyncio.sleep(min(2.0, _RETRY_PAUSE_S * 2**attempt))
+            result = _parse(status, answer, bp.RequestResult)
+        return result
 
     def _request(
         self, access: BrokerAccess, call: LLMCall, prompt: str | list[dict[str, str]]
@@ -110,8 +141,8 @@ class BrokerBridge:
         return bp.LLMRequest(messages=messages, **fields)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._link is not None:
+            await self._link.aclose()
 
 
 def make_bridge(
@@ -125,6 +156,21 @@ def make_bridge(
         retries=settings.broker_retries,
         metrics=metrics,
     )
+
+
+def _parse(status: int, answer: bytes, model: type[ModelT]) -> ModelT:
+    """The broker's answer as `model`, or its error body as `BrokerResponseError`."""
+    if status >= 400:
+        try:
+            error = bp.ErrorBody.model_validate_json(answer).error
+        except ValueError:
+            text = answer[:200].decode("utf-8", "replace")
+            raise BrokerResponseError(status, "unexpected_body", text) from None
+        raise BrokerResponseError(status, error.code, error.message)
+    try:
+        return model.model_validate_json(answer)
+    except ValidationError as exc:
+        raise BrokerResponseError(status, "unexpected_body", _first_error(exc)) from exc
 
 
 def _result(result: bp.RequestResult) -> LLMCallResult:

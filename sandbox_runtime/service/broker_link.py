@@ -59,8 +59,7 @@ class BrokerLink:
         default_port = self._port == (443 if self._tls else 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"
         self._head_tail = (
-            f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\n"
-            "Accept: application/json\r\n"
+            f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n"
         )
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
@@ -112,9 +111,7 @@ class BrokerLink:
                 self._host, self._port, ssl=self._tls, limit=MAX_HEAD_BYTES
             )
         except OSError as exc:
-            raise BrokerUnreachable(
-                f"cannot connect to {self._host}:{self._port}: {exc}"
-            ) from exc
+            raise BrokerUnreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return _Connection(reader, writer)
 
     async def _roundtrip(self, connection: _Connection, message: bytes) -> tuple[int, bytes]:
