@@ -5,7 +5,7 @@ pipe as `LLMCall`s, and this bridge POSTs them to the broker's `/enqueue` with t
 broker token, re-waits on `pending`, and hands back one `LLMCallResult` per prompt. Any broker
 failure becomes an error result, which the sandbox raises as `LLMQueryError`.
 
-The calls travel over a `BrokerLink` (keep-alive connections of its own, no general HTTP
+The calls travel over a `KeepAliveLink` (keep-alive connections of its own, no general HTTP
 client on this path): the bridge is on the critical path of every `llm_query`.
 """
 
@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from broker import protocol as bp
 from broker.errors import BrokerResponseError, BrokerUnreachable, ClientError
+from rlm_http.link import KeepAliveLink
 from sandbox_runtime.protocol import BrokerAccess
-from sandbox_runtime.service.broker_link import BrokerLink
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import LLMCall, LLMCallResult
@@ -57,7 +57,11 @@ class BrokerBridge:
         self._timeout_s = timeout_s + wait_s + _WAIT_SLACK_S
         self._retries = retries
         self._metrics = metrics
-        self._link = BrokerLink(access.url, access.token) if access is not None else None
+        self._link = (
+            KeepAliveLink(access.url, access.token, unreachable=BrokerUnreachable)
+            if access is not None
+            else None
+        )
 
     async def __call__(self, call: LLMCall) -> list[LLMCallResult]:
         if self._metrics is not None:

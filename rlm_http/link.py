@@ -1,15 +1,15 @@
-"""A lean HTTP/1.1 keep-alive link to the broker for the bridge's hot path.
+"""A lean HTTP/1.1 keep-alive link to one of our services, for hot paths only.
 
 Every `llm_query` from a sandbox is one `POST /enqueue` (and, for a long answer, re-waits on
 `GET /requests/{id}`) on the runtime's critical path. Through httpx2 (the project's general
-HTTP client) each request costs the runtime ~0.5 ms of CPU in the client's layers; this link
-costs ~0.05 ms (bench/sandbox.py, docs/performance.md). It speaks only what the broker's
+HTTP client, `rlm_http.client.ApiClient`) each request costs ~0.5 ms of CPU in the client's
+layers; this link costs ~0.05 ms (docs/performance.md). It speaks only what our services'
 answers need: one request at a time per connection, `Content-Length` or chunked bodies,
-keep-alive, `http` and `https`. Everything else of the broker API goes through
-`broker.client.BrokerClient`.
+keep-alive, `http` and `https`. It carries the sandbox runtime's bridge to the broker and
+the benchmarks' load; everything else uses `ApiClient`.
 
-Failures raise `BrokerUnreachable` (connect, timeout, a broken or malformed answer); an HTTP
-status is returned to the caller as is.
+Failures raise the caller's `unreachable` type, a `ServiceUnreachable` (connect, timeout, a
+broken or malformed answer); an HTTP status is returned to the caller as is.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import contextlib
 import ssl
 from urllib.parse import urlsplit
 
-from broker.errors import BrokerUnreachable
+from rlm_http.errors import ServiceUnreachable
 
-#: Largest response head and body accepted (the broker's answers are a few KB to a few MB).
+#: Largest response head and body accepted (our answers are a few KB to a few MB).
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 2**20
 
@@ -33,7 +33,7 @@ class _Connection:
 
     @property
     def usable(self) -> bool:
-        """Still open: the broker closes idle keep-alive connections, and the loop sees the
+        """Still open: servers close idle keep-alive connections, and the loop sees the
         end of stream long before the connection is reused."""
         return not self.reader.at_eof() and not self.writer.is_closing()
 
@@ -45,10 +45,17 @@ class _StaleConnection(Exception):
     """A reused connection ended before any byte of the answer: the request was not read."""
 
 
-class BrokerLink:
-    """Keep-alive connections to one broker, carrying one bearer token."""
+class KeepAliveLink:
+    """Keep-alive connections to one service, carrying one bearer token (or none)."""
 
-    def __init__(self, url: str, token: str, *, max_connections: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        max_connections: int = 16,
+        unreachable: type[ServiceUnreachable] = ServiceUnreachable,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -58,9 +65,9 @@ class BrokerLink:
         self._prefix = parts.path.rstrip("/")
         default_port = self._port == (443 if self._tls else 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"
-        self._head_tail = (
-            f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n"
-        )
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self._head_tail = f"Host: {host_header}\r\n{auth}Accept: application/json\r\n"
+        self._unreachable = unreachable
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
@@ -78,7 +85,7 @@ class BrokerLink:
                 async with asyncio.timeout(timeout_s):
                     return await self._exchange(message)
             except TimeoutError as exc:
-                raise BrokerUnreachable(
+                raise self._unreachable(
                     f"{method} {target}: no answer within {timeout_s:g} s"
                 ) from exc
 
@@ -88,12 +95,12 @@ class BrokerLink:
             try:
                 return await self._roundtrip(connection, message)
             except _StaleConnection:
-                pass  # the broker closed it as we sent: a new connection, once
+                pass  # the server closed it as we sent: a new connection, once
         connection = await self._connect()
         try:
             return await self._roundtrip(connection, message)
         except _StaleConnection as exc:
-            raise BrokerUnreachable("the broker closed the connection without an answer") from exc
+            raise self._unreachable("the service closed the connection without an answer") from exc
 
     def _reuse(self) -> _Connection | None:
         while self._idle:
@@ -105,13 +112,13 @@ class BrokerLink:
 
     async def _connect(self) -> _Connection:
         if self._closed:
-            raise BrokerUnreachable("the broker link is closed")
+            raise self._unreachable("the link is closed")
         try:
             reader, writer = await asyncio.open_connection(
                 self._host, self._port, ssl=self._tls, limit=MAX_HEAD_BYTES
             )
         except OSError as exc:
-            raise BrokerUnreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+            raise self._unreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return _Connection(reader, writer)
 
     async def _roundtrip(self, connection: _Connection, message: bytes) -> tuple[int, bytes]:
@@ -135,7 +142,9 @@ class BrokerLink:
             connection.close()
             if not got_bytes and isinstance(exc, ConnectionError):
                 raise _StaleConnection from exc
-            raise BrokerUnreachable(f"broken answer from the broker: {exc!r}") from exc
+            raise self._unreachable(
+                f"broken answer from {self._host}:{self._port}: {exc!r}"
+            ) from exc
         except BaseException:  # cancelled or timed out mid-answer: the connection is unusable
             connection.close()
             raise
