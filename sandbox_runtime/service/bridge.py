@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from broker import protocol as bp
 from broker.errors import BrokerResponseError, BrokerUnreachable, ClientError
 from rlm_http.link import KeepAliveLink
-from sandbox_runtime.protocol import BrokerAccess
+from sandbox_runtime.protocol import BrokerAccess, SubCallUsage
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import LLMCall, LLMCallResult
@@ -62,6 +62,12 @@ class BrokerBridge:
             if access is not None
             else None
         )
+        self._sub_calls: list[SubCallUsage] = []
+
+    def take_sub_calls(self) -> list[SubCallUsage]:
+        """The answered calls (request id, usage) since the last take: one execution's."""
+        taken, self._sub_calls = self._sub_calls, []
+        return taken
 
     async def __call__(self, call: LLMCall) -> list[LLMCallResult]:
         if self._metrics is not None:
@@ -90,6 +96,11 @@ class BrokerBridge:
         except ClientError as exc:
             logger.warning("broker unreachable", extra={"error": str(exc), "kind": call.kind})
             return [_error("broker_unreachable", str(exc)) for _ in call.prompts]
+        self._sub_calls.extend(
+            SubCallUsage(id=r.id, usage=r.usage.model_dump())
+            for r in results
+            if r.usage is not None
+        )
         return [_result(result) for result in results]
 
     async def _send(self, call: LLMCall, requests: list[bp.LLMRequest]) -> list[bp.RequestResult]:

@@ -130,6 +130,8 @@ class SessionManager:
                 result = await process.execute(code, timeout_s=timeout, output_bytes=output)
             except SandboxError as exc:
                 result = _crash_result(exc, time.perf_counter() - started)
+            # The host counts the run's sub-calls from here (each request id once).
+            result = result.model_copy(update={"sub_calls": session.bridge.take_sub_calls()})
             session.executions += 1
             session.touch()
             if not process.alive or result.state_lost:

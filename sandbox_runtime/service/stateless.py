@@ -53,6 +53,7 @@ class StatelessExecutor:
             try:
                 process.bridge = bridge
                 result, snapshot = await self._run(process, request, context, limits)
+                result = result.model_copy(update={"sub_calls": bridge.take_sub_calls()})
             finally:
                 await quiet_kill(process)
         finally:
