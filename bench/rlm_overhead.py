@@ -104,7 +104,7 @@ if __name__ == "__main__":
     parser.add_argument("--k", type=int, default=64, help="sub-calls per run")
     parser.add_argument("--delay", type=float, default=0.02, help="scripted LLM delay per call")
     parser.add_argument(
-        "--respond-window", type=float, default=0.005, help="poller's answer batching window"
+        "--respond-window", type=float, default=0.0, help="poller's answer batching window"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

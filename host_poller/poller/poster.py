@@ -1,5 +1,5 @@
-"""Posting answers in batches: one `POST /respond` carries every answer that finished within
-a short window of the first (up to `max_items`), instead of one POST per answer.
+"""Posting answers in batches: one `POST /respond` carries every answer that is ready (up to
+`max_items`, optionally waiting `window_s` for more), instead of one POST per answer.
 
 A single poster task posts one batch at a time; answers finishing during a POST join the
 next batch, so batches grow with load. While the broker is unreachable the answers wait and

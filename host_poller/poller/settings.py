@@ -45,10 +45,11 @@ class PollerSettings(BaseSettings):
         64, ge=1, le=1024, description="Most answers posted in one POST /respond."
     )
     poller_respond_window_s: float = Field(
-        0.005,
+        0.0,
         ge=0,
         le=1,
-        description="How long finished answers wait for company before one POST /respond.",
+        description="How long finished answers wait for company before one POST /respond. "
+        "0: post at once; answers that finish while a POST is in flight still go together.",
     )
     poller_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM/stop(): how long in-flight calls may still finish."
