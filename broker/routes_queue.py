@@ -12,7 +12,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,6 +27,21 @@ from broker.store import Claimed
 from rlm_http.bodies import query_float, query_int, read_json, validate
 from rlm_http.responses import json_response
 
+BatchT = TypeVar("BatchT", p.EnqueueBatch, p.AnswerBatch)
+
+
+def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | None:
+    """`data` as a batch when it has `key` (None: a single item), at most `limit` long."""
+    if not (isinstance(data, dict) and key in data):
+        return None
+    batch = validate(model, data)
+    size = len(getattr(batch, key))
+    if size > limit:
+        setting = "RLM_MAX_ENQUEUE_BATCH" if key == "batch" else "RLM_MAX_RESPOND_BATCH"
+        raise PayloadTooLarge(f"batch of {size} exceeds {limit} ({setting})")
+    return batch
+
+
 # --- the sandbox side --------------------------------------------------------------------
 
 
@@ -37,16 +52,9 @@ async def enqueue(request: Request) -> Response:
     principal.require("session")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     data = await read_json(request, ctx.settings.max_body_bytes)
-    is_batch = isinstance(data, dict) and "batch" in data
-    if is_batch:
-        items = validate(p.EnqueueBatch, data).batch
-        if len(items) > ctx.settings.max_enqueue_batch:
-            raise PayloadTooLarge(
-                f"batch of {len(items)} exceeds {ctx.settings.max_enqueue_batch} "
-                "(RLM_MAX_ENQUEUE_BATCH)"
-            )
-    else:
-        items = [validate(p.LLMRequest, data)]
+    batch = _batch_of(data, "batch", p.EnqueueBatch, ctx.settings.max_enqueue_batch)
+    is_batch = batch is not None
+    items = batch.batch if batch is not None else [validate(p.LLMRequest, data)]
     tenant_id = principal.tenant
     ids = [f"{tenant_id}.{secrets.token_hex(10)}" for _ in items]
     # Register before publishing, so that an instant answer finds its waiter.
@@ -255,16 +263,9 @@ async def respond(request: Request) -> Response:
     principal = await principal_of(request)
     principal.require("tenant", "admin")
     data = await read_json(request, ctx.settings.max_body_bytes)
-    is_batch = isinstance(data, dict) and "responses" in data
-    if is_batch:
-        answers = validate(p.AnswerBatch, data).responses
-        if len(answers) > ctx.settings.max_respond_batch:
-            raise PayloadTooLarge(
-                f"batch of {len(answers)} exceeds {ctx.settings.max_respond_batch} "
-                "(RLM_MAX_RESPOND_BATCH)"
-            )
-    else:
-        answers = [validate(p.Answer, data)]
+    batch = _batch_of(data, "responses", p.AnswerBatch, ctx.settings.max_respond_batch)
+    is_batch = batch is not None
+    answers = batch.responses if batch is not None else [validate(p.Answer, data)]
     statuses = await _record_answers(ctx, principal, answers)
     if is_batch:
         results = [{"id": a.id, "status": s} for a, s in zip(answers, statuses, strict=True)]
