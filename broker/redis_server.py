@@ -81,7 +81,11 @@ class RedisServer:
             "--maxclients",
             "10000",
         ]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: a Ctrl+C in the terminal must not kill Redis before the
+        # broker that uses it has stopped (the owner stops it, last).
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         self._wait_ready()
         return self
 

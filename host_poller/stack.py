@@ -13,9 +13,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,6 +147,20 @@ class LocalStack:
                 if self.runtime_url
                 else {}
             ),
+            **self._scripted_llm_environ(),
+        }
+
+    def _scripted_llm_environ(self) -> dict[str, str]:
+        """The scripted LLM's profiles, so that `rlm ask` in another shell reaches it too (a
+        configured provider's profiles are the user's own settings already)."""
+        if not self.scripted_llm or self.llm_settings is None:
+            return {}
+        root, sub = self.llm_settings.root(), self.llm_settings.sub()
+        profiles = [p.model_dump(mode="json") for p in (root, sub)]
+        return {
+            "RLM_LLM_PROFILES": json.dumps(profiles),
+            "RLM_ROOT_PROFILE": root.name,
+            "RLM_SUB_PROFILE": sub.name,
         }
 
     def admin_client(self, **kwargs: Any) -> BrokerClient:
@@ -358,12 +374,13 @@ def _broker_settings(stack: LocalStack) -> BrokerSettings:
 
 
 def write_env_file(path: Path, variables: dict[str, str]) -> None:
-    """Write `NAME=value` lines readable by the owner only (they hold tokens)."""
+    """Write shell-quoted `NAME=value` lines (for `set -a; . FILE`), readable by the owner
+    only (they hold tokens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode otherwise
-        handle.writelines(f"{name}={value}\n" for name, value in variables.items())
+        handle.writelines(f"{name}={shlex.quote(value)}\n" for name, value in variables.items())
 
 
 def describe(stack: LocalStack, env_file: Path | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -122,9 +123,31 @@ def test_rlm_up_serves_until_sigterm(tmp_path: Path) -> None:
     )
     try:
         asyncio.run(wait_until(env_file.exists, timeout_s=60))
-        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        values = {
+            name: shlex.split(value)[0]
+            for name, value in (line.split("=", 1) for line in env_file.read_text().splitlines())
+        }
         health = httpx2.get(f"{values['RLM_BROKER_URL']}/health", timeout=10)
         assert health.status_code == 200
+        # The README's second shell: source the file, ask through the running stack.
+        context = tmp_path / "context.txt"
+        context.write_text("a whale and a whale\n" * 50)
+        asked = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'set -a; . "{env_file}"; set +a; '
+                f'"{rlm}" ask --no-progress --context "{context}" '
+                "\"How many times does the word 'whale' appear?\"",
+            ],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert asked.returncode == 0, asked.stderr[-2000:]
+        assert asked.stdout.strip() == "100"
         child.send_signal(signal.SIGTERM)
         stdout, stderr = child.communicate(timeout=60)
     finally:
