@@ -21,6 +21,7 @@ from broker.auth import Authenticator
 from broker.context import BrokerContext
 from broker.listener import Listener
 from broker.metrics import Metrics
+from broker.openapi import openapi_json
 from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
@@ -94,6 +95,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
         Route("/health", routes_ops.health, methods=["GET"]),
         Route("/health/live", routes_ops.live, methods=["GET"]),
         Route("/metrics", routes_ops.metrics, methods=["GET"]),
+        Route("/openapi.json", routes_ops.openapi(openapi_json(settings)), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -29,23 +29,24 @@ from dataclasses import dataclass
 GROUP = "pollers"
 CONSUMER = "broker"
 
-_TENANT_ID = re.compile(r"^t_[0-9a-f]{16}$")
-_SESSION_ID = re.compile(r"^s_[0-9a-f]{16}$")
-_REQUEST_ID = re.compile(r"^(t_[0-9a-f]{16})\.[0-9a-f]{20}$")
+# Matched whole (fullmatch): `$` would also accept a trailing newline.
+_TENANT_ID = re.compile(r"t_[0-9a-f]{16}")
+_SESSION_ID = re.compile(r"s_[0-9a-f]{16}")
+_REQUEST_ID = re.compile(r"(t_[0-9a-f]{16})\.[0-9a-f]{20}")
 
 
 def tenant_of_request(request_id: str) -> str | None:
     """The tenant a request id belongs to (ids embed it), or None for a malformed id."""
-    match = _REQUEST_ID.match(request_id)
+    match = _REQUEST_ID.fullmatch(request_id)
     return match.group(1) if match else None
 
 
 def is_tenant_id(value: str) -> bool:
-    return bool(_TENANT_ID.match(value))
+    return bool(_TENANT_ID.fullmatch(value))
 
 
 def is_session_id(value: str) -> bool:
-    return bool(_SESSION_ID.match(value))
+    return bool(_SESSION_ID.fullmatch(value))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ model refuses unknown fields. docs/protocol.md describes the same protocol in pr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
@@ -22,9 +22,21 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 class WireModel(BaseModel):
-    """Base of every wire model: unknown fields are an error, instances are immutable."""
+    """Base of every wire model: unknown fields are an error, instances are immutable, and
+    numbers are finite (JSON has no NaN or Infinity; `1e400` would parse as one)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def exactly_one_of(**types: str) -> dict[str, Any]:
+    """The JSON Schema of "exactly one of these fields is set (not null)", for the models
+    whose validator says so: the OpenAPI document (`broker.openapi`) then says it too."""
+    return {
+        "oneOf": [
+            {"required": [name], "properties": {name: {"type": json_type}}}
+            for name, json_type in types.items()
+        ]
+    }
 
 
 class ChatMessage(WireModel):
@@ -86,11 +98,21 @@ class SessionCreated(WireModel):
     expires_at: float
 
 
+class SessionClosed(WireModel):
+    """`DELETE /sessions/{id}`: the token is revoked, unanswered requests failed."""
+
+    session_id: str
+    status: Literal["closed"] = "closed"
+    failed_requests: int = Field(ge=0)
+
+
 # --- enqueue ------------------------------------------------------------------------------
 
 
 class LLMRequest(WireModel):
     """One `llm_query`: a prompt or a message list, exactly one of them."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one_of(prompt="string", messages="array"))
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -174,6 +196,8 @@ class LeaseResults(WireModel):
 class Answer(WireModel):
     """An answer to one request: a response or an error, exactly one of them."""
 
+    model_config = ConfigDict(json_schema_extra=exactly_one_of(response="string", error="object"))
+
     id: str
     response: str | None = None
     error: ErrorInfo | None = None
@@ -208,6 +232,12 @@ class QueueDepths(WireModel):
     pending: int
     leased: int
     oldest_pending_age_s: float | None
+
+
+class Liveness(WireModel):
+    """`GET /health/live`: the process serves HTTP (Redis is not consulted)."""
+
+    status: Literal["ok"] = "ok"
 
 
 class Health(WireModel):

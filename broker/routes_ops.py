@@ -1,4 +1,5 @@
-"""Monitoring: `GET /health` (no auth) and `GET /metrics` (Prometheus text format)."""
+"""Monitoring and description, all without auth: `GET /health`, `GET /health/live`,
+`GET /metrics` (Prometheus text format) and `GET /openapi.json`."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from starlette.responses import Response
 from broker import __version__
 from broker import protocol as p
 from broker.context import context_of
-from broker.handling import endpoint
+from broker.handling import Handler, endpoint
 from rlm_http.responses import json_response
 
 logger = logging.getLogger(__name__)
+
+_LIVE = p.Liveness().model_dump_json()
 
 
 @endpoint("health")
@@ -52,7 +55,7 @@ async def health(request: Request) -> Response:
 @endpoint("live")
 async def live(request: Request) -> Response:
     """Liveness: the process serves HTTP. Touches no Redis (that is `/health`'s job)."""
-    return json_response(b'{"status":"ok"}')
+    return json_response(_LIVE)
 
 
 @endpoint("metrics")
@@ -67,3 +70,13 @@ async def metrics(request: Request) -> Response:
         # Scrapes go on during an outage; the queue gauges keep their last values.
         logger.debug("queue depths unavailable for /metrics", extra={"error": str(exc)})
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def openapi(document: bytes) -> Handler:
+    """`GET /openapi.json`: `document` (from `broker.openapi`, built once at start)."""
+
+    @endpoint("openapi")
+    async def serve(request: Request) -> Response:
+        return json_response(document)
+
+    return serve

@@ -144,9 +144,7 @@ async def pending(request: Request) -> Response:
     principal = await principal_of(request)
     principal.require("tenant", "admin")
     settings = ctx.settings
-    max_items = query_int(
-        request, "max", min(32, settings.max_pending_batch), settings.max_pending_batch
-    )
+    max_items = query_int(request, "max", settings.default_pending_max, settings.max_pending_batch)
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
     poller_id = request.headers.get("x-rlm-poller", "")[:100] or principal.token_hash[:16]
     deadline = time.monotonic() + wait_s

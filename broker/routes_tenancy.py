@@ -75,4 +75,4 @@ async def delete_session(request: Request) -> Response:
         "session closed",
         extra={"tenant_id": tenant_id, "session_id": session_id, "failed": failed},
     )
-    return json_response({"session_id": session_id, "status": "closed", "failed_requests": failed})
+    return json_response(p.SessionClosed(session_id=session_id, failed_requests=failed))

@@ -56,6 +56,11 @@ class BrokerSettings(BaseSettings):
     )
     key_prefix: str = Field("rlm", min_length=1, description="Prefix of every Redis key.")
 
+    @property
+    def default_pending_max(self) -> int:
+        """`max` of /pending when not given: 32, or less if RLM_MAX_PENDING_BATCH is less."""
+        return min(32, self.max_pending_batch)
+
     @model_validator(mode="after")
     def _consistent(self) -> BrokerSettings:
         if self.default_wait_s > self.max_wait_s or self.default_pending_wait_s > self.max_wait_s:

@@ -8,10 +8,10 @@ the model.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.requests import Request
 
 from rlm_http.errors import BadRequest, PayloadTooLarge, ValidationFailed
@@ -20,6 +20,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 #: How many field errors a 422 message lists.
 _MAX_FIELD_ERRORS = 10
+#: Longest whole number a query value may spell (Python refuses to parse past 4300 digits).
+_MAX_INT_DIGITS = 18
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -41,13 +43,18 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The parsed JSON body; limits as `read_body`, 400 if empty or malformed."""
+    """The parsed JSON body; limits as `read_body`, 400 if empty or malformed.
+
+    Strict JSON, as `model_validate_json` reads it: invalid UTF-8, lone surrogates
+    (`"\\ud800"`, which no JSON encoder could send on), `NaN` / `Infinity` and nesting
+    deeper than pydantic's recursion limit are all malformed.
+    """
     raw = await read_body(request, max_bytes)
     if not raw:
         raise BadRequest("the request needs a JSON body")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
@@ -95,6 +102,8 @@ def query_float(request: Request, name: str, default: float, maximum: float) -> 
     raw = request.query_params.get(name)
     if raw is None:
         return default
+    if not raw.isascii():  # float() also reads other scripts' digits
+        raise BadRequest(f"query parameter {name!r} must be a number, not {raw!r}")
     try:
         value = float(raw)
     except ValueError as exc:
@@ -109,6 +118,8 @@ def query_int(request: Request, name: str, default: int, maximum: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # isdigit() alone also passes "²" (which int() refuses) and other scripts' digits.
+    spelled = raw.isascii() and raw.isdigit() and len(raw) <= _MAX_INT_DIGITS
+    if not spelled or not 1 <= int(raw) <= maximum:
         raise BadRequest(f"query parameter {name!r} must be a whole number from 1 to {maximum}")
     return int(raw)

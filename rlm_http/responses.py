@@ -44,8 +44,11 @@ def api_error_response(exc: HttpApiError) -> Response:
 
 
 def http_exception_response(exc: HTTPException) -> Response:
+    """Starlette's exception as the error body, keeping its headers (a 405's `Allow`)."""
     code = _HTTP_EXCEPTION_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def exception_handlers(
