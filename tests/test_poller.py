@@ -106,6 +106,15 @@ async def close_poller(poller: Poller) -> None:
     await poller.handler.router.aclose()
 
 
+async def drain_once(settings: PollerSettings, base_url: str, **kwargs: Any) -> int:
+    """A poller that drains the queue once, then closes; the count of requests answered."""
+    poller = make_poller(settings, base_url, **kwargs)
+    try:
+        return await poller.drain()
+    finally:
+        await close_poller(poller)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -155,13 +164,14 @@ async def test_round_trip_records_usage(
     tenant_id, session = await session_of(META)
     ids = await enqueue_all(session, ["alpha", "beta", "gamma"], depth=1)
     ledger = UsageLedger()
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url, ledger=ledger
+    assert (
+        await drain_once(
+            poller_settings(broker_server.url, broker_server.admin_token),
+            fake.base_url,
+            ledger=ledger,
+        )
+        == 3
     )
-    try:
-        assert await poller.drain() == 3
-    finally:
-        await close_poller(poller)
     done = await results(session, ids)
     assert [r.status for r in done] == ["done"] * 3
     assert [r.response for r in done] == ["echo: alpha", "echo: beta", "echo: gamma"]
@@ -206,16 +216,12 @@ async def test_rate_limit_retried_then_usage_counted_once(
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["again"], depth=1)
     ledger = UsageLedger()
-    poller = make_poller(
+    await drain_once(
         poller_settings(broker_server.url, broker_server.admin_token),
         fake.base_url,
         ledger=ledger,
         max_retries=2,
     )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
     [result] = await results(session, ids)
     assert result.status == "done"
     assert result.response == "echo: again"
@@ -232,13 +238,9 @@ async def test_rate_limit_spent_gives_rate_limited_code(
     fake = fake_llm({"fail_first_n": 100, "status": 429, "retry_after_s": 0.01})
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["again"], depth=1)
-    poller = make_poller(
+    await drain_once(
         poller_settings(broker_server.url, broker_server.admin_token), fake.base_url, max_retries=1
     )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "llm_rate_limited"
@@ -253,15 +255,11 @@ async def test_budget_exceeded_is_an_error_answer(
     budgets.open("run-1", Budget(max_sub_calls=2))
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["one", "two", "three"], depth=1)
-    poller = make_poller(
+    await drain_once(
         poller_settings(broker_server.url, broker_server.admin_token, poller_concurrency=1),
         fake.base_url,
         budgets=budgets,
     )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
     done = await results(session, ids)
     assert [r.status for r in done] == ["done", "done", "error"]
     error = done[2].error
@@ -279,13 +277,7 @@ async def test_depth_beyond_max_depth_is_refused(
     # whatever depth the request itself claims.
     _, session = await session_of({"run_id": "r", "depth": 2, "max_depth": 1})
     ids = await enqueue_all(session, ["deep"], depth=1)
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url
-    )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
+    await drain_once(poller_settings(broker_server.url, broker_server.admin_token), fake.base_url)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "budget_exceeded"
@@ -321,15 +313,11 @@ async def test_rlm_kind_below_max_depth_goes_to_a_sub_rlm(
         session, ["think"], depth=1, params={"kind": "rlm"}, state={"visits": 1}
     )
     llm_ids = await enqueue_all(session, ["plain"], depth=1, params={"kind": "llm"})
-    poller = make_poller(
+    await drain_once(
         poller_settings(broker_server.url, broker_server.admin_token),
         fake.base_url,
         sub_rlm=sub_rlm,
     )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
     [rlm_result, llm_result] = await results(session, rlm_ids + llm_ids)
     assert rlm_result.status == "done"
     assert rlm_result.response == "sub-rlm: think"
@@ -347,15 +335,11 @@ async def test_rlm_kind_at_max_depth_is_a_plain_completion(
     sub_rlm = RecordingSubRLM()
     _, session = await session_of({"run_id": "r", "depth": 0, "max_depth": 1})
     ids = await enqueue_all(session, ["leaf"], depth=1, params={"kind": "rlm"})
-    poller = make_poller(
+    await drain_once(
         poller_settings(broker_server.url, broker_server.admin_token),
         fake.base_url,
         sub_rlm=sub_rlm,
     )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
     [result] = await results(session, ids)
     assert result.response == "echo: leaf"
     assert sub_rlm.calls == []
@@ -368,13 +352,7 @@ async def test_rlm_kind_without_a_sub_rlm_runner_is_an_error(
     fake = fake_llm()
     _, session = await session_of({"run_id": "r", "depth": 0, "max_depth": 2})
     ids = await enqueue_all(session, ["think"], depth=1, params={"kind": "rlm"})
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url
-    )
-    try:
-        await poller.drain()
-    finally:
-        await close_poller(poller)
+    await drain_once(poller_settings(broker_server.url, broker_server.admin_token), fake.base_url)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "sub_rlm_unavailable"
