@@ -9,7 +9,7 @@ import httpx2
 import pytest
 
 from broker import protocol as p
-from tests.support.brokers import Session, Tenant, tenant_and_session
+from tests.support.brokers import Session, Tenant, assert_json_error, tenant_and_session
 from tests.support.servers import BrokerServer
 
 pytestmark = pytest.mark.anyio
@@ -96,14 +96,7 @@ async def test_bad_input_gets_a_json_4xx(
 ) -> None:
     broker, tenant, session = parties
     token = {"session": session.token, "tenant": tenant.token, "admin": broker.admin_token}[scope]
-    async with httpx2.AsyncClient(base_url=broker.url) as raw:
-        response = await raw.request(
-            method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs
-        )
-    assert response.status_code == expected, response.text
-    error = response.json()["error"]
-    assert error["code"] and error["message"]
-    assert "Traceback" not in response.text
+    await assert_json_error(broker.url, token, method, path, kwargs, expected)
 
 
 async def test_bad_input_loses_nothing_already_accepted(

@@ -16,7 +16,7 @@ import pytest
 
 from broker import protocol as p
 from broker.keys import is_session_id, is_tenant_id, tenant_of_request
-from tests.support.brokers import Session, Tenant, tenant_and_session
+from tests.support.brokers import Session, Tenant, assert_json_error, tenant_and_session
 from tests.support.servers import BrokerServer
 
 pytestmark = pytest.mark.anyio
@@ -67,13 +67,7 @@ async def test_strict_input_gets_a_json_4xx(
 ) -> None:
     broker, tenant, session = parties
     token = {"session": session.token, "tenant": tenant.token}[scope]
-    async with httpx2.AsyncClient(base_url=broker.url) as raw:
-        response = await raw.request(
-            method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs
-        )
-    assert response.status_code == expected, response.text
-    error = response.json()["error"]
-    assert error["code"] and error["message"]
+    await assert_json_error(broker.url, token, method, path, kwargs, expected)
 
 
 async def test_escaped_surrogate_pairs_are_still_text(

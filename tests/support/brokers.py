@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
+
+import httpx2
 
 from broker import protocol as p
 from broker.client import BrokerClient
@@ -82,3 +85,18 @@ async def echo_answers(
             await client.respond_batch(
                 [p.Answer(id=r.id, response=f"echo:{r.prompt}") for r in batch.requests]
             )
+
+
+async def assert_json_error(
+    url: str, token: str, method: str, path: str, kwargs: dict[str, Any], expected: int
+) -> None:
+    """Send one raw request; it must get `expected` with a JSON error body, no traceback."""
+    async with httpx2.AsyncClient(base_url=url) as raw:
+        response = await raw.request(
+            method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs
+        )
+    assert response.status_code == expected, response.text
+    error = response.json()["error"]
+    assert error["code"]
+    assert error["message"]
+    assert "Traceback" not in response.text
