@@ -79,18 +79,41 @@ class BrokerClient(ApiClient):
     # --- sandbox side (session token) --------------------------------------------------------
 
     async def enqueue(
-        self, request: p.LLMRequest, *, wait_s: float | None = None
+        self,
+        request: p.LLMRequest,
+        *,
+        wait_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> p.RequestResult:
+        """Enqueue one request. With an `idempotency_key` (unique per call) a failed attempt
+        is retried safely: the broker enqueues nothing twice. Without one, never retried."""
         return await self._long_poll(
-            "POST", "/enqueue", p.RequestResult, body=request, wait_s=wait_s, idempotent=False
+            "POST",
+            "/enqueue",
+            p.RequestResult,
+            body=request,
+            wait_s=wait_s,
+            idempotent=idempotency_key is not None,
+            headers=_idempotency(idempotency_key),
         )
 
     async def enqueue_batch(
-        self, requests: list[p.LLMRequest], *, wait_s: float | None = None
+        self,
+        requests: list[p.LLMRequest],
+        *,
+        wait_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> p.BatchResults:
+        """Enqueue a batch; `idempotency_key` as for `enqueue`."""
         body = p.EnqueueBatch(batch=requests)
         return await self._long_poll(
-            "POST", "/enqueue", p.BatchResults, body=body, wait_s=wait_s, idempotent=False
+            "POST",
+            "/enqueue",
+            p.BatchResults,
+            body=body,
+            wait_s=wait_s,
+            idempotent=idempotency_key is not None,
+            headers=_idempotency(idempotency_key),
         )
 
     async def get_request(self, request_id: str, *, wait_s: float | None = None) -> p.RequestResult:
@@ -144,6 +167,7 @@ class BrokerClient(ApiClient):
         body: BaseModel | None = None,
         params: Mapping[str, Any] | None = None,
         idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> ModelT:
         """`_call` with the broker's `?wait=`: the HTTP timeout outlasts the wait."""
         if wait_s is not None:
@@ -157,4 +181,9 @@ class BrokerClient(ApiClient):
             params=params,
             timeout_s=timeout_s,
             idempotent=idempotent,
+            headers=headers,
         )
+
+
+def _idempotency(key: str | None) -> dict[str, str] | None:
+    return {"Idempotency-Key": key} if key is not None else None

@@ -9,6 +9,7 @@ one slot and each Lua script touches a single slot.
     <p>:{t}:stream                      stream one entry per delivery-ready request; group GROUP
     <p>:{t}:session:<s>                 hash   status, metadata, expires_at, token_hash
     <p>:{t}:session:<s>:open            set    the session's unanswered request ids
+    <p>:{t}:session:<s>:idem:<sha256>   string JSON ids accepted under an Idempotency-Key
     <p>:{t}:req:<id>                    hash   status, body, session, enqueued_at, entry,
                                                attempt, result
     <p>:{t}:req:<id>:w                  set    broker replicas waiting for this request's answer
@@ -21,6 +22,7 @@ one slot and each Lua script touches a single slot.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -76,6 +78,11 @@ class Keys:
 
     def session_open(self, tenant_id: str, session_id: str) -> str:
         return f"{self.session(tenant_id, session_id)}:open"
+
+    def idempotency(self, tenant_id: str, session_id: str, key: str) -> str:
+        """Where an `Idempotency-Key` of a session remembers the request ids it accepted."""
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self.session(tenant_id, session_id)}:idem:{digest}"
 
     def request(self, tenant_id: str, request_id: str) -> str:
         return f"{self.tenant_base(tenant_id)}req:{request_id}"

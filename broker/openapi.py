@@ -61,6 +61,7 @@ class _Operation:
     ok: dict[int, Body] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
     query: tuple[_Query, ...] = ()
+    headers: tuple[_Query, ...] = ()
     #: a 200 answer that is no wire model: (media type, JSON Schema of its body)
     raw_ok: tuple[str, dict[str, Any]] | None = None
 
@@ -115,6 +116,14 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             ok={200: (p.RequestResult, p.BatchResults), 202: (p.RequestResult, p.BatchResults)},
             errors=(*body_errors, 429),
             query=(wait(settings.default_wait_s),),
+            headers=(
+                _Query(
+                    "Idempotency-Key",
+                    {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[ -~]+$"},
+                    "Unique per call: a repeated POST with it enqueues nothing twice and "
+                    "answers with the requests it enqueued the first time.",
+                ),
+            ),
         ),
         _Operation(
             "get",
@@ -233,6 +242,11 @@ def build_openapi(settings: BrokerSettings) -> dict[str, Any]:
             }
             for q in op.query
         ]
+        params += [
+            {"name": h.name, "in": "header", "required": False, "schema": h.schema,
+             "description": h.description}
+            for h in op.headers
+        ]  # fmt: skip
         params += [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in _path_parameters(op.path)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from broker import protocol as p
 from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
-from broker.errors import Forbidden, NotFound, PayloadTooLarge
+from broker.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from broker.handling import endpoint
 from broker.keys import tenant_of_request
 from broker.store import Claimed
@@ -56,20 +56,25 @@ async def enqueue(request: Request) -> Response:
     is_batch = batch is not None
     items = batch.batch if batch is not None else [validate(p.LLMRequest, data)]
     tenant_id = principal.tenant
+    idempotency_key = _idempotency_key(request)
     ids = [f"{tenant_id}.{secrets.token_hex(10)}" for _ in items]
     # Register before publishing, so that an instant answer finds its waiter.
     futures = [ctx.waiters.register(request_id) for request_id in ids]
     try:
-        await ctx.store.enqueue(
+        earlier = await ctx.store.enqueue(
             tenant_id,
             principal.session,
             [
                 (rid, item.model_dump_json(exclude_none=True))
                 for rid, item in zip(ids, items, strict=True)
             ],
+            idempotency_key,
         )
-        # Pollers waiting on this replica wake now; other replicas hear it through Redis.
-        ctx.signals.notify(tenant_id, len(items))
+        if earlier is None:
+            # Pollers waiting on this replica wake now; other replicas hear it via Redis.
+            ctx.signals.notify(tenant_id, len(items))
+        else:
+            ids, futures = await _rewait(ctx, tenant_id, ids, futures, earlier)
         results = await _await_results(ctx, ids, futures, wait_s)
     finally:
         for request_id, future in zip(ids, futures, strict=True):
@@ -80,6 +85,36 @@ async def enqueue(request: Request) -> Response:
     if is_batch:
         return json_response(b'{"results":[' + b",".join(bodies) + b"]}", status)
     return json_response(bodies[0], status)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The `Idempotency-Key` header: a retried POST with it enqueues nothing twice."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable()):
+        raise BadRequest("Idempotency-Key must be 1 to 200 printable ASCII characters")
+    return key
+
+
+async def _rewait(
+    ctx: BrokerContext,
+    tenant_id: str,
+    ids: list[str],
+    futures: list[asyncio.Future[bytes]],
+    earlier: list[str],
+) -> tuple[list[str], list[asyncio.Future[bytes]]]:
+    """A repeated `Idempotency-Key`: wait on the requests it enqueued the first time."""
+    for request_id, future in zip(ids, futures, strict=True):
+        ctx.waiters.discard(request_id, future)
+    if len(earlier) != len(ids):
+        raise ValidationFailed(
+            f"this Idempotency-Key enqueued {len(earlier)} request(s) before, not {len(ids)}"
+        )
+    futures = [ctx.waiters.register(request_id) for request_id in earlier]
+    for request_id in earlier:
+        stored = await ctx.store.watch(tenant_id, request_id)
+        if stored is not None and stored.status != "pending" and stored.result is not None:
+            ctx.waiters.resolve(request_id, stored.result)
+    return earlier, futures
 
 
 @endpoint("get_request")

@@ -164,9 +164,17 @@ class Store:
     # --- requests ---------------------------------------------------------------------------
 
     async def enqueue(
-        self, tenant_id: str, session_id: str, items: Sequence[tuple[str, str]]
-    ) -> None:
-        """Store and publish requests `(id, body json)`; refuse if the session is closed."""
+        self,
+        tenant_id: str,
+        session_id: str,
+        items: Sequence[tuple[str, str]],
+        idempotency_key: str | None = None,
+    ) -> list[str] | None:
+        """Store and publish requests `(id, body json)`; refuse if the session is closed.
+
+        With an `idempotency_key` seen before in this session, nothing is stored: the ids
+        accepted the first time come back instead (None: these items were accepted now).
+        """
         args: list[str | int | float] = [
             self.keys.tenant_base(tenant_id),
             tenant_id,
@@ -180,16 +188,18 @@ class Store:
         ]
         for request_id, body in items:
             args += [request_id, body]
-        accepted = int(
-            await self.scripts.enqueue(
-                keys=[
-                    self.keys.session(tenant_id, session_id),
-                    self.keys.session_open(tenant_id, session_id),
-                    self.keys.stream(tenant_id),
-                ],
-                args=args,
-            )
-        )
+        keys = [
+            self.keys.session(tenant_id, session_id),
+            self.keys.session_open(tenant_id, session_id),
+            self.keys.stream(tenant_id),
+        ]
+        if idempotency_key is not None:
+            keys.append(self.keys.idempotency(tenant_id, session_id, idempotency_key))
+        reply = await self.scripts.enqueue(keys=keys, args=args)
+        if isinstance(reply, bytes | str):
+            earlier: list[str] = json.loads(reply)
+            return earlier
+        accepted = int(reply)
         if accepted == -1:
             raise Unauthorized("the session is closed or expired")
         if accepted == -2:
@@ -197,6 +207,7 @@ class Store:
                 f"the session has reached its limit of {self.settings.max_open_per_session} "
                 "unanswered requests (RLM_MAX_OPEN_PER_SESSION)"
             )
+        return None
 
     async def watch(self, tenant_id: str, request_id: str) -> StoredResult | None:
         """Add this replica to the request's watchers, then read it (in that order: no gap)."""

@@ -97,10 +97,17 @@ class ApiClient:
         params: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
         idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> ModelT:
         """The answer as `model`; an error body raises `response_error`."""
         response = await self._send(
-            method, path, body=body, params=params, timeout_s=timeout_s, idempotent=idempotent
+            method,
+            path,
+            body=body,
+            params=params,
+            timeout_s=timeout_s,
+            idempotent=idempotent,
+            headers=headers,
         )
         return model.model_validate_json(response.content)
 
@@ -114,6 +121,7 @@ class ApiClient:
         timeout_s: float | None = None,
         idempotent: bool = True,
         check: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx2.Response:
         """The response; `unreachable` if it never came, `response_error` for a status of
         400 and up unless `check` is off. `timeout_s` replaces the client's for this call."""
@@ -124,7 +132,10 @@ class ApiClient:
             path,
             content=content,
             params=params,
-            headers={"Content-Type": "application/json"} if content is not None else None,
+            headers={
+                **({"Content-Type": "application/json"} if content is not None else {}),
+                **(headers or {}),
+            },
             timeout=self._timeout_s if timeout_s is None else timeout_s,
         )
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from rlm_http.errors import ServiceUnreachable
@@ -73,10 +74,18 @@ class KeepAliveLink:
         self._closed = False
 
     async def request(
-        self, method: str, target: str, body: bytes | None, *, timeout_s: float
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        *,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """Send one request; (status, body). `target` is the path and query."""
         head = f"{method} {self._prefix}{target} HTTP/1.1\r\n{self._head_tail}"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         message = (head + "\r\n").encode("latin-1") + (body or b"")

@@ -15,8 +15,9 @@ of its sandbox (a pipe, a socket) reuses them unchanged.
 
 Wire: POST /enqueue {"prompt"|"messages", "model", "depth", "params": {"kind"}, "state"} or
 {"batch": [...]}, re-waiting through GET /requests/{id}?wait= while a request is pending.
-Connection failures are retried with backoff (a POST only when it cannot have been received),
-and a failed call raises an `LLMQueryError`, never returns an error string.
+Connection failures are retried with backoff; each POST carries an `Idempotency-Key`, so a
+retried call is never enqueued (or paid for) twice. A failed call raises an `LLMQueryError`,
+never returns an error string.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, TextIO
 
@@ -160,12 +162,15 @@ class HttpTransport:
             return []
         deadline = time.monotonic() + self.call_timeout_s
         wait = self._wait_for(deadline)
+        # One key per call: a POST whose answer was lost is sent again and the broker
+        # enqueues nothing twice (the LLM is not called, nor paid, twice).
+        key = {"Idempotency-Key": uuid.uuid4().hex}
         if len(calls) == 1:
-            reply = self._request("POST", f"/enqueue?wait={wait}", dict(calls[0]), idempotent=False)
+            reply = self._request("POST", f"/enqueue?wait={wait}", dict(calls[0]), headers=key)
             results = [_as_dict(reply.body)]
         else:
             body = {"batch": [dict(c) for c in calls]}
-            reply = self._request("POST", f"/enqueue?wait={wait}", body, idempotent=False)
+            reply = self._request("POST", f"/enqueue?wait={wait}", body, headers=key)
             results = [_as_dict(r) for r in _as_dict(reply.body).get("results", [])]
             if len(results) != len(calls):
                 raise BrokerResponseError(reply.status, "bad_body", "result count != batch size")
@@ -191,7 +196,7 @@ class HttpTransport:
                 )
             request_id = urllib.parse.quote(str(result["id"]), safe="")
             path = f"/requests/{request_id}?wait={self._wait_for(deadline)}"
-            result = _as_dict(self._request("GET", path, None, idempotent=True).body)
+            result = _as_dict(self._request("GET", path, None).body)
         return result
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -212,12 +217,15 @@ class HttpTransport:
             conn.close()
             self._local.conn = None
 
-    def _request(self, method: str, path: str, body: Any, *, idempotent: bool) -> _Response:
+    def _request(
+        self, method: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None
+    ) -> _Response:
+        """Send with retries; every call is safe to repeat (GETs, and POSTs with a key)."""
         payload = json.dumps(body).encode() if body is not None else None
         attempt = 0
         while True:
             try:
-                reply = self._exchange(method, path, payload, idempotent=idempotent)
+                reply = self._exchange(method, path, payload, headers or {})
             except _Retryable as exc:
                 if attempt >= self.retries:
                     raise BrokerUnavailableError(f"{method} {path.split('?')[0]}: {exc}") from exc
@@ -229,11 +237,10 @@ class HttpTransport:
             time.sleep(delay * (0.5 + random.random() / 2))
 
     def _exchange(
-        self, method: str, path: str, payload: bytes | None, *, idempotent: bool
+        self, method: str, path: str, payload: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
         conn = self._connection()
-        reused = conn.sock is not None
-        headers = dict(self._headers)
+        headers = {**self._headers, **extra}
         wait = _query_wait(path)
         conn.timeout = self.timeout_s + wait
         try:
@@ -250,16 +257,7 @@ class HttpTransport:
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self._drop_connection()
-            # A keep-alive connection the server closed while idle fails before the request
-            # is read, so even a POST is safe to send again on a fresh connection then.
-            stale = reused and isinstance(
-                exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
-            )
-            if idempotent or stale:
-                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-            raise BrokerUnavailableError(
-                f"{method} {path.split('?')[0]} failed after sending: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         if response.getheader("Connection", "").lower() == "close":
             self._drop_connection()
         try:

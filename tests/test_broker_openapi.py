@@ -101,9 +101,15 @@ def test_query_bounds_follow_the_settings() -> None:
     pending = {q["name"]: q["schema"] for q in operations["GET", "/pending"]["parameters"]}
     assert pending["max"] == {"type": "integer", "minimum": 1, "maximum": 9, "default": 9}
     assert pending["wait"] == {"type": "number", "minimum": 0, "maximum": 7.5, "default": 1.0}
-    (wait,) = operations["POST", "/enqueue"]["parameters"]
+    wait, key = operations["POST", "/enqueue"]["parameters"]
+    assert (wait["name"], wait["in"]) == ("wait", "query")
     assert wait["schema"]["default"] == 2.0
     assert wait["schema"]["maximum"] == 7.5
+    assert (key["name"], key["in"], key["schema"]["maxLength"]) == (
+        "Idempotency-Key",
+        "header",
+        200,
+    )
 
 
 @pytest.mark.parametrize("overrides", [{}, {"max_pending_batch": 5}])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -114,31 +115,37 @@ class BrokerBridge:
         return list(await asyncio.gather(*(self._wait_result(result) for result in first)))
 
     async def _enqueue(self, body: BaseModel, model: type[ModelT]) -> ModelT:
-        """POST /enqueue, never retried: a retry could enqueue twice."""
-        assert self._link is not None
+        """POST /enqueue; retried with its `Idempotency-Key`, so never enqueued twice."""
         content = body.model_dump_json(exclude_none=True).encode()
-        status, answer = await self._link.request(
-            "POST", f"/enqueue?{self._wait_param}", content, timeout_s=self._timeout_s
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        status, answer = await self._send_retrying(
+            "POST", f"/enqueue?{self._wait_param}", content, key
         )
         return _parse(status, answer, model)
 
     async def _wait_result(self, result: bp.RequestResult) -> bp.RequestResult:
         """Re-wait on a `pending` result (GET /requests/{id}) until it is done or failed."""
-        assert self._link is not None
         target = f"/requests/{quote(result.id, safe='')}?{self._wait_param}"
         while result.status == "pending":
-            for attempt in range(self._retries + 1):
-                try:
-                    status, answer = await self._link.request(
-                        "GET", target, None, timeout_s=self._timeout_s
-                    )
-                    break
-                except BrokerUnreachable:
-                    if attempt == self._retries:
-                        raise
-                    await asyncio.sleep(min(2.0, _RETRY_PAUSE_S * 2**attempt))
+            status, answer = await self._send_retrying("GET", target, None, None)
             result = _parse(status, answer, bp.RequestResult)
         return result
+
+    async def _send_retrying(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str] | None
+    ) -> tuple[int, bytes]:
+        """One exchange, retried with backoff while the broker is unreachable."""
+        assert self._link is not None
+        for attempt in range(self._retries + 1):
+            try:
+                return await self._link.request(
+                    method, target, body, timeout_s=self._timeout_s, headers=headers
+                )
+            except BrokerUnreachable:
+                if attempt == self._retries:
+                    raise
+                await asyncio.sleep(min(2.0, _RETRY_PAUSE_S * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _request(
         self, access: BrokerAccess, call: LLMCall, prompt: str | list[dict[str, str]]
