@@ -229,16 +229,18 @@ async def _claim(
     if principal.scope == "tenant":
         claimed = await ctx.store.claim([(principal.tenant, max_items)], poller_id)
         return claimed.get(principal.tenant, [])
-    if poller_id is not None:
-        await ctx.store.claim([], poller_id)
-    return await _claim_fairly(ctx, max_items, full_scan)
+    return await _claim_fairly(ctx, max_items, full_scan, poller_id)
 
 
-async def _claim_fairly(ctx: BrokerContext, max_items: int, full_scan: bool) -> list[Claimed]:
+async def _claim_fairly(
+    ctx: BrokerContext, max_items: int, full_scan: bool, poller_id: str | None
+) -> list[Claimed]:
     """Admin draining: an equal share per tenant with work, rotating who goes first."""
     ready = ctx.signals.ready
     tenants = await ctx.store.tenant_ids() if full_scan or not ready else sorted(ready)
     if not tenants:
+        if poller_id is not None:
+            await ctx.store.claim([], poller_id)
         return []
     offset = ctx.drain_offset % len(tenants)
     ctx.drain_offset += 1
@@ -248,7 +250,8 @@ async def _claim_fairly(ctx: BrokerContext, max_items: int, full_scan: bool) -> 
     while remaining > 0 and active:
         share = max(1, remaining // len(active))
         batch = active if share > 1 else active[:remaining]
-        got = await ctx.store.claim([(t, share) for t in batch])
+        got = await ctx.store.claim([(t, share) for t in batch], poller_id)
+        poller_id = None  # recorded with the first round
         still_busy = []
         for tenant_id in batch:
             items = got.get(tenant_id, [])
@@ -271,23 +274,29 @@ async def _release(ctx: BrokerContext, claimed: Sequence[Claimed]) -> None:
 
 
 def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
+    """The `/pending` answer, spliced from the stored JSON: a request's body (which may
+    hold a large prompt) and its session's metadata are never parsed again here."""
     if not claimed:
         return b'{"requests":[]}'
     lease_expires_at = time.time() + ctx.settings.lease_s
-    out: list[dict[str, Any]] = []
+    entries = []
     for item in claimed:
-        entry = json.loads(item.body)
-        entry.update(
-            id=item.id,
-            session_id=item.session_id,
-            tenant_id=tenant_of_request(item.id),
-            attempt=item.attempt,
-            enqueued_at=item.enqueued_at,
-            lease_expires_at=lease_expires_at,
-            metadata=json.loads(item.metadata),
+        fields = json.dumps(
+            {
+                "id": item.id,
+                "session_id": item.session_id,
+                "tenant_id": tenant_of_request(item.id),
+                "attempt": item.attempt,
+                "enqueued_at": item.enqueued_at,
+                "lease_expires_at": lease_expires_at,
+            },
+            separators=(",", ":"),
         )
-        out.append(entry)
-    return json.dumps({"requests": out}, separators=(",", ":")).encode()
+        # The stored body is a non-empty JSON object (a prompt or messages is required).
+        entries.append(
+            item.body[:-1] + b"," + fields[1:-1].encode() + b',"metadata":' + item.metadata + b"}"
+        )
+    return b'{"requests":[' + b",".join(entries) + b"]}"
 
 
 @endpoint("respond")
@@ -314,16 +323,7 @@ async def respond(request: Request) -> Response:
 async def _record_answers(
     ctx: BrokerContext, principal: Principal, answers: Sequence[p.Answer]
 ) -> list[str]:
-    statuses = ["not_found"] * len(answers)
-    by_tenant: dict[str, list[int]] = defaultdict(list)
-    for index, answer in enumerate(answers):
-        tenant_id = tenant_of_request(answer.id)
-        if tenant_id is None:
-            continue
-        if not principal.may_act_for_tenant(tenant_id):
-            statuses[index] = "forbidden"
-            continue
-        by_tenant[tenant_id].append(index)
+    statuses, by_tenant = _by_tenant(principal, [answer.id for answer in answers])
     now = time.time()
     for tenant_id, indexes in by_tenant.items():
         records = [_result_record(answers[i]) for i in indexes]
@@ -336,6 +336,27 @@ async def _record_answers(
                 # Redis pub/sub (which still reaches waiters on other replicas).
                 ctx.waiters.resolve(record[0], record[2].encode())
     return statuses
+
+
+def _by_tenant(
+    principal: Principal, request_ids: Sequence[str]
+) -> tuple[list[str], dict[str, list[int]]]:
+    """Each id's index grouped under its tenant, when the caller may act for that tenant.
+
+    The statuses start as `not_found` (a malformed id) or `forbidden` (another tenant's) for
+    the ids left out; the caller fills in the rest from Redis.
+    """
+    statuses = ["not_found"] * len(request_ids)
+    by_tenant: dict[str, list[int]] = defaultdict(list)
+    for index, request_id in enumerate(request_ids):
+        tenant_id = tenant_of_request(request_id)
+        if tenant_id is None:
+            continue
+        if not principal.may_act_for_tenant(tenant_id):
+            statuses[index] = "forbidden"
+            continue
+        by_tenant[tenant_id].append(index)
+    return statuses, by_tenant
 
 
 def _result_record(answer: p.Answer) -> tuple[str, str, str]:
@@ -357,16 +378,7 @@ async def extend_leases(request: Request) -> Response:
     principal = await principal_of(request)
     principal.require("tenant", "admin")
     body = validate(p.ExtendLeases, await read_json(request, ctx.settings.max_body_bytes))
-    statuses = ["not_found"] * len(body.ids)
-    by_tenant: dict[str, list[int]] = defaultdict(list)
-    for index, request_id in enumerate(body.ids):
-        tenant_id = tenant_of_request(request_id)
-        if tenant_id is None:
-            continue
-        if not principal.may_act_for_tenant(tenant_id):
-            statuses[index] = "forbidden"
-            continue
-        by_tenant[tenant_id].append(index)
+    statuses, by_tenant = _by_tenant(principal, body.ids)
     for tenant_id, indexes in by_tenant.items():
         outcomes = await ctx.store.extend(tenant_id, [body.ids[i] for i in indexes])
         for index, outcome in zip(indexes, outcomes, strict=True):

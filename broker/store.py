@@ -54,6 +54,17 @@ class StoredResult:
     result: bytes | None
 
 
+_RESULT_FIELDS = ["status", "session", "result"]
+
+
+def _stored(tenant_id: str, fields: Sequence[Any]) -> StoredResult | None:
+    """A request's `_RESULT_FIELDS` as read from Redis; None when it does not exist."""
+    status, session, result = fields
+    if status is None:
+        return None
+    return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+
+
 def error_result(request_id: str, code: str, message: str) -> str:
     return json.dumps(
         {"id": request_id, "status": "error", "error": {"code": code, "message": message}}
@@ -122,9 +133,6 @@ class Store:
             await pipe.execute()
         return session_id, token, expires_at
 
-    async def session_owner(self, tenant_id: str, session_id: str) -> bool:
-        return bool(await self.redis.exists(self.keys.session(tenant_id, session_id)))
-
     async def close_session(self, tenant_id: str, session_id: str) -> tuple[int, str | None]:
         """Revoke the session's token and fail its open requests; (failed count, token hash)."""
         session_key = self.keys.session(tenant_id, session_id)
@@ -150,16 +158,6 @@ class Store:
         if digest:
             await self.redis.delete(self.keys.token(digest))
         return int(failed), digest
-
-    async def session_metadata(
-        self, tenant_id: str, session_ids: Sequence[str]
-    ) -> dict[str, bytes]:
-        unique = list(dict.fromkeys(session_ids))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for session_id in unique:
-                pipe.hget(self.keys.session(tenant_id, session_id), "metadata")
-            values = await pipe.execute()
-        return {s: v or b"{}" for s, v in zip(unique, values, strict=True)}
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -216,20 +214,16 @@ class Store:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(watchers, self.replica_id)
             pipe.expire(watchers, self.settings.request_ttl_s)
-            pipe.hmget(request_key, ["status", "session", "result"])
-            _, _, (status, session, result) = await pipe.execute()
-        if status is None:
+            pipe.hmget(request_key, _RESULT_FIELDS)
+            _, _, fields = await pipe.execute()
+        stored = _stored(tenant_id, fields)
+        if stored is None:
             await self.redis.delete(watchers)
-            return None
-        return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+        return stored
 
     async def read(self, tenant_id: str, request_id: str) -> StoredResult | None:
-        status, session, result = await self.redis.hmget(
-            self.keys.request(tenant_id, request_id), ["status", "session", "result"]
-        )
-        if status is None:
-            return None
-        return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+        fields = await self.redis.hmget(self.keys.request(tenant_id, request_id), _RESULT_FIELDS)
+        return _stored(tenant_id, fields)
 
     async def read_many(self, refs: Sequence[tuple[str, str]]) -> list[bytes | None]:
         """Result JSON (or None) of `(tenant id, request id)` pairs: used after a reconnect."""

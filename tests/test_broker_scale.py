@@ -96,4 +96,5 @@ async def test_health_and_metrics_report_queues_and_pollers(broker_server: Broke
     assert 'rlm_broker_http_requests_total{endpoint="enqueue",status="200"} 1.0' in metrics
     # the poller answered the two unleased requests and the timed one (one stays leased)
     assert "rlm_broker_enqueue_to_respond_seconds_count 3.0" in metrics
-    assert "rlm_broker_queue_pending" in metrics
+    assert "rlm_broker_queue_pending 0.0" in metrics
+    assert "rlm_broker_queue_leased 1.0" in metrics
