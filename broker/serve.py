@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -34,10 +36,19 @@ def redis_for(settings: BrokerSettings) -> Iterator[BrokerSettings]:
         yield settings.model_copy(update={"redis_url": server.url})
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: BrokerSettings, host: str, port: int) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     if settings.admin_token is None:
         logger.warning("RLM_ADMIN_TOKEN is unset: POST /tenants and admin draining are disabled")
+    # uvicorn shuts down gracefully on these signals, then raises the signal again once its
+    # own handlers are gone: with the default handlers that would end the process before
+    # the embedded Redis below is stopped. Ours make it a normal exit that unwinds.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_cleanly)
     with redis_for(settings) as ready:
         config = uvicorn_config(
             create_app(ready), host, port, graceful_shutdown_s=GRACEFUL_SHUTDOWN_S

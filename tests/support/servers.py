@@ -38,12 +38,13 @@ class BrokerServer(ThreadedServer):
 class BrokerProcess:
     """`rlm broker` as a child process, so a test can SIGKILL it and start it again."""
 
-    def __init__(self, redis_url: str, port: int | None = None, **env: str) -> None:
+    def __init__(self, redis_url: str | None, port: int | None = None, **env: str) -> None:
+        """`redis_url` None: no RLM_REDIS_URL, so `rlm broker` starts an embedded Redis."""
         self.port = port or free_port()
         self.admin_token = ADMIN_TOKEN
         self._env = {
-            **os.environ,
-            "RLM_REDIS_URL": redis_url,
+            **{k: v for k, v in os.environ.items() if not k.startswith("RLM_")},
+            **({"RLM_REDIS_URL": redis_url} if redis_url is not None else {}),
             "RLM_ADMIN_TOKEN": ADMIN_TOKEN,
             "RLM_LOG_LEVEL": "WARNING",
             **env,
@@ -72,6 +73,15 @@ class BrokerProcess:
             except httpx2.TransportError:
                 time.sleep(0.05)
         raise RuntimeError("rlm broker did not become ready")
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:

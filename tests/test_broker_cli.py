@@ -1,0 +1,77 @@
+"""`rlm broker` with no RLM_REDIS_URL starts an embedded Redis and stops it on exit;
+`rlm tenant create` makes a tenant on a running broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import protocol as p
+from broker.client import BrokerClient
+from tests.support.brokers import running_poller
+from tests.support.servers import BrokerProcess
+
+pytestmark = pytest.mark.anyio
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_text()
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def test_rlm_broker_runs_on_an_embedded_redis_and_stops_it() -> None:
+    broker = BrokerProcess(None)
+    broker.start()
+    try:
+        (redis_pid,) = _children(broker.pid)
+        assert "server" in _cmdline(redis_pid)
+        async with BrokerClient(broker.url, None) as anonymous:
+            health = await anonymous.health()
+        assert health["status"] == "ok"
+        assert health["redis"]["reachable"] is True
+
+        rlm = Path(sys.executable).with_name("rlm")
+        env = {
+            **os.environ,
+            "RLM_BROKER_URL": broker.url,
+            "RLM_ADMIN_TOKEN": broker.admin_token,
+        }
+        created = await asyncio.to_thread(
+            subprocess.run,
+            [str(rlm), "tenant", "create", "from-cli"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        tenant = p.TenantCreated.model_validate(json.loads(created.stdout))
+        async with BrokerClient(broker.url, tenant.token) as tenant_client:
+            session = await tenant_client.create_session()
+            async with (
+                BrokerClient(broker.url, session.token) as session_client,
+                running_poller(tenant_client),
+            ):
+                result = await session_client.enqueue(p.LLMRequest(prompt="hi"), wait_s=10)
+        assert result.response == "echo:hi"
+    finally:
+        broker.stop()
+    assert broker.returncode == 0
+    assert not _alive(redis_pid), "the embedded Redis outlived the broker"
