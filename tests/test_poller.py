@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -51,9 +52,13 @@ def llm_profile(base_url: str, **overrides: Any) -> Profile:
     return Profile.model_validate(fields)
 
 
-def poller_settings(broker_url: str, token: str, **overrides: Any) -> PollerSettings:
+def poller_settings(
+    broker: BrokerServer, token: str | None = None, **overrides: Any
+) -> PollerSettings:
+    """Settings of a poller of `broker`, with its admin token unless `token` is given."""
     fields: dict[str, Any] = {
-        "broker_url": broker_url, "admin_token": SecretStr(token), "tenant_token": None,
+        "broker_url": broker.url, "admin_token": SecretStr(token or broker.admin_token),
+        "tenant_token": None,
         "poller_wait_s": 5.0, "poller_grace_s": 10.0, "poller_backoff_initial_s": 0.02,
         "poller_backoff_max_s": 0.2,
     }  # fmt: skip
@@ -101,18 +106,34 @@ def make_poller(
     return Poller(settings, handler)
 
 
-async def close_poller(poller: Poller) -> None:
-    await poller.aclose()
-    await poller.handler.router.aclose()
+@asynccontextmanager
+async def poller_of(
+    settings: PollerSettings, base_url: str, **kwargs: Any
+) -> AsyncIterator[Poller]:
+    """A poller (see `make_poller`), closed with its LLM clients on exit."""
+    poller = make_poller(settings, base_url, **kwargs)
+    try:
+        yield poller
+    finally:
+        await poller.aclose()
+        await poller.handler.router.aclose()
+
+
+@asynccontextmanager
+async def running(poller: Poller) -> AsyncIterator[asyncio.Task[None]]:
+    """`poller.run()` in the background; stopped (calls in flight finished) on exit."""
+    task = asyncio.create_task(poller.run())
+    try:
+        yield task
+    finally:
+        await poller.stop()
+        await task
 
 
 async def drain_once(settings: PollerSettings, base_url: str, **kwargs: Any) -> int:
     """A poller that drains the queue once, then closes; the count of requests answered."""
-    poller = make_poller(settings, base_url, **kwargs)
-    try:
+    async with poller_of(settings, base_url, **kwargs) as poller:
         return await poller.drain()
-    finally:
-        await close_poller(poller)
 
 
 @pytest.fixture
@@ -164,14 +185,7 @@ async def test_round_trip_records_usage(
     tenant_id, session = await session_of(META)
     ids = await enqueue_all(session, ["alpha", "beta", "gamma"], depth=1)
     ledger = UsageLedger()
-    assert (
-        await drain_once(
-            poller_settings(broker_server.url, broker_server.admin_token),
-            fake.base_url,
-            ledger=ledger,
-        )
-        == 3
-    )
+    assert await drain_once(poller_settings(broker_server), fake.base_url, ledger=ledger) == 3
     done = await results(session, ids)
     assert [r.status for r in done] == ["done"] * 3
     assert [r.response for r in done] == ["echo: alpha", "echo: beta", "echo: gamma"]
@@ -192,13 +206,8 @@ async def test_llm_failure_is_an_error_not_a_response(
     fake = fake_llm({"fail_first_n": 100, "status": 500})
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["boom"], depth=1)
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url
-    )
-    try:
+    async with poller_of(poller_settings(broker_server), fake.base_url) as poller:
         await poller.drain()
-    finally:
-        await close_poller(poller)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.response is None
@@ -217,7 +226,7 @@ async def test_rate_limit_retried_then_usage_counted_once(
     ids = await enqueue_all(session, ["again"], depth=1)
     ledger = UsageLedger()
     await drain_once(
-        poller_settings(broker_server.url, broker_server.admin_token),
+        poller_settings(broker_server),
         fake.base_url,
         ledger=ledger,
         max_retries=2,
@@ -238,9 +247,7 @@ async def test_rate_limit_spent_gives_rate_limited_code(
     fake = fake_llm({"fail_first_n": 100, "status": 429, "retry_after_s": 0.01})
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["again"], depth=1)
-    await drain_once(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url, max_retries=1
-    )
+    await drain_once(poller_settings(broker_server), fake.base_url, max_retries=1)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "llm_rate_limited"
@@ -256,7 +263,7 @@ async def test_budget_exceeded_is_an_error_answer(
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["one", "two", "three"], depth=1)
     await drain_once(
-        poller_settings(broker_server.url, broker_server.admin_token, poller_concurrency=1),
+        poller_settings(broker_server, poller_concurrency=1),
         fake.base_url,
         budgets=budgets,
     )
@@ -277,7 +284,7 @@ async def test_depth_beyond_max_depth_is_refused(
     # whatever depth the request itself claims.
     _, session = await session_of({"run_id": "r", "depth": 2, "max_depth": 1})
     ids = await enqueue_all(session, ["deep"], depth=1)
-    await drain_once(poller_settings(broker_server.url, broker_server.admin_token), fake.base_url)
+    await drain_once(poller_settings(broker_server), fake.base_url)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "budget_exceeded"
@@ -313,11 +320,7 @@ async def test_rlm_kind_below_max_depth_goes_to_a_sub_rlm(
         session, ["think"], depth=1, params={"kind": "rlm"}, state={"visits": 1}
     )
     llm_ids = await enqueue_all(session, ["plain"], depth=1, params={"kind": "llm"})
-    await drain_once(
-        poller_settings(broker_server.url, broker_server.admin_token),
-        fake.base_url,
-        sub_rlm=sub_rlm,
-    )
+    await drain_once(poller_settings(broker_server), fake.base_url, sub_rlm=sub_rlm)
     [rlm_result, llm_result] = await results(session, rlm_ids + llm_ids)
     assert rlm_result.status == "done"
     assert rlm_result.response == "sub-rlm: think"
@@ -335,11 +338,7 @@ async def test_rlm_kind_at_max_depth_is_a_plain_completion(
     sub_rlm = RecordingSubRLM()
     _, session = await session_of({"run_id": "r", "depth": 0, "max_depth": 1})
     ids = await enqueue_all(session, ["leaf"], depth=1, params={"kind": "rlm"})
-    await drain_once(
-        poller_settings(broker_server.url, broker_server.admin_token),
-        fake.base_url,
-        sub_rlm=sub_rlm,
-    )
+    await drain_once(poller_settings(broker_server), fake.base_url, sub_rlm=sub_rlm)
     [result] = await results(session, ids)
     assert result.response == "echo: leaf"
     assert sub_rlm.calls == []
@@ -352,7 +351,7 @@ async def test_rlm_kind_without_a_sub_rlm_runner_is_an_error(
     fake = fake_llm()
     _, session = await session_of({"run_id": "r", "depth": 0, "max_depth": 2})
     ids = await enqueue_all(session, ["think"], depth=1, params={"kind": "rlm"})
-    await drain_once(poller_settings(broker_server.url, broker_server.admin_token), fake.base_url)
+    await drain_once(poller_settings(broker_server), fake.base_url)
     [result] = await results(session, ids)
     assert result.status == "error"
     assert result.error is not None and result.error.code == "sub_rlm_unavailable"
@@ -369,17 +368,9 @@ async def test_concurrency_limit_is_respected(
     fake = fake_llm({"delay_s": 0.15})
     _, session = await session_of(META)
     ids = await enqueue_all(session, [f"p{i}" for i in range(12)], depth=1)
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token, poller_concurrency=3),
-        fake.base_url,
-    )
-    task = asyncio.create_task(poller.run())
-    try:
+    settings = poller_settings(broker_server, poller_concurrency=3)
+    async with poller_of(settings, fake.base_url) as poller, running(poller):
         done = await results(session, ids)
-    finally:
-        await poller.stop()
-        await task
-        await close_poller(poller)
     assert all(r.status == "done" for r in done)
     assert fake.stats()["max_in_flight"] == 3
     assert poller.stats.max_running == 3
@@ -394,18 +385,11 @@ async def test_per_tenant_concurrency_leaves_room_for_others(
     tenant_b, session_b = await session_of(META, name="b")
     ids_a = await enqueue_all(session_a, [f"a{i}" for i in range(10)], depth=1)
     ids_b = await enqueue_all(session_b, [f"b{i}" for i in range(10)], depth=1)
-    settings = poller_settings(
-        broker_server.url, broker_server.admin_token,
+    settings = poller_settings(broker_server,
         poller_concurrency=4, poller_tenant_concurrency=2,
     )  # fmt: skip
-    poller = make_poller(settings, fake.base_url)
-    task = asyncio.create_task(poller.run())
-    try:
+    async with poller_of(settings, fake.base_url) as poller, running(poller):
         done = await results(session_a, ids_a) + await results(session_b, ids_b)
-    finally:
-        await poller.stop()
-        await task
-        await close_poller(poller)
     assert all(r.status == "done" for r in done)
     assert poller.stats.max_running_by_tenant == {tenant_a: 2, tenant_b: 2}
     assert fake.stats()["max_in_flight"] <= 4
@@ -419,19 +403,13 @@ async def test_stop_finishes_calls_in_flight(
     fake = fake_llm({"delay_s": 0.5})
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["slow1", "slow2"], depth=1)
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token), fake.base_url
-    )
-    task = asyncio.create_task(poller.run())
-    try:
-        await wait_until(lambda: fake.stats()["in_flight"] == 2)
-        await poller.stop()
-        assert task.done()
-        assert poller.stats.answered == 2
-        assert poller.stats.abandoned == 0
-    finally:
-        await task
-        await close_poller(poller)
+    async with poller_of(poller_settings(broker_server), fake.base_url) as poller:
+        async with running(poller) as task:
+            await wait_until(lambda: fake.stats()["in_flight"] == 2)
+            await poller.stop()
+            assert task.done()
+            assert poller.stats.answered == 2
+            assert poller.stats.abandoned == 0
     done = await results(session, ids, wait_s=0)
     assert [r.response for r in done] == ["echo: slow1", "echo: slow2"]
 
@@ -443,17 +421,10 @@ async def test_stop_after_grace_abandons_calls_and_stops(
     fake = fake_llm({"delay_s": 30})
     _, session = await session_of(META)
     ids = await enqueue_all(session, ["stuck"], depth=1)
-    poller = make_poller(
-        poller_settings(broker_server.url, broker_server.admin_token, poller_grace_s=0.2),
-        fake.base_url,
-    )
-    task = asyncio.create_task(poller.run())
-    try:
+    settings = poller_settings(broker_server, poller_grace_s=0.2)
+    async with poller_of(settings, fake.base_url) as poller, running(poller):
         await wait_until(lambda: fake.stats()["in_flight"] == 1)
         await poller.stop()
-    finally:
-        await task
-        await close_poller(poller)
     assert poller.stats.abandoned == 1
     result = await session.get_request(ids[0], wait_s=0)
     assert result.status == "pending"  # left to its lease: another poller will answer it
@@ -467,15 +438,12 @@ async def test_slow_calls_keep_their_lease(
     fake = fake_llm({"delay_s": 1.5})
     _, session = await open_tenant_session(broker.url, broker.admin_token, META)
     ids = await enqueue_all(session, ["long"], depth=1)
-    poller = make_poller(poller_settings(broker.url, broker.admin_token), fake.base_url)
-    task = asyncio.create_task(poller.run())
-    try:
+    async with (
+        session,
+        poller_of(poller_settings(broker), fake.base_url) as poller,
+        running(poller),
+    ):
         [result] = await results(session, ids)
-    finally:
-        await poller.stop()
-        await task
-        await close_poller(poller)
-        await session.aclose()
     assert result.response == "echo: long"
     assert poller.leases.extensions >= 2
     assert fake.stats()["requests"] == 1  # never delivered twice
@@ -491,24 +459,23 @@ async def test_broker_outage_logged_once_and_served_after(
     broker = BrokerServer(redis_url).start()
     port = broker.port
     _, session = await open_tenant_session(broker.url, broker.admin_token, META)
-    poller = make_poller(poller_settings(broker.url, broker.admin_token), fake.base_url)
-    task = asyncio.create_task(poller.run())
     restarted: BrokerServer | None = None
     try:
-        [first] = await results(session, await enqueue_all(session, ["before"], depth=1))
-        assert first.response == "echo: before"
-        await asyncio.to_thread(broker.stop)
-        await wait_until(lambda: not poller.link.reachable)
-        # Several tries fail while the broker is away.
-        await wait_until(lambda: poller.link.failed_tries >= 3)
-        restarted = await asyncio.to_thread(BrokerServer(redis_url, port=port).start)
-        [after] = await results(session, await enqueue_all(session, ["after"], depth=1))
-        assert after.response == "echo: after"
+        async with (
+            session,
+            poller_of(poller_settings(broker), fake.base_url) as poller,
+            running(poller),
+        ):
+            [first] = await results(session, await enqueue_all(session, ["before"], depth=1))
+            assert first.response == "echo: before"
+            await asyncio.to_thread(broker.stop)
+            await wait_until(lambda: not poller.link.reachable)
+            # Several tries fail while the broker is away.
+            await wait_until(lambda: poller.link.failed_tries >= 3)
+            restarted = await asyncio.to_thread(BrokerServer(redis_url, port=port).start)
+            [after] = await results(session, await enqueue_all(session, ["after"], depth=1))
+            assert after.response == "echo: after"
     finally:
-        await poller.stop()
-        await task
-        await close_poller(poller)
-        await session.aclose()
         if restarted is not None:
             await asyncio.to_thread(restarted.stop)
     messages = [r.getMessage() for r in caplog.records if r.name == "host_poller.poller.link"]
@@ -521,12 +488,9 @@ async def test_refused_token_stops_the_poller(broker_server: BrokerServer, fake_
     from host_poller.poller import BrokerRejected
 
     fake = fake_llm()
-    poller = make_poller(poller_settings(broker_server.url, "not-a-token"), fake.base_url)
-    try:
+    async with poller_of(poller_settings(broker_server, "not-a-token"), fake.base_url) as poller:
         with pytest.raises(BrokerRejected) as caught:
             await poller.run()
-    finally:
-        await close_poller(poller)
     assert caught.value.status == 401
     assert "not-a-token" not in str(caught.value)
 
@@ -538,23 +502,22 @@ async def test_answer_finished_during_an_outage_is_posted_after(
     fake = fake_llm({"delay_s": 0.5})
     broker = BrokerServer(redis_url, lease_s=30).start()
     _, session = await open_tenant_session(broker.url, broker.admin_token, META)
-    poller = make_poller(poller_settings(broker.url, broker.admin_token), fake.base_url)
-    task = asyncio.create_task(poller.run())
     restarted: BrokerServer | None = None
     try:
-        ids = await enqueue_all(session, ["through the outage"], depth=1)
-        await wait_until(lambda: fake.stats()["in_flight"] == 1)
-        await asyncio.to_thread(broker.stop)
-        # The call ends while the broker is away: its answer waits in the poster.
-        await wait_until(lambda: poller.stats.answered == 1 and poller.poster.unsettled == 1)
-        await wait_until(lambda: poller.link.failed_tries >= 2)
-        restarted = await asyncio.to_thread(BrokerServer(redis_url, port=broker.port).start)
-        [result] = await results(session, ids)
+        async with (
+            session,
+            poller_of(poller_settings(broker), fake.base_url) as poller,
+            running(poller),
+        ):
+            ids = await enqueue_all(session, ["through the outage"], depth=1)
+            await wait_until(lambda: fake.stats()["in_flight"] == 1)
+            await asyncio.to_thread(broker.stop)
+            # The call ends while the broker is away: its answer waits in the poster.
+            await wait_until(lambda: poller.stats.answered == 1 and poller.poster.unsettled == 1)
+            await wait_until(lambda: poller.link.failed_tries >= 2)
+            restarted = await asyncio.to_thread(BrokerServer(redis_url, port=broker.port).start)
+            [result] = await results(session, ids)
     finally:
-        await poller.stop()
-        await task
-        await close_poller(poller)
-        await session.aclose()
         if restarted is not None:
             await asyncio.to_thread(restarted.stop)
     assert result.response == "echo: through the outage"

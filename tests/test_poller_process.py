@@ -19,13 +19,13 @@ from host_poller.fake_llm import FakeLLMServer
 from tests.support.servers import BrokerServer, wait_until
 from tests.test_poller import (
     META,
-    close_poller,
     echo_scenario,
     enqueue_all,
-    make_poller,
     open_tenant_session,
+    poller_of,
     poller_settings,
     results,
+    running,
 )
 
 
@@ -89,15 +89,12 @@ async def test_killed_poller_request_answered_by_another(
         child.send_signal(signal.SIGKILL)
         await asyncio.to_thread(child.wait, 10)
 
-        poller = make_poller(poller_settings(broker.url, broker.admin_token), fast.base_url)
-        task = asyncio.create_task(poller.run())
-        try:
+        async with (
+            session,
+            poller_of(poller_settings(broker), fast.base_url) as poller,
+            running(poller),
+        ):
             [result] = await results(session, ids)
-        finally:
-            await poller.stop()
-            await task
-            await close_poller(poller)
-            await session.aclose()
     assert result.status == "done"
     assert result.response == "echo: orphan"
     assert poller.stats.answered == 1

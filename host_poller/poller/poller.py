@@ -280,15 +280,11 @@ class Poller:
         await self.poster.flush(self.settings.poller_http_timeout_s)
         return len(requests)
 
-    async def drain(self, max_batches: int | None = None) -> int:
-        """`run_once()` until a batch comes back empty (or `max_batches`); total leased."""
-        total = batches = 0
-        while max_batches is None or batches < max_batches:
-            count = await self.run_once()
-            batches += 1
+    async def drain(self) -> int:
+        """`run_once()` until a batch comes back empty; total leased."""
+        total = 0
+        while count := await self.run_once():
             total += count
-            if count == 0:
-                break
         return total
 
     def _free_slots(self) -> int:

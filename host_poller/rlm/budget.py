@@ -27,12 +27,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
 from host_poller.llm.types import Usage
 from host_poller.poller.errors import BudgetExceeded
 from host_poller.poller.hooks import CallContext
+from host_poller.rlm.trajectory import TrajectoryWriter
 
 #: The model name under which sub-calls answered in another process are counted (the
 #: broker's answer does not say which model gave it).
@@ -103,7 +104,6 @@ class SubCallRecord:
     model: str | None
     usage: Usage
     latency_s: float | None
-    at: float = field(default_factory=time.time)
 
 
 class RunTracker:
@@ -125,10 +125,9 @@ class RunTracker:
         self._counted_requests: set[str] = set()
         self.sub_calls_admitted = 0
         self.sub_calls_done = 0
-        self.sub_call_log: list[SubCallRecord] = []
         self.on_sub_call: Callable[[SubCallRecord], None] | None = None
         """Called after each charged sub-call (the run's trajectory writes it)."""
-        self.trajectory: Any = None
+        self.trajectory: TrajectoryWriter | None = None
         """The run's `TrajectoryWriter`, for sub-RLMs of this process to write into."""
         self.refused: StopReason | None = None
         """Set once a sub-call was refused: the run stops after the current execution."""
@@ -159,7 +158,6 @@ class RunTracker:
         record = SubCallRecord(call.depth, call.kind, model, usage, latency_s)
         with self._lock:
             self.sub_calls_done += 1
-            self.sub_call_log.append(record)
             if call.request_id is not None:
                 if call.request_id in self._counted_requests:
                     usage = Usage()  # its execution already reported it
@@ -266,10 +264,14 @@ def tracker_from_wire(
     The time budget counts from `run_started_at` (Unix time, so clocks of different hosts
     must roughly agree); without it, from now.
     """
-    started = None
-    if run_started_at is not None:
-        started = time.monotonic() - max(0.0, time.time() - run_started_at)
-    return RunTracker(run_id, Budget.from_wire(budget), started=started)
+    return RunTracker(run_id, Budget.from_wire(budget), started=_monotonic_of(run_started_at))
+
+
+def _monotonic_of(unix_time: float | None) -> float | None:
+    """The monotonic clock's reading at `unix_time` (never later than now)."""
+    if unix_time is None:
+        return None
+    return time.monotonic() - max(0.0, time.time() - unix_time)
 
 
 class RunBudgets:
@@ -332,10 +334,7 @@ class RunBudgets:
             if entry is not None:
                 self._adopted[run_id] = (entry[0], time.monotonic())
                 return entry[0], False
-            if started_at is not None:
-                tracker = tracker_from_wire(run_id, budget.to_wire(), started_at)
-            else:
-                tracker = RunTracker(run_id, budget)
+            tracker = RunTracker(run_id, budget, started=_monotonic_of(started_at))
             self._runs[run_id] = tracker
             return tracker, True
 

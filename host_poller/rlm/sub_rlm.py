@@ -110,8 +110,7 @@ class SubRLMRunner:
                 f"{self.settings.sub_rlm_max_depth} (RLM_SUB_RLM_MAX_DEPTH)"
             )
         run_id = call.run_id or uuid.uuid4().hex
-        budget_wire = meta.get("budget")
-        budget = Budget.from_wire(budget_wire if isinstance(budget_wire, dict) else None)
+        budget = Budget.from_wire(call.budget)
         environment = self.environment_for(meta.get("environment"))
         tracker, created = self.budgets.open(run_id, budget, started_at=call.run_started_at)
         trajectory: TrajectoryWriter | None = tracker.trajectory

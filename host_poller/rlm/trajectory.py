@@ -12,7 +12,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
 
@@ -39,17 +38,6 @@ class TrajectoryWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-
-    def __enter__(self) -> TrajectoryWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def read_trajectory(path: Path) -> list[dict[str, Any]]:
