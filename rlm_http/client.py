@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from rlm_http.errors import ServiceResponseError, ServiceUnreachable
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ErrorT = TypeVar("ErrorT", bound=ServiceResponseError)
 
 #: What a request body may be: a wire model (sent without its None fields) or raw JSON.
 Body = BaseModel | bytes | None
@@ -165,13 +166,19 @@ class ApiClient:
         return self.unreachable(f"{method} {path}: {type(exc).__name__}: {exc}")
 
     def _error_from(self, response: httpx2.Response) -> ServiceResponseError:
-        """The error body `{"error": {"code", "message"}}` as `response_error`."""
-        try:
-            error = _ErrorBody.model_validate_json(response.content).error
-        except ValidationError:
-            return self.response_error(
-                response.status_code,
-                "unexpected_body",
-                response.text[:200] or response.reason_phrase,
-            )
-        return self.response_error(response.status_code, error.code, error.message)
+        return error_from_body(
+            self.response_error, response.status_code, response.content, response.reason_phrase
+        )
+
+
+def error_from_body(
+    error_type: type[ErrorT], status: int, content: bytes, reason: str = ""
+) -> ErrorT:
+    """An error answer `{"error": {"code", "message"}}` as `error_type`; any other body
+    gives code `unexpected_body` with the body's start (or `reason`) as the message."""
+    try:
+        error = _ErrorBody.model_validate_json(content).error
+    except ValidationError:
+        text = content[:200].decode("utf-8", "replace")
+        return error_type(status, "unexpected_body", text or reason)
+    return error_type(status, error.code, error.message)

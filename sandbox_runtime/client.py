@@ -66,9 +66,7 @@ class RuntimeClient(ApiClient):
             idempotent=False,
         )
 
-    async def load_context(
-        self, session_id: str, context: str | list[Any] | dict[str, Any]
-    ) -> None:
+    async def load_context(self, session_id: str, context: p.Context) -> None:
         """Bind `context` in the session's interpreter (a raw JSON body; tens of MB are fine)."""
         content = pydantic_core.to_json(context)
         timeout = self._timeout_s + len(content) / 10_000_000

@@ -6,9 +6,12 @@ request body with them (unknown fields are refused).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+#: What may be bound as `context`: a JSON string, array or object.
+Context = str | list[Any] | dict[str, Any]
 
 
 class _Model(BaseModel):
@@ -108,7 +111,7 @@ class StatelessExecuteRequest(_Model):
 
     code: str
     snapshot: str | None = Field(None, description="Base64 blob from an earlier response.")
-    context: JsonValue | None = Field(None, description="Loaded as `context` before the code.")
+    context: Context | None = Field(None, description="Loaded as `context` before the code.")
     broker: BrokerAccess | None = None
     limits: Limits = Limits()
     state: dict[str, JsonValue] | None = None
@@ -128,10 +131,3 @@ class VarInfo(_Model):
 
 class VarsResponse(_Model):
     variables: list[VarInfo]
-
-
-class ErrorBody(_Model):
-    error: dict[str, str]
-
-
-SessionStatus = Literal["live", "hibernated", "busy"]

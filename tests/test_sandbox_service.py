@@ -224,6 +224,14 @@ async def test_http_errors_are_json(runtime_url: str) -> None:
         assert (bad_json.status_code, bad_json.json()["error"]["code"]) == (400, "bad_request")
         unknown = await http.post("/sessions", json={"colour": "red"})
         assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "invalid_body")
+        # A context must be a JSON string, array or object, on both routes that bind one.
+        number = await http.post("/execute", json={"code": "1", "context": 42})
+        assert (number.status_code, number.json()["error"]["code"]) == (422, "invalid_body")
+        put_number = await http.put("/sessions/nope/context", content=b"42")
+        assert (put_number.status_code, put_number.json()["error"]["code"]) == (
+            422,
+            "invalid_body",
+        )
         missing = await http.post("/sessions/nope/execute", json={"code": "1"})
         assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
         huge = await http.post("/sessions", content=b" " * (65 * 1024))

@@ -21,7 +21,6 @@ async def test_restore_loads_the_blob_into_a_pooled_sandbox() -> None:
         metrics=Metrics(),
     )
     pool.start()
-    pool.kick()
     try:
         source = await pool.acquire()
         await ok(source, "x = 41\ndef inc(n): return n + 1")

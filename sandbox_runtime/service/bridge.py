@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from broker import protocol as bp
 from broker.errors import BrokerResponseError, BrokerUnreachable, ClientError
+from rlm_http.client import error_from_body
 from rlm_http.link import KeepAliveLink
 from sandbox_runtime.protocol import BrokerAccess, SubCallUsage
 from sandbox_runtime.service.metrics import Metrics
@@ -53,7 +54,6 @@ class BrokerBridge:
         metrics: Metrics | None = None,
     ) -> None:
         self._access = access
-        self._wait_s = wait_s
         self._wait_param = f"wait={wait_s:g}"
         self._timeout_s = timeout_s + wait_s + _WAIT_SLACK_S
         self._retries = retries
@@ -183,12 +183,7 @@ def make_bridge(
 def _parse(status: int, answer: bytes, model: type[ModelT]) -> ModelT:
     """The broker's answer as `model`, or its error body as `BrokerResponseError`."""
     if status >= 400:
-        try:
-            error = bp.ErrorBody.model_validate_json(answer).error
-        except ValueError:
-            text = answer[:200].decode("utf-8", "replace")
-            raise BrokerResponseError(status, "unexpected_body", text) from None
-        raise BrokerResponseError(status, error.code, error.message)
+        raise error_from_body(BrokerResponseError, status, answer)
     try:
         return model.model_validate_json(answer)
     except ValidationError as exc:

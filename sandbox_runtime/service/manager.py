@@ -10,7 +10,13 @@ import time
 from typing import Any
 
 from sandbox_runtime.errors import SandboxError, SandboxGuestError
-from sandbox_runtime.protocol import CreateSession, ExecutionError, ExecutionResult, VarInfo
+from sandbox_runtime.protocol import (
+    Context,
+    CreateSession,
+    ExecutionError,
+    ExecutionResult,
+    VarInfo,
+)
 from sandbox_runtime.service.bridge import make_bridge
 from sandbox_runtime.service.errors import (
     ApiError,
@@ -27,10 +33,6 @@ from sandbox_runtime.service.store import HibernationStore
 from sandbox_runtime.worker import SandboxProcess
 
 logger = logging.getLogger(__name__)
-
-#: What PUT /sessions/{id}/context may bind: a string, or a JSON array or object.
-Context = str | list[Any] | dict[str, Any]
-
 
 class SessionManager:
     """Owns every session of this replica and the processes they hold."""
@@ -95,7 +97,6 @@ class SessionManager:
             raise TooManySessions(f"{self._settings.max_sessions} sessions are open")
         limits = self._settings.limits(body.limits, memory_bytes=self._pool.memory_bytes)
         process = await self._pool.acquire(limits.memory_bytes)
-        self._pool.kick()
         session = Session(
             id=secrets.token_urlsafe(16),
             limits=limits,
@@ -123,11 +124,13 @@ class SessionManager:
             self._check_open(session)
             session.touch()
             process = await self._live_process(session)
-            timeout = timeout_s or session.limits.timeout_s or self._settings.default_timeout_s
-            output = session.limits.output_bytes or self._settings.default_output_bytes
             started = time.perf_counter()
             try:
-                result = await process.execute(code, timeout_s=timeout, output_bytes=output)
+                result = await process.execute(
+                    code,
+                    timeout_s=timeout_s or session.limits.timeout_s,
+                    output_bytes=session.limits.output_bytes,
+                )
             except SandboxError as exc:
                 result = _crash_result(exc, time.perf_counter() - started)
             # The host counts the run's sub-calls from here (each request id once).
@@ -141,7 +144,7 @@ class SessionManager:
             session.state_lost = False
             if result.state is not None:
                 session.state = result.state
-            self._observe(result, time.perf_counter() - started)
+            self._metrics.observe_execution(result, time.perf_counter() - started)
             return result
 
     async def load_context(self, session_id: str, context: Context) -> None:
@@ -204,10 +207,10 @@ class SessionManager:
             except SandboxError as exc:
                 raise Unavailable(f"the sandbox failed while setting the state: {exc}") from exc
         if session.setup_code:
-            timeout = session.limits.timeout_s or self._settings.default_timeout_s
-            output = session.limits.output_bytes or self._settings.default_output_bytes
             result = await process.execute(
-                session.setup_code, timeout_s=timeout, output_bytes=output
+                session.setup_code,
+                timeout_s=session.limits.timeout_s,
+                output_bytes=session.limits.output_bytes,
             )
             if result.error is not None:
                 raise BadRequest(
@@ -238,7 +241,6 @@ class SessionManager:
             )
         else:
             process = await self._pool.acquire(session.limits.memory_bytes)
-            self._pool.kick()
             await self._prepare(session, process)
             logger.info("session re-created", extra={"session_id": session.id, "pid": process.pid})
         session.process = process
@@ -321,8 +323,7 @@ class SessionManager:
         for session in list(self._sessions.values()):
             if session.busy:
                 continue
-            ttl = session.limits.idle_ttl_s or self._settings.default_idle_ttl_s
-            if session.idle_for(now) >= ttl:
+            if session.idle_for(now) >= session.limits.idle_ttl_s:
                 await self._end(session, "idle_ttl")
             elif (
                 self._settings.hibernate_after_s > 0
@@ -369,18 +370,6 @@ class SessionManager:
     def _check_open(session: Session) -> None:
         if session.closed:
             raise NotFound(f"session {session.id!r} was ended")
-
-    def _observe(self, result: ExecutionResult, seconds: float) -> None:
-        if result.state_lost:
-            outcome = "state_lost"
-        elif result.error is None:
-            outcome = "ok"
-        elif result.error.type in ("TimeoutError", "KeyboardInterrupt"):
-            outcome = "timeout"
-        else:
-            outcome = "error"
-        self._metrics.executions.labels(outcome=outcome).inc()
-        self._metrics.execution_seconds.observe(seconds)
 
 
 def _crash_result(exc: Exception, seconds: float) -> ExecutionResult:

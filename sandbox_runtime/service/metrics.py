@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sandbox_runtime.protocol import ExecutionResult
+
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -45,6 +47,19 @@ class Metrics:
         self.llm_calls = Counter(
             "rlm_sandbox_llm_calls", "Prompts carried to the broker.", ["kind"], registry=r
         )
+
+    def observe_execution(self, result: ExecutionResult, seconds: float) -> None:
+        """Count one execution (session or stateless) by outcome, and its wall clock."""
+        if result.state_lost:
+            outcome = "state_lost"
+        elif result.error is None:
+            outcome = "ok"
+        elif result.error.type in ("TimeoutError", "KeyboardInterrupt"):
+            outcome = "timeout"
+        else:
+            outcome = "error"
+        self.executions.labels(outcome=outcome).inc()
+        self.execution_seconds.observe(seconds)
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read from `read` at each scrape."""

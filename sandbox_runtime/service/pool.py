@@ -63,7 +63,9 @@ class WarmPool:
         return self._spawning
 
     def start(self) -> None:
+        """Start the refill task; it fills the pool at once."""
         self._refill_task = asyncio.create_task(self._refill_loop(), name="pool-refill")
+        self._wake.set()
 
     async def wait_ready(self, count: int | None = None, timeout_s: float = 60.0) -> None:
         """Wait until `count` (default: the pool size) sandboxes are ready; for start-up/tests."""
@@ -74,7 +76,10 @@ class WarmPool:
                 await self._filled.wait()
 
     async def acquire(self, memory_bytes: int | None = None) -> SandboxProcess:
-        """A started sandbox, owned by the caller from now on (it must kill or close it)."""
+        """A started sandbox, owned by the caller from now on (it must kill or close it).
+
+        Taking one from the pool wakes the refill (no caller needs to ask for it).
+        """
         if memory_bytes is not None and memory_bytes != self.memory_bytes:
             return await self.spawn(memory_bytes)
         self._waiters += 1
@@ -114,11 +119,7 @@ class WarmPool:
         so no start-up lies on the caller's path; with another bound one is started for it.
         A blob the sandbox cannot read raises `BadRequest` (code `bad_snapshot`).
         """
-        if memory_bytes is None or memory_bytes == self.memory_bytes:
-            process = await self.acquire()
-            self.kick()
-        else:
-            process = await self.spawn(memory_bytes)
+        process = await self.acquire(memory_bytes)
         try:
             await process.load_namespace(blob)
         except SandboxBlobError as exc:
@@ -191,10 +192,6 @@ class WarmPool:
         self.last_error = None
         self._ready.put_nowait(process)
         self._filled.set()
-
-    def kick(self) -> None:
-        """Re-check the refill target (after a sandbox was taken)."""
-        self._wake.set()
 
 
 async def quiet_kill(process: SandboxProcess) -> None:

@@ -62,7 +62,6 @@ class Runtime:
 
     async def start(self) -> None:
         self.pool.start()
-        self.pool.kick()
         self.sessions.start()
         logger.info(
             "sandbox runtime started",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from pydantic import JsonValue
 
-from sandbox_runtime.protocol import Limits
 from sandbox_runtime.service.bridge import BrokerBridge
+from sandbox_runtime.service.settings import SessionLimits
 from sandbox_runtime.worker import SandboxProcess
 
 
@@ -25,12 +25,11 @@ class Session:
     """The service's record of one session; fields are changed only under `lock`."""
 
     id: str
-    limits: Limits
+    limits: SessionLimits
     bridge: BrokerBridge
     setup_code: str | None
     state: dict[str, JsonValue] | None
     process: SandboxProcess | None
-    created_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: A blob of this session is in the store (its last hibernation).

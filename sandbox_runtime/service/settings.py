@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,16 @@ _MiB = 2**20
 
 def _core_count() -> int:
     return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """`Limits` with every field resolved: what a session (or a stateless call) runs under."""
+
+    timeout_s: float
+    memory_bytes: int
+    output_bytes: int
+    idle_ttl_s: float
 
 
 class RuntimeSettings(BaseSettings):
@@ -102,12 +113,12 @@ class RuntimeSettings(BaseSettings):
             )
         return self
 
-    def limits(self, requested: Limits, *, memory_bytes: int) -> Limits:
+    def limits(self, requested: Limits, *, memory_bytes: int) -> SessionLimits:
         """`requested` with every unset field filled from the defaults.
 
         The default memory bound is the worker layer's (`RLM_SANDBOX_MEMORY_BYTES`).
         """
-        return Limits(
+        return SessionLimits(
             timeout_s=requested.timeout_s or self.default_timeout_s,
             memory_bytes=requested.memory_bytes or memory_bytes,
             output_bytes=requested.output_bytes or self.default_output_bytes,

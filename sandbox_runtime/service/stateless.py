@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import time
 
 from sandbox_runtime.errors import SandboxError, SandboxGuestError
 from sandbox_runtime.protocol import (
     ExecutionResult,
-    Limits,
     StatelessExecuteRequest,
     StatelessExecuteResult,
 )
 from sandbox_runtime.service.bridge import make_bridge
-from sandbox_runtime.service.errors import BadRequest, Unavailable, ValidationFailed
+from sandbox_runtime.service.errors import BadRequest, Unavailable
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
-from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.service.settings import RuntimeSettings, SessionLimits
 from sandbox_runtime.worker import SandboxProcess
 
 
@@ -39,43 +38,37 @@ class StatelessExecutor:
         """Restore (or take a fresh sandbox), run, snapshot, kill; the blob goes back."""
         limits = self._settings.limits(request.limits, memory_bytes=self._pool.memory_bytes)
         blob = _decode(request.snapshot) if request.snapshot else None
-        context = request.context
-        if context is not None and not isinstance(context, str | list | dict):
-            raise ValidationFailed("context must be a JSON string, array or object")
         self.running += 1
+        started = time.perf_counter()
         bridge = make_bridge(request.broker, self._settings, self._metrics)
         try:
             if blob is not None:
                 process = await self._pool.restore(blob, limits.memory_bytes)
             else:
                 process = await self._pool.acquire(limits.memory_bytes)
-                self._pool.kick()
             try:
                 process.bridge = bridge
-                result, snapshot = await self._run(process, request, context, limits)
+                result, snapshot = await self._run(process, request, limits)
                 result = result.model_copy(update={"sub_calls": bridge.take_sub_calls()})
             finally:
                 await quiet_kill(process)
         finally:
             self.running -= 1
             await bridge.aclose()
-        self._metrics.executions.labels(
-            outcome="state_lost" if result.state_lost else "ok" if result.error is None else "error"
-        ).inc()
+        self._metrics.observe_execution(result, time.perf_counter() - started)
         return StatelessExecuteResult(result=result, snapshot=snapshot)
 
     async def _run(
         self,
         process: SandboxProcess,
         request: StatelessExecuteRequest,
-        context: str | list[Any] | dict[str, Any] | None,
-        limits: Limits,
+        limits: SessionLimits,
     ) -> tuple[ExecutionResult, str]:
         try:
             if request.state is not None:
                 await process.set_state(request.state)
-            if context is not None:
-                await process.set_context(context)
+            if request.context is not None:
+                await process.set_context(request.context)
         except SandboxGuestError as exc:
             raise BadRequest(
                 f"the sandbox refused the request: {exc.message}", code=exc.type
@@ -85,8 +78,8 @@ class StatelessExecutor:
         # execute() reports timeouts and crashes as results, not exceptions.
         result = await process.execute(
             request.code,
-            timeout_s=limits.timeout_s or self._settings.default_timeout_s,
-            output_bytes=limits.output_bytes or self._settings.default_output_bytes,
+            timeout_s=limits.timeout_s,
+            output_bytes=limits.output_bytes,
         )
         if not process.alive:
             # Killed (a timeout it ignored, or a crash): the caller keeps its last blob.

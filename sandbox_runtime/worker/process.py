@@ -49,7 +49,6 @@ class SandboxProcess:
     def __init__(self, settings: WorkerSettings, launched: Launched, memory_limit: int) -> None:
         self.settings = settings
         self.bridge = None
-        self.started_at = time.time()
         self.memory_limit = memory_limit
         self.last_skipped: list[str] = []
         self._launched = launched
