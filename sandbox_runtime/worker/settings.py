@@ -15,18 +15,26 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "rlm-broker" / "sandbox"
 
 
+def _default_deno_path() -> Path:
+    # The PyPI package `deno` (pinned in uv.lock) ships the binary beside the interpreter.
+    from deno import find_deno_bin
+
+    return Path(find_deno_bin())
+
+
 class WorkerSettings(BaseSettings):
     """How sandbox processes are started and bounded. Environment prefix: RLM_SANDBOX_."""
 
     model_config = SettingsConfigDict(env_prefix="RLM_SANDBOX_", frozen=True, extra="ignore")
 
     deno_path: Path = Field(
-        _PROJECT_ROOT / "node_modules" / "deno" / "deno",
-        description="The Deno binary (pinned by the project's npm lock file).",
+        default_factory=_default_deno_path,
+        description="The Deno binary (default: from the PyPI package `deno`, pinned in uv.lock).",
     )
     pyodide_dir: Path = Field(
         _PROJECT_ROOT / "node_modules" / "pyodide",
-        description="The npm `pyodide` package directory (the sandbox may read it, nothing else).",
+        description="The npm `pyodide` package directory, installed by `deno install` from "
+        "deno.lock (the sandbox may read it, nothing else).",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
