@@ -34,11 +34,11 @@ import httpx2
 import redis.asyncio as aioredis
 import uvloop
 
-from broker import protocol as p
-from broker.client import BrokerClient
 from broker.redis_server import RedisServer, free_port
-from rlm_http.errors import ServiceUnreachable
-from rlm_http.link import KeepAliveLink
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.errors import ServiceUnreachable
+from rlm_wire.link import KeepAliveLink
 
 ADMIN = "bench-admin-token"
 HOST = "127.0.0.1"

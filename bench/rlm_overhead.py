@@ -25,9 +25,9 @@ from typing import Any
 from host_poller.llm.profiles import LLMSettings
 from host_poller.poller.settings import PollerSettings
 from host_poller.rlm import RLM, RunBudgets, RunHooks, read_trajectory
-from host_poller.rlm.embedded import host_settings_for, rlm_stack_components, root_client
 from host_poller.settings import HostSettings
-from host_poller.stack import LocalStack, StackConfig
+from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
+from rlm_cli.stack import LocalStack, StackConfig
 
 ROOT = "You are the root of a Recursive Language Model"
 

@@ -25,13 +25,13 @@ from typing import Any
 
 import httpx2
 
-from broker import protocol as bp
-from broker.client import BrokerClient
 from broker.redis_server import RedisServer, free_port
 from host_poller.environments import Environment, EnvironmentSpec, create_environment
 from host_poller.settings import HostSettings
-from sandbox_runtime import protocol as p
-from sandbox_runtime.client import RuntimeClient
+from rlm_wire import broker_models as bp
+from rlm_wire import runtime_models as p
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.runtime_client import RuntimeClient
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 
 HOST = "127.0.0.1"

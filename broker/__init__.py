@@ -1,20 +1,9 @@
 """The rlm-broker broker: Redis-backed queues between sandboxed `llm_query` calls and pollers.
 
-Public surface: `create_app` (the Starlette application), `BrokerSettings`, `BrokerClient`
-(the typed async client every other component uses), the wire models in `broker.protocol`,
-and the exception tree in `broker.errors`.
+Public surface: `create_app` (the Starlette application) and `BrokerSettings`. Its wire
+models, errors and client live in `rlm_wire` (`broker_models`, `errors`, `broker_client`).
 """
-
-from broker.client import BrokerClient
-from broker.errors import BrokerError, BrokerResponseError, BrokerUnreachable, ClientError
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BrokerClient",
-    "BrokerError",
-    "BrokerResponseError",
-    "BrokerUnreachable",
-    "ClientError",
-    "__version__",
-]
+__all__ = ["__version__"]

@@ -25,7 +25,7 @@ from broker.openapi import openapi_json
 from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
-from rlm_http.responses import exception_handlers
+from rlm_wire.responses import exception_handlers
 
 logger = logging.getLogger(__name__)
 

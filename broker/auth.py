@@ -16,8 +16,8 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from broker.codec import optional_text
-from broker.errors import Forbidden, Unauthorized
 from broker.keys import Keys
+from rlm_wire.errors import ApiError
 
 Scope = Literal["admin", "tenant", "session"]
 
@@ -33,22 +33,24 @@ class Principal:
 
     def require(self, *scopes: Scope) -> None:
         if self.scope not in scopes:
-            raise Forbidden(
-                f"this endpoint needs a {' or '.join(scopes)} token, not a {self.scope} token"
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this endpoint needs a {' or '.join(scopes)} token, not a {self.scope} token",
             )
 
     @property
     def tenant(self) -> str:
         """The caller's tenant id; admin tokens have none."""
         if self.tenant_id is None:
-            raise Forbidden("this endpoint needs a tenant or session token")
+            raise ApiError(403, "forbidden", "this endpoint needs a tenant or session token")
         return self.tenant_id
 
     @property
     def session(self) -> str:
         """The caller's session id; only session tokens have one."""
         if self.session_id is None:
-            raise Forbidden("this endpoint needs a session token")
+            raise ApiError(403, "forbidden", "this endpoint needs a session token")
         return self.session_id
 
     def may_act_for_tenant(self, tenant_id: str) -> bool:
@@ -83,7 +85,9 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+            raise ApiError(
+                401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)"
+            )
         digest = hash_token(authorization[7:].strip())
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return Principal("admin", token_hash=digest)
@@ -95,7 +99,7 @@ class Authenticator:
         kind, tenant_id, session_id = (optional_text(f) for f in fields)
         if kind not in ("tenant", "session"):
             self._cache.pop(digest, None)
-            raise Unauthorized("unknown, revoked or expired token")
+            raise ApiError(401, "unauthorized", "unknown, revoked or expired token")
         principal = Principal(kind, tenant_id, session_id, digest)  # type: ignore[arg-type]
         if self._cache_s > 0:
             if len(self._cache) > 100_000:

@@ -1,6 +1,6 @@
 """The per-endpoint wrapper: errors become JSON answers, and every answer is counted.
 
-The error table itself is `rlm_http.responses`; this adds what only the broker has (Redis
+The error table itself is `rlm_wire.responses`; this adds what only the broker has (Redis
 outages answer 503 `redis_unavailable`, and the per-endpoint request metrics).
 """
 
@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.context import context_of
-from rlm_http.errors import HttpApiError
-from rlm_http.responses import api_error_response, error_response
+from rlm_wire.errors import ApiError
+from rlm_wire.responses import api_error_response, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
         async def wrapper(request: Request) -> Response:
             try:
                 response = await handler(request)
-            except HttpApiError as exc:
+            except ApiError as exc:
                 response = api_error_response(exc)
             except (RedisError, ConnectionError, TimeoutError) as exc:
                 logger.warning(

@@ -1,6 +1,6 @@
 """The broker's OpenAPI 3.1 document, served at `GET /openapi.json`.
 
-Every schema in it comes from the wire models of `broker.protocol` (pydantic's JSON Schema,
+Every schema in it comes from the wire models of `rlm_wire.broker_models` (pydantic's JSON Schema,
 with `$defs` moved under `components/schemas`), and every bound of a query value from the
 `BrokerSettings` the broker runs with, so the document cannot drift from what the broker
 accepts. What is written by hand here is only the list of operations (a test checks it
@@ -17,9 +17,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from broker import __version__
-from broker import protocol as p
 from broker.auth import Scope
 from broker.settings import BrokerSettings
+from rlm_wire import broker_models as p
 
 OPENAPI_VERSION = "3.1.0"
 

@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker import __version__
-from broker import protocol as p
 from broker.context import context_of
 from broker.handling import Handler, endpoint
-from rlm_http.responses import json_response
+from rlm_wire import broker_models as p
+from rlm_wire.responses import json_response
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from broker import protocol as p
 from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
-from broker.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from broker.handling import endpoint
 from broker.keys import tenant_of_request
 from broker.store import Claimed
-from rlm_http.bodies import query_float, query_int, read_json, validate
-from rlm_http.responses import json_response
+from rlm_wire import broker_models as p
+from rlm_wire.bodies import query_float, query_int, read_json, validate
+from rlm_wire.errors import ApiError
+from rlm_wire.responses import json_response
 
 BatchT = TypeVar("BatchT", p.EnqueueBatch, p.AnswerBatch)
 
@@ -38,7 +38,7 @@ def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | 
     size = len(getattr(batch, key))
     if size > limit:
         setting = "RLM_MAX_ENQUEUE_BATCH" if key == "batch" else "RLM_MAX_RESPOND_BATCH"
-        raise PayloadTooLarge(f"batch of {size} exceeds {limit} ({setting})")
+        raise ApiError(413, "payload_too_large", f"batch of {size} exceeds {limit} ({setting})")
     return batch
 
 
@@ -91,7 +91,9 @@ def _idempotency_key(request: Request) -> str | None:
     """The `Idempotency-Key` header: a retried POST with it enqueues nothing twice."""
     key = request.headers.get("idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable()):
-        raise BadRequest("Idempotency-Key must be 1 to 200 printable ASCII characters")
+        raise ApiError(
+            400, "bad_request", "Idempotency-Key must be 1 to 200 printable ASCII characters"
+        )
     return key
 
 
@@ -106,8 +108,10 @@ async def _rewait(
     for request_id, future in zip(ids, futures, strict=True):
         ctx.waiters.discard(request_id, future)
     if len(earlier) != len(ids):
-        raise ValidationFailed(
-            f"this Idempotency-Key enqueued {len(earlier)} request(s) before, not {len(ids)}"
+        raise ApiError(
+            422,
+            "invalid_body",
+            f"this Idempotency-Key enqueued {len(earlier)} request(s) before, not {len(ids)}",
         )
     futures = [ctx.waiters.register(request_id) for request_id in earlier]
     for request_id in earlier:
@@ -125,9 +129,9 @@ async def get_request(request: Request) -> Response:
     request_id = request.path_params["request_id"]
     tenant_id = tenant_of_request(request_id)
     if tenant_id is None:
-        raise NotFound(f"no request {request_id}")
+        raise ApiError(404, "not_found", f"no request {request_id}")
     if principal.scope != "admin" and principal.tenant_id != tenant_id:
-        raise Forbidden("this request belongs to another tenant")
+        raise ApiError(403, "forbidden", "this request belongs to another tenant")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     future = ctx.waiters.register(request_id) if wait_s > 0 else None
     try:
@@ -136,9 +140,11 @@ async def get_request(request: Request) -> Response:
         else:
             stored = await ctx.store.read(tenant_id, request_id)
         if stored is None:
-            raise NotFound(f"no request {request_id} (unknown, or its result expired)")
+            raise ApiError(
+                404, "not_found", f"no request {request_id} (unknown, or its result expired)"
+            )
         if principal.scope == "session" and stored.session_id != principal.session_id:
-            raise Forbidden("this request belongs to another session")
+            raise ApiError(403, "forbidden", "this request belongs to another session")
         if stored.status != "pending" and stored.result is not None:
             return json_response(stored.result)
         if future is not None:
@@ -314,9 +320,9 @@ async def respond(request: Request) -> Response:
         return json_response({"results": results})
     status = statuses[0]
     if status == "not_found":
-        raise NotFound(f"no request {answers[0].id} (unknown, or expired)")
+        raise ApiError(404, "not_found", f"no request {answers[0].id} (unknown, or expired)")
     if status == "forbidden":
-        raise Forbidden("this request belongs to another tenant")
+        raise ApiError(403, "forbidden", "this request belongs to another tenant")
     return json_response({"id": answers[0].id, "status": status})
 
 

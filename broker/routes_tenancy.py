@@ -7,14 +7,14 @@ import logging
 from starlette.requests import Request
 from starlette.responses import Response
 
-from broker import protocol as p
 from broker.auth import Principal
 from broker.context import context_of, principal_of
-from broker.errors import Forbidden, NotFound, ValidationFailed
 from broker.handling import endpoint
 from broker.keys import is_session_id, is_tenant_id
-from rlm_http.bodies import read_json, validate
-from rlm_http.responses import json_response
+from rlm_wire import broker_models as p
+from rlm_wire.bodies import read_json, validate
+from rlm_wire.errors import ApiError
+from rlm_wire.responses import json_response
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,13 @@ async def create_session(request: Request) -> Response:
     body = validate(p.CreateSession, await read_json(request, ctx.settings.max_body_bytes))
     tenant_id = _session_tenant(principal, body.tenant_id)
     if principal.scope == "admin" and not await ctx.store.tenant_exists(tenant_id):
-        raise NotFound(f"no tenant {tenant_id}")
+        raise ApiError(404, "not_found", f"no tenant {tenant_id}")
     ttl_s = body.ttl_s or ctx.settings.session_ttl_s
     if ttl_s > ctx.settings.max_session_ttl_s:
-        raise ValidationFailed(
-            f"ttl_s: at most {ctx.settings.max_session_ttl_s} (RLM_MAX_SESSION_TTL_S)"
+        raise ApiError(
+            422,
+            "invalid_body",
+            f"ttl_s: at most {ctx.settings.max_session_ttl_s} (RLM_MAX_SESSION_TTL_S)",
         )
     session_id, token, expires_at = await ctx.store.create_session(tenant_id, ttl_s, body.metadata)
     logger.info("session created", extra={"tenant_id": tenant_id, "session_id": session_id})
@@ -52,10 +54,12 @@ async def create_session(request: Request) -> Response:
 def _session_tenant(principal: Principal, requested: str | None) -> str:
     if principal.scope == "admin":
         if requested is None:
-            raise ValidationFailed("tenant_id: an admin token must name the session's tenant")
+            raise ApiError(
+                422, "invalid_body", "tenant_id: an admin token must name the session's tenant"
+            )
         return requested
     if requested is not None and requested != principal.tenant:
-        raise Forbidden("a tenant token opens sessions for its own tenant only")
+        raise ApiError(403, "forbidden", "a tenant token opens sessions for its own tenant only")
     return principal.tenant
 
 
@@ -67,7 +71,7 @@ async def delete_session(request: Request) -> Response:
     tenant_id = _session_tenant(principal, request.query_params.get("tenant_id"))
     session_id = request.path_params["session_id"]
     if not is_session_id(session_id) or not is_tenant_id(tenant_id):
-        raise NotFound(f"no session {session_id}")
+        raise ApiError(404, "not_found", f"no session {session_id}")
     failed, token_hash = await ctx.store.close_session(tenant_id, session_id)
     if token_hash:
         ctx.auth.forget(token_hash)

@@ -1,6 +1,6 @@
 """Serving the broker: an embedded Redis when none is configured, then uvicorn.
 
-uvicorn runs with uvloop + httptools (`rlm_http.serving.uvicorn_config`), one worker per
+uvicorn runs with uvloop + httptools (`rlm_wire.serving.uvicorn_config`), one worker per
 process: scale with replicas over one Redis.
 """
 
@@ -17,7 +17,7 @@ import uvicorn
 from broker.app import create_app
 from broker.redis_server import RedisServer
 from broker.settings import BrokerSettings
-from rlm_http.serving import uvicorn_config
+from rlm_wire.serving import uvicorn_config
 
 logger = logging.getLogger(__name__)
 

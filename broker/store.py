@@ -18,10 +18,10 @@ from redis.exceptions import ResponseError
 
 from broker.auth import hash_token, new_id, new_token
 from broker.codec import optional_bytes, text
-from broker.errors import NotFound, TooManyRequests, Unauthorized
 from broker.keys import CONSUMER, GROUP, Keys
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
+from rlm_wire.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class Store:
             ],
         )
         if int(failed) < 0:
-            raise NotFound(f"no session {session_id}")
+            raise ApiError(404, "not_found", f"no session {session_id}")
         digest = text(token_hash) if token_hash else None
         if digest:
             await self.redis.delete(self.keys.token(digest))
@@ -199,11 +199,13 @@ class Store:
             return earlier
         accepted = int(reply)
         if accepted == -1:
-            raise Unauthorized("the session is closed or expired")
+            raise ApiError(401, "unauthorized", "the session is closed or expired")
         if accepted == -2:
-            raise TooManyRequests(
+            raise ApiError(
+                429,
+                "too_many_requests",
                 f"the session has reached its limit of {self.settings.max_open_per_session} "
-                "unanswered requests (RLM_MAX_OPEN_PER_SESSION)"
+                "unanswered requests (RLM_MAX_OPEN_PER_SESSION)",
             )
         return None
 

@@ -16,9 +16,9 @@ from rlm_cli.logs import configure_logging
 # Modules that define a `commands: list[click.Command]`.
 _COMMAND_MODULES = (
     "rlm_cli.commands",
-    "broker.cli",
-    "host_poller.cli",
-    "sandbox_runtime.cli",
+    "rlm_cli.broker_commands",
+    "rlm_cli.host_commands",
+    "rlm_cli.sandbox_commands",
 )
 
 

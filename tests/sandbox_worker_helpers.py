@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sandbox_runtime.protocol import ExecutionResult
+from rlm_wire.runtime_models import ExecutionResult
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 
 SETTINGS = WorkerSettings(grace_s=1.0, control_timeout_s=30.0)

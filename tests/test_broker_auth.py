@@ -9,9 +9,9 @@ from collections.abc import Callable
 import httpx2
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.errors import ServiceResponseError
 from tests.support.brokers import tenant_and_session
 from tests.support.servers import BrokerServer
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 async def _status(call: asyncio.Future[object] | object) -> int:
     try:
         await call  # type: ignore[misc]
-    except BrokerResponseError as exc:
+    except ServiceResponseError as exc:
         return exc.status
     return 200
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerClient
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import running_poller
 from tests.support.servers import BrokerProcess
 

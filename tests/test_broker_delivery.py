@@ -8,9 +8,9 @@ from collections.abc import Callable
 import httpx2
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerClient
 from broker.redis_server import RedisServer
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import tenant_and_session
 from tests.support.servers import BrokerProcess, BrokerServer, wait_until
 

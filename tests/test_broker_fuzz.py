@@ -27,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from broker import protocol as p
-from broker.client import BrokerClient
 from broker.openapi import build_openapi
 from broker.settings import BrokerSettings
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from tests.support.servers import BrokerServer
 
 #: The broker under fuzz: waits short enough that a generated `wait` costs little, batch

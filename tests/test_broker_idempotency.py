@@ -7,9 +7,9 @@ import asyncio
 import httpx2
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.errors import ServiceResponseError
 from tests.support.brokers import running_poller, tenant_and_session
 from tests.support.servers import BrokerServer
 
@@ -65,7 +65,7 @@ async def test_a_reused_key_with_another_batch_size_or_a_bad_key_is_refused(
 ) -> None:
     async with tenant_and_session(broker_server.url, broker_server.admin_token) as (_, session):
         await session.client.enqueue(p.LLMRequest(prompt="x"), wait_s=0, idempotency_key="k")
-        with pytest.raises(BrokerResponseError) as caught:
+        with pytest.raises(ServiceResponseError) as caught:
             await session.client.enqueue_batch(
                 [p.LLMRequest(prompt="x")] * 2, wait_s=0, idempotency_key="k"
             )

@@ -8,7 +8,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from broker import protocol as p
+from rlm_wire import broker_models as p
 from tests.support.brokers import Session, Tenant, assert_json_error, tenant_and_session
 from tests.support.servers import BrokerServer
 

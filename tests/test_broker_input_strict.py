@@ -14,8 +14,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from broker import protocol as p
 from broker.keys import is_session_id, is_tenant_id, tenant_of_request
+from rlm_wire import broker_models as p
 from tests.support.brokers import Session, Tenant, assert_json_error, tenant_and_session
 from tests.support.servers import BrokerServer
 

@@ -10,10 +10,10 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from broker import protocol as p
 from broker.app import create_app
 from broker.openapi import build_openapi
 from broker.settings import BrokerSettings
+from rlm_wire import broker_models as p
 from tests.support.servers import BrokerServer
 
 SETTINGS = BrokerSettings(redis_url="redis://127.0.0.1:1", admin_token="unused")

@@ -8,8 +8,8 @@ import httpx2
 import pytest
 import redis.asyncio as aioredis
 
-from broker import protocol as p
-from broker.client import BrokerClient
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import running_poller, tenant_and_session
 from tests.support.servers import BrokerProcess, BrokerServer, wait_until
 

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from broker import protocol as p
 from host_poller.environments import (
     EnvironmentSpec,
     EnvironmentStateError,
@@ -18,7 +17,8 @@ from host_poller.environments import (
 )
 from host_poller.environments.base import Environment
 from host_poller.settings import HostSettings
-from sandbox_runtime.protocol import Limits
+from rlm_wire import broker_models as p
+from rlm_wire.runtime_models import Limits
 from tests.support.brokers import tenant_and_session
 from tests.support.servers import BrokerServer
 

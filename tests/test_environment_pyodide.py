@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from broker import protocol as bp
 from host_poller.environments import EnvironmentSpec, create_environment
 from host_poller.environments.pyodide import SandboxRuntimeError
 from host_poller.rlm import RLM
-from host_poller.rlm.embedded import host_settings_for, rlm_stack_components, root_client
 from host_poller.settings import HostSettings
-from host_poller.stack import LocalStack, StackConfig
-from sandbox_runtime.protocol import Limits
+from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
+from rlm_cli.stack import LocalStack, StackConfig
+from rlm_wire import broker_models as bp
+from rlm_wire.runtime_models import Limits
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
 from tests.support.brokers import echo_answers, tenant_and_session

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerClient
+import rlm_repl as exec_script
 from broker.redis_server import free_port
-from sandbox_runtime import exec_script
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import tenant_and_session
 from tests.support.servers import BrokerServer
 

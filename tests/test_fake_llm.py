@@ -11,8 +11,8 @@ import openai
 import pytest
 from click.testing import CliRunner
 
-from host_poller.cli import fake_llm
-from host_poller.fake_llm import FakeLLMServer, Scenario, load_scenario, shipped_scenarios
+from fake_llm import FakeLLMServer, Scenario, load_scenario, shipped_scenarios
+from rlm_cli.host_commands import fake_llm
 
 
 def scenario(rules: list[dict[str, Any]], **extra: object) -> Scenario:

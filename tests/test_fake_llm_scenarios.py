@@ -19,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 
-from host_poller.fake_llm import ROOT_MODEL, SUB_MODEL, FakeLLMServer
+from fake_llm import ROOT_MODEL, SUB_MODEL, FakeLLMServer
 
 MARKER = "You are the root of a Recursive Language Model"
 FENCE = re.compile(r"```repl\n(.*?)```", re.DOTALL)

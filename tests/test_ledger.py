@@ -11,8 +11,8 @@ import anyio.lowlevel
 import pytest
 from click.testing import CliRunner
 
-from host_poller.cli import usage as usage_command
 from host_poller.llm import Usage, UsageLedger
+from rlm_cli.host_commands import usage as usage_command
 
 
 @pytest.fixture

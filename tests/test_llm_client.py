@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from host_poller.fake_llm import FakeLLMServer, Scenario
+from fake_llm import FakeLLMServer, Scenario
 from host_poller.llm import (
     LLMConnectionError,
     LLMError,

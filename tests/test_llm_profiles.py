@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from host_poller.fake_llm import scripted_profiles
 from host_poller.llm import LLMConfigError, LLMSettings, Profile, build_client, cost_usd
+from rlm_cli.scripted import scripted_profiles
 
 ROOT = {"base_url": "https://api.openai.com/v1", "model": "gpt-4o", "api_key_env": "OPENAI_API_KEY"}
 SUB = {"base_url": "http://localhost:11434/v1", "model": "llama3", "input_price_per_mtok": 0}

@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from broker.client import BrokerClient
-from broker.protocol import LLMRequest, PendingRequest, RequestResult
-from host_poller.fake_llm import FakeLLMServer, Scenario
+from fake_llm import FakeLLMServer, Scenario
 from host_poller.llm import Profile, UsageLedger, build_client
 from host_poller.poller import (
     CallContext,
@@ -25,6 +23,8 @@ from host_poller.poller import (
 )
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.rlm.budget import Budget, RunBudgets
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import LLMRequest, PendingRequest, RequestResult
 from tests.support.servers import BrokerServer, wait_until
 
 # --- helpers (also used by tests/test_poller_*.py) -------------------------------------------

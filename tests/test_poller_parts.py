@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from broker.client import BrokerClient
-from broker.protocol import Answer, PendingRequest
 from host_poller.llm import LLMRateLimitError, LLMStatusError, build_client
 from host_poller.poller import (
     Backoff,
@@ -20,6 +18,8 @@ from host_poller.poller import (
     error_code,
 )
 from host_poller.poller.poster import AnswerPoster
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import Answer, PendingRequest
 from tests.support.servers import BrokerServer
 from tests.test_poller import META, enqueue_all, llm_profile, open_tenant_session, results
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from host_poller.fake_llm import FakeLLMServer
+from fake_llm import FakeLLMServer
 from tests.support.servers import BrokerServer, wait_until
 from tests.test_poller import (
     META,

@@ -22,13 +22,14 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.client import BrokerClient
-from broker.protocol import LLMRequest
 from broker.redis_server import free_port
-from host_poller.fake_llm import FakeLLMServer, load_scenario, scripted_profiles
+from fake_llm import FakeLLMServer, load_scenario
 from host_poller.llm import build_client
 from host_poller.rlm import RLM, RLMResult, RunBudgets, RunHooks, read_trajectory
 from host_poller.settings import HostSettings
+from rlm_cli.scripted import scripted_profiles
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import LLMRequest
 from tests.support.servers import BrokerServer, wait_until
 from tests.test_poller import echo_scenario
 from tests.test_rlm import make_text

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from host_poller.fake_llm import load_scenario
+from fake_llm import load_scenario
 from host_poller.llm.profiles import LLMSettings
 from host_poller.llm.types import LLMClient
 from host_poller.poller.settings import PollerSettings
 from host_poller.rlm import RLM, Budget, RunBudgets, RunHooks, read_trajectory
-from host_poller.rlm.embedded import host_settings_for, rlm_stack_components, root_client
 from host_poller.settings import HostSettings
-from host_poller.stack import LocalStack, StackConfig
+from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
+from rlm_cli.stack import LocalStack, StackConfig
 
 pytestmark = pytest.mark.anyio
 

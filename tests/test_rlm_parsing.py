@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from host_poller.rlm import FinalTag, code_blocks, final_tag
-from sandbox_runtime.exec_script import changed_keys, merge_state
+from rlm_repl import changed_keys, merge_state
 
 
 def test_repl_blocks_win_over_python_blocks() -> None:

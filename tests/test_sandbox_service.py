@@ -13,10 +13,10 @@ from typing import Any
 import httpx2
 import pytest
 
-from broker import protocol as bp
-from sandbox_runtime import protocol as p
-from sandbox_runtime.client import RuntimeClient
-from sandbox_runtime.service.errors import RuntimeResponseError
+from rlm_wire import broker_models as bp
+from rlm_wire import runtime_models as p
+from rlm_wire.errors import ServiceResponseError
+from rlm_wire.runtime_client import RuntimeClient
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
 from tests.sandbox_worker_helpers import child_pids
@@ -70,7 +70,7 @@ async def test_state_persists_across_executions(client: RuntimeClient) -> None:
         assert third.stdout == "6000\n"
     finally:
         await client.delete_session(session.session_id)
-    with pytest.raises(RuntimeResponseError) as info:
+    with pytest.raises(ServiceResponseError) as info:
         await client.execute(session.session_id, "print(x)")
     assert info.value.status == 404
 
@@ -206,7 +206,7 @@ async def test_stateless_execute_carries_variables_in_the_blob(client: RuntimeCl
     )
     assert second.result.error is None, second.result.error
     assert second.result.stdout == "12 3\n"
-    with pytest.raises(RuntimeResponseError) as info:
+    with pytest.raises(ServiceResponseError) as info:
         await client.execute_stateless(p.StatelessExecuteRequest(code="1", snapshot="bm9wZQ=="))
     assert (info.value.status, info.value.code) == (400, "bad_snapshot")
 
@@ -314,7 +314,7 @@ async def test_idle_sessions_end_after_their_ttl(client: RuntimeClient) -> None:
     async def ended() -> bool:
         try:
             await client.list_vars(session.session_id)
-        except RuntimeResponseError as exc:
+        except ServiceResponseError as exc:
             return exc.status == 404
         return False
 
@@ -353,7 +353,7 @@ def _blobs(directory: Path) -> list[Path]:
 def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from sandbox_runtime.cli import commands
+    from rlm_cli.sandbox_commands import commands
 
     monkeypatch.delenv("RLM_SANDBOX_TOKEN", raising=False)
     (command,) = commands

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import protocol as bp
 from broker.app import create_app
 from broker.redis_server import free_port
 from broker.settings import BrokerSettings
-from rlm_http.serving import ThreadedServer, uvicorn_config
-from sandbox_runtime.protocol import BrokerAccess
+from rlm_wire import broker_models as bp
+from rlm_wire.runtime_models import BrokerAccess
+from rlm_wire.serving import ThreadedServer, uvicorn_config
 from sandbox_runtime.service.bridge import BrokerBridge
 from sandbox_runtime.worker import LLMCall
 from tests.support.brokers import running_poller, tenant_and_session

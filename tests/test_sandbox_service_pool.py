@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox_runtime.service.errors import BadRequest
+from rlm_wire.errors import ApiError
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool
 from tests.sandbox_worker_helpers import SETTINGS, child_pids, ok
@@ -30,7 +30,7 @@ async def test_restore_loads_the_blob_into_a_pooled_sandbox() -> None:
         warm = child_pids()
 
         # A blob refused before it reached the sandbox leaves the sandbox in the pool.
-        with pytest.raises(BadRequest) as refused:
+        with pytest.raises(ApiError) as refused:
             await pool.restore(b"junk")
         assert refused.value.code == "bad_snapshot"
         assert pool.idle >= 1

@@ -1,4 +1,4 @@
-"""The local stack (`host_poller.stack`) and `rlm up`: real Redis, broker, scripted LLM, poller."""
+"""The local stack (`rlm_cli.stack`) and `rlm up`: real Redis, broker, scripted LLM, poller."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from broker.protocol import LLMRequest
-from host_poller.stack import (
+from rlm_cli.stack import (
     LocalStack,
     StackComponent,
     StackConfig,
@@ -23,6 +22,7 @@ from host_poller.stack import (
     describe,
     write_env_file,
 )
+from rlm_wire.broker_models import LLMRequest
 from tests.support.servers import wait_until
 
 COUNT_PROMPT = (
@@ -54,7 +54,7 @@ async def test_stack_answers_through_its_poller(tmp_path: Path) -> None:
                                                             "max_depth": 1})  # fmt: skip
         async with stack.admin_client() as admin:
             health = await admin.health()
-        from broker.client import BrokerClient
+        from rlm_wire.broker_client import BrokerClient
 
         async with BrokerClient(stack.broker_url, session.token) as client:
             result = await client.enqueue(LLMRequest(prompt=COUNT_PROMPT, depth=1), wait_s=20)

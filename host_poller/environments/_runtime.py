@@ -16,9 +16,9 @@ from pydantic import JsonValue
 from host_poller.environments.base import Environment, EnvironmentSpec
 from host_poller.environments.errors import EnvironmentStateError, ExecutionEnvironmentError
 from host_poller.settings import HostSettings
-from sandbox_runtime.client import RuntimeClient
-from sandbox_runtime.protocol import BrokerAccess, ExecutionResult
-from sandbox_runtime.service.errors import RuntimeClientError
+from rlm_wire.errors import WireError
+from rlm_wire.runtime_client import RuntimeClient
+from rlm_wire.runtime_models import BrokerAccess, ExecutionResult
 
 Context = str | list[str] | dict[str, Any]
 
@@ -32,7 +32,7 @@ def translated(doing: str) -> Iterator[None]:
     """The runtime client's errors as `SandboxRuntimeError("<doing>: <error>")`."""
     try:
         yield
-    except RuntimeClientError as exc:
+    except WireError as exc:
         raise SandboxRuntimeError(f"{doing}: {exc}") from exc
 
 

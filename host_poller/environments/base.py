@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import JsonValue
 
 from host_poller.environments.errors import UnknownEnvironmentError
-from sandbox_runtime.protocol import ExecutionResult, Limits
+from rlm_wire.runtime_models import ExecutionResult, Limits
 
 if TYPE_CHECKING:
     from host_poller.settings import HostSettings

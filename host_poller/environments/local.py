@@ -22,8 +22,8 @@ from pydantic import JsonValue
 from host_poller.environments.base import Environment, EnvironmentSpec, register_environment
 from host_poller.environments.errors import EnvironmentStateError
 from host_poller.settings import HostSettings
-from sandbox_runtime.exec_script import HttpTransport, Repl
-from sandbox_runtime.protocol import ExecutionResult
+from rlm_repl import HttpTransport, Repl
+from rlm_wire.runtime_models import ExecutionResult
 
 _DEFAULT_OUTPUT_CHARS = 1_000_000
 

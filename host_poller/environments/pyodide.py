@@ -18,8 +18,8 @@ from host_poller.environments._runtime import (
 from host_poller.environments.base import EnvironmentSpec, register_environment
 from host_poller.environments.errors import EnvironmentStateError
 from host_poller.settings import HostSettings
-from sandbox_runtime.client import RuntimeClient
-from sandbox_runtime.protocol import CreateSession, ExecutionResult
+from rlm_wire.runtime_client import RuntimeClient
+from rlm_wire.runtime_models import CreateSession, ExecutionResult
 
 __all__ = ["PyodideEnvironment", "SandboxRuntimeError", "broker_access", "runtime_client"]
 

@@ -15,8 +15,8 @@ from host_poller.environments._runtime import (
 )
 from host_poller.environments.base import register_environment
 from host_poller.settings import HostSettings
-from sandbox_runtime.client import RuntimeClient
-from sandbox_runtime.protocol import ExecutionResult, StatelessExecuteRequest
+from rlm_wire.runtime_client import RuntimeClient
+from rlm_wire.runtime_models import ExecutionResult, StatelessExecuteRequest
 
 
 class RemoteEnvironment(RuntimeEnvironment):

@@ -6,7 +6,6 @@ The enqueuer sees `status: "error"` with one of these codes (the sandbox raises
 
 from __future__ import annotations
 
-from broker.protocol import Answer, ErrorInfo
 from host_poller.llm.errors import (
     LLMConfigError,
     LLMConnectionError,
@@ -17,6 +16,7 @@ from host_poller.llm.errors import (
     LLMTimeoutError,
 )
 from host_poller.poller.errors import RequestFailed
+from rlm_wire.broker_models import Answer, ErrorInfo
 
 #: Error code of each LLM failure, most specific class first.
 LLM_ERROR_CODES: tuple[tuple[type[LLMError], str], ...] = (

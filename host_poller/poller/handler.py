@@ -13,8 +13,6 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from broker.protocol import Answer, PendingRequest
-from broker.protocol import Usage as WireUsage
 from host_poller.llm.errors import LLMError
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import Message, Usage
@@ -22,6 +20,8 @@ from host_poller.poller.answers import error_answer
 from host_poller.poller.errors import BudgetExceeded, RequestFailed
 from host_poller.poller.hooks import BudgetLookup, CallContext, RunBudget, SubRLMRunner
 from host_poller.poller.router import ModelRouter
+from rlm_wire.broker_models import Answer, PendingRequest
+from rlm_wire.broker_models import Usage as WireUsage
 
 logger = logging.getLogger(__name__)
 

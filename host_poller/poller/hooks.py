@@ -12,8 +12,8 @@ from typing import Protocol
 
 from pydantic import JsonValue
 
-from broker.protocol import PendingRequest
 from host_poller.llm.types import Usage
+from rlm_wire.broker_models import PendingRequest
 
 
 @dataclass(frozen=True)

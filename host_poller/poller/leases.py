@@ -13,10 +13,10 @@ import contextlib
 import logging
 import time
 
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError, BrokerUnreachable
-from broker.protocol import PendingRequest
 from host_poller.poller.link import BrokerLink
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import PendingRequest
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class LeaseKeeper:
     async def _extend(self, ids: list[str]) -> None:
         try:
             results = await self._client.extend_leases(ids)
-        except (BrokerUnreachable, BrokerResponseError) as exc:
-            if isinstance(exc, BrokerResponseError) and exc.status != 503:
+        except (ServiceUnreachable, ServiceResponseError) as exc:
+            if isinstance(exc, ServiceResponseError) and exc.status != 503:
                 logger.error("lease extension refused", extra={"error": str(exc)})
             else:
                 self._link.failed(exc)

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError, BrokerUnreachable
-from broker.protocol import PendingRequest
 from host_poller.poller.errors import BrokerRejected
 from host_poller.poller.handler import RequestHandler
 from host_poller.poller.leases import LeaseKeeper
 from host_poller.poller.link import Backoff, BrokerLink
 from host_poller.poller.poster import AnswerPoster
 from host_poller.poller.settings import PollerSettings
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import PendingRequest
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,8 @@ class Poller:
             return
         try:
             requests = fetch.result()
-        except (BrokerUnreachable, BrokerResponseError) as exc:
-            if isinstance(exc, BrokerResponseError) and exc.status in (401, 403):
+        except (ServiceUnreachable, ServiceResponseError) as exc:
+            if isinstance(exc, ServiceResponseError) and exc.status in (401, 403):
                 raise BrokerRejected(exc.status, exc.message) from exc
             self.link.failed(exc)
             await self.link.pause(self._stopping)

@@ -12,10 +12,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from broker.client import BrokerClient
-from broker.errors import BrokerResponseError, BrokerUnreachable
-from broker.protocol import Answer, ErrorInfo
 from host_poller.poller.link import BrokerLink
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import Answer, ErrorInfo
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class AnswerPoster:
         while True:
             try:
                 results = await self._client.respond_batch(batch)
-            except (BrokerUnreachable, BrokerResponseError) as exc:
-                if isinstance(exc, BrokerResponseError) and exc.status != 503:
+            except (ServiceUnreachable, ServiceResponseError) as exc:
+                if isinstance(exc, ServiceResponseError) and exc.status != 503:
                     await self._refused(batch, exc)
                     return
                 self._link.failed(exc)
@@ -142,7 +142,7 @@ class AnswerPoster:
                     )  # fmt: skip
             return
 
-    async def _refused(self, batch: list[Answer], exc: BrokerResponseError) -> None:
+    async def _refused(self, batch: list[Answer], exc: ServiceResponseError) -> None:
         if exc.status == 413 and len(batch) > 1:
             half = len(batch) // 2
             await self._post(batch[:half])

@@ -117,9 +117,9 @@ async def _sub_rlm_runner(
     budgets: RunBudgets,
     ledger: UsageLedger | None,
 ) -> AsyncIterator[SubRLMRunner]:
-    from broker.client import BrokerClient
     from host_poller.rlm.sub_rlm import SubRLMRunner as RLMSubRunner
     from host_poller.settings import HostSettings
+    from rlm_wire.broker_client import BrokerClient
 
     host = HostSettings().model_copy(update={"broker_url": settings.broker_url})
     admin = settings.tenant_token is None

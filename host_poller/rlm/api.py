@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.client import BrokerClient
 from host_poller.llm.client import build_client
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.profiles import LLMSettings
@@ -21,6 +20,7 @@ from host_poller.rlm.session import SessionPlan, run_session, validate_context
 from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.rlm.types import RLMResult
 from host_poller.settings import HostSettings
+from rlm_wire.broker_client import BrokerClient
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ REPORTED_MODEL = "sub-calls answered elsewhere"
 
 
 class ReportedSubCall(Protocol):
-    """One sub-call as an execution reports it (`sandbox_runtime.protocol.SubCallUsage`)."""
+    """One sub-call as an execution reports it (`rlm_wire.runtime_models.SubCallUsage`)."""
 
     @property
     def id(self) -> str: ...

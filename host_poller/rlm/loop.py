@@ -25,7 +25,7 @@ from host_poller.rlm.parsing import code_blocks, final_tag
 from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.rlm.types import CodeRun, Iteration
 from host_poller.settings import HostSettings
-from sandbox_runtime.protocol import ExecutionResult
+from rlm_wire.runtime_models import ExecutionResult
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from host_poller.llm.types import Message
-from sandbox_runtime.protocol import ExecutionResult
+from rlm_wire.runtime_models import ExecutionResult
 
 _MAX_LISTED_CHUNKS = 20
 

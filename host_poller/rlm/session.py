@@ -14,8 +14,6 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from broker.client import BrokerClient
-from broker.errors import ClientError
 from host_poller.environments.base import EnvironmentSpec, create_environment
 from host_poller.environments.errors import ExecutionEnvironmentError
 from host_poller.llm.ledger import UsageLedger
@@ -25,7 +23,9 @@ from host_poller.rlm.errors import RLMConfigError, RLMRunError
 from host_poller.rlm.loop import EventHook, LoopContext, LoopOutcome, run_loop
 from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.settings import HostSettings
-from sandbox_runtime.protocol import Limits
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.errors import WireError
+from rlm_wire.runtime_models import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ async def run_session(
             metadata=plan.metadata(tracker),
             tenant_id=plan.tenant_id,
         )
-    except ClientError as exc:
+    except WireError as exc:
         raise RLMRunError(
             f"could not open a broker session: {exc}", run_id=plan.run_id, trajectory_path=path
         ) from exc
@@ -152,7 +152,7 @@ async def run_session(
         await env.aclose()
         try:
             await broker.delete_session(created.session_id, tenant_id=plan.tenant_id)
-        except ClientError as exc:
+        except WireError as exc:
             # The session expires on its own; a failed delete only keeps it a little longer.
             logger.warning(
                 "broker session not deleted",

@@ -19,8 +19,6 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from broker.client import BrokerClient
-from broker.protocol import PendingRequest
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import LLMClient
 from host_poller.poller.errors import BudgetExceeded, RequestFailed, SubRLMFailed
@@ -31,7 +29,9 @@ from host_poller.rlm.loop import EventHook
 from host_poller.rlm.session import SessionPlan, run_session
 from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.settings import HostSettings
-from sandbox_runtime.exec_script import changed_keys
+from rlm_repl import changed_keys
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.broker_models import PendingRequest
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from host_poller.llm.types import Usage
 from host_poller.rlm.budget import StopReason
-from sandbox_runtime.protocol import ExecutionResult
+from rlm_wire.runtime_models import ExecutionResult
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from rlm_http.bodies import read_body, read_model
-from rlm_http.responses import exception_handlers, json_response
-from sandbox_runtime import protocol as p
-from sandbox_runtime.service.errors import BadRequest, Unauthorized, ValidationFailed
+from rlm_wire import runtime_models as p
+from rlm_wire.bodies import read_body, read_model
+from rlm_wire.errors import ApiError
+from rlm_wire.responses import exception_handlers, json_response
 from sandbox_runtime.service.runtime import Runtime
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
@@ -43,7 +43,7 @@ def create_app(
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise Unauthorized("a valid bearer token is required")
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
     async def create_session(request: Request) -> Response:
         authorize(request)
@@ -65,9 +65,11 @@ def create_app(
         try:
             context = pydantic_core.from_json(raw)
         except ValueError as exc:
-            raise BadRequest(f"the context is not JSON: {exc}") from exc
+            raise ApiError(400, "bad_request", f"the context is not JSON: {exc}") from exc
         if not isinstance(context, str | list | dict):
-            raise ValidationFailed("the context must be a JSON string, array or object")
+            raise ApiError(
+                422, "invalid_body", "the context must be a JSON string, array or object"
+            )
         await runtime.sessions.load_context(request.path_params["session_id"], context)
         return Response(status_code=204)
 

@@ -19,11 +19,11 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 
-from broker import protocol as bp
-from broker.errors import BrokerResponseError, BrokerUnreachable, ClientError
-from rlm_http.client import error_from_body
-from rlm_http.link import KeepAliveLink
-from sandbox_runtime.protocol import BrokerAccess, SubCallUsage
+from rlm_wire import broker_models as bp
+from rlm_wire.api_client import error_from_body
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable, WireError
+from rlm_wire.link import KeepAliveLink
+from rlm_wire.runtime_models import BrokerAccess, SubCallUsage
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import LLMCall, LLMCallResult
@@ -59,7 +59,7 @@ class BrokerBridge:
         self._retries = retries
         self._metrics = metrics
         self._link = (
-            KeepAliveLink(access.url, access.token, unreachable=BrokerUnreachable)
+            KeepAliveLink(access.url, access.token, unreachable=ServiceUnreachable)
             if access is not None
             else None
         )
@@ -88,13 +88,13 @@ class BrokerBridge:
             return [_error("invalid_request", _first_error(exc)) for _ in call.prompts]
         try:
             results = await self._send(call, requests)
-        except BrokerResponseError as exc:
+        except ServiceResponseError as exc:
             logger.warning(
                 "broker refused llm call",
                 extra={"status": exc.status, "code": exc.code, "kind": call.kind},
             )
             return [_error(exc.code, exc.message) for _ in call.prompts]
-        except ClientError as exc:
+        except WireError as exc:
             logger.warning("broker unreachable", extra={"error": str(exc), "kind": call.kind})
             return [_error("broker_unreachable", str(exc)) for _ in call.prompts]
         self._sub_calls.extend(
@@ -141,7 +141,7 @@ class BrokerBridge:
                 return await self._link.request(
                     method, target, body, timeout_s=self._timeout_s, headers=headers
                 )
-            except BrokerUnreachable:
+            except ServiceUnreachable:
                 if attempt == self._retries:
                     raise
                 await asyncio.sleep(min(2.0, _RETRY_PAUSE_S * 2**attempt))
@@ -181,13 +181,13 @@ def make_bridge(
 
 
 def _parse(status: int, answer: bytes, model: type[ModelT]) -> ModelT:
-    """The broker's answer as `model`, or its error body as `BrokerResponseError`."""
+    """The broker's answer as `model`, or its error body as `ServiceResponseError`."""
     if status >= 400:
-        raise error_from_body(BrokerResponseError, status, answer)
+        raise error_from_body(ServiceResponseError, status, answer)
     try:
         return model.model_validate_json(answer)
     except ValidationError as exc:
-        raise BrokerResponseError(status, "unexpected_body", _first_error(exc)) from exc
+        raise ServiceResponseError(status, "unexpected_body", _first_error(exc)) from exc
 
 
 def _result(result: bp.RequestResult) -> LLMCallResult:

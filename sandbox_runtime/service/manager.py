@@ -9,22 +9,16 @@ import secrets
 import time
 from typing import Any
 
-from sandbox_runtime.errors import SandboxError, SandboxGuestError
-from sandbox_runtime.protocol import (
+from rlm_wire.errors import ApiError
+from rlm_wire.runtime_models import (
     Context,
     CreateSession,
     ExecutionError,
     ExecutionResult,
     VarInfo,
 )
+from sandbox_runtime.errors import SandboxError, SandboxGuestError
 from sandbox_runtime.service.bridge import make_bridge
-from sandbox_runtime.service.errors import (
-    ApiError,
-    BadRequest,
-    NotFound,
-    TooManySessions,
-    Unavailable,
-)
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
 from sandbox_runtime.service.session import Session
@@ -33,6 +27,7 @@ from sandbox_runtime.service.store import HibernationStore
 from sandbox_runtime.worker import SandboxProcess
 
 logger = logging.getLogger(__name__)
+
 
 class SessionManager:
     """Owns every session of this replica and the processes they hold."""
@@ -94,7 +89,9 @@ class SessionManager:
     async def create(self, body: CreateSession) -> Session:
         """A new session on a sandbox from the warm pool."""
         if len(self._sessions) >= self._settings.max_sessions:
-            raise TooManySessions(f"{self._settings.max_sessions} sessions are open")
+            raise ApiError(
+                429, "too_many_sessions", f"{self._settings.max_sessions} sessions are open"
+            )
         limits = self._settings.limits(body.limits, memory_bytes=self._pool.memory_bytes)
         process = await self._pool.acquire(limits.memory_bytes)
         session = Session(
@@ -203,9 +200,11 @@ class SessionManager:
             try:
                 await process.set_state(session.state)
             except SandboxGuestError as exc:
-                raise BadRequest(f"the state was refused: {exc.message}", code=exc.type) from exc
+                raise ApiError(400, exc.type, f"the state was refused: {exc.message}") from exc
             except SandboxError as exc:
-                raise Unavailable(f"the sandbox failed while setting the state: {exc}") from exc
+                raise ApiError(
+                    503, "unavailable", f"the sandbox failed while setting the state: {exc}"
+                ) from exc
         if session.setup_code:
             result = await process.execute(
                 session.setup_code,
@@ -213,9 +212,10 @@ class SessionManager:
                 output_bytes=session.limits.output_bytes,
             )
             if result.error is not None:
-                raise BadRequest(
+                raise ApiError(
+                    400,
+                    "setup_failed",
                     f"setup_code failed: {result.error.type}: {result.error.message}",
-                    code="setup_failed",
                 )
 
     async def _live_process(self, session: Session) -> SandboxProcess:
@@ -252,10 +252,10 @@ class SessionManager:
     ) -> ApiError:
         """The error to answer with when a control request failed; a dead process is replaced."""
         if isinstance(exc, SandboxGuestError) and process.alive:
-            return BadRequest(f"the sandbox refused {doing}: {exc.message}", code=exc.type)
+            return ApiError(400, exc.type, f"the sandbox refused {doing}: {exc.message}")
         if not process.alive:
             await self._lost_process(session, process)
-        return Unavailable(f"the sandbox failed while {doing}: {exc}")
+        return ApiError(503, "unavailable", f"the sandbox failed while {doing}: {exc}")
 
     async def _lost_process(self, session: Session, process: SandboxProcess) -> None:
         """The session's process died (or failed): end it and mark the session."""
@@ -363,13 +363,13 @@ class SessionManager:
     def _get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(f"no session {session_id!r}")
+            raise ApiError(404, "not_found", f"no session {session_id!r}")
         return session
 
     @staticmethod
     def _check_open(session: Session) -> None:
         if session.closed:
-            raise NotFound(f"session {session.id!r} was ended")
+            raise ApiError(404, "not_found", f"session {session.id!r} was ended")
 
 
 def _crash_result(exc: Exception, seconds: float) -> ExecutionResult:

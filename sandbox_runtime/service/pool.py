@@ -14,8 +14,8 @@ import contextlib
 import logging
 import time
 
+from rlm_wire.errors import ApiError
 from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
-from sandbox_runtime.service.errors import BadRequest, Unavailable
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 
@@ -93,7 +93,7 @@ class WarmPool:
                     await quiet_kill(process)
         except TimeoutError as exc:
             detail = f": {self.last_error}" if self.last_error else ""
-            raise Unavailable(f"no sandbox could be started{detail}") from exc
+            raise ApiError(503, "unavailable", f"no sandbox could be started{detail}") from exc
         finally:
             self._waiters -= 1
             self._wake.set()
@@ -107,7 +107,9 @@ class WarmPool:
                     self._worker_settings, memory_bytes=memory_bytes or self.memory_bytes
                 )
             except SandboxError as exc:
-                raise Unavailable(f"a sandbox could not be started: {exc}") from exc
+                raise ApiError(
+                    503, "unavailable", f"a sandbox could not be started: {exc}"
+                ) from exc
             self._metrics.spawns.inc()
             self._metrics.spawn_seconds.observe(time.perf_counter() - started)
             return process
@@ -128,17 +130,13 @@ class WarmPool:
                 self._give_back(process)
             else:
                 await quiet_kill(process)
-            raise BadRequest(
-                f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
-            ) from exc
+            raise ApiError(400, "bad_snapshot", f"the snapshot cannot be restored: {exc}") from exc
         except SandboxGuestError as exc:
             await quiet_kill(process)
-            raise BadRequest(
-                f"the snapshot cannot be restored: {exc}", code="bad_snapshot"
-            ) from exc
+            raise ApiError(400, "bad_snapshot", f"the snapshot cannot be restored: {exc}") from exc
         except SandboxError as exc:
             await quiet_kill(process)
-            raise Unavailable(f"a sandbox could not be restored: {exc}") from exc
+            raise ApiError(503, "unavailable", f"a sandbox could not be restored: {exc}") from exc
         except BaseException:
             await quiet_kill(process)
             raise
@@ -181,7 +179,7 @@ class WarmPool:
     async def _spawn_one(self) -> None:
         try:
             process = await self.spawn()
-        except Unavailable as exc:
+        except ApiError as exc:
             self.last_error = str(exc)
             logger.error("sandbox start-up failed", extra={"error": str(exc)})
             await asyncio.sleep(_FAILURE_BACKOFF_S)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import uvicorn
 from starlette.applications import Starlette
 
-from rlm_http.serving import ThreadedServer
-from rlm_http.serving import uvicorn_config as http_config
+from rlm_wire.serving import ThreadedServer
+from rlm_wire.serving import uvicorn_config as http_config
 from sandbox_runtime.service.app import create_app
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sandbox_runtime.protocol import Limits
+from rlm_wire.runtime_models import Limits
 
 _MiB = 2**20
 

@@ -11,14 +11,14 @@ import base64
 import binascii
 import time
 
-from sandbox_runtime.errors import SandboxError, SandboxGuestError
-from sandbox_runtime.protocol import (
+from rlm_wire.errors import ApiError
+from rlm_wire.runtime_models import (
     ExecutionResult,
     StatelessExecuteRequest,
     StatelessExecuteResult,
 )
+from sandbox_runtime.errors import SandboxError, SandboxGuestError
 from sandbox_runtime.service.bridge import make_bridge
-from sandbox_runtime.service.errors import BadRequest, Unavailable
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
 from sandbox_runtime.service.settings import RuntimeSettings, SessionLimits
@@ -70,11 +70,11 @@ class StatelessExecutor:
             if request.context is not None:
                 await process.set_context(request.context)
         except SandboxGuestError as exc:
-            raise BadRequest(
-                f"the sandbox refused the request: {exc.message}", code=exc.type
+            raise ApiError(
+                400, exc.type, f"the sandbox refused the request: {exc.message}"
             ) from exc
         except SandboxError as exc:
-            raise Unavailable(f"the sandbox failed: {exc}") from exc
+            raise ApiError(503, "unavailable", f"the sandbox failed: {exc}") from exc
         # execute() reports timeouts and crashes as results, not exceptions.
         result = await process.execute(
             request.code,
@@ -88,7 +88,7 @@ class StatelessExecutor:
         try:
             blob = await process.snapshot_namespace()
         except SandboxError as exc:
-            raise Unavailable(f"the namespace could not be saved: {exc}") from exc
+            raise ApiError(503, "unavailable", f"the namespace could not be saved: {exc}") from exc
         return result, base64.b64encode(blob).decode()
 
 
@@ -96,4 +96,4 @@ def _decode(snapshot: str) -> bytes:
     try:
         return base64.b64decode(snapshot, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest("snapshot is not valid base64", code="bad_snapshot") from exc
+        raise ApiError(400, "bad_snapshot", "snapshot is not valid base64") from exc

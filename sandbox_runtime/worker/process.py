@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from rlm_wire.runtime_models import ExecutionError, ExecutionResult, VarInfo
+
 from ..errors import (
     SandboxCrashedError,
     SandboxError,
@@ -22,7 +24,6 @@ from ..errors import (
     SandboxStartError,
     SandboxTimeoutError,
 )
-from ..protocol import ExecutionError, ExecutionResult, VarInfo
 from . import blob as blob_format
 from .framing import Frame, encode_frame, read_frame
 from .launcher import Launched, launch

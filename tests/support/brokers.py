@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx2
 
-from broker import protocol as p
-from broker.client import BrokerClient
+from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 
 
 @dataclass

@@ -16,7 +16,7 @@ import httpx2
 from broker.app import create_app
 from broker.redis_server import free_port
 from broker.settings import BrokerSettings
-from rlm_http.serving import ThreadedServer, uvicorn_config
+from rlm_wire.serving import ThreadedServer, uvicorn_config
 
 ADMIN_TOKEN = "test-admin-token"
 

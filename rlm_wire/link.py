@@ -2,7 +2,7 @@
 
 Every `llm_query` from a sandbox is one `POST /enqueue` (and, for a long answer, re-waits on
 `GET /requests/{id}`) on the runtime's critical path. Through httpx2 (the project's general
-HTTP client, `rlm_http.client.ApiClient`) each request costs ~0.5 ms of CPU in the client's
+HTTP client, `rlm_wire.api_client.ApiClient`) each request costs ~0.5 ms of CPU in the client's
 layers; this link costs ~0.05 ms (docs/performance.md). It speaks only what our services'
 answers need: one request at a time per connection, `Content-Length` or chunked bodies,
 keep-alive, `http` and `https`. It carries the sandbox runtime's bridge to the broker and
@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from rlm_http.errors import ServiceUnreachable
+from rlm_wire.errors import ServiceUnreachable
 
 #: Largest response head and body accepted (our answers are a few KB to a few MB).
 MAX_HEAD_BYTES = 64 * 1024

@@ -28,14 +28,14 @@ from typing import Any, ClassVar
 import uvicorn
 from pydantic import SecretStr
 
-from broker.client import BrokerClient
 from broker.redis_server import RedisServer
 from broker.settings import BrokerSettings
 from host_poller.llm.profiles import LLMSettings
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.poller.poller import Poller
 from host_poller.poller.settings import PollerSettings
-from rlm_http.serving import LoopServer, uvicorn_config
+from rlm_wire.broker_client import BrokerClient
+from rlm_wire.serving import LoopServer, uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ class ScriptedLLMComponent(StackComponent):
             stack.llm_settings = configured
             stack.urls["llm"] = configured.sub().base_url
             return
-        from host_poller.fake_llm import FakeLLMServer, scripted_profiles
+        from fake_llm import FakeLLMServer
+        from rlm_cli.scripted import scripted_profiles
 
         self._server = await asyncio.to_thread(FakeLLMServer(stack.config.scenario).start)
         root, sub = scripted_profiles(self._server.base_url)

@@ -7,9 +7,9 @@ from typing import Any
 
 import uvicorn
 
-from host_poller.fake_llm.app import FakeLLMState, create_app
-from host_poller.fake_llm.scenario import Scenario, load_scenario
-from rlm_http.serving import LoopServer, ThreadedServer, uvicorn_config
+from fake_llm.app import FakeLLMState, create_app
+from fake_llm.scenario import Scenario, load_scenario
+from rlm_wire.serving import LoopServer, ThreadedServer, uvicorn_config
 
 #: Delayed replies end early when their client disconnects; this bounds the rest.
 _GRACEFUL_SHUTDOWN_S = 2

@@ -1,9 +1,9 @@
 """An async client for the broker's HTTP API, used by the host poller and the sandbox runtime.
 
 One `BrokerClient` holds one token (admin, tenant or session) and one keep-alive connection
-pool. Methods take and return the wire models of `broker.protocol`; failures raise
+pool. Methods take and return the wire models of `rlm_wire.broker_models`; failures raise
 `broker.errors.ClientError` subclasses. Connection errors are retried with jittered backoff
-(stamina) only for calls that are safe to repeat (the plumbing is `rlm_http.ApiClient`).
+(stamina) only for calls that are safe to repeat (the plumbing is `rlm_wire.ApiClient`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from broker import protocol as p
-from broker.errors import BrokerResponseError, BrokerUnreachable
-from rlm_http.client import ApiClient
+from rlm_wire import broker_models as p
+from rlm_wire.api_client import ApiClient
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -31,8 +31,8 @@ class BrokerClient(ApiClient):
     broker drops duplicate answers), not to `/enqueue` (a retry could enqueue twice).
     """
 
-    unreachable = BrokerUnreachable
-    response_error = BrokerResponseError
+    unreachable = ServiceUnreachable
+    response_error = ServiceResponseError
 
     def __init__(
         self,

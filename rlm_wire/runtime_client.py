@@ -1,10 +1,10 @@
 """An async client for the sandbox runtime's HTTP API (`rlm sandbox`).
 
 Used by the RLM loop's `pyodide` (sessions) and `remote` (stateless) environments. Methods take
-and return the wire models of `sandbox_runtime.protocol`; failures raise
+and return the wire models of `rlm_wire.runtime_models`; failures raise
 `sandbox_runtime.service.errors.RuntimeClientError` subclasses. Connection errors are retried
 (jittered backoff) only for calls that are safe to repeat (the plumbing is
-`rlm_http.ApiClient`).
+`rlm_wire.ApiClient`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import pydantic_core
 
-from rlm_http.client import ApiClient
-from sandbox_runtime import protocol as p
-from sandbox_runtime.service.errors import RuntimeResponseError, RuntimeUnreachable
+from rlm_wire import runtime_models as p
+from rlm_wire.api_client import ApiClient
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 
 class RuntimeClient(ApiClient):
@@ -26,8 +26,8 @@ class RuntimeClient(ApiClient):
     runtime always answers (with a timeout error) before the client gives up.
     """
 
-    unreachable = RuntimeUnreachable
-    response_error = RuntimeResponseError
+    unreachable = ServiceUnreachable
+    response_error = ServiceResponseError
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class RuntimeClient(ApiClient):
         """End the session; unknown sessions are not an error (the call is idempotent)."""
         try:
             await self._send("DELETE", f"/sessions/{session_id}")
-        except RuntimeResponseError as exc:
+        except ServiceResponseError as exc:
             if exc.status != 404:
                 raise
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from string import Template
 
-from host_poller.fake_llm.scenario import (
+from fake_llm.scenario import (
     CodeReply,
     Conversation,
     CountReply,

@@ -1,6 +1,6 @@
 """Reading request bodies and query values: size limits, JSON, and model validation.
 
-Every failure is an `rlm_http.errors.HttpApiError` whose message says what was wrong and
+Every failure is an `rlm_wire.errors.HttpApiError` whose message says what was wrong and
 where: 400 for a malformed body or query value, 413 past the size limit (checked while the
 body streams in, so an over-long body is never held whole), 422 for a body that does not fit
 the model.
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from starlette.requests import Request
 
-from rlm_http.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from rlm_wire.errors import ApiError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -29,15 +29,19 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise BadRequest("Content-Length is not a number")
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
         if int(declared) > max_bytes:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"body of {declared} bytes exceeds the limit of {max_bytes}",
+            )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+            raise ApiError(413, "payload_too_large", f"body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -51,11 +55,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """
     raw = await read_body(request, max_bytes)
     if not raw:
-        raise BadRequest("the request needs a JSON body")
+        raise ApiError(400, "bad_request", "the request needs a JSON body")
     try:
         return from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
+        raise ApiError(400, "bad_request", f"malformed JSON: {exc}") from exc
 
 
 async def read_model(
@@ -69,15 +73,15 @@ async def read_model(
     raw = await read_body(request, max_bytes)
     if not raw:
         if empty is None:
-            raise BadRequest("the request needs a JSON body")
+            raise ApiError(400, "bad_request", "the request needs a JSON body")
         raw = empty
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
-            raise BadRequest(f"malformed JSON: {errors[0]['msg']}") from exc
-        raise ValidationFailed(describe(exc)) from exc
+            raise ApiError(400, "bad_request", f"malformed JSON: {errors[0]['msg']}") from exc
+        raise ApiError(422, "invalid_body", describe(exc)) from exc
 
 
 def validate(model: type[ModelT], data: Any) -> ModelT:
@@ -85,7 +89,7 @@ def validate(model: type[ModelT], data: Any) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ValidationFailed(describe(exc)) from exc
+        raise ApiError(422, "invalid_body", describe(exc)) from exc
 
 
 def describe(exc: ValidationError) -> str:
@@ -103,13 +107,21 @@ def query_float(request: Request, name: str, default: float, maximum: float) -> 
     if raw is None:
         return default
     if not raw.isascii():  # float() also reads other scripts' digits
-        raise BadRequest(f"query parameter {name!r} must be a number, not {raw!r}")
+        raise ApiError(
+            400, "bad_request", f"query parameter {name!r} must be a number, not {raw!r}"
+        )
     try:
         value = float(raw)
     except ValueError as exc:
-        raise BadRequest(f"query parameter {name!r} must be a number, not {raw!r}") from exc
+        raise ApiError(
+            400, "bad_request", f"query parameter {name!r} must be a number, not {raw!r}"
+        ) from exc
     if not 0 <= value <= maximum:  # also refuses NaN
-        raise BadRequest(f"query parameter {name!r} must be between 0 and {maximum}, not {raw}")
+        raise ApiError(
+            400,
+            "bad_request",
+            f"query parameter {name!r} must be between 0 and {maximum}, not {raw}",
+        )
     return value
 
 
@@ -121,5 +133,9 @@ def query_int(request: Request, name: str, default: int, maximum: int) -> int:
     # isdigit() alone also passes "²" (which int() refuses) and other scripts' digits.
     spelled = raw.isascii() and raw.isdigit() and len(raw) <= _MAX_INT_DIGITS
     if not spelled or not 1 <= int(raw) <= maximum:
-        raise BadRequest(f"query parameter {name!r} must be a whole number from 1 to {maximum}")
+        raise ApiError(
+            400,
+            "bad_request",
+            f"query parameter {name!r} must be a whole number from 1 to {maximum}",
+        )
     return int(raw)

@@ -1,4 +1,4 @@
-"""rlm_http on real loopback HTTP: the error table, body limits, the client's error mapping."""
+"""rlm_wire on real loopback HTTP: the error table, body limits, the client's error mapping."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker import errors as broker_errors
 from broker.redis_server import free_port
-from rlm_http import (
+from rlm_wire import (
     ApiClient,
-    NotFound,
+    ApiError,
     ServiceResponseError,
     ServiceUnreachable,
     ThreadedServer,
@@ -24,8 +23,7 @@ from rlm_http import (
     json_response,
     uvicorn_config,
 )
-from rlm_http.bodies import read_json, read_model
-from sandbox_runtime.service import errors as service_errors
+from rlm_wire.bodies import read_json, read_model
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +46,7 @@ def _app() -> Starlette:
         return json_response({"got": await read_json(request, 64)})
 
     async def missing(request: Request) -> Response:
-        raise broker_errors.NotFound("no such thing", code="unknown_thing")
+        raise ApiError(404, "unknown_thing", "no such thing")
 
     async def broken(request: Request) -> Response:
         raise RuntimeError("a bug")
@@ -80,15 +78,11 @@ def server() -> Iterator[ThreadedServer]:
         yield running
 
 
-def test_package_errors_are_both_their_root_and_the_shared_class() -> None:
-    exc = broker_errors.NotFound("x")
-    assert isinstance(exc, broker_errors.BrokerError) and isinstance(exc, NotFound)
-    assert (exc.status, exc.code) == (404, "not_found")
-    sessions = service_errors.TooManySessions("full")
-    assert isinstance(sessions, service_errors.ServiceError)
-    assert (sessions.status, sessions.code) == (429, "too_many_sessions")
-    assert issubclass(broker_errors.BrokerResponseError, ServiceResponseError)
-    assert issubclass(service_errors.RuntimeUnreachable, ServiceUnreachable)
+def test_an_api_error_carries_its_status_as_data() -> None:
+    exc = ApiError(429, "too_many_sessions", "full", headers={"Retry-After": "1"})
+    assert (exc.status, exc.code, exc.message) == (429, "too_many_sessions", "full")
+    assert exc.headers == {"Retry-After": "1"}
+    assert str(exc) == "full"
 
 
 def test_threaded_server_reports_the_bound_port(server: ThreadedServer) -> None:

@@ -18,8 +18,8 @@ def demo(tenants: int, words: int) -> None:
     root model (RLM_LLM_PROFILES) and, for the pyodide environment, RLM_RUNTIME_URL and
     RLM_RUNTIME_TOKEN. A poller holding the admin token must be answering the broker.
     """
-    from host_poller.demo import QUESTION, run_demo
     from host_poller.settings import HostSettings
+    from rlm_cli.demo import QUESTION, run_demo
 
     admin_token = os.environ.get("RLM_ADMIN_TOKEN")
     if not admin_token:

@@ -92,8 +92,8 @@ async def _runner(
             )
         yield settings, None
         return
-    from host_poller.rlm.embedded import host_settings_for, rlm_stack_components, root_client
-    from host_poller.stack import LocalStack, StackConfig
+    from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
+    from rlm_cli.stack import LocalStack, StackConfig
 
     components = rlm_stack_components(settings, budgets=budgets)
     async with LocalStack(StackConfig(scenario=scenario), components) as stack:

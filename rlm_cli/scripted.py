@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from fake_llm import ROOT_MODEL, SUB_MODEL
 from host_poller.llm.profiles import Profile
-
-ROOT_MODEL = "fake-root"
-SUB_MODEL = "fake-sub"
 
 
 def scripted_profiles(

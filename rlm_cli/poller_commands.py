@@ -101,8 +101,8 @@ def up(port: int, scenario: str, env_file: Path) -> None:
 
     URLs and tokens go to --env-file (mode 0600, removed at stop), never to the terminal.
     """
-    from host_poller.rlm.embedded import rlm_stack_components
-    from host_poller.stack import StackConfig, run_until_signal
+    from rlm_cli.embedded import rlm_stack_components
+    from rlm_cli.stack import StackConfig, run_until_signal
 
     config = StackConfig(broker_port=port, scenario=scenario, env_file=env_file)
     components = rlm_stack_components()

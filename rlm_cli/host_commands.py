@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from host_poller.demo_cli import demo
 from host_poller.llm.ledger import DIMENSIONS
-from host_poller.poller.cli import poller, up
-from host_poller.rlm.cli import ask
+from rlm_cli.ask import ask
+from rlm_cli.demo_cli import demo
+from rlm_cli.poller_commands import poller, up
 
 
 @click.command("fake-llm")
@@ -26,7 +26,7 @@ from host_poller.rlm.cli import ask
 @click.option("--list", "list_only", is_flag=True, help="List the shipped scenarios and exit.")
 def fake_llm(scenario: str, host: str, port: int, list_only: bool) -> None:
     """Serve the scripted OpenAI-compatible LLM; prints its base URL once bound."""
-    from host_poller.fake_llm import load_scenario, serve_forever, shipped_scenarios
+    from fake_llm import load_scenario, serve_forever, shipped_scenarios
 
     if list_only:
         for name in shipped_scenarios():

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from host_poller.fake_llm.replies import render_reply
-from host_poller.fake_llm.scenario import Conversation, Faults, Scenario, match_rule
+from fake_llm.replies import render_reply
+from fake_llm.scenario import Conversation, Faults, Scenario, match_rule
 
 logger = logging.getLogger(__name__)
 

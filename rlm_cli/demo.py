@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from broker.client import BrokerClient
 from host_poller.rlm.api import RLM
 from host_poller.rlm.types import RLMResult
 from host_poller.settings import HostSettings
+from rlm_wire.broker_client import BrokerClient
 
 WORD = "whale"
 QUESTION = f"How many times does the word '{WORD}' appear in the context?"

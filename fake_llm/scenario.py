@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Lines = str | list[str]
 
+#: The model names the scripted LLM answers to by default.
+ROOT_MODEL = "fake-root"
+SUB_MODEL = "fake-sub"
+
 
 def join_lines(value: Lines) -> str:
     return value if isinstance(value, str) else "\n".join(value)
@@ -136,7 +140,7 @@ class Rule(_Model):
 class Scenario(_Model):
     name: str
     description: str = ""
-    models: list[str] = Field(default_factory=lambda: ["fake-root", "fake-sub"])
+    models: list[str] = Field(default_factory=lambda: [ROOT_MODEL, SUB_MODEL])
     faults: Faults | None = None
     api_key: str | None = Field(
         default=None, description="When set, other bearer tokens get 401 (echoing the token)."
@@ -225,7 +229,7 @@ def match_rule(scenario: Scenario, conv: Conversation) -> MatchResult | None:
     return None
 
 
-_SCENARIO_PACKAGE = "host_poller.fake_llm.scenarios"
+_SCENARIO_PACKAGE = "fake_llm.scenarios"
 
 
 def shipped_scenarios() -> list[str]:

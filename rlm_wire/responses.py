@@ -1,7 +1,7 @@
 """JSON answers, and the one table from exceptions to HTTP error answers.
 
 Every error answer is `{"error": {"code", "message"}}` with a fitting status, never a
-traceback: an `HttpApiError` carries its own status and code, Starlette's `HTTPException`
+traceback: an `ApiError` carries its own status and code, Starlette's `HTTPException`
 (unknown route, wrong method) gets a code from its status, and anything else is a logged 500.
 """
 
@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
-from rlm_http.errors import HttpApiError
+from rlm_wire.errors import ApiError
 
 _HTTP_EXCEPTION_CODES = {404: "not_found", 405: "method_not_allowed"}
 
@@ -39,7 +39,7 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-def api_error_response(exc: HttpApiError) -> Response:
+def api_error_response(exc: ApiError) -> Response:
     return error_response(exc.status, exc.code, exc.message)
 
 
@@ -61,7 +61,7 @@ def exception_handlers(
     """
 
     async def handle(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, HttpApiError):
+        if isinstance(exc, ApiError):
             if exc.status >= 500:
                 logger.warning(
                     "request failed", extra={"path": request.url.path, "error": exc.message}
@@ -72,4 +72,4 @@ def exception_handlers(
         logger.error("unhandled error", extra={"path": request.url.path}, exc_info=exc)
         return error_response(500, "internal_error", internal_message)
 
-    return {HttpApiError: handle, HTTPException: handle, Exception: handle}
+    return {ApiError: handle, HTTPException: handle, Exception: handle}

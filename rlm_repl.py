@@ -111,7 +111,7 @@ class StateError(LLMQueryError, ValueError):
 class Transport(Protocol):
     """Carries LLM requests out of the sandbox: one result dict per call, in order.
 
-    A call is the JSON of `broker.protocol.LLMRequest`; a result is the JSON of a finished
+    A call is the JSON of `rlm_wire.broker_models.LLMRequest`; a result is the JSON of a finished
     `RequestResult` (`status` "done" with `response`, or "error" with `error`).
     """
 
@@ -512,7 +512,7 @@ class Repl:
         return dict(self._last_good_state)
 
     def execute(self, code: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """Run `code` in the namespace; the fields of `sandbox_runtime.protocol.ExecutionResult`.
+        """Run `code` in the namespace; the fields of `rlm_wire.runtime_models.ExecutionResult`.
 
         Output is captured for this thread only (other threads print normally) and capped.
         The timeout raises KeyboardInterrupt inside the code from a timer: it stops Python

@@ -18,7 +18,7 @@ import httpx2
 import stamina
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rlm_http.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 ErrorT = TypeVar("ErrorT", bound=ServiceResponseError)

@@ -6,6 +6,7 @@ import click
 from pydantic import ValidationError
 
 from broker.settings import BrokerSettings
+from rlm_wire.errors import WireError
 
 
 @click.command("broker")
@@ -41,8 +42,7 @@ def tenant_create(name: str, broker_url: str) -> None:
     import asyncio
     import os
 
-    from broker.client import BrokerClient
-    from broker.errors import ClientError
+    from rlm_wire.broker_client import BrokerClient
 
     admin_token = os.environ.get("RLM_ADMIN_TOKEN")
     if not admin_token:
@@ -54,7 +54,7 @@ def tenant_create(name: str, broker_url: str) -> None:
 
     try:
         click.echo(asyncio.run(create()))
-    except ClientError as exc:
+    except WireError as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -1,4 +1,4 @@
-"""RLM runs on the local stack (`host_poller.stack`): sub-RLMs and budgets wired into its poller.
+"""RLM runs on the local stack (`rlm_cli.stack`): sub-RLMs and budgets wired into its poller.
 
     async with LocalStack(config, rlm_stack_components()) as stack:
         rlm = RLM(settings=host_settings_for(stack, environment="local"), model=root_client(stack))
@@ -13,19 +13,19 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from broker.client import BrokerClient
 from host_poller.llm.client import build_client
 from host_poller.llm.types import LLMClient
 from host_poller.poller.router import ModelRouter
 from host_poller.rlm.budget import RunBudgets, default_run_budgets
 from host_poller.rlm.sub_rlm import SubRLMRunner
 from host_poller.settings import HostSettings
-from host_poller.stack import (
+from rlm_cli.stack import (
     LocalStack,
     PollerComponent,
     StackComponent,
     default_components,
 )
+from rlm_wire.broker_client import BrokerClient
 
 
 def host_settings_for(
