@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from broker.keys import CONSUMER, GROUP, Keys
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
 from rlm_wire.errors import ApiError
+from rlm_wire.run_info import RunInfo
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Store:
         return sorted(text(m) for m in await self.redis.smembers(self.keys.tenants()))
 
     async def create_session(
-        self, tenant_id: str, ttl_s: int, metadata: Mapping[str, Any] | None
+        self, tenant_id: str, ttl_s: int, metadata: RunInfo | None
     ) -> tuple[str, str, float]:
         session_id, token = new_id("s"), new_token("session")
         expires_at = time.time() + ttl_s
@@ -120,7 +121,9 @@ class Store:
                 mapping={
                     "status": "active",
                     "expires_at": expires_at,
-                    "metadata": json.dumps(metadata or {}),
+                    "metadata": metadata.model_dump_json(exclude_none=True)
+                    if metadata is not None
+                    else "{}",
                     "token_hash": token_hash,
                 },
             )

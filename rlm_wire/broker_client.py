@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from rlm_wire import broker_models as p
 from rlm_wire.api_client import ApiClient
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.run_info import RunInfo
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -62,13 +63,12 @@ class BrokerClient(ApiClient):
         self,
         *,
         ttl_s: int | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        metadata: RunInfo | Mapping[str, Any] | None = None,
         tenant_id: str | None = None,
     ) -> p.SessionCreated:
         """Open a session; `tenant_id` is for admin tokens, which must name the tenant."""
-        body = p.CreateSession(
-            ttl_s=ttl_s, metadata=dict(metadata) if metadata else None, tenant_id=tenant_id
-        )
+        info = RunInfo.model_validate(metadata) if isinstance(metadata, Mapping) else metadata
+        body = p.CreateSession(ttl_s=ttl_s, metadata=info, tenant_id=tenant_id)
         return await self._call("POST", "/sessions", p.SessionCreated, body=body)
 
     async def delete_session(self, session_id: str, *, tenant_id: str | None = None) -> None:

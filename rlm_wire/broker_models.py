@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
+from rlm_wire.run_info import RunInfo
+
 PROTOCOL_VERSION = 1
 
 #: Statuses of one request as seen by the side that enqueued it.
@@ -87,8 +89,10 @@ class CreateSession(WireModel):
         description="Admin only: the tenant to open the session for (a tenant's own token "
         "opens sessions for itself).",
     )
-    metadata: dict[str, JsonValue] | None = Field(
-        None, description="Opaque to the broker; delivered with every request of the session."
+    metadata: RunInfo | None = Field(
+        None,
+        description="Where the session sits in its RLM run (`rlm_wire.run_info.RunInfo`); "
+        "stored by the broker and delivered with every request of the session.",
     )
 
 
@@ -164,7 +168,7 @@ class PendingRequest(WireModel):
     depth: int = 0
     params: dict[str, JsonValue] | None = None
     state: dict[str, JsonValue] | None = None
-    metadata: dict[str, JsonValue] | None = None
+    metadata: RunInfo | None = None
     attempt: int
     enqueued_at: float
     lease_expires_at: float

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from rlm_wire import broker_models as p
+from rlm_wire.run_info import RunInfo
 from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import running_poller, tenant_and_session
 from tests.support.servers import BrokerProcess, BrokerServer
@@ -59,7 +60,7 @@ async def test_messages_model_params_and_metadata_reach_the_poller(
             "small",
             {"temperature": 0.2, "kind": "llm"},
             {"seen": [1, 2]},
-            metadata,
+            RunInfo.model_validate(metadata),
         )
 
 

@@ -22,6 +22,7 @@ from host_poller.poller.hooks import BudgetLookup, CallContext, RunBudget, SubRL
 from host_poller.poller.router import ModelRouter
 from rlm_wire.broker_models import Answer, PendingRequest
 from rlm_wire.broker_models import Usage as WireUsage
+from rlm_wire.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -32,37 +33,25 @@ LLM_PARAMS = frozenset(
 )  # fmt: skip
 
 
-def _int(value: JsonValue) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def call_context(request: PendingRequest) -> CallContext:
     """Read the call's run, depth and kind; the session's metadata is the authority on depth.
 
-    The metadata is set by the host when it creates the session, so model code cannot lower
-    its own depth: a session at RLM depth d issues calls at depth d + 1 whatever it sends.
+    The metadata is set by the host when it creates the session (`RunInfo`, bounded by the
+    wire model), so model code cannot lower its own depth: a session at RLM depth d issues
+    calls at depth d + 1 whatever it sends.
     """
-    meta = request.metadata or {}
+    info = request.metadata or RunInfo()
     params = request.params or {}
-    run_id = meta.get("run_id")
-    depth = request.depth
-    session_depth = _int(meta.get("depth"))
-    if session_depth is not None:
-        depth = session_depth + 1
     kind = params.get("kind", "llm")
-    budget = meta.get("budget")
-    started = meta.get("run_started_at")
     return CallContext(
         tenant_id=request.tenant_id,
         session_id=request.session_id,
-        run_id=run_id if isinstance(run_id, str) else None,
-        depth=depth,
-        max_depth=_int(meta.get("max_depth")),
+        run_id=info.run_id,
+        depth=info.depth + 1 if info.depth is not None else max(request.depth, 0),
+        max_depth=info.max_depth,
         kind=kind if isinstance(kind, str) else "llm",
-        budget=budget if isinstance(budget, dict) else None,
-        run_started_at=float(started)
-        if isinstance(started, (int, float)) and not isinstance(started, bool)
-        else None,
+        budget=info.budget,
+        run_started_at=info.run_started_at,
         request_id=request.id,
     )
 
@@ -173,8 +162,7 @@ class RequestHandler:
 
 def _sub_model(request: PendingRequest) -> str | None:
     """The run's sub-call model (session metadata `sub_model`), for calls naming no model."""
-    value = (request.metadata or {}).get("sub_model")
-    return value if isinstance(value, str) else None
+    return request.metadata.sub_model if request.metadata is not None else None
 
 
 def _wire(usage: Usage) -> WireUsage:

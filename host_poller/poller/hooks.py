@@ -6,7 +6,6 @@ protocols, so it runs (plain completions, no budgets) without them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,6 +13,7 @@ from pydantic import JsonValue
 
 from host_poller.llm.types import Usage
 from rlm_wire.broker_models import PendingRequest
+from rlm_wire.run_info import RunBudgetInfo
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class CallContext:
     """The run's max_depth; None when the session's metadata does not say (no sub-RLMs)."""
     kind: str
     """"llm" (plain completion) or "rlm" (rlm_query)."""
-    budget: Mapping[str, JsonValue] | None = field(default=None, compare=False)
+    budget: RunBudgetInfo | None = field(default=None, compare=False)
     """The run's `Budget` as the session's metadata carries it (None: not said)."""
     run_started_at: float | None = None
     """Unix time the run started (session metadata), for its time budget."""

@@ -34,6 +34,7 @@ from host_poller.llm.types import Usage
 from host_poller.poller.errors import BudgetExceeded
 from host_poller.poller.hooks import CallContext
 from host_poller.rlm.trajectory import TrajectoryWriter
+from rlm_wire.run_info import RunBudgetInfo
 
 #: The model name under which sub-calls answered in another process are counted (the
 #: broker's answer does not say which model gave it).
@@ -84,8 +85,8 @@ class Budget:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_wire(cls, data: Mapping[str, Any] | None) -> Budget:
-        data = data or {}
+    def from_wire(cls, info: RunBudgetInfo | Mapping[str, Any] | None) -> Budget:
+        data = info.model_dump() if isinstance(info, RunBudgetInfo) else (info or {})
         return cls(
             **{
                 k: data[k]
@@ -257,7 +258,7 @@ def describe_stop(reason: StopReason, budget: Budget) -> str:
 
 
 def tracker_from_wire(
-    run_id: str, budget: Mapping[str, Any] | None, run_started_at: float | None
+    run_id: str, budget: RunBudgetInfo | None, run_started_at: float | None
 ) -> RunTracker:
     """A tracker of a run that started elsewhere, from its session metadata.
 

@@ -1,15 +1,14 @@
 """One RLM session end to end: a broker session, an environment, the loop, the clean-up.
 
 Shared by the root run (`RLM.acompletion`) and the sub-RLMs the poller starts. The broker
-session's metadata carries what the poller needs to route and bound the session's calls:
-{"run_id", "depth", "max_depth", "max_iterations", "budget", "run_started_at", "environment"
-[, "sub_model", "parent_request_id"]}.
+session's metadata (`rlm_wire.run_info.RunInfo`) carries what the poller needs to route and
+bound the session's calls.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import JsonValue
@@ -25,6 +24,7 @@ from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.settings import HostSettings
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import WireError
+from rlm_wire.run_info import RunBudgetInfo, RunInfo
 from rlm_wire.runtime_models import Limits
 
 logger = logging.getLogger(__name__)
@@ -44,27 +44,22 @@ class SessionPlan:
     state: dict[str, JsonValue] | None = None
     request_id: str | None = None
     sub_model: str | None = None
-    extra_metadata: dict[str, JsonValue] = field(default_factory=dict)
     tenant_id: str | None = None
     """The tenant to open the broker session for: set when the broker client holds the
     admin token (a standalone poller running sub-RLMs for every tenant)."""
 
-    def metadata(self, tracker: RunTracker) -> dict[str, JsonValue]:
-        meta: dict[str, JsonValue] = {
-            "run_id": self.run_id,
-            "depth": self.depth,
-            "max_depth": self.max_depth,
-            "max_iterations": self.max_iterations,
-            "budget": tracker.budget.to_wire(),
-            "run_started_at": tracker.started_at,
-            "environment": self.environment,
-            **self.extra_metadata,
-        }
-        if self.sub_model is not None:
-            meta["sub_model"] = self.sub_model
-        if self.request_id is not None:
-            meta["parent_request_id"] = self.request_id
-        return meta
+    def run_info(self, tracker: RunTracker) -> RunInfo:
+        return RunInfo(
+            run_id=self.run_id,
+            depth=self.depth,
+            max_depth=self.max_depth,
+            max_iterations=self.max_iterations,
+            budget=RunBudgetInfo.model_validate(tracker.budget.to_wire()),
+            run_started_at=tracker.started_at,
+            environment=self.environment,
+            sub_model=self.sub_model,
+            parent_request_id=self.request_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +100,7 @@ async def run_session(
     try:
         created = await broker.create_session(
             ttl_s=settings.run_session_ttl_s,
-            metadata=plan.metadata(tracker),
+            metadata=plan.run_info(tracker),
             tenant_id=plan.tenant_id,
         )
     except WireError as exc:

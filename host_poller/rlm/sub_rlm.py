@@ -32,6 +32,7 @@ from host_poller.settings import HostSettings
 from rlm_repl import changed_keys
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import PendingRequest
+from rlm_wire.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class SubRLMRunner:
         )
 
     async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
-        meta = request.metadata or {}
+        info = request.metadata or RunInfo()
         # Metadata is written by the tenant's host: the operator's caps bound what it asks.
         if call.depth >= self.settings.sub_rlm_max_depth:
             raise BudgetExceeded(
@@ -111,14 +112,13 @@ class SubRLMRunner:
             )
         run_id = call.run_id or uuid.uuid4().hex
         budget = Budget.from_wire(call.budget)
-        environment = self.environment_for(meta.get("environment"))
+        environment = self.environment_for(info.environment)
         tracker, created = self.budgets.open(run_id, budget, started_at=call.run_started_at)
         trajectory: TrajectoryWriter | None = tracker.trajectory
         own_trajectory = trajectory is None
         if trajectory is None:
             name = f"{run_id}.d{call.depth}.{request.id}.jsonl"
             trajectory = TrajectoryWriter(self.settings.trajectory_dir / name)
-        sub_model = meta.get("sub_model")
         plan = SessionPlan(
             run_id=run_id,
             depth=call.depth,
@@ -127,13 +127,13 @@ class SubRLMRunner:
                 self.settings.sub_rlm_max_depth,
             ),
             max_iterations=min(
-                _int(meta.get("max_iterations"), self.settings.max_iterations),
+                info.max_iterations or self.settings.max_iterations,
                 self.settings.sub_rlm_max_iterations,
             ),
             environment=environment,
             state=dict(request.state or {}),
             request_id=request.id,
-            sub_model=sub_model if isinstance(sub_model, str) else None,
+            sub_model=info.sub_model,
             tenant_id=request.tenant_id if self.admin else None,
         )
         initial: dict[str, JsonValue] = dict(request.state or {})
