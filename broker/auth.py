@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from broker.codec import optional_text
 from broker.keys import Keys
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 
 Scope = Literal["admin", "tenant", "session"]
@@ -43,14 +44,16 @@ class Principal:
     def tenant(self) -> str:
         """The caller's tenant id; admin tokens have none."""
         if self.tenant_id is None:
-            raise ApiError(403, "forbidden", "this endpoint needs a tenant or session token")
+            raise ApiError(
+                403, ErrorCode.FORBIDDEN, "this endpoint needs a tenant or session token"
+            )
         return self.tenant_id
 
     @property
     def session(self) -> str:
         """The caller's session id; only session tokens have one."""
         if self.session_id is None:
-            raise ApiError(403, "forbidden", "this endpoint needs a session token")
+            raise ApiError(403, ErrorCode.FORBIDDEN, "this endpoint needs a session token")
         return self.session_id
 
     def may_act_for_tenant(self, tenant_id: str) -> bool:
@@ -86,7 +89,7 @@ class Authenticator:
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(
-                401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)"
+                401, ErrorCode.UNAUTHORIZED, "missing bearer token (Authorization: Bearer <token>)"
             )
         digest = hash_token(authorization[7:].strip())
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
@@ -99,7 +102,7 @@ class Authenticator:
         kind, tenant_id, session_id = (optional_text(f) for f in fields)
         if kind not in ("tenant", "session"):
             self._cache.pop(digest, None)
-            raise ApiError(401, "unauthorized", "unknown, revoked or expired token")
+            raise ApiError(401, ErrorCode.UNAUTHORIZED, "unknown, revoked or expired token")
         principal = Principal(kind, tenant_id, session_id, digest)  # type: ignore[arg-type]
         if self._cache_s > 0:
             if len(self._cache) > 100_000:

@@ -24,6 +24,7 @@ from broker.keys import tenant_of_request
 from broker.store import Claimed
 from rlm_wire import broker_models as p
 from rlm_wire.bodies import query_float, query_int, read_json, validate
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.responses import json_response
 
@@ -38,7 +39,9 @@ def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | 
     size = len(getattr(batch, key))
     if size > limit:
         setting = "RLM_MAX_ENQUEUE_BATCH" if key == "batch" else "RLM_MAX_RESPOND_BATCH"
-        raise ApiError(413, "payload_too_large", f"batch of {size} exceeds {limit} ({setting})")
+        raise ApiError(
+            413, ErrorCode.PAYLOAD_TOO_LARGE, f"batch of {size} exceeds {limit} ({setting})"
+        )
     return batch
 
 
@@ -92,7 +95,9 @@ def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable()):
         raise ApiError(
-            400, "bad_request", "Idempotency-Key must be 1 to 200 printable ASCII characters"
+            400,
+            ErrorCode.BAD_REQUEST,
+            "Idempotency-Key must be 1 to 200 printable ASCII characters",
         )
     return key
 
@@ -129,9 +134,9 @@ async def get_request(request: Request) -> Response:
     request_id = request.path_params["request_id"]
     tenant_id = tenant_of_request(request_id)
     if tenant_id is None:
-        raise ApiError(404, "not_found", f"no request {request_id}")
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no request {request_id}")
     if principal.scope != "admin" and principal.tenant_id != tenant_id:
-        raise ApiError(403, "forbidden", "this request belongs to another tenant")
+        raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another tenant")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     future = ctx.waiters.register(request_id) if wait_s > 0 else None
     try:
@@ -141,10 +146,12 @@ async def get_request(request: Request) -> Response:
             stored = await ctx.store.read(tenant_id, request_id)
         if stored is None:
             raise ApiError(
-                404, "not_found", f"no request {request_id} (unknown, or its result expired)"
+                404,
+                ErrorCode.NOT_FOUND,
+                f"no request {request_id} (unknown, or its result expired)",
             )
         if principal.scope == "session" and stored.session_id != principal.session_id:
-            raise ApiError(403, "forbidden", "this request belongs to another session")
+            raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another session")
         if stored.status != "pending" and stored.result is not None:
             return json_response(stored.result)
         if future is not None:
@@ -320,9 +327,11 @@ async def respond(request: Request) -> Response:
         return json_response({"results": results})
     status = statuses[0]
     if status == "not_found":
-        raise ApiError(404, "not_found", f"no request {answers[0].id} (unknown, or expired)")
+        raise ApiError(
+            404, ErrorCode.NOT_FOUND, f"no request {answers[0].id} (unknown, or expired)"
+        )
     if status == "forbidden":
-        raise ApiError(403, "forbidden", "this request belongs to another tenant")
+        raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another tenant")
     return json_response({"id": answers[0].id, "status": status})
 
 

@@ -13,6 +13,7 @@ from broker.handling import endpoint
 from broker.keys import is_session_id, is_tenant_id
 from rlm_wire import broker_models as p
 from rlm_wire.bodies import read_json, validate
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.responses import json_response
 
@@ -37,7 +38,7 @@ async def create_session(request: Request) -> Response:
     body = validate(p.CreateSession, await read_json(request, ctx.settings.max_body_bytes))
     tenant_id = _session_tenant(principal, body.tenant_id)
     if principal.scope == "admin" and not await ctx.store.tenant_exists(tenant_id):
-        raise ApiError(404, "not_found", f"no tenant {tenant_id}")
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no tenant {tenant_id}")
     ttl_s = body.ttl_s or ctx.settings.session_ttl_s
     if ttl_s > ctx.settings.max_session_ttl_s:
         raise ApiError(
@@ -55,11 +56,15 @@ def _session_tenant(principal: Principal, requested: str | None) -> str:
     if principal.scope == "admin":
         if requested is None:
             raise ApiError(
-                422, "invalid_body", "tenant_id: an admin token must name the session's tenant"
+                422,
+                ErrorCode.INVALID_BODY,
+                "tenant_id: an admin token must name the session's tenant",
             )
         return requested
     if requested is not None and requested != principal.tenant:
-        raise ApiError(403, "forbidden", "a tenant token opens sessions for its own tenant only")
+        raise ApiError(
+            403, ErrorCode.FORBIDDEN, "a tenant token opens sessions for its own tenant only"
+        )
     return principal.tenant
 
 
@@ -71,7 +76,7 @@ async def delete_session(request: Request) -> Response:
     tenant_id = _session_tenant(principal, request.query_params.get("tenant_id"))
     session_id = request.path_params["session_id"]
     if not is_session_id(session_id) or not is_tenant_id(tenant_id):
-        raise ApiError(404, "not_found", f"no session {session_id}")
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no session {session_id}")
     failed, token_hash = await ctx.store.close_session(tenant_id, session_id)
     if token_hash:
         ctx.auth.forget(token_hash)

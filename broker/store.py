@@ -21,6 +21,7 @@ from broker.codec import optional_bytes, text
 from broker.keys import CONSUMER, GROUP, Keys
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.run_info import RunInfo
 
@@ -152,11 +153,11 @@ class Store:
                 self._replies_prefix,
                 self.settings.result_ttl_s,
                 time.time(),
-                error_result("__ID__", "session_closed", "the session was closed"),
+                error_result("__ID__", ErrorCode.SESSION_CLOSED, "the session was closed"),
             ],
         )
         if int(failed) < 0:
-            raise ApiError(404, "not_found", f"no session {session_id}")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no session {session_id}")
         digest = text(token_hash) if token_hash else None
         if digest:
             await self.redis.delete(self.keys.token(digest))
@@ -202,7 +203,7 @@ class Store:
             return earlier
         accepted = int(reply)
         if accepted == -1:
-            raise ApiError(401, "unauthorized", "the session is closed or expired")
+            raise ApiError(401, ErrorCode.UNAUTHORIZED, "the session is closed or expired")
         if accepted == -2:
             raise ApiError(
                 429,
@@ -248,7 +249,7 @@ class Store:
         """
         undeliverable = error_result(
             "__ID__",
-            "undeliverable",
+            ErrorCode.UNDELIVERABLE,
             f"no poller answered within {self.settings.max_attempts} deliveries",
         )
         now = time.time()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from starlette.requests import Request
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -29,7 +30,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ApiError(400, "bad_request", "Content-Length is not a number")
+            raise ApiError(400, ErrorCode.BAD_REQUEST, "Content-Length is not a number")
         if int(declared) > max_bytes:
             raise ApiError(
                 413,
@@ -41,7 +42,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise ApiError(413, "payload_too_large", f"body exceeds the limit of {max_bytes} bytes")
+            raise ApiError(
+                413, ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -55,11 +58,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """
     raw = await read_body(request, max_bytes)
     if not raw:
-        raise ApiError(400, "bad_request", "the request needs a JSON body")
+        raise ApiError(400, ErrorCode.BAD_REQUEST, "the request needs a JSON body")
     try:
         return from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        raise ApiError(400, "bad_request", f"malformed JSON: {exc}") from exc
+        raise ApiError(400, ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}") from exc
 
 
 async def read_model(
@@ -73,15 +76,17 @@ async def read_model(
     raw = await read_body(request, max_bytes)
     if not raw:
         if empty is None:
-            raise ApiError(400, "bad_request", "the request needs a JSON body")
+            raise ApiError(400, ErrorCode.BAD_REQUEST, "the request needs a JSON body")
         raw = empty
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
-            raise ApiError(400, "bad_request", f"malformed JSON: {errors[0]['msg']}") from exc
-        raise ApiError(422, "invalid_body", describe(exc)) from exc
+            raise ApiError(
+                400, ErrorCode.BAD_REQUEST, f"malformed JSON: {errors[0]['msg']}"
+            ) from exc
+        raise ApiError(422, ErrorCode.INVALID_BODY, describe(exc)) from exc
 
 
 def validate(model: type[ModelT], data: Any) -> ModelT:
@@ -89,7 +94,7 @@ def validate(model: type[ModelT], data: Any) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, "invalid_body", describe(exc)) from exc
+        raise ApiError(422, ErrorCode.INVALID_BODY, describe(exc)) from exc
 
 
 def describe(exc: ValidationError) -> str:
@@ -108,13 +113,13 @@ def query_float(request: Request, name: str, default: float, maximum: float) -> 
         return default
     if not raw.isascii():  # float() also reads other scripts' digits
         raise ApiError(
-            400, "bad_request", f"query parameter {name!r} must be a number, not {raw!r}"
+            400, ErrorCode.BAD_REQUEST, f"query parameter {name!r} must be a number, not {raw!r}"
         )
     try:
         value = float(raw)
     except ValueError as exc:
         raise ApiError(
-            400, "bad_request", f"query parameter {name!r} must be a number, not {raw!r}"
+            400, ErrorCode.BAD_REQUEST, f"query parameter {name!r} must be a number, not {raw!r}"
         ) from exc
     if not 0 <= value <= maximum:  # also refuses NaN
         raise ApiError(

@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 
-_HTTP_EXCEPTION_CODES = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_EXCEPTION_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 def json_response(body: bytes | str | BaseModel | object, status: int = 200) -> Response:
@@ -45,7 +46,7 @@ def api_error_response(exc: ApiError) -> Response:
 
 def http_exception_response(exc: HTTPException) -> Response:
     """Starlette's exception as the error body, keeping its headers (a 405's `Allow`)."""
-    code = _HTTP_EXCEPTION_CODES.get(exc.status_code, "http_error")
+    code = _HTTP_EXCEPTION_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
     response = error_response(exc.status_code, code, str(exc.detail))
     response.headers.update(exc.headers or {})
     return response
@@ -70,6 +71,6 @@ def exception_handlers(
         if isinstance(exc, HTTPException):
             return http_exception_response(exc)
         logger.error("unhandled error", extra={"path": request.url.path}, exc_info=exc)
-        return error_response(500, "internal_error", internal_message)
+        return error_response(500, ErrorCode.INTERNAL_ERROR, internal_message)
 
     return {ApiError: handle, HTTPException: handle, Exception: handle}

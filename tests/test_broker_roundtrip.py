@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from rlm_wire import broker_models as p
-from rlm_wire.run_info import RunInfo
 from rlm_wire.broker_client import BrokerClient
+from rlm_wire.run_info import RunInfo
 from tests.support.brokers import running_poller, tenant_and_session
 from tests.support.servers import BrokerProcess, BrokerServer
 

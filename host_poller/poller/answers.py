@@ -17,18 +17,19 @@ from host_poller.llm.errors import (
 )
 from host_poller.poller.errors import RequestFailed
 from rlm_wire.broker_models import Answer, ErrorInfo
+from rlm_wire.codes import ErrorCode
 
 #: Error code of each LLM failure, most specific class first.
 LLM_ERROR_CODES: tuple[tuple[type[LLMError], str], ...] = (
-    (LLMRateLimitError, "llm_rate_limited"),
-    (LLMTimeoutError, "llm_timeout"),
-    (LLMConnectionError, "llm_unreachable"),
-    (LLMStatusError, "llm_http_error"),
-    (LLMResponseError, "llm_bad_response"),
-    (LLMConfigError, "llm_config"),
+    (LLMRateLimitError, ErrorCode.LLM_RATE_LIMITED),
+    (LLMTimeoutError, ErrorCode.LLM_TIMEOUT),
+    (LLMConnectionError, ErrorCode.LLM_UNREACHABLE),
+    (LLMStatusError, ErrorCode.LLM_HTTP_ERROR),
+    (LLMResponseError, ErrorCode.LLM_BAD_RESPONSE),
+    (LLMConfigError, ErrorCode.LLM_CONFIG),
     (LLMError, "llm_error"),
 )
-INTERNAL_ERROR = "internal_error"
+INTERNAL_ERROR = ErrorCode.INTERNAL_ERROR
 
 
 def error_code(exc: BaseException) -> str:

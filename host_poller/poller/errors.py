@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from rlm_wire.codes import ErrorCode
+
 
 class PollerError(Exception):
     """Root of the poller's exceptions."""
@@ -33,7 +35,7 @@ class BrokerRejected(PollerError):
 class RequestFailed(PollerError):
     """One request failed; `code` and `message` go on the wire as the answer's error."""
 
-    code: str = "request_failed"
+    code: str = ErrorCode.REQUEST_FAILED
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -45,10 +47,10 @@ class RequestFailed(PollerError):
 class BudgetExceeded(RequestFailed):
     """A budget of the request's run is spent; the request is refused, not answered."""
 
-    code = "budget_exceeded"
+    code = ErrorCode.BUDGET_EXCEEDED
 
 
 class SubRLMFailed(RequestFailed):
     """The sub-RLM answering an `rlm_query` ended in an error."""
 
-    code = "sub_rlm_failed"
+    code = ErrorCode.SUB_RLM_FAILED

@@ -22,6 +22,7 @@ from host_poller.poller.hooks import BudgetLookup, CallContext, RunBudget, SubRL
 from host_poller.poller.router import ModelRouter
 from rlm_wire.broker_models import Answer, PendingRequest
 from rlm_wire.broker_models import Usage as WireUsage
+from rlm_wire.codes import ErrorCode
 from rlm_wire.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class RequestHandler:
             raise RequestFailed(
                 "this poller cannot run sub-RLMs (rlm_query below max_depth); run it with "
                 "sub-RLMs on (RLM_POLLER_SUB_RLMS), or lower max_depth",
-                code="sub_rlm_unavailable",
+                code=ErrorCode.SUB_RLM_UNAVAILABLE,
             )
         budget = self._budget(call)
         if budget is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from host_poller.poller.link import BrokerLink
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import Answer, ErrorInfo
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,9 @@ class AnswerPoster:
             return
         if exc.status == 413:
             # One answer too large for the broker: the enqueuer must still hear of it.
-            error = ErrorInfo(code="answer_too_large", message=f"the answer was refused: {exc}")
+            error = ErrorInfo(
+                code=ErrorCode.ANSWER_TOO_LARGE, message=f"the answer was refused: {exc}"
+            )
             await self._post([Answer(id=batch[0].id, error=error, usage=batch[0].usage)])
             return
         self._drop(batch, f"broker refused the answers: {exc}")

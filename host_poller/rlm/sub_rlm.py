@@ -32,6 +32,7 @@ from host_poller.settings import HostSettings
 from rlm_repl import changed_keys
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import PendingRequest
+from rlm_wire.codes import ErrorCode
 from rlm_wire.run_info import RunInfo
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class SubRLMRunner:
         raise RequestFailed(
             f"this poller does not run sub-RLMs in the {requested!r} environment (allowed: "
             f"{', '.join(sorted(self.environments | {own}))}; RLM_POLLER_SUB_RLM_ENVIRONMENTS)",
-            code="sub_rlm_unavailable",
+            code=ErrorCode.SUB_RLM_UNAVAILABLE,
         )
 
     async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from rlm_wire import broker_models as bp
 from rlm_wire.api_client import error_from_body
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable, WireError
 from rlm_wire.link import KeepAliveLink
 from rlm_wire.runtime_models import BrokerAccess, SubCallUsage
@@ -75,17 +76,17 @@ class BrokerBridge:
             self._metrics.llm_calls.labels(kind=call.kind).inc(len(call.prompts))
         if self._access is None or self._link is None:
             message = "this sandbox has no broker: llm_query and rlm_query are unavailable"
-            return [_error("no_broker", message) for _ in call.prompts]
+            return [_error(ErrorCode.NO_BROKER, message) for _ in call.prompts]
         if call.kind == "rlm" and self._access.depth + 1 >= self._access.max_depth:
             message = (
                 f"rlm_query is not allowed at depth {self._access.depth} "
                 f"(max_depth {self._access.max_depth}); use llm_query"
             )
-            return [_error("max_depth", message) for _ in call.prompts]
+            return [_error(ErrorCode.MAX_DEPTH, message) for _ in call.prompts]
         try:
             requests = [self._request(self._access, call, p) for p in call.prompts]
         except ValidationError as exc:
-            return [_error("invalid_request", _first_error(exc)) for _ in call.prompts]
+            return [_error(ErrorCode.INVALID_REQUEST, _first_error(exc)) for _ in call.prompts]
         try:
             results = await self._send(call, requests)
         except ServiceResponseError as exc:
@@ -96,7 +97,7 @@ class BrokerBridge:
             return [_error(exc.code, exc.message) for _ in call.prompts]
         except WireError as exc:
             logger.warning("broker unreachable", extra={"error": str(exc), "kind": call.kind})
-            return [_error("broker_unreachable", str(exc)) for _ in call.prompts]
+            return [_error(ErrorCode.BROKER_UNREACHABLE, str(exc)) for _ in call.prompts]
         self._sub_calls.extend(
             SubCallUsage(id=r.id, usage=r.usage.model_dump())
             for r in results
@@ -187,7 +188,7 @@ def _parse(status: int, answer: bytes, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate_json(answer)
     except ValidationError as exc:
-        raise ServiceResponseError(status, "unexpected_body", _first_error(exc)) from exc
+        raise ServiceResponseError(status, ErrorCode.UNEXPECTED_BODY, _first_error(exc)) from exc
 
 
 def _result(result: bp.RequestResult) -> LLMCallResult:
@@ -195,7 +196,7 @@ def _result(result: bp.RequestResult) -> LLMCallResult:
         return LLMCallResult(response=result.response, error=None, state=result.state)
     if result.error is not None:
         return _error(result.error.code, result.error.message)
-    return _error("empty_answer", f"request {result.id} ended with status {result.status}")
+    return _error(ErrorCode.EMPTY_ANSWER, f"request {result.id} ended with status {result.status}")
 
 
 def _error(code: str, message: str) -> LLMCallResult:

@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import Any
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.runtime_models import (
     Context,
@@ -90,7 +91,7 @@ class SessionManager:
         """A new session on a sandbox from the warm pool."""
         if len(self._sessions) >= self._settings.max_sessions:
             raise ApiError(
-                429, "too_many_sessions", f"{self._settings.max_sessions} sessions are open"
+                429, ErrorCode.TOO_MANY_SESSIONS, f"{self._settings.max_sessions} sessions are open"
             )
         limits = self._settings.limits(body.limits, memory_bytes=self._pool.memory_bytes)
         process = await self._pool.acquire(limits.memory_bytes)
@@ -203,7 +204,7 @@ class SessionManager:
                 raise ApiError(400, exc.type, f"the state was refused: {exc.message}") from exc
             except SandboxError as exc:
                 raise ApiError(
-                    503, "unavailable", f"the sandbox failed while setting the state: {exc}"
+                    503, ErrorCode.UNAVAILABLE, f"the sandbox failed while setting the state: {exc}"
                 ) from exc
         if session.setup_code:
             result = await process.execute(
@@ -255,7 +256,7 @@ class SessionManager:
             return ApiError(400, exc.type, f"the sandbox refused {doing}: {exc.message}")
         if not process.alive:
             await self._lost_process(session, process)
-        return ApiError(503, "unavailable", f"the sandbox failed while {doing}: {exc}")
+        return ApiError(503, ErrorCode.UNAVAILABLE, f"the sandbox failed while {doing}: {exc}")
 
     async def _lost_process(self, session: Session, process: SandboxProcess) -> None:
         """The session's process died (or failed): end it and mark the session."""
@@ -363,13 +364,13 @@ class SessionManager:
     def _get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
-            raise ApiError(404, "not_found", f"no session {session_id!r}")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no session {session_id!r}")
         return session
 
     @staticmethod
     def _check_open(session: Session) -> None:
         if session.closed:
-            raise ApiError(404, "not_found", f"session {session.id!r} was ended")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"session {session.id!r} was ended")
 
 
 def _crash_result(exc: Exception, seconds: float) -> ExecutionResult:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
 from sandbox_runtime.service.metrics import Metrics
@@ -93,7 +94,9 @@ class WarmPool:
                     await quiet_kill(process)
         except TimeoutError as exc:
             detail = f": {self.last_error}" if self.last_error else ""
-            raise ApiError(503, "unavailable", f"no sandbox could be started{detail}") from exc
+            raise ApiError(
+                503, ErrorCode.UNAVAILABLE, f"no sandbox could be started{detail}"
+            ) from exc
         finally:
             self._waiters -= 1
             self._wake.set()
@@ -108,7 +111,7 @@ class WarmPool:
                 )
             except SandboxError as exc:
                 raise ApiError(
-                    503, "unavailable", f"a sandbox could not be started: {exc}"
+                    503, ErrorCode.UNAVAILABLE, f"a sandbox could not be started: {exc}"
                 ) from exc
             self._metrics.spawns.inc()
             self._metrics.spawn_seconds.observe(time.perf_counter() - started)
@@ -130,13 +133,19 @@ class WarmPool:
                 self._give_back(process)
             else:
                 await quiet_kill(process)
-            raise ApiError(400, "bad_snapshot", f"the snapshot cannot be restored: {exc}") from exc
+            raise ApiError(
+                400, ErrorCode.BAD_SNAPSHOT, f"the snapshot cannot be restored: {exc}"
+            ) from exc
         except SandboxGuestError as exc:
             await quiet_kill(process)
-            raise ApiError(400, "bad_snapshot", f"the snapshot cannot be restored: {exc}") from exc
+            raise ApiError(
+                400, ErrorCode.BAD_SNAPSHOT, f"the snapshot cannot be restored: {exc}"
+            ) from exc
         except SandboxError as exc:
             await quiet_kill(process)
-            raise ApiError(503, "unavailable", f"a sandbox could not be restored: {exc}") from exc
+            raise ApiError(
+                503, ErrorCode.UNAVAILABLE, f"a sandbox could not be restored: {exc}"
+            ) from exc
         except BaseException:
             await quiet_kill(process)
             raise

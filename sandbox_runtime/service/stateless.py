@@ -11,6 +11,7 @@ import base64
 import binascii
 import time
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.runtime_models import (
     ExecutionResult,
@@ -74,7 +75,7 @@ class StatelessExecutor:
                 400, exc.type, f"the sandbox refused the request: {exc.message}"
             ) from exc
         except SandboxError as exc:
-            raise ApiError(503, "unavailable", f"the sandbox failed: {exc}") from exc
+            raise ApiError(503, ErrorCode.UNAVAILABLE, f"the sandbox failed: {exc}") from exc
         # execute() reports timeouts and crashes as results, not exceptions.
         result = await process.execute(
             request.code,
@@ -88,7 +89,9 @@ class StatelessExecutor:
         try:
             blob = await process.snapshot_namespace()
         except SandboxError as exc:
-            raise ApiError(503, "unavailable", f"the namespace could not be saved: {exc}") from exc
+            raise ApiError(
+                503, ErrorCode.UNAVAILABLE, f"the namespace could not be saved: {exc}"
+            ) from exc
         return result, base64.b64encode(blob).decode()
 
 
@@ -96,4 +99,4 @@ def _decode(snapshot: str) -> bytes:
     try:
         return base64.b64decode(snapshot, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "bad_snapshot", "snapshot is not valid base64") from exc
+        raise ApiError(400, ErrorCode.BAD_SNAPSHOT, "snapshot is not valid base64") from exc
