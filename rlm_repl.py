@@ -1,49 +1,55 @@
-"""The RLM REPL functions for any CPython sandbox, in one standard-library-only file.
+"""The REPL that model code sees, in one standard-library-only file: every environment runs it.
 
-Copy this file into a container, Modal, E2B or Daytona sandbox and run model code with the
-functions every rlm-broker environment offers: `context`, `llm_query`, `llm_query_batched`,
-`rlm_query`, `rlm_query_batched`, `SHOW_VARS`, `FINAL`, `FINAL_VAR`, the `answer` dict and the
-shared `state` dict. Calls reach the broker over HTTP with a session token:
+The functions: `context`, `llm_query`, `llm_query_batched`, `rlm_query`, `rlm_query_batched`,
+`SHOW_VARS`, `FINAL`, `FINAL_VAR`, the `answer` dict and the shared `state` dict. They sit on
+a small transport (`send(calls) -> results`): `HttpTransport` reaches the broker with a
+session token (the "local" environment, and this file as a script); the Pyodide sandbox loads
+this same file and gives it a pipe to its supervisor (`sandbox_runtime/guest`).
 
-    RLM_BROKER_URL=http://broker:8080 RLM_SESSION_TOKEN=... python exec_script.py code.py
-    python exec_script.py -c 'print(llm_query("hi"))' --context ctx.txt --result out.json
+As a script, in any CPython sandbox (container, Modal, E2B, Daytona):
 
-As a module: `build_namespace(transport)` returns the globals for `exec`, and `Repl` runs code
-with captured output and reports FINAL/state (the "local" environment uses it). The REPL
-functions sit on a small transport (`send(calls) -> results`), so a host with another way out
-of its sandbox (a pipe, a socket) reuses them unchanged.
+    RLM_BROKER_URL=http://broker:8080 RLM_SESSION_TOKEN=... python rlm_repl.py code.py
+    python -I -S rlm_repl.py -c 'print(llm_query("hi"))' --context ctx.txt --result out.json
 
-Wire: POST /enqueue {"prompt"|"messages", "model", "depth", "params": {"kind"}, "state"} or
-{"batch": [...]}, re-waiting through GET /requests/{id}?wait= while a request is pending.
-Connection failures are retried with backoff; each POST carries an `Idempotency-Key`, so a
-retried call is never enqueued (or paid for) twice. A failed call raises an `LLMQueryError`,
-never returns an error string.
+As a module: `Repl(transport, ...)` runs code with captured, capped output and reports
+FINAL/state (`build_namespace(transport)` gives just the globals for `exec`).
+
+Wire (HttpTransport): POST /enqueue {"prompt"|"messages", "model", "depth", "params":
+{"kind"}, "state"} or {"batch": [...]}, re-waiting through GET /requests/{id}?wait= while a
+request is pending. Connection failures are retried with backoff; each POST carries an
+`Idempotency-Key`, so a retried call is never enqueued (or paid for) twice. A failed call
+raises an `LLMQueryError`, never returns an error string.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import contextlib
 import ctypes
 import http.client
 import io
 import json
+import linecache
 import os
 import random
+import reprlib
 import sys
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 __all__ = [
+    "API_NAMES",
     "BrokerResponseError",
     "BrokerUnavailableError",
     "HttpTransport",
-    "LLMCallError",
     "LLMQueryError",
     "LLMQueryTimeoutError",
     "Repl",
@@ -51,58 +57,90 @@ __all__ = [
     "Transport",
     "build_namespace",
     "changed_keys",
+    "describe_error",
+    "is_user_name",
     "merge_state",
+    "remember_source",
 ]
 
 DEFAULT_WAIT_S = 20.0
 DEFAULT_STATE_MAX_BYTES = 1_000_000
-DEFAULT_OUTPUT_MAX_CHARS = 100_000
-_TRUNCATED = "\n[... output truncated ...]\n"
+DEFAULT_OUTPUT_MAX_BYTES = 1 << 20
+MAX_TRACEBACK_CHARS = 20_000
+MAX_MESSAGE_CHARS = 4_000
+CELL_PREFIX = "<cell-"
+
+#: What the REPL binds in every namespace: never a user variable (not listed, not kept).
+API_NAMES = frozenset(
+    {
+        "llm_query",
+        "llm_query_batched",
+        "rlm_query",
+        "rlm_query_batched",
+        "SHOW_VARS",
+        "FINAL",
+        "FINAL_VAR",
+        "LLMQueryError",
+        "StateError",
+    }
+)
 
 
 # --- errors ------------------------------------------------------------------------------
 
 
 class LLMQueryError(Exception):
-    """Root of the errors raised by the REPL functions: the call did not produce an answer."""
+    """A REPL call did not produce an answer; the root of the REPL's errors.
+
+    Raised as is when the call was answered with an error (LLM failure, budget spent,
+    `rlm_query` at max_depth, ...). `code` says why in one word, `message` in words; after a
+    failed prompt of a batched call, `index` is the first failed prompt and `partial` holds
+    the answers in prompt order (None where a prompt failed).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        index: int | None = None,
+        partial: list[str | None] | None = None,
+    ) -> None:
+        detail = message if index is None else f"prompt {index}: {message}"
+        failed = partial.count(None) if partial is not None else 0
+        if partial is not None and failed > 1:
+            detail += f" ({failed} of {len(partial)} prompts failed)"
+        super().__init__(f"{code}: {detail}")
+        self.code, self.message, self.index, self.partial = code, message, index, partial
 
 
 class BrokerUnavailableError(LLMQueryError):
     """The broker could not be reached, retries included."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("broker_unavailable", message)
 
 
 class BrokerResponseError(LLMQueryError):
     """The broker refused the call (bad token, bad body, limits); `status` and `code` say why."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"broker answered {status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
-
-
-class LLMCallError(LLMQueryError):
-    """The host answered the request with an error (LLM failure, budget spent, ...)."""
-
-    def __init__(self, code: str, message: str, *, index: int | None = None) -> None:
-        where = f" (prompt {index})" if index is not None else ""
-        super().__init__(f"{code}: {message}{where}")
-        self.code, self.message, self.index = code, message, index
-
-
-class LLMBatchError(LLMCallError):
-    """Some prompts of a batch failed; `results` holds the answers (None where failed)."""
-
-    def __init__(self, errors: list[LLMCallError], results: list[str | None]) -> None:
-        first = errors[0]
-        super().__init__(first.code, f"{len(errors)} of {len(results)} failed; first: {first}")
-        self.errors, self.results = errors, results
+        super().__init__(code, f"broker answered {status}: {message}")
+        self.status = status
 
 
 class LLMQueryTimeoutError(LLMQueryError):
     """No answer within the call's time limit."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
+
 
 class StateError(LLMQueryError, ValueError):
-    """The shared `state` dict is not JSON or exceeds its size bound."""
+    """The shared `state` dict is not a dict of JSON values, or exceeds its size bound."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_state", message)
 
 
 # --- transport ---------------------------------------------------------------------------
@@ -155,8 +193,6 @@ class HttpTransport:
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    # public --------------------------------------------------------------------------------
-
     def send(self, calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not calls:
             return []
@@ -182,8 +218,6 @@ class HttpTransport:
                 conn.close()
             self._all.clear()
         self._local = threading.local()
-
-    # plumbing ------------------------------------------------------------------------------
 
     def _wait_for(self, deadline: float) -> float:
         return round(max(0.0, min(self.wait_s, deadline - time.monotonic())), 3)
@@ -299,14 +333,17 @@ def _checked(reply: _Response) -> _Response:
 # --- state -------------------------------------------------------------------------------
 
 
-def check_state(state: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
-    """A JSON deep copy of `state`; raises `StateError` if it is not JSON or too large."""
+def check_state(state: Any, max_bytes: int) -> dict[str, Any]:
+    """A JSON deep copy of `state`; raises `StateError` if it is not a dict of JSON values
+    or is above `max_bytes` as JSON."""
+    if not isinstance(state, dict):
+        raise StateError(f"state must be a dict of JSON values, not {type(state).__name__}")
     try:
-        encoded = json.dumps(state, allow_nan=False)
+        encoded = json.dumps(state, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise StateError(f"state must hold JSON values only: {exc}") from exc
-    if len(encoded.encode()) > max_bytes:
-        raise StateError(f"state is {len(encoded.encode())} bytes, above its {max_bytes} bound")
+    if len(encoded) > max_bytes:
+        raise StateError(f"state is {len(encoded)} bytes as JSON, above its {max_bytes} bound")
     copy: dict[str, Any] = json.loads(encoded)
     return copy
 
@@ -332,13 +369,34 @@ def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[st
     return {k: v for k, v in after.items() if k not in before or before[k] != v}
 
 
-# --- the REPL functions ------------------------------------------------------------------
+# --- the namespace -----------------------------------------------------------------------
+
+
+def is_user_name(name: str) -> bool:
+    """A variable of the model's code: not a dunder name, not a REPL function."""
+    return not (name.startswith("__") and name.endswith("__")) and name not in API_NAMES
+
+
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+_preview = reprlib.Repr()
+_preview.maxstring = _preview.maxother = 120
+_preview.maxlist = _preview.maxdict = _preview.maxtuple = _preview.maxset = 8
+
+
+class _Listing(str):
+    """A str that the REPL echoes as text rather than as a quoted repr (SHOW_VARS)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class Repl:
     """One REPL session: a namespace with the RLM functions, run code into it, read FINAL.
 
     `depth` is this REPL's RLM depth (the root is 0); its calls go to the broker at depth+1.
+    `rlm_query` is refused when depth + 1 >= `max_depth`; with `max_depth` None the transport
+    enforces the depth (the sandbox runtime's bridge does, with the same error). `namespace`
+    is the dict to run code in (e.g. a module's `__dict__`); it is emptied first.
     """
 
     def __init__(
@@ -346,56 +404,114 @@ class Repl:
         transport: Transport,
         *,
         depth: int = 0,
-        max_depth: int = 1,
+        max_depth: int | None = 1,
         state: Mapping[str, Any] | None = None,
         state_max_bytes: int = DEFAULT_STATE_MAX_BYTES,
-        output_max_chars: int = DEFAULT_OUTPUT_MAX_CHARS,
+        output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES,
         default_model: str | None = None,
+        namespace: dict[str, Any] | None = None,
     ) -> None:
         self.transport = transport
         self.depth, self.max_depth = depth, max_depth
-        self.state_max_bytes, self.output_max_chars = state_max_bytes, output_max_chars
+        self.state_max_bytes, self.output_max_bytes = state_max_bytes, output_max_bytes
         self.default_model = default_model
+        self.final: dict[str, Any] | None = None
+        self.cells = 0
         self._sub_calls: list[dict[str, Any]] = []
         self._sub_calls_lock = threading.Lock()
-        self.final: dict[str, Any] | None = None
-        self._last_good_state = check_state(state or {}, state_max_bytes)
-        self.answer: dict[str, Any] = {"content": "", "ready": False}
-        self.state: dict[str, Any] = dict(self._last_good_state)
-        self.namespace: dict[str, Any] = {
-            "__name__": "__main__",
-            "__builtins__": __builtins__,
-            "__rlm_repl__": self,
-            "context": None,
-            "state": self.state,
-            "answer": self.answer,
-            "llm_query": self.llm_query,
-            "llm_query_batched": self.llm_query_batched,
-            "rlm_query": self.rlm_query,
-            "rlm_query_batched": self.rlm_query_batched,
-            "SHOW_VARS": self.show_vars,
-            "FINAL": self.final_answer,
-            "FINAL_VAR": self.final_var,
-            "LLMQueryError": LLMQueryError,
-        }
-        self._reserved = frozenset(self.namespace)
+        self._last_good_state = check_state(dict(state or {}), state_max_bytes)
+        self.namespace: dict[str, Any] = namespace if namespace is not None else {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the namespace: the REPL functions, no `context`, the last valid `state`."""
+        self.namespace.clear()
+        self.namespace.update(
+            {
+                "__name__": "__main__",
+                "__builtins__": builtins,
+                "__rlm_repl__": self,
+                "context": None,
+                "state": _json_copy(self._last_good_state),
+                "answer": {"content": "", "ready": False},
+            }
+        )
+        self.bind_functions()
+
+    def bind_functions(self) -> None:
+        """(Re)bind the names of `API_NAMES` in the namespace."""
+        self.namespace.update(
+            {
+                "llm_query": self.llm_query,
+                "llm_query_batched": self.llm_query_batched,
+                "rlm_query": self.rlm_query,
+                "rlm_query_batched": self.rlm_query_batched,
+                "SHOW_VARS": self.show_vars,
+                "FINAL": self.final_answer,
+                "FINAL_VAR": self.final_var,
+                "LLMQueryError": LLMQueryError,
+                "StateError": StateError,
+            }
+        )
 
     # calls ---------------------------------------------------------------------------------
 
+    def llm_query(self, prompt: Any, model: str | None = None) -> str:
+        """One sub-LLM call; returns its text or raises LLMQueryError."""
+        return self._answers(self._send([self._call(prompt, model, "llm")]), False)[0]
+
+    def llm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
+        """Many sub-LLM calls, answered in parallel by the host; answers in prompt order."""
+        calls = [self._call(p, model, "llm") for p in _prompt_list(prompts)]
+        return self._answers(self._send(calls), True) if calls else []
+
+    def rlm_query(self, prompt: Any, model: str | None = None) -> str:
+        """A sub-RLM (depth + 1) that starts from this REPL's `state`; its changes merge back."""
+        return self._rlm([prompt], model, False)[0]
+
+    def rlm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
+        """Sub-RLMs in parallel, each from the same `state`; changes merge in prompt order."""
+        return self._rlm(_prompt_list(prompts), model, True)
+
+    def _rlm(self, prompts: list[Any], model: str | None, batched: bool) -> list[str]:
+        calls = [self._call(p, model, "rlm") for p in prompts]
+        if not calls:
+            return []
+        live = self._live_state()
+        sent = check_state(live, self.state_max_bytes)
+        for call in calls:
+            call["state"] = sent
+        if self.max_depth is not None and self.depth + 1 >= self.max_depth:
+            message = (
+                f"rlm_query is not allowed at depth {self.depth} (max_depth {self.max_depth}); "
+                "use llm_query"
+            )
+            refused = {"status": "error", "error": {"code": "max_depth", "message": message}}
+            results: list[dict[str, Any]] = [refused for _ in calls]
+        else:
+            results = self._send(calls)
+        # Children that answered merge their changes even if another prompt failed.
+        for result in results:
+            if result.get("status") == "done":
+                merge_state(live, sent, result.get("state"))
+        return self._answers(results, batched)
+
     def _call(self, prompt: Any, model: str | None, kind: str) -> dict[str, Any]:
+        if model is not None and not isinstance(model, str):
+            raise TypeError("model must be a str or None")
         call: dict[str, Any] = {"depth": self.depth + 1, "params": {"kind": kind}}
         if isinstance(prompt, str):
             call["prompt"] = prompt
-        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        elif isinstance(prompt, list) and all(_is_message(m) for m in prompt):
             call["messages"] = [{"role": m["role"], "content": m["content"]} for m in prompt]
         else:
-            raise TypeError("a prompt is a str or a list of {'role', 'content'} dicts")
+            raise TypeError("a prompt is a str or a list of {'role': str, 'content': str} dicts")
         chosen = model if model is not None else self.default_model
         if chosen is not None:
             call["model"] = chosen
         return call
 
-    def _run(self, calls: list[dict[str, Any]], batched: bool) -> list[dict[str, Any]]:
+    def _send(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results = self.transport.send(calls)
         with self._sub_calls_lock:
             self._sub_calls.extend(
@@ -403,101 +519,86 @@ class Repl:
                 for r in results
                 if isinstance(r.get("id"), str) and isinstance(r.get("usage"), dict)
             )
-        failures: list[LLMCallError] = []
-        for index, result in enumerate(results):
-            if result.get("status") != "done" or not isinstance(result.get("response"), str):
-                error = result.get("error") or {}
-                failures.append(
-                    LLMCallError(
-                        str(error.get("code", "error")),
-                        str(error.get("message", f"request ended as {result.get('status')}")),
-                        index=index if batched else None,
-                    )
-                )
-        if failures:
-            if not batched:
-                raise failures[0]
-            answers = [r.get("response") if r.get("status") == "done" else None for r in results]
-            raise LLMBatchError(failures, answers)
         return results
 
-    def llm_query(self, prompt: Any, model: str | None = None) -> str:
-        """One sub-LLM call; returns its text or raises LLMQueryError."""
-        response: str = self._run([self._call(prompt, model, "llm")], False)[0]["response"]
-        return response
-
-    def llm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
-        """Many sub-LLM calls, answered in parallel by the host; answers in prompt order."""
-        if not prompts:
-            return []
-        calls = [self._call(p, model, "llm") for p in prompts]
-        return [r["response"] for r in self._run(calls, True)]
-
-    def rlm_query(self, prompt: Any, model: str | None = None) -> str:
-        """A sub-RLM (depth + 1) that starts from this REPL's `state`; its changes merge back."""
-        return self.rlm_query_batched([prompt], model)[0]
-
-    def rlm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
-        """Sub-RLMs in parallel, each from the same `state`; changes merge in prompt order."""
-        if not prompts:
-            return []
-        live = self._live_state()
-        sent = check_state(live, self.state_max_bytes)
-        calls = [self._call(p, model, "rlm") for p in prompts]
-        for call in calls:
-            call["state"] = sent
-        results = self._run(calls, len(calls) > 1)
-        for result in results:
-            merge_state(live, sent, result.get("state"))
-        return [r["response"] for r in results]
+    def _answers(self, results: list[dict[str, Any]], batched: bool) -> list[str]:
+        """The responses, or the first failure as LLMQueryError (with the others if batched)."""
+        answers = [_response(r) for r in results]
+        if None not in answers:
+            return [a for a in answers if a is not None]
+        index = answers.index(None)
+        failed = results[index]
+        raw = failed.get("error")
+        error: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        code = str(error.get("code", "error"))
+        message = str(error.get("message", f"request ended as {failed.get('status')}"))
+        if not batched:
+            raise LLMQueryError(code, message)
+        raise LLMQueryError(code, message, index=index, partial=answers)
 
     def _live_state(self) -> dict[str, Any]:
-        # The code may have rebound `state` to a new dict; that one is the state now.
-        current = self.namespace.get("state")
-        if isinstance(current, dict):
-            self.state = current
-        return self.state
+        # The code may have rebound `state` to a new dict: that one is the state now.
+        state = self.namespace.get("state")
+        if not isinstance(state, dict):
+            raise StateError(f"state must be a dict of JSON values, not {type(state).__name__}")
+        return state
 
     # finishing -----------------------------------------------------------------------------
 
     def final_answer(self, value: Any) -> Any:
-        """FINAL(x): end the run with `x` as the answer."""
+        """FINAL(x): end the run with `x` as the answer; returns `x`."""
         self.final = {"value": _text(value), "source": "FINAL"}
         return value
 
     def final_var(self, name_or_value: Any) -> Any:
-        """FINAL_VAR(name): end the run with the variable `name` (or a value) as the answer."""
+        """FINAL_VAR("name"): end the run with the variable `name` as the answer; returns it.
+
+        A str is always a name: one that names no variable raises NameError, and nothing
+        becomes the answer. Any other value is the answer itself.
+        """
         if isinstance(name_or_value, str):
-            name = name_or_value.strip().strip("'\"")
-            if name in self.namespace and name not in self._reserved:
-                value = self.namespace[name]
-                self.final = {"value": _text(value), "source": "FINAL_VAR", "name": name}
-                return value
-            if name.isidentifier():
-                raise NameError(f"FINAL_VAR: no variable named {name!r}; define it first")
+            name = name_or_value.strip()
+            if not is_user_name(name) or name not in self.namespace:
+                raise NameError(
+                    f"FINAL_VAR: no variable named {name!r}; assign the answer to a variable "
+                    "and pass its name, or use FINAL(value)"
+                )
+            value = self.namespace[name]
+            self.final = {"value": _text(value), "source": "FINAL_VAR", "name": name}
+            return value
         self.final = {"value": _text(name_or_value), "source": "FINAL_VAR"}
+        for name, value in self.namespace.items():
+            if value is name_or_value and is_user_name(name):
+                self.final["name"] = name
+                break
         return name_or_value
 
+    def variables(self) -> list[dict[str, Any]]:
+        """The model's variables (modules left out): name, type, size and a short preview."""
+        return [
+            {
+                "name": name,
+                "type": type(value).__name__,
+                "size": len(value) if isinstance(value, _SIZED) else None,
+                "preview": _preview.repr(value)[:200],
+            }
+            for name, value in list(self.namespace.items())
+            if is_user_name(name) and not isinstance(value, types.ModuleType)
+        ]
+
     def show_vars(self) -> str:
-        """The user's variables with their types (and sizes where they have one)."""
-        lines = []
-        for name, value in self.namespace.items():
-            if name.startswith("_") or name in self._reserved - {"context", "state", "answer"}:
-                continue
-            if callable(value) and getattr(value, "__module__", None) == __name__:
-                continue
-            size = f", len={len(value)}" if hasattr(value, "__len__") else ""
-            lines.append(f"{name}: {type(value).__name__}{size}")
-        return "\n".join(lines) if lines else "(no variables)"
+        """SHOW_VARS(): one line per variable, `name: type = preview`."""
+        lines = [f"{v['name']}: {v['type']} = {v['preview']}" for v in self.variables()]
+        return _Listing("\n".join(lines) if lines else "(no variables)")
 
     def take_final(self) -> dict[str, Any] | None:
-        """FINAL/FINAL_VAR if called, else the `answer` dict once ready, else None."""
+        """FINAL/FINAL_VAR of the last execution, else the `answer` dict once ready, else None."""
         if self.final is not None:
             return self.final
         answer = self.namespace.get("answer")
-        if isinstance(answer, dict) and answer.get("ready"):
-            self.final = {"value": _text(answer.get("content", "")), "source": "answer"}
-        return self.final
+        if isinstance(answer, dict) and answer.get("ready") is True:
+            return {"value": _text(answer.get("content", "")), "source": "answer"}
+        return None
 
     # running code --------------------------------------------------------------------------
 
@@ -505,51 +606,59 @@ class Repl:
         """Bind `context` (str, list of str, or dict) without passing it through code."""
         self.namespace["context"] = value
 
+    def set_state(self, state: Any) -> None:
+        """Replace `state` (a dict of JSON values within the bound; else StateError)."""
+        self._last_good_state = check_state(state, self.state_max_bytes)
+        self.namespace["state"] = _json_copy(self._last_good_state)
+
     def snapshot_state(self) -> dict[str, Any]:
         """A JSON copy of `state`; the last valid one if the code left it invalid."""
         with contextlib.suppress(StateError):
             self._last_good_state = check_state(self._live_state(), self.state_max_bytes)
-        return dict(self._last_good_state)
+        return _json_copy(self._last_good_state)
 
-    def execute(self, code: str, timeout_s: float | None = None) -> dict[str, Any]:
+    def execute(
+        self, code: str, timeout_s: float | None = None, *, output_max_bytes: int | None = None
+    ) -> dict[str, Any]:
         """Run `code` in the namespace; the fields of `rlm_wire.runtime_models.ExecutionResult`.
 
-        Output is captured for this thread only (other threads print normally) and capped.
-        The timeout raises KeyboardInterrupt inside the code from a timer: it stops Python
-        loops but not a blocking C call, which is interrupted only when that call returns.
+        Like a REPL, the value of a last bare expression is printed (its repr, unless None).
+        Output is captured for this thread only (other threads print normally) and capped at
+        `output_max_bytes` (UTF-8) per stream. The timeout raises KeyboardInterrupt inside the
+        code from a timer: it stops Python loops but not a blocking C call, which is
+        interrupted only when that call returns. Any other KeyboardInterrupt of the code is
+        reported as its error (a sandbox host interrupts that way).
         """
-        out, err = _CappedBuffer(self.output_max_chars), _CappedBuffer(self.output_max_chars)
+        limit = output_max_bytes if output_max_bytes is not None else self.output_max_bytes
+        out, err = _CappedText(limit), _CappedText(limit)
         with self._sub_calls_lock:
             self._sub_calls = []
+        self.final = None
+        self.cells += 1
+        filename = f"{CELL_PREFIX}{self.cells}>"
         error: dict[str, Any] | None = None
         timer = _Timer()
         started = time.perf_counter()
         try:
             with _captured(out, err), _interrupt_after(timeout_s, timer):
                 try:
-                    exec(compile(code, "<repl>", "exec"), self.namespace)  # noqa: S102
-                except KeyboardInterrupt:
-                    raise
+                    self._run_cell(code, filename)
                 except BaseException as exc:  # noqa: BLE001 - the model's errors are its output
-                    error = {
-                        "type": type(exc).__name__,
-                        "message": str(exc),
-                        "traceback": _model_traceback(exc),
-                    }
+                    error = describe_error(exc)
         except KeyboardInterrupt:
             if not timer.fired:
                 raise
+            error = {"type": "KeyboardInterrupt", "message": "", "traceback": None}
+        if timer.fired and error is not None and error["type"] == "KeyboardInterrupt":
             error = {
                 "type": "TimeoutError",
                 "message": f"execution exceeded {timeout_s} s and was interrupted",
                 "traceback": None,
             }
-        state = self.snapshot_state()
-        if error is None:
-            try:
-                check_state(self.state, self.state_max_bytes)
-            except StateError as exc:
-                error = {"type": "StateError", "message": str(exc), "traceback": None}
+        try:
+            self._last_good_state = check_state(self._live_state(), self.state_max_bytes)
+        except StateError as exc:
+            error = error or {"type": "StateError", "message": str(exc), "traceback": None}
         return {
             "stdout": out.getvalue(),
             "stderr": err.getvalue(),
@@ -557,15 +666,46 @@ class Repl:
             "final": self.take_final(),
             "duration_ms": (time.perf_counter() - started) * 1000,
             "memory_bytes": 0,
-            "state": state,
+            "state": _json_copy(self._last_good_state),
             "sub_calls": self._take_sub_calls(),
         }
+
+    def _run_cell(self, code: str, filename: str) -> None:
+        remember_source(filename, code)
+        tree = ast.parse(code, filename, "exec")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if tree.body:
+            exec(compile(tree, filename, "exec"), self.namespace)  # noqa: S102 - the point
+        if isinstance(last, ast.Expr):
+            expression = compile(ast.Expression(last.value), filename, "eval")
+            value = eval(expression, self.namespace)  # noqa: S307 - the cell's last expression
+            if value is not None:
+                print(repr(value))
 
     def _take_sub_calls(self) -> list[dict[str, Any]]:
         """The answered sub-calls of the execution that just ran, for the host's accounting."""
         with self._sub_calls_lock:
             taken, self._sub_calls = self._sub_calls, []
         return taken
+
+
+def _response(result: Mapping[str, Any]) -> str | None:
+    response = result.get("response")
+    return response if result.get("status") == "done" and isinstance(response, str) else None
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    if isinstance(prompts, list | tuple):
+        return list(prompts)
+    raise TypeError("prompts must be a list of prompts")
+
+
+def _is_message(message: Any) -> bool:
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
 
 
 def build_namespace(
@@ -575,12 +715,13 @@ def build_namespace(
     depth: int | None = None,
     max_depth: int | None = None,
     state: Mapping[str, Any] | None = None,
+    output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES,
 ) -> dict[str, Any]:
     """Globals for `exec` holding the REPL functions; the `Repl` is under `__rlm_repl__`.
 
     Without a transport, one is built from RLM_BROKER_URL and RLM_SESSION_TOKEN (optional:
     RLM_BROKER_WAIT_S, RLM_CALL_TIMEOUT_S, RLM_BROKER_RETRIES), and the depth from RLM_DEPTH /
-    RLM_MAX_DEPTH.
+    RLM_MAX_DEPTH (default 0 and 1: rlm_query refused).
     """
     environ = os.environ
     if transport is None:
@@ -599,41 +740,99 @@ def build_namespace(
         depth=depth if depth is not None else int(environ.get("RLM_DEPTH", "0")),
         max_depth=max_depth if max_depth is not None else int(environ.get("RLM_MAX_DEPTH", "1")),
         state=state,
+        output_max_bytes=output_max_bytes,
     )
     repl.load_context(context)
     return repl.namespace
+
+
+# --- reporting errors --------------------------------------------------------------------
+
+
+def remember_source(filename: str, source: str) -> None:
+    """Make `source` visible to tracebacks and `inspect` under its pseudo file name."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """The `ExecutionError` fields (type, message, traceback) of an error of model code.
+
+    The traceback starts at the cell and leaves out this module's frames (the REPL functions
+    are not the model's code); the REPL's own errors show without their module name.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    first = next((i for i, f in enumerate(frames) if f.filename.startswith(CELL_PREFIX)), None)
+    shown = [] if first is None else [f for f in frames[first:] if f.filename != __file__]
+    lines = traceback.format_exception_only(type(exc), exc)
+    lines[-1] = lines[-1].removeprefix(f"{__name__}.")
+    if shown:
+        lines = ["Traceback (most recent call last):\n", *traceback.format_list(shown), *lines]
+    text = "".join(lines)
+    if len(text) > MAX_TRACEBACK_CHARS:
+        half = MAX_TRACEBACK_CHARS // 2
+        text = f"{text[:half]}\n[...]\n{text[-half:]}"
+    return {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": text}
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)[:MAX_MESSAGE_CHARS]
+    except Exception:  # noqa: BLE001 - a model's __str__ may raise anything; the type suffices
+        return f"<unprintable {type(exc).__name__}>"
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _model_traceback(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<repl>"]
-    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
-    return "Traceback (most recent call last):\n" + "".join(lines)
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    copy: dict[str, Any] = json.loads(json.dumps(value))
+    return copy
 
 
 # --- output capture and timeouts ---------------------------------------------------------
 
 
-class _CappedBuffer(io.StringIO):
+class _CappedText(io.TextIOBase):
+    """Keeps the first `limit` bytes (UTF-8) written to it and counts the rest."""
+
     def __init__(self, limit: int) -> None:
         super().__init__()
-        self.limit, self.size, self.truncated = limit, 0, False
+        self._limit, self._kept, self.dropped = limit, 0, 0
+        self._parts: list[str] = []
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, text: str) -> int:
-        if self.truncated:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        room = self._limit - self._kept
+        if room <= 0:
+            # Counting characters, not bytes, keeps a flood cheap; the marker says "about".
+            self.dropped += len(text)
             return len(text)
-        room = self.limit - self.size
-        if len(text) > room:
-            super().write(text[: max(room, 0)])
-            super().write(_TRUNCATED)
-            self.truncated = True
+        data = text.encode("utf-8", "replace")
+        if len(data) <= room:
+            self._parts.append(text)
+            self._kept += len(data)
         else:
-            super().write(text)
-        self.size += len(text)
+            self._parts.append(data[:room].decode("utf-8", "ignore"))
+            self._kept = self._limit
+            self.dropped += len(data) - room
         return len(text)
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self.dropped:
+            text += f"\n[output truncated: about {self.dropped} more bytes dropped]\n"
+        return text
+
+
+class _Stream(Protocol):
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class _ThreadRouter(io.TextIOBase):
@@ -641,12 +840,16 @@ class _ThreadRouter(io.TextIOBase):
 
     local = threading.local()
 
-    def __init__(self, which: str, fallback: TextIO) -> None:
+    def __init__(self, which: str, fallback: _Stream) -> None:
         self.which, self.fallback = which, fallback
 
-    def _target(self) -> TextIO:
-        target: TextIO | None = getattr(self.local, self.which, None)
+    def _target(self) -> _Stream:
+        target: _Stream | None = getattr(self.local, self.which, None)
         return target if target is not None else self.fallback
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
 
     def write(self, text: str) -> int:
         return self._target().write(text)
@@ -662,7 +865,7 @@ _install_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _captured(out: TextIO, err: TextIO) -> Iterator[None]:
+def _captured(out: _Stream, err: _Stream) -> Iterator[None]:
     with _install_lock:
         for which in ("stdout", "stderr"):
             current = getattr(sys, which)
@@ -726,15 +929,18 @@ def _load_json_or_text(path: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python exec_script.py FILE | -c CODE [--context F] [--state F] [--result F]`."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    """`python rlm_repl.py FILE | -c CODE [--context F] [--state F] [--result F]`."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="Python file to run")
     source.add_argument("-c", dest="code", help="Python code to run")
     parser.add_argument("--context", help="file loaded as `context` (.json parsed, else text)")
     parser.add_argument("--state", help="JSON file: the initial `state` dict")
-    parser.add_argument("--result", help="write {error, final, state} here as JSON")
+    parser.add_argument("--result", help="write {stdout, stderr, error, final, state} as JSON")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per execution")
+    parser.add_argument(
+        "--output-bytes", type=int, default=DEFAULT_OUTPUT_MAX_BYTES, help="cap per stream"
+    )
     args = parser.parse_args(argv)
     code = args.code
     if code is None:
@@ -742,21 +948,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = handle.read()
     state = _load_json_or_text(args.state) if args.state else None
     namespace = build_namespace(
-        context=_load_json_or_text(args.context) if args.context else None, state=state
+        context=_load_json_or_text(args.context) if args.context else None,
+        state=state,
+        output_max_bytes=args.output_bytes,
     )
     repl: Repl = namespace["__rlm_repl__"]
     outcome = repl.execute(code, timeout_s=args.timeout)
     sys.stdout.write(outcome["stdout"])
     sys.stderr.write(outcome["stderr"])
-    if outcome["error"] is not None and outcome["error"]["traceback"]:
-        sys.stderr.write(outcome["error"]["traceback"])
-    elif outcome["error"] is not None:
-        sys.stderr.write(f"{outcome['error']['type']}: {outcome['error']['message']}\n")
+    error = outcome["error"]
+    if error is not None:
+        sys.stderr.write(error["traceback"] or f"{error['type']}: {error['message']}\n")
     if args.result:
-        keep = {k: outcome[k] for k in ("error", "final", "state")}
+        keep = {k: outcome[k] for k in ("stdout", "stderr", "error", "final", "state")}
         with open(args.result, "w", encoding="utf-8") as handle:
             json.dump(keep, handle)
-    return 1 if outcome["error"] is not None else 0
+    return 1 if error is not None else 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 HOST = "127.0.0.1"
 ADMIN = "bench-admin-token"
 RUNTIME_TOKEN = "bench-runtime-token"
-EXEC_SCRIPT = Path(__file__).resolve().parents[1] / "sandbox_runtime" / "exec_script.py"
+EXEC_SCRIPT = Path(__file__).resolve().parents[1] / "rlm_repl.py"
 GIB = 2**30
 
 # Code that times `n` sequential llm_query calls from inside the sandbox and prints the mean.

@@ -90,7 +90,7 @@ async def test_errors_output_caps_and_finals_are_reported(broker_server: BrokerS
         failed = await env.execute("x = 1\nraise ValueError('bad')")
         assert failed.error is not None
         assert failed.error.type == "ValueError"
-        assert 'File "<repl>", line 2' in (failed.error.traceback or "")
+        assert 'File "<cell-1>", line 2' in (failed.error.traceback or "")
         flood = await env.execute("print('y' * 100_000)")
         assert len(flood.stdout) < 2200
         assert "output truncated" in flood.stdout

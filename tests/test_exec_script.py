@@ -121,7 +121,7 @@ async def test_plain_cpython_process_calls_the_broker(
     assert lines[2] == str([f"echo:{x}:d1:llm" for x in "abc"])
     assert lines[3] == "echo:child:d1:rlm"
     assert lines[4] == str(["child", "mine", "seen"])
-    assert lines[5] == "raised LLMCallError llm_error"
+    assert lines[5] == "raised LLMQueryError llm_error"
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["final"] == {"value": "1234", "source": "FINAL_VAR", "name": "total"}
     assert result["state"]["seen"] == {"mine": 1}
@@ -159,14 +159,15 @@ async def test_a_failed_prompt_in_a_batch_raises_with_the_other_answers(
 try:
     llm_query_batched(["ok", "fail now", "ok2"])
 except LLMQueryError as exc:
-    print(type(exc).__name__, exc.index, exc.results)
+    print(type(exc).__name__, exc.code, exc.index, exc.partial)
 """
     async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, sess):
         env = {"RLM_BROKER_URL": broker_server.url, "RLM_SESSION_TOKEN": sess.token}
         async with poller(tenant.client):
             done = await run_script(["-c", code], env, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "LLMBatchError None ['echo:ok:d1:llm', None, 'echo:ok2:d1:llm']"
+    expected = "LLMQueryError llm_error 1 ['echo:ok:d1:llm', None, 'echo:ok2:d1:llm']"
+    assert done.stdout.strip() == expected
 
 
 async def test_a_bad_token_raises_a_broker_response_error(
@@ -222,4 +223,5 @@ def test_the_script_reports_errors_with_the_model_traceback(tmp_path: Path) -> N
     )  # fmt: skip
     assert done.returncode == 1
     assert "ZeroDivisionError" in done.stderr
-    assert 'File "<repl>", line 2' in done.stderr
+    assert 'File "<cell-1>", line 2' in done.stderr
+    assert "1 / 0" in done.stderr  # the cell's source line

@@ -1,8 +1,8 @@
 """The "local" environment: model code runs in the host process. Trusted code only.
 
-For development and benchmarks. The code gets the same REPL functions as in a sandbox (the
-exec script's `Repl`, calling the broker over HTTP with the session token), but nothing
-stands between it and the host: its files, its environment, its API keys.
+For development and benchmarks. The code gets the same REPL as in a sandbox (`rlm_repl.Repl`,
+the one every environment runs, calling the broker over HTTP with the session token), but
+nothing stands between it and the host: its files, its environment, its API keys.
 
 Each environment runs its code on its own thread, so that sub-RLMs executing at the same
 time in one process (the poller runs them) never wait for a shared thread pool. Output is
@@ -22,10 +22,8 @@ from pydantic import JsonValue
 from host_poller.environments.base import Environment, EnvironmentSpec, register_environment
 from host_poller.environments.errors import EnvironmentStateError
 from host_poller.settings import HostSettings
-from rlm_repl import HttpTransport, Repl
+from rlm_repl import DEFAULT_OUTPUT_MAX_BYTES, HttpTransport, Repl
 from rlm_wire.runtime_models import ExecutionResult
-
-_DEFAULT_OUTPUT_CHARS = 1_000_000
 
 
 class LocalEnvironment(Environment):
@@ -55,7 +53,7 @@ class LocalEnvironment(Environment):
             max_depth=spec.max_depth,
             state=spec.state,
             state_max_bytes=self._settings.state_max_bytes,
-            output_max_chars=spec.limits.output_bytes or _DEFAULT_OUTPUT_CHARS,
+            output_max_bytes=spec.limits.output_bytes or DEFAULT_OUTPUT_MAX_BYTES,
         )
         if spec.limits.timeout_s is not None:
             self._default_timeout_s = spec.limits.timeout_s

@@ -29,10 +29,13 @@ parallel; answers come back in prompt order. Much faster than a loop of llm_quer
 - `rlm_query(prompt, model=None) -> str` and `rlm_query_batched(prompts)`: like llm_query, \
 but answered by a recursive RLM with its own REPL{rlm_note}.
 - `state`: a dict of JSON values shared with your sub-RLMs: they start from it, and what \
-they change is merged back when they return.
+they change is merged back when they return (a value that is not JSON raises StateError).
 - `SHOW_VARS()`: lists the variables you have defined.
-- `print(...)`: you see the output of your code, cut to {output_chars} characters.
-A failed llm_query raises LLMQueryError (it never returns an error text).
+- `print(...)`: you see the output of your code, cut to {output_chars} characters. As in a \
+Python REPL, the value of a bare expression on the last line of a block is printed too.
+A failed call raises LLMQueryError (it never returns an error text), with `code` and \
+`message`; for a batched call also `index` (the first failed prompt) and `partial` (the \
+answers in prompt order, None where a prompt failed).
 Variables persist between code blocks.
 
 Write code in ```repl blocks, one or more per reply; you get their output back. Look at \
@@ -40,7 +43,8 @@ the context before answering, split it into chunks, use the sub-LLMs, and build 
 answer in variables.
 
 When you are done, give the final answer in one of these ways:
-- call `FINAL(answer)` or `FINAL_VAR("variable_name")` in a ```repl block,
+- call `FINAL(answer)` or `FINAL_VAR("variable_name")` in a ```repl block (FINAL_VAR takes \
+the name of a variable you defined; any other name raises NameError),
 - or set `answer["content"] = ...` and `answer["ready"] = True` in a ```repl block,
 - or write FINAL(your answer) or FINAL_VAR(variable_name) on its own line, outside code.
 Do not finish before you have actually looked at the context."""
@@ -72,7 +76,11 @@ def system_prompt(
     context: str | list[str] | dict[str, Any], *, depth: int, max_depth: int, output_chars: int
 ) -> str:
     recursive = depth + 1 < max_depth
-    rlm_note = "" if recursive else " (at this depth it is a plain llm_query)"
+    rlm_note = (
+        ""
+        if recursive
+        else '. Not at this depth: here they raise LLMQueryError (code "max_depth"); use llm_query'
+    )
     return _SYSTEM.format(
         depth=depth,
         context_info=describe_context(context),

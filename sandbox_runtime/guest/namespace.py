@@ -14,15 +14,16 @@ import pickle
 import types
 from typing import Any
 
-from .cells import remember_source
-from .session import Session, is_user_name
+import rlm_repl
+
+from .session import Session
 
 FORMAT_VERSION = 1
 
 
 def _is_cell_definition(value: object) -> bool:
     if isinstance(value, types.FunctionType):
-        return value.__code__.co_filename.startswith(("<cell-", "<restored-"))
+        return value.__code__.co_filename.startswith((rlm_repl.CELL_PREFIX, "<restored-"))
     return isinstance(value, type) and value.__module__ == "__main__"
 
 
@@ -32,7 +33,7 @@ def dump(session: Session) -> tuple[bytes, list[str]]:
     definitions: list[tuple[str, str]] = []
     candidates: dict[str, Any] = {}
     for name, value in list(session.ns.items()):
-        if not is_user_name(name):
+        if not rlm_repl.is_user_name(name):
             continue
         if isinstance(value, types.ModuleType):
             modules[name] = value.__name__
@@ -49,7 +50,7 @@ def dump(session: Session) -> tuple[bytes, list[str]]:
             "definitions": definitions,
             "data": data,
             "skipped": skipped,
-            "cells": session.cells,
+            "cells": session.repl.cells,
         },
         protocol=pickle.HIGHEST_PROTOCOL,
     )
@@ -79,9 +80,9 @@ def load(session: Session, blob: bytes) -> list[str]:
     outer = pickle.loads(blob)  # noqa: S301 -- unpickled inside the sandbox, never in the supervisor
     if not isinstance(outer, dict) or outer.get("version") != FORMAT_VERSION:
         raise ValueError("not a namespace snapshot of this format version")
-    session.reset_namespace()
+    session.repl.reset()
     session.definitions.clear()
-    session.cells = int(outer.get("cells", 0))
+    session.repl.cells = int(outer.get("cells", 0))
     failed: list[str] = list(outer.get("skipped", []))
     for name, module_name in outer["modules"].items():
         try:
@@ -92,7 +93,8 @@ def load(session: Session, blob: bytes) -> list[str]:
     session.ns.update(pickle.loads(outer["data"]))  # noqa: S301 -- see above
     # Definitions whose bodies needed restored data (e.g. a class attribute) get a second try.
     failed.extend(name for name, _ in _define(session, pending))
-    session.install_api()
+    session.repl.bind_functions()
+    session.repl.snapshot_state()  # the restored `state` is the last valid one from now on
     return failed
 
 
@@ -100,7 +102,7 @@ def _define(session: Session, definitions: list[tuple[str, str]]) -> list[tuple[
     pending: list[tuple[str, str]] = []
     for name, source in definitions:
         filename = f"<restored-{name}>"
-        remember_source(filename, source)
+        rlm_repl.remember_source(filename, source)
         try:
             exec(compile(source, filename, "exec"), session.ns)  # noqa: S102 -- the user's own code
         except Exception:  # noqa: BLE001 -- retried after the data is back, then reported

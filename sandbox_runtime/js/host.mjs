@@ -3,10 +3,10 @@
 // (stdio can turn non-blocking and break synchronous reads). A frame is two big-endian u32
 // (header length, payload length), a JSON header and raw payload bytes.
 //
-// Argument: one JSON object {pyodide_dir, guest_dir, snapshot_path, make_snapshot, fd_in,
-// fd_out, fd_int, state_bytes}. Permissions come from the command line; this script needs
-// read access to the Pyodide and guest directories, the snapshot file and the pipes, and write
-// access to the output pipe only.
+// Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
+// fd_in, fd_out, fd_int, state_bytes}. Permissions come from the command line; this script
+// needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
+// the pipes, and write access to the output pipe only.
 
 const config = JSON.parse(Deno.args[0]);
 const input = Deno.openSync(`/dev/fd/${config.fd_in}`, { read: true });
@@ -61,6 +61,8 @@ function writeFrame(header, payload) {
   if (!small) writeAll(body);
 }
 
+// The guest package at /rlm/rlm_guest, and beside it the REPL every environment runs
+// (rlm_repl.py, the supervisor's own copy), which the guest imports as `rlm_repl`.
 function loadGuest(pyodide) {
   const target = "/rlm/rlm_guest";
   pyodide.FS.mkdirTree(target);
@@ -69,6 +71,7 @@ function loadGuest(pyodide) {
       pyodide.FS.writeFile(`${target}/${entry.name}`, Deno.readFileSync(`${config.guest_dir}/${entry.name}`));
     }
   }
+  pyodide.FS.writeFile("/rlm/rlm_repl.py", Deno.readFileSync(config.repl_path));
   pyodide.runPython("import sys\nif '/rlm' not in sys.path: sys.path.insert(0, '/rlm')\nimport rlm_guest.runtime");
 }
 

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import rlm_repl
+
 from ..errors import SandboxStartError
 from .settings import WorkerSettings
 
@@ -23,6 +25,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 JS_DIR = PACKAGE_DIR / "js"
 GUEST_DIR = PACKAGE_DIR / "guest"
 HOST_SCRIPT = JS_DIR / "host.mjs"
+#: The REPL model code sees, the one file every environment runs; the guest imports it.
+REPL_SCRIPT = Path(rlm_repl.__file__).resolve()
 WASM_PAGE = 65536
 PIPE_STREAM_LIMIT = 2**20
 
@@ -85,13 +89,14 @@ def deno_argv(
     make_snapshot: bool,
 ) -> list[str]:
     """The full command line: read access to Pyodide, our scripts and pipes; nothing else."""
-    readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), f"/dev/fd/{fd_in}"]
-    readable.append(f"/dev/fd/{fd_int}")
+    readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
+    readable += [f"/dev/fd/{fd_in}", f"/dev/fd/{fd_int}"]
     if snapshot_path is not None:
         readable.append(str(snapshot_path))
     config = {
         "pyodide_dir": str(settings.pyodide_dir),
         "guest_dir": str(GUEST_DIR),
+        "repl_path": str(REPL_SCRIPT),
         "snapshot_path": str(snapshot_path) if snapshot_path else None,
         "make_snapshot": make_snapshot,
         "fd_in": fd_in,
