@@ -8,7 +8,7 @@ this same file and gives it a pipe to its supervisor (`sandbox_runtime/guest`).
 
 As a script, in any CPython sandbox (container, Modal, E2B, Daytona):
 
-    RLM_BROKER_URL=http://broker:8080 RLM_SESSION_TOKEN=... python rlm_repl.py code.py
+    RLM_BROKER_URL=http://broker:8000 RLM_SESSION_TOKEN=... python rlm_repl.py code.py
     python -I -S rlm_repl.py -c 'print(llm_query("hi"))' --context ctx.txt --result out.json
 
 As a module: `Repl(transport, ...)` runs code with captured, capped output and reports

@@ -17,7 +17,7 @@ import uvicorn
 from broker.app import create_app
 from broker.redis_server import RedisServer
 from broker.settings import BrokerSettings
-from rlm_wire.serving import uvicorn_config
+from rlm_wire.serving import listen_socket, uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,12 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(settings: BrokerSettings, host: str, port: int) -> None:
-    """Run the broker until SIGINT/SIGTERM."""
+    """Run the broker until SIGINT/SIGTERM.
+
+    The port is bound first: a port in use raises `rlm_wire.serving.PortInUseError` before
+    an embedded Redis is started.
+    """
+    sock = listen_socket(host, port, name="broker")
     if settings.admin_token is None:
         logger.warning("RLM_ADMIN_TOKEN is unset: POST /tenants and admin draining are disabled")
     # uvicorn shuts down gracefully on these signals, then raises the signal again once its
@@ -53,4 +58,4 @@ def serve(settings: BrokerSettings, host: str, port: int) -> None:
         config = uvicorn_config(
             create_app(ready), host, port, graceful_shutdown_s=GRACEFUL_SHUTDOWN_S
         )
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])

@@ -5,12 +5,20 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rlm_wire.serving import BROKER_PORT
+
 
 class BrokerSettings(BaseSettings):
     """Every knob of the broker; each field's environment variable is `RLM_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
 
+    broker_port: int = Field(
+        BROKER_PORT,
+        ge=0,
+        le=65535,
+        description="Port `rlm broker` and `rlm up` serve the broker on (0: any free one).",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis to use. Unset: `rlm broker` starts an embedded server on a free port.",

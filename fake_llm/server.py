@@ -6,15 +6,30 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fake_llm.app import FakeLLMState, create_app
 from fake_llm.scenario import Scenario, load_scenario
-from rlm_wire.serving import LoopServer, ThreadedServer, uvicorn_config
+from rlm_wire.serving import FAKE_LLM_PORT, LoopServer, ThreadedServer, uvicorn_config
 
 #: Delayed replies end early when their client disconnects; this bounds the rest.
 _GRACEFUL_SHUTDOWN_S = 2
 #: Clients under test may pause between requests; keep their connections.
 _KEEP_ALIVE_S = 30
+
+
+class FakeLLMSettings(BaseSettings):
+    """Where `rlm fake-llm` and `rlm up` serve the scripted LLM; prefix RLM_FAKE_LLM_."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_FAKE_LLM_", frozen=True, extra="ignore")
+
+    port: int = Field(
+        FAKE_LLM_PORT,
+        ge=0,
+        le=65535,
+        description="Port of the scripted LLM of `rlm fake-llm` and `rlm up` (0: any free one).",
+    )
 
 
 def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
@@ -47,7 +62,7 @@ class FakeLLMServer(ThreadedServer):
         self.app = create_app(self.scenario, self.state)
         super().__init__(
             _uvicorn_config(self.app, host, port, "warning"),
-            name=f"fake-llm-{self.scenario.name}",
+            name="fake-llm",
             start_timeout_s=10.0,
             stop_timeout_s=10.0,
         )
@@ -72,7 +87,9 @@ async def serve_forever(
 ) -> None:
     """Serve in the current event loop until SIGINT/SIGTERM; `on_ready(base_url)` once bound."""
     app = create_app(_as_scenario(scenario))
-    server = LoopServer(_uvicorn_config(app, host, port, log_level), handle_signals=True)
+    server = LoopServer(
+        _uvicorn_config(app, host, port, log_level), name="fake-llm", handle_signals=True
+    )
     await server.start()
     if on_ready is not None:
         on_ready(f"{server.url}/v1")

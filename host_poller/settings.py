@@ -6,10 +6,23 @@ LLM profiles live in `host_poller.llm.LLMSettings` and the poller's knobs in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_trajectory_dir() -> Path:
+    """`$XDG_DATA_HOME/rlm-broker/trajectories`, else `~/.local/share/rlm-broker/trajectories`.
+
+    Absolute, so a process started in a directory it cannot write (an image's /app) still
+    writes its trajectories; `XDG_DATA_HOME` counts only when absolute, as the spec says.
+    """
+    data_home = Path(os.environ.get("XDG_DATA_HOME", ""))
+    if not data_home.is_absolute():
+        data_home = Path.home() / ".local" / "share"
+    return data_home / "rlm-broker" / "trajectories"
 
 
 class HostSettings(BaseSettings):
@@ -19,8 +32,9 @@ class HostSettings(BaseSettings):
 
     broker_url: str | None = Field(
         None,
-        description="Base URL of the broker (RLM_BROKER_URL). Unset: `rlm ask` starts an "
-        "embedded stack (Redis, broker, poller) in-process.",
+        description="Base URL of the broker (RLM_BROKER_URL). Unset: `rlm ask` uses the stack "
+        "of a running `rlm up` (its RLM_STACK_ENV_FILE), else starts an embedded stack (Redis, "
+        "broker, poller) in-process.",
     )
     tenant_token: SecretStr | None = Field(
         None, description="Tenant token the RLM creates its broker sessions with."
@@ -35,7 +49,9 @@ class HostSettings(BaseSettings):
         None, description="Bearer token of the sandbox runtime."
     )
     trajectory_dir: Path = Field(
-        Path(".rlm/trajectories"), description="Directory of the JSONL trajectory of each run."
+        default_factory=_default_trajectory_dir,
+        description="Directory of the JSONL trajectory of each run (default: under "
+        "$XDG_DATA_HOME, else ~/.local/share).",
     )
     max_depth: int = Field(
         1, ge=0, le=16, description="Recursion depth: 1 = sub-calls are plain LLM calls."

@@ -12,16 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import SecretStr
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.text import Text
 
+from host_poller.llm.profiles import LLMSettings
 from host_poller.llm.types import LLMClient
 from host_poller.rlm.api import RLM, RunHooks
 from host_poller.rlm.budget import Budget, RunBudgets
 from host_poller.rlm.errors import RLMError
 from host_poller.rlm.types import RLMResult
 from host_poller.settings import HostSettings
+from rlm_cli.checks import check_llm_keys, sandbox_worker_settings
+from rlm_cli.env_file import RunningStack, running_stack
+from rlm_cli.logs import logs_written_to
+from rlm_cli.settings import cli_settings, load_settings
 
 
 @dataclass
@@ -70,33 +77,121 @@ class Progress:
 
 
 def load_context(path: Path | None) -> Any:
-    """A .json file is parsed (str, list of str, or dict); anything else is read as text."""
+    """A .json file is parsed (str, list of str, or dict); anything else is read as UTF-8 text.
+
+    A file that is not UTF-8 (or not JSON, for .json) is a one-line `click.ClickException`.
+    """
     if path is None:
         return ""
-    text = path.read_text(encoding="utf-8")
-    return json.loads(text) if path.suffix == ".json" else text
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(
+            f"context file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}): convert it first, e.g. iconv -f LATIN1 -t UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot read context file {path}: {exc.strerror}") from exc
+    if path.suffix != ".json":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"context file {path} is not valid JSON: {exc}") from exc
 
 
 @contextlib.asynccontextmanager
 async def _runner(
-    settings: HostSettings, scenario: str, console: Console, budgets: RunBudgets
+    settings: HostSettings,
+    llm_settings: LLMSettings,
+    *,
+    env_file: Path,
+    scenario: str,
+    console: Console,
+    budgets: RunBudgets,
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
-    """Settings pointing at a broker with a poller: the configured one, else an embedded stack."""
-    from host_poller.llm.profiles import LLMSettings
-
+    """Settings pointing at a broker with a poller: RLM_BROKER_URL's, else the stack of a
+    running `rlm up` (its env file), else an embedded stack started for this run."""
     if settings.broker_url is not None:
-        if not LLMSettings().is_configured:
-            raise click.UsageError(
+        if not llm_settings.is_configured:
+            raise click.ClickException(
                 "RLM_BROKER_URL is set but no LLM profile is configured (RLM_LLM_PROFILES); "
-                "unset RLM_BROKER_URL to run on an embedded stack with the scripted LLM"
+                "unset RLM_BROKER_URL to run on a local stack with the scripted LLM"
             )
+        console.print(f"using the broker at {settings.broker_url} (RLM_BROKER_URL)", style="dim")
         yield settings, None
         return
+    running = await running_stack(env_file)
+    if running is not None:
+        async with _on_running_stack(running, settings, llm_settings, console) as pair:
+            yield pair
+        return
+    async with _on_embedded_stack(settings, scenario, console, budgets, llm_settings) as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def _on_running_stack(
+    stack: RunningStack, settings: HostSettings, llm_settings: LLMSettings, console: Console
+) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
+    """`settings` pointed at the stack of `rlm up`; its scripted LLM unless one is configured."""
+    from host_poller.llm.client import build_client
+
+    found = stack.variables
+    updates: dict[str, Any] = {
+        "broker_url": stack.broker_url,
+        "tenant_token": SecretStr(found.get("RLM_TENANT_TOKEN", "")),
+    }
+    if settings.runtime_url is None and found.get("RLM_RUNTIME_URL"):
+        updates["runtime_url"] = found["RLM_RUNTIME_URL"]
+        updates["runtime_token"] = SecretStr(found.get("RLM_RUNTIME_TOKEN", ""))
+    run_settings = settings.model_copy(update=updates)
+    if run_settings.environment in ("pyodide", "remote") and run_settings.runtime_url is None:
+        raise click.ClickException(
+            f"the stack of `rlm up` at {stack.broker_url} runs no sandbox runtime, which the "
+            f"{run_settings.environment} environment needs: pass --environment local for "
+            "trusted code, or start `rlm up` with RLM_ENVIRONMENT=pyodide"
+        )
+    llm = llm_settings
+    if not llm.is_configured:
+        llm = load_settings(
+            LLMSettings,
+            llm_profiles=found.get("RLM_LLM_PROFILES"),
+            root_profile=found.get("RLM_ROOT_PROFILE"),
+            sub_profile=found.get("RLM_SUB_PROFILE"),
+        )
+        if not llm.is_configured:
+            raise click.ClickException(
+                f"the stack of `rlm up` at {stack.broker_url} names no LLM and none is "
+                "configured here: set RLM_LLM_PROFILES"
+            )
+    console.print(
+        f"using the stack of `rlm up` at {stack.broker_url} ({stack.env_file})", style="dim"
+    )
+    client = build_client(llm.root())
+    try:
+        yield run_settings, client
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _on_embedded_stack(
+    settings: HostSettings,
+    scenario: str,
+    console: Console,
+    budgets: RunBudgets,
+    llm_settings: LLMSettings,
+) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
+    """A stack in this process for this one run (the scripted LLM unless one is configured)."""
     from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
-    from rlm_cli.stack import LocalStack, StackConfig
+    from rlm_cli.stack import LocalStack, SandboxRuntimeComponent, StackConfig
 
     components = rlm_stack_components(settings, budgets=budgets)
-    async with LocalStack(StackConfig(scenario=scenario), components) as stack:
+    if any(isinstance(c, SandboxRuntimeComponent) for c in components):
+        sandbox_worker_settings()
+    config = StackConfig(scenario=scenario, llm_settings=llm_settings)
+    async with LocalStack(config, components) as stack:
         if stack.scripted_llm:
             console.print(
                 f"[yellow]no LLM provider configured: using the scripted LLM "
@@ -112,9 +207,11 @@ async def _runner(
 
 async def _ask(
     settings: HostSettings,
+    llm_settings: LLMSettings,
     context: Any,
     question: str,
     *,
+    env_file: Path,
     scenario: str,
     budget: Budget,
     console: Console,
@@ -122,7 +219,15 @@ async def _ask(
 ) -> RLMResult:
     budgets = RunBudgets()
     progress = Progress(max_iterations=settings.max_iterations, budgets=budgets)
-    async with _runner(settings, scenario, console, budgets) as (run_settings, client):
+    runner = _runner(
+        settings,
+        llm_settings,
+        env_file=env_file,
+        scenario=scenario,
+        console=console,
+        budgets=budgets,
+    )
+    async with runner as (run_settings, client):
         from host_poller.environments import registered_environments
 
         if run_settings.environment not in registered_environments():
@@ -138,7 +243,9 @@ async def _ask(
         )
         if not show_progress:
             return await rlm.acompletion(context, question)
-        with Live(progress.render(), console=console, refresh_per_second=8, transient=True) as live:
+        live = Live(progress.render(), console=console, refresh_per_second=8, transient=True)
+        # Log lines (warnings, on a terminal) print above the status line, not across it.
+        with live, logs_written_to(FileProxy(console, console.file)):
 
             def update(event: str, fields: dict[str, Any]) -> None:
                 progress.on_event(event, fields)
@@ -191,16 +298,24 @@ def ask(
         updates["max_depth"] = max_depth
     if max_iterations is not None:
         updates["max_iterations"] = max_iterations
-    settings = HostSettings().model_copy(update=updates)
+    settings = load_settings(HostSettings).model_copy(update=updates)
     budget = Budget(max_sub_calls=max_sub_calls, max_tokens=max_tokens, max_cost_usd=max_cost)
     chosen = scenario or ("depth2" if settings.max_depth >= 2 else "count_words")
-    console = Console(stderr=True)
+    # Bound to this stderr: during the run sys.stderr is rich's proxy, and the local
+    # environment's capture wraps it again; a console following sys.stderr would loop.
+    console = Console(file=sys.stderr)
+    context = load_context(context_path)
+    llm_settings = load_settings(LLMSettings)
+    if llm_settings.is_configured:
+        check_llm_keys(llm_settings)
     try:
         result = asyncio.run(
             _ask(
                 settings,
-                load_context(context_path),
+                llm_settings,
+                context,
                 question,
+                env_file=cli_settings().stack_env_file,
                 scenario=chosen,
                 budget=budget,
                 console=console,

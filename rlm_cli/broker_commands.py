@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import click
-from pydantic import ValidationError
 
 from broker.settings import BrokerSettings
+from rlm_cli.checks import listen_error
+from rlm_cli.settings import load_settings
 from rlm_wire.errors import WireError
+from rlm_wire.serving import BROKER_PORT, ListenError
 
 
 @click.command("broker")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to bind.")
-def broker_command(host: str, port: int) -> None:
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help=f"Port to bind [RLM_BROKER_PORT, {BROKER_PORT}]; 0 picks a free one.",
+)
+def broker_command(host: str, port: int | None) -> None:
     """Serve the broker (configuration: RLM_* variables, see docs/configuration.md).
 
     Without RLM_REDIS_URL it starts an embedded Redis on a free loopback port and stops it
@@ -20,11 +27,11 @@ def broker_command(host: str, port: int) -> None:
     """
     from broker.serve import serve
 
+    settings = load_settings(BrokerSettings, broker_port=port)
     try:
-        settings = BrokerSettings()
-    except ValidationError as exc:
-        raise click.UsageError(f"invalid configuration:\n{exc}") from exc
-    serve(settings, host, port)
+        serve(settings, host, settings.broker_port)
+    except ListenError as exc:
+        raise listen_error(exc, {"broker": "--port or RLM_BROKER_PORT"}) from exc
 
 
 @click.group("tenant")
@@ -35,7 +42,11 @@ def tenant_group() -> None:
 @tenant_group.command("create")
 @click.argument("name")
 @click.option(
-    "--broker-url", envvar="RLM_BROKER_URL", default="http://127.0.0.1:8000", show_default=True
+    "--broker-url",
+    envvar="RLM_BROKER_URL",
+    default=f"http://127.0.0.1:{BROKER_PORT}",
+    show_default=True,
+    help="Broker base URL (RLM_BROKER_URL).",
 )
 def tenant_create(name: str, broker_url: str) -> None:
     """Create a tenant; prints {"tenant_id", "token"} as JSON (the token is shown only once)."""

@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings
 
 #: (component, "module:Class") in the order the page lists them.
 SETTINGS_CLASSES = (
+    (
+        "the `rlm` command (logs; the env file of `rlm up`)",
+        "rlm_cli.settings:CliSettings",
+    ),
     ("broker (`rlm broker`)", "broker.settings:BrokerSettings"),
     (
         "host: LLM profiles (`rlm poller`, `rlm ask`, `rlm up`)",
@@ -29,6 +33,7 @@ SETTINGS_CLASSES = (
         "sandbox worker processes (inside `rlm sandbox`)",
         "sandbox_runtime.worker.settings:WorkerSettings",
     ),
+    ("scripted LLM (`rlm fake-llm`, `rlm up`)", "fake_llm.server:FakeLLMSettings"),
 )
 
 HEADER = """# Configuration

@@ -10,8 +10,11 @@ import click
 
 from host_poller.llm.ledger import DIMENSIONS
 from rlm_cli.ask import ask
+from rlm_cli.checks import listen_error
 from rlm_cli.demo_cli import demo
 from rlm_cli.poller_commands import poller, up
+from rlm_cli.settings import load_settings
+from rlm_wire.serving import FAKE_LLM_PORT, ListenError
 
 
 @click.command("fake-llm")
@@ -22,11 +25,17 @@ from rlm_cli.poller_commands import poller, up
     help="Scenario JSON file, or the name of a shipped scenario.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=0, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help=f"Port [RLM_FAKE_LLM_PORT, {FAKE_LLM_PORT}]; 0 picks a free one.",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the shipped scenarios and exit.")
-def fake_llm(scenario: str, host: str, port: int, list_only: bool) -> None:
+def fake_llm(scenario: str, host: str, port: int | None, list_only: bool) -> None:
     """Serve the scripted OpenAI-compatible LLM; prints its base URL once bound."""
     from fake_llm import load_scenario, serve_forever, shipped_scenarios
+    from fake_llm.server import FakeLLMSettings
 
     if list_only:
         for name in shipped_scenarios():
@@ -40,7 +49,11 @@ def fake_llm(scenario: str, host: str, port: int, list_only: bool) -> None:
     def ready(base_url: str) -> None:
         click.echo(f"fake LLM ({loaded.name}) listening on {base_url}")
 
-    asyncio.run(serve_forever(loaded, host=host, port=port, on_ready=ready))
+    settings = load_settings(FakeLLMSettings, port=port)
+    try:
+        asyncio.run(serve_forever(loaded, host=host, port=settings.port, on_ready=ready))
+    except ListenError as exc:
+        raise listen_error(exc, {"fake-llm": "--port or RLM_FAKE_LLM_PORT"}) from exc
 
 
 @click.command("usage")

@@ -6,9 +6,11 @@ Only entry points call `configure_logging`; library modules use
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import structlog
 
@@ -23,6 +25,32 @@ def _drop_secrets(
         if key.lower() in _SECRET_FIELDS:
             event_dict[key] = "[redacted]"
     return event_dict
+
+
+class Writable(Protocol):
+    """Where log lines can go: a text stream, or rich's proxy above a live display."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class _Handler(logging.StreamHandler[Writable]):
+    """The one handler `configure_logging` installs: stderr, unless `logs_written_to` says."""
+
+
+@contextlib.contextmanager
+def logs_written_to(stream: Writable) -> Iterator[None]:
+    """Write the log lines to `stream` for the block: `rlm ask` prints them above its live
+    status line this way, and a thread whose sys.stderr is captured cannot catch them."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, _Handler)]
+    previous = [(h, h.setStream(stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, old in previous:
+            if old is not None:
+                handler.setStream(old)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -53,7 +81,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

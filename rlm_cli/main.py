@@ -8,10 +8,12 @@ its commands runs.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
 from rlm_cli.logs import configure_logging
+from rlm_cli.settings import LOG_LEVELS, CliSettings, load_settings
 
 # Modules that define a `commands: list[click.Command]`.
 _COMMAND_MODULES = (
@@ -49,19 +51,22 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 @click.option(
     "--log-level",
-    default="INFO",
-    envvar="RLM_LOG_LEVEL",
-    show_default=True,
-    help="Log level of the structured JSON logs written to stderr.",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="Level of the logs on stderr [RLM_LOG_LEVEL; default: INFO for json, WARNING for "
+    "console].",
 )
 @click.option(
     "--log-format",
     type=click.Choice(["json", "console"]),
-    default="json",
-    envvar="RLM_LOG_FORMAT",
-    show_default=True,
-    help="json: one JSON object a line; console: human-readable.",
+    default=None,
+    help="json: one JSON object a line; console: human-readable [RLM_LOG_FORMAT; default: "
+    "console when stderr is a terminal, else json].",
 )
-def cli(log_level: str, log_format: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
     """rlm-broker: run Recursive Language Models with sandboxed code and a Redis-backed broker."""
-    configure_logging(level=log_level, fmt=log_format)
+    settings = load_settings(CliSettings, log_level=log_level, log_format=log_format)
+    ctx.obj = settings
+    level, fmt = settings.log_output(terminal=sys.stderr.isatty())
+    configure_logging(level=level, fmt=fmt)

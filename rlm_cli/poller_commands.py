@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+
+from rlm_cli.checks import check_llm_keys, check_ports_free, listen_error, sandbox_worker_settings
+from rlm_cli.settings import cli_settings, load_settings
+from rlm_wire.serving import BROKER_PORT, FAKE_LLM_PORT, SANDBOX_PORT, ListenError
 
 
 @click.command("poller")
@@ -65,10 +70,10 @@ def poller(
         "poller_grace_s": grace_s, "ledger_path": ledger_path,
         "poller_metrics_port": metrics_port, "poller_sub_rlms": sub_rlms,
     }  # fmt: skip
-    settings = PollerSettings(**{k: v for k, v in candidates.items() if v is not None})
+    settings = load_settings(PollerSettings, **candidates)
+    llm_settings = load_settings(LLMSettings)
     try:
         settings.token()
-        llm_settings = LLMSettings()
         if not llm_settings.is_configured:
             raise click.UsageError(
                 "no LLM profile is configured: set RLM_LLM_PROFILES or RLM_LLM_PROFILES_FILE "
@@ -77,36 +82,103 @@ def poller(
         llm_settings.sub()
     except (PollerConfigError, LLMConfigError) as exc:
         raise click.UsageError(str(exc)) from exc
+    check_llm_keys(llm_settings)
     try:
         asyncio.run(serve(settings, llm_settings))
     except BrokerRejected as exc:
         raise click.ClickException(str(exc)) from exc
 
 
+#: How to change the port of each server of `rlm up`, by the server's name.
+_UP_PORTS = {
+    "broker": "--port or RLM_BROKER_PORT",
+    "sandbox": "--sandbox-port or RLM_SANDBOX_PORT",
+    "fake-llm": "--llm-port or RLM_FAKE_LLM_PORT",
+}
+
+
 @click.command("up")
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True,
-              help="Broker port; 0 picks a free one.")  # fmt: skip
+@click.option(
+    "--port",
+    "--broker-port",
+    "broker_port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help=f"Broker port [RLM_BROKER_PORT, {BROKER_PORT}]; 0 picks a free one.",
+)
+@click.option(
+    "--sandbox-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help=f"Sandbox runtime port [RLM_SANDBOX_PORT, {SANDBOX_PORT}]; 0 picks a free one.",
+)
+@click.option(
+    "--llm-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help=f"Scripted LLM port [RLM_FAKE_LLM_PORT, {FAKE_LLM_PORT}]; 0 picks a free one.",
+)
 @click.option("--scenario", default="count_words", show_default=True,
               help="Scenario of the scripted LLM (when no provider is configured).")  # fmt: skip
 @click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path(".rlm/local-stack.env"),
-    show_default=True,
-    help="Where the URLs and tokens are written (mode 0600); never printed.",
+    default=None,
+    help="Where the URLs and tokens are written (mode 0600), never printed "
+    "[RLM_STACK_ENV_FILE, .rlm/local-stack.env].",
 )
-def up(port: int, scenario: str, env_file: Path) -> None:
+def up(
+    broker_port: int | None,
+    sandbox_port: int | None,
+    llm_port: int | None,
+    scenario: str,
+    env_file: Path | None,
+) -> None:
     """Start Redis, the broker, the scripted LLM (unless configured), the sandbox runtime (for
     the pyodide/remote environments) and a poller with sub-RLMs; keep them up until SIGINT/SIGTERM.
 
-    URLs and tokens go to --env-file (mode 0600, removed at stop), never to the terminal.
+    URLs and tokens go to --env-file (mode 0600, removed at stop), never to the terminal;
+    `rlm ask` started in the same directory finds the stack there by itself.
     """
+    from broker.settings import BrokerSettings
+    from fake_llm.server import FakeLLMSettings
+    from host_poller.llm.profiles import LLMSettings
+    from host_poller.settings import HostSettings
     from rlm_cli.embedded import rlm_stack_components
-    from rlm_cli.stack import StackConfig, run_until_signal
+    from rlm_cli.stack import SandboxRuntimeComponent, StackConfig, run_until_signal
+    from sandbox_runtime.service.settings import RuntimeSettings
 
-    config = StackConfig(broker_port=port, scenario=scenario, env_file=env_file)
-    components = rlm_stack_components()
-    asyncio.run(run_until_signal(config, announce=click.echo, components=components))
+    broker_settings = load_settings(BrokerSettings, broker_port=broker_port)
+    llm_settings = load_settings(LLMSettings)
+    if llm_settings.is_configured:
+        check_llm_keys(llm_settings)
+    components = rlm_stack_components(load_settings(HostSettings))
+    with_sandbox = any(isinstance(c, SandboxRuntimeComponent) for c in components)
+    if with_sandbox:
+        sandbox_worker_settings()
+    config = StackConfig(
+        broker_port=broker_settings.broker_port,
+        sandbox_port=_port(sandbox_port, lambda: load_settings(RuntimeSettings).port),
+        llm_port=_port(llm_port, lambda: load_settings(FakeLLMSettings).port),
+        scenario=scenario,
+        env_file=env_file or cli_settings().stack_env_file,
+        broker_settings=broker_settings,
+        llm_settings=llm_settings,
+    )
+    ports = {"broker": config.broker_port}
+    if with_sandbox:
+        ports["sandbox"] = config.sandbox_port
+    if not llm_settings.is_configured:
+        ports["fake-llm"] = config.llm_port
+    check_ports_free(config.host, ports, _UP_PORTS)
+    try:
+        asyncio.run(run_until_signal(config, announce=click.echo, components=components))
+    except ListenError as exc:
+        raise listen_error(exc, _UP_PORTS) from exc
+
+
+def _port(given: int | None, configured: Callable[[], int]) -> int:
+    return given if given is not None else configured()
 
 
 commands: list[click.Command] = [poller, up]

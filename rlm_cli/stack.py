@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shlex
 import signal
@@ -34,6 +33,7 @@ from host_poller.llm.profiles import LLMSettings
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.poller.poller import Poller
 from host_poller.poller.settings import PollerSettings
+from rlm_cli.env_file import make_way_for_env_file, write_env_file
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.serving import LoopServer, uvicorn_config
 
@@ -46,14 +46,17 @@ class StackConfig:
 
     host: str = "127.0.0.1"
     broker_port: int = 0
-    """0 picks a free port."""
+    """0 picks a free port (as do the other ports); `rlm up` passes the fixed defaults."""
+    sandbox_port: int = 0
+    llm_port: int = 0
+    """Port of the scripted LLM, when it runs."""
     redis_url: str | None = None
     """None: the broker settings' RLM_REDIS_URL, else an embedded Redis."""
     scenario: str = "count_words"
     """Scenario of the scripted LLM, used when no LLM provider is configured."""
     tenant_name: str = "local"
     env_file: Path | None = None
-    """Where `rlm up` writes URLs and tokens (mode 0600); removed at stop."""
+    """Where `rlm up` writes URLs and tokens (`rlm_cli.env_file`); removed at stop."""
     broker_settings: BrokerSettings | None = None
     llm_settings: LLMSettings | None = None
     poller_settings: PollerSettings | None = None
@@ -267,7 +270,10 @@ class ScriptedLLMComponent(StackComponent):
         from fake_llm import FakeLLMServer
         from rlm_cli.scripted import scripted_profiles
 
-        self._server = await asyncio.to_thread(FakeLLMServer(stack.config.scenario).start)
+        server = FakeLLMServer(
+            stack.config.scenario, host=stack.config.host, port=stack.config.llm_port
+        )
+        self._server = await asyncio.to_thread(server.start)
         root, sub = scripted_profiles(self._server.base_url)
         stack.llm_settings = LLMSettings(
             llm_profiles=(root, sub), root_profile=root.name, sub_profile=sub.name
@@ -338,7 +344,11 @@ class SandboxRuntimeComponent(ServiceComponent):
 
         token = secrets.token_urlsafe(32)
         settings = RuntimeSettings().model_copy(
-            update={"host": stack.config.host, "port": 0, "token": SecretStr(token)}
+            update={
+                "host": stack.config.host,
+                "port": stack.config.sandbox_port,
+                "token": SecretStr(token),
+            }
         )
         config = runtime_config(create_app(settings), settings)
         stack.runtime_url = await self._serve(stack, config)
@@ -374,16 +384,6 @@ def _broker_settings(stack: LocalStack) -> BrokerSettings:
 # --- `rlm up` ----------------------------------------------------------------------------------
 
 
-def write_env_file(path: Path, variables: dict[str, str]) -> None:
-    """Write shell-quoted `NAME=value` lines (for `set -a; . FILE`), readable by the owner
-    only (they hold tokens)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode otherwise
-        handle.writelines(f"{name}={shlex.quote(value)}\n" for name, value in variables.items())
-
-
 def describe(stack: LocalStack, env_file: Path | None) -> list[str]:
     """What `rlm up` prints: the URLs and how to use them; never a token."""
     lines = ["rlm stack is up"]
@@ -394,11 +394,14 @@ def describe(stack: LocalStack, env_file: Path | None) -> list[str]:
             "configure RLM_LLM_PROFILES for a real provider"
         )
     if env_file is not None:
+        where = shlex.quote(str(env_file.absolute()))
         lines += [
             f"  tokens   written to {env_file} (mode 0600, removed at stop)",
-            "use it from another shell:",
-            f"  set -a; . {env_file}; set +a",
+            "ask from another shell; `rlm ask` finds this stack by itself in this directory",
+            f"(elsewhere: RLM_STACK_ENV_FILE={where}):",
             '  rlm ask --context FILE "question"',
+            "or point any shell at it:",
+            f"  set -a; . {where}; set +a",
         ]
     lines.append("stop with Ctrl+C (SIGINT) or SIGTERM")
     return lines
@@ -417,17 +420,20 @@ async def run_until_signal(
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
+        if config.env_file is not None:
+            await make_way_for_env_file(config.env_file)
         async with LocalStack(config, components) as stack:
+            written = None
             if config.env_file is not None:
-                write_env_file(config.env_file, stack.environ())
+                written = write_env_file(config.env_file, stack.environ())
             try:
                 for line in describe(stack, config.env_file):
                     announce(line)
                 await stop.wait()
                 logger.info("stack stopping")
             finally:
-                if config.env_file is not None:
-                    config.env_file.unlink(missing_ok=True)
+                if written is not None:
+                    written.remove()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -5,13 +5,16 @@ told otherwise (the plain asyncio/h11 stack is 3.5x slower, research/broker.md),
 log, no logging config of uvicorn's own (entry points configure logging), no websockets,
 and a bounded graceful shutdown. `ThreadedServer` serves on a daemon thread of this process
 (tests, benchmarks, the scripted LLM); `LoopServer` serves as a task of the running event
-loop (the local stack, foreground commands).
+loop (the local stack, foreground commands). Both bind their socket before uvicorn starts, so
+a port already in use is a `PortInUseError` at once, not a log line and an exit from a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,13 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import uvicorn
+
+from rlm_wire.errors import WireError
+
+#: The port each service listens on unless told otherwise; docker-compose.yml uses the same.
+BROKER_PORT = 8000
+SANDBOX_PORT = 8100
+FAKE_LLM_PORT = 9000
 
 #: Event loops a service may run on. "asyncio" is for services that uvloop does not suit.
 Loop = Literal["uvloop", "asyncio"]
@@ -53,6 +63,46 @@ def uvicorn_config(
         timeout_graceful_shutdown=graceful_shutdown_s,
         timeout_keep_alive=keep_alive_s,
     )
+
+
+class ListenError(WireError):
+    """A server could not listen on `host:port`; `reason` is the system's."""
+
+    def __init__(self, name: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"{name}: cannot listen on {host}:{port}: {reason}")
+        self.name = name
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+
+class PortInUseError(ListenError):
+    """Another process already listens on the port."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        super().__init__(name, host, port, "address already in use")
+
+    def __str__(self) -> str:
+        return f"{self.name}: port {self.port} on {self.host} is already in use"
+
+
+def listen_socket(host: str, port: int, *, name: str = "server") -> socket.socket:
+    """A socket bound to `host:port` as uvicorn binds one, to hand to `Server.serve(sockets=)`.
+
+    Raises `PortInUseError` when the port is taken, `ListenError` for any other refusal.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(name, host, port) from exc
+        raise ListenError(name, host, port, exc.strerror or str(exc)) from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def bound_port(server: uvicorn.Server) -> int:
@@ -100,14 +150,19 @@ class ThreadedServer(_Served):
         """Start serving; returns once the socket is bound and the app's lifespan has run."""
         if self._thread is not None:
             raise RuntimeError(f"{self.name} server already started")
-        self._thread = threading.Thread(target=self._server.run, name=self.name, daemon=True)
+        sock = listen_socket(self.host, self.port, name=self.name)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name=self.name, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + self.start_timeout_s
         while not self._server.started:
             if not self._thread.is_alive():
+                sock.close()
                 raise RuntimeError(f"{self.name} server exited during start-up")
             if time.monotonic() > deadline:
                 self.stop()
+                sock.close()
                 raise RuntimeError(f"{self.name} server did not start in time")
             time.sleep(0.01)
         self.port = bound_port(self._server)
@@ -164,15 +219,20 @@ class LoopServer(_Served):
         """Start serving; returns once the socket is bound and the app's lifespan has run."""
         if self._task is not None:
             raise RuntimeError(f"{self.name} server already started")
-        self._task = task = asyncio.create_task(self._server.serve(), name=f"uvicorn-{self.name}")
+        sock = listen_socket(self.host, self.port, name=self.name)
+        self._task = task = asyncio.create_task(
+            self._server.serve(sockets=[sock]), name=f"uvicorn-{self.name}"
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout_s
         while not self._server.started:
             if task.done():
+                sock.close()
                 await task  # raises the start-up error, if there was one
                 raise RuntimeError(f"{self.name} server exited during start-up")
             if loop.time() > deadline:
                 await self.stop()
+                sock.close()
                 raise RuntimeError(f"{self.name} server did not start in time")
             await asyncio.sleep(0.01)
         self.port = bound_port(self._server)

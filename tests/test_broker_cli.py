@@ -1,5 +1,5 @@
 """`rlm broker` with no RLM_REDIS_URL starts an embedded Redis and stops it on exit;
-`rlm tenant create` makes a tenant on a running broker."""
+`rlm tenant create` makes a tenant on a running broker; RLM_BROKER_PORT sets its port."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx2
 import pytest
 
+from broker.redis_server import free_port
 from rlm_wire import broker_models as p
 from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import running_poller
@@ -75,3 +78,29 @@ async def test_rlm_broker_runs_on_an_embedded_redis_and_stops_it() -> None:
         broker.stop()
     assert broker.returncode == 0
     assert not _alive(redis_pid), "the embedded Redis outlived the broker"
+
+
+def test_rlm_broker_listens_on_rlm_broker_port(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
+    env |= {"RLM_BROKER_PORT": str(port), "RLM_LOG_LEVEL": "WARNING"}
+    rlm = Path(sys.executable).with_name("rlm")
+    child = subprocess.Popen(
+        [str(rlm), "broker"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            try:
+                health = httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline, "rlm broker never listened on RLM_BROKER_PORT"
+                time.sleep(0.05)
+        assert health.json()["status"] == "ok"
+    finally:
+        child.terminate()
+        _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 0, stderr.decode()[-2000:]

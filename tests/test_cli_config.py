@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
+import pytest
+import yaml
 from click.testing import CliRunner
 
+from broker.settings import BrokerSettings
+from fake_llm.server import FakeLLMSettings
+from host_poller.poller.settings import PollerSettings
 from rlm_cli.config_docs import SETTINGS_CLASSES, load, render_markdown
 from rlm_cli.main import cli
+from rlm_wire.serving import BROKER_PORT, FAKE_LLM_PORT, SANDBOX_PORT
+from sandbox_runtime.service.settings import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +58,55 @@ def test_rlm_config_lists_settings() -> None:
     assert result.exit_code == 0, result.output
     assert "RLM_LEASE_S" in result.output
     assert "RLM_SANDBOX_" in result.output
+
+
+def test_rlm_config_lists_the_command_line_and_port_settings() -> None:
+    result = CliRunner().invoke(cli, ["config"])
+    assert result.exit_code == 0, result.output
+    for variable in (
+        "RLM_LOG_LEVEL",
+        "RLM_LOG_FORMAT",
+        "RLM_STACK_ENV_FILE",
+        "RLM_BROKER_PORT",
+        "RLM_SANDBOX_PORT",
+        "RLM_FAKE_LLM_PORT",
+    ):
+        assert variable in result.output
+
+
+def test_one_default_port_per_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker on 8000, the sandbox runtime on 8100, the scripted LLM on 9000: in every
+    setting, every URL default, and docker-compose.yml."""
+    for name in list(os.environ):
+        if name.startswith("RLM_"):
+            monkeypatch.delenv(name)
+    assert (BROKER_PORT, SANDBOX_PORT, FAKE_LLM_PORT) == (8000, 8100, 9000)
+    assert BrokerSettings().broker_port == BROKER_PORT
+    assert PollerSettings().broker_url == f"http://127.0.0.1:{BROKER_PORT}"
+    assert RuntimeSettings().port == SANDBOX_PORT
+    assert FakeLLMSettings().port == FAKE_LLM_PORT
+
+    compose = (ROOT / "docker-compose.yml").read_text()
+    default = {"broker": BROKER_PORT, "sandbox": SANDBOX_PORT, "fake-llm": FAKE_LLM_PORT}
+    served = {}
+    for service in yaml.safe_load(compose)["services"].values():
+        command = [str(arg) for arg in service.get("command") or []]
+        if command[:1] == ["rlm"] and command[1] in default and "--port" in command:
+            served[command[1]] = int(command[command.index("--port") + 1])
+    assert served == default
+    for match in re.finditer(r"http://(broker|sandbox|fake-llm)[\w-]*:(\d+)", compose):
+        assert int(match.group(2)) == default[match.group(1)], match.group(0)
+
+
+def test_the_docs_use_the_default_ports() -> None:
+    """No doc gives a service a port of the 8000-9099 range other than its default (the
+    broker was on 8080 in some); free ports picked at run time are not in that range."""
+    pattern = re.compile(r"(?:broker|sandbox|fake-llm|127\.0\.0\.1|localhost):(8\d\d\d|90\d\d)\b")
+    expected = {BROKER_PORT, SANDBOX_PORT, FAKE_LLM_PORT}
+    wrong = {
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for match in pattern.finditer(path.read_text())
+        if int(match.group(1)) not in expected
+    }
+    assert wrong == set()

@@ -65,7 +65,8 @@ class Profile(BaseModel):
         value = env.get(self.api_key_env)
         if not value:
             raise LLMConfigError(
-                f"profile {self.name!r}: environment variable {self.api_key_env} is not set",
+                f"LLM profile {self.name!r} reads its API key from {self.api_key_env} "
+                f"(its api_key_env), but {self.api_key_env} is not set",
                 model=self.model,
             )
         return SecretStr(value)
@@ -149,6 +150,12 @@ class LLMSettings(BaseSettings):
     def is_configured(self) -> bool:
         """True when at least one real provider profile is defined."""
         return bool(self.llm_profiles)
+
+    def check_api_keys(self, environ: Mapping[str, str] | None = None) -> None:
+        """Raise `LLMConfigError` for the first profile whose `api_key_env` is unset (in
+        `environ`, default os.environ): a start-up check, before any call needs the key."""
+        for profile in self.llm_profiles:
+            profile.api_key(environ)
 
     def profile(self, name: str) -> Profile:
         try:

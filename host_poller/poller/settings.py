@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from host_poller.poller.errors import PollerConfigError
+from rlm_wire.serving import BROKER_PORT
 
 
 class PollerSettings(BaseSettings):
@@ -17,7 +18,7 @@ class PollerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
 
     broker_url: str = Field(
-        "http://127.0.0.1:8080", description="Base URL of the broker (RLM_BROKER_URL)."
+        f"http://127.0.0.1:{BROKER_PORT}", description="Base URL of the broker (RLM_BROKER_URL)."
     )
     tenant_token: SecretStr | None = Field(
         None, description="Tenant token: the poller answers this tenant's requests only."

@@ -1,18 +1,60 @@
 """Serving the runtime with uvicorn: in the foreground (`rlm sandbox`) or on a thread.
 
-The event loop is `RuntimeSettings.loop` (uvloop by default).
+The event loop is `RuntimeSettings.loop` (uvloop by default). `check_prerequisites` tells at
+start, in well under a second, whether Deno and Pyodide are there to run sandboxes at all.
 """
 
 from __future__ import annotations
 
+import subprocess
+
 import uvicorn
 from starlette.applications import Starlette
 
-from rlm_wire.serving import ThreadedServer
+from rlm_wire.serving import ThreadedServer, listen_socket
 from rlm_wire.serving import uvicorn_config as http_config
+from sandbox_runtime.errors import SandboxStartError
 from sandbox_runtime.service.app import create_app
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
+
+#: `deno --version` answers in milliseconds; a binary that hangs is as broken as a missing one.
+DENO_CHECK_TIMEOUT_S = 2.0
+_SETUP = "run scripts/setup.sh"
+
+
+def check_prerequisites(worker_settings: WorkerSettings) -> None:
+    """Raise `SandboxStartError` (one line, naming the fix) unless `deno --version` runs and
+    the Pyodide directory holds `pyodide.asm.wasm`."""
+    deno = worker_settings.deno_path
+    where = f"Deno at {deno} (RLM_SANDBOX_DENO_PATH)"
+    try:
+        done = subprocess.run(
+            [str(deno), "--version"],
+            capture_output=True,
+            timeout=DENO_CHECK_TIMEOUT_S,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise SandboxStartError(f"{where} is missing: {_SETUP}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise SandboxStartError(
+            f"{where} did not answer `deno --version` within {DENO_CHECK_TIMEOUT_S:g} s: {_SETUP}"
+        ) from exc
+    except OSError as exc:
+        raise SandboxStartError(f"{where} cannot run ({exc.strerror or exc}): {_SETUP}") from exc
+    if done.returncode != 0:
+        raise SandboxStartError(
+            f"{where} is broken (`deno --version` exited with {done.returncode}): {_SETUP}"
+        )
+    if not done.stdout.startswith(b"deno "):
+        raise SandboxStartError(f"{where} is not Deno (`deno --version` said otherwise): {_SETUP}")
+    wasm = worker_settings.pyodide_dir / "pyodide.asm.wasm"
+    if not wasm.is_file():
+        raise SandboxStartError(
+            f"Pyodide is missing: no {wasm} (RLM_SANDBOX_PYODIDE_DIR): {_SETUP}"
+        )
 
 
 def uvicorn_config(app: Starlette, settings: RuntimeSettings) -> uvicorn.Config:
@@ -27,8 +69,13 @@ def uvicorn_config(app: Starlette, settings: RuntimeSettings) -> uvicorn.Config:
 
 
 def serve(settings: RuntimeSettings, worker_settings: WorkerSettings) -> None:
-    """Run the runtime until SIGINT/SIGTERM."""
-    uvicorn.Server(uvicorn_config(create_app(settings, worker_settings), settings)).run()
+    """Run the runtime until SIGINT/SIGTERM (after `check_prerequisites`, for a clear error).
+
+    A port in use raises `rlm_wire.serving.PortInUseError` before anything starts.
+    """
+    sock = listen_socket(settings.host, settings.port, name="sandbox")
+    config = uvicorn_config(create_app(settings, worker_settings), settings)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundRuntime(ThreadedServer):

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rlm_wire.runtime_models import Limits
+from rlm_wire.serving import SANDBOX_PORT
 
 _MiB = 2**20
 
@@ -36,7 +37,12 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLM_SANDBOX_", frozen=True, extra="ignore")
 
     host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
-    port: int = Field(8100, ge=0, le=65535, description="Port of the HTTP API (0: any free one).")
+    port: int = Field(
+        SANDBOX_PORT,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP API, for `rlm sandbox` and `rlm up` (0: any free one).",
+    )
     token: SecretStr | None = Field(
         None,
         description="Bearer token the host side must present. Required unless the service "
