@@ -1,51 +1,57 @@
-"""docker-compose.yml: valid, consistent, and what it starts works (as plain processes).
+"""docker-compose.yml and the Dockerfile: valid, consistent, and what they start works.
 
-No Docker engine runs here, so the test reads the compose file and starts each service's
-own `command` with its own `environment` as a local process: service hostnames become
-127.0.0.1 and each listening port a free one. Redis is the embedded server. Then the
-compose file's `demo` service runs three tenants' RLM queries at once through broker,
-sandbox runtime, admin poller and scripted LLM, and checks every answer.
+No container engine runs here (scripts/podman-demo.sh runs the real image where podman is
+installed), so the end-to-end test starts each compose service's own `command` as a local
+process the way the image runs it (`tests.support.compose_processes`): as an unprivileged
+user (`nobody` when the tests run as root), from a working directory that user cannot write
+(the image's root-owned /app), with the Dockerfile's environment, a read-only HOME and the
+named volumes as directories the user owns. Every service must pass its own health check;
+then the compose file's `demo` service runs three tenants' RLM queries at once, through the
+second broker replica while the poller polls the first, and every answer is checked.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import socket
+import shutil
+import sqlite3
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-import httpx2
 import pytest
 import yaml
 
-from broker.redis_server import RedisServer, free_port
+from rlm_cli.config_docs import SETTINGS_CLASSES, load
+from tests.support.compose_processes import (
+    ComposeProcesses,
+    MissingVariable,
+    interpolate,
+    listen_ports,
+    read_env_file,
+    start_order,
+)
+from tests.support.dockerfile import last_stage
+from tests.support.unprivileged import Unprivileged, unprivileged_user
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-_URL = re.compile(r"\b(https?|redis)://([a-z][a-z0-9-]*):(\d+)")
-_DEFAULT = re.compile(r"\$\{[A-Z0-9_]+:-([^}]*)\}")
+DOCKERFILE = ROOT / "Dockerfile"
+DEMO_ENV = ROOT / "deploy" / "compose" / "demo.env"
+_SERVICE_URL = re.compile(r"\b(https?|redis)://([a-z][a-z0-9-]*):(\d+)")
+_VARIABLE = re.compile(r"\$\{(\w+)(:?[-?])?")
+#: Where the Dockerfile puts what it copies from its build stage.
+IMAGE_VENV = "/app/.venv"
+IMAGE_PYODIDE = "/opt/rlm/pyodide"
 
 
-def load() -> dict[str, Any]:
+def services() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    return data
-
-
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with no VAR set: the default."""
-    return _DEFAULT.sub(lambda m: m.group(1), value)
-
-
-def listen_port(service: dict[str, Any]) -> int | None:
-    command = service.get("command", [])
-    if "--port" in command:
-        return int(command[command.index("--port") + 1])
-    return None
+    return dict(data["services"])
 
 
 def test_the_compose_file_fits_the_compose_spec() -> None:
@@ -60,94 +66,136 @@ def test_the_compose_file_fits_the_compose_spec() -> None:
 
 
 def test_references_between_services_resolve() -> None:
-    services = load()["services"]
-    ports = {name: listen_port(s) for name, s in services.items()}
-    ports["redis"] = 6379
-    for name, service in services.items():
-        for target in service.get("depends_on", {}):
-            assert target in services, f"{name} depends on unknown {target}"
+    found = services()
+    volumes = set(yaml.safe_load(COMPOSE.read_text()).get("volumes") or {})
+    ports = {name: listen_ports(service) for name, service in found.items()}
+    for name, service in found.items():
+        for target, condition in service.get("depends_on", {}).items():
+            assert target in found, f"{name} depends on unknown {target}"
+            if condition.get("condition") == "service_healthy":
+                assert not found[target]["healthcheck"].get("disable"), f"{target}: no check"
         for value in (service.get("environment") or {}).values():
-            for _, host, port in _URL.findall(str(value)):
-                assert host in services, f"{name} points at unknown host {host}"
-                assert ports[host] == int(port), f"{name}: {host} listens on {ports[host]}"
-        if service.get("image", "").startswith("rlm-broker"):
+            for _, host, port in _SERVICE_URL.findall(str(value)):
+                assert host in found, f"{name} points at unknown host {host}"
+                assert int(port) in ports[host], f"{name}: {host} listens on {ports[host]}"
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), f"{name} publishes {published}"
+        for spec in service.get("volumes", []):
+            assert str(spec).split(":")[0] in volumes, f"{name}: undeclared volume {spec}"
+        assert "healthcheck" in service, f"{name} has no health check (nor `disable: true`)"
+        if "build" in service:
             assert service["command"][0] == "rlm"
+            assert service.get("read_only"), f"{name}: the image's file system is read-only"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited with {process.returncode}"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
+def test_no_token_has_a_default_outside_the_demo_env_file() -> None:
+    text = COMPOSE.read_text()
+    variables = {name: op for name, op in _VARIABLE.findall(text)}
+    assert variables, "the compose file takes no variables"
+    for name, op in variables.items():
+        assert op == ":?", f"${{{name}}} must be required (`${{{name}:?...}}`), not {op!r}"
+    with pytest.raises(MissingVariable, match="RLM_ADMIN_TOKEN"):
+        interpolate(text, {})
+    demo = read_env_file(DEMO_ENV)
+    assert set(variables) <= set(demo), "deploy/compose/demo.env must set every variable"
+    interpolate(text, demo)
+
+
+def _path_settings() -> Iterator[tuple[str, Any]]:
+    """(variable, default) of every setting whose value is a file system path."""
+    for _, path in SETTINGS_CLASSES:
+        cls = load(path)
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for field_name, field in cls.model_fields.items():
+            if Path in (get_args(field.annotation) or (field.annotation,)):
+                default = field.get_default(call_default_factory=True)
+                yield f"{prefix}{field_name}".upper(), default
+
+
+#: Path settings relative to the working directory on purpose, and why the image may ignore it.
+RELATIVE_ON_PURPOSE = {
+    "RLM_STACK_ENV_FILE": "`rlm up` and `rlm ask` meet in the checkout; the image runs neither",
+}
+
+
+def test_no_setting_defaults_to_a_path_under_the_working_directory() -> None:
+    """A process started in a directory it cannot write (the image's /app) works with the
+    defaults: every path default is absolute (or unset)."""
+    for variable, default in _path_settings():
+        if variable not in RELATIVE_ON_PURPOSE:
+            assert default is None or Path(default).is_absolute(), f"{variable}={default}"
+
+
+def test_the_image_runs_as_a_user_with_absolute_data_directories() -> None:
+    image = last_stage(DOCKERFILE)
+    assert image.user not in ("", "root", "0")
+    for variable, _ in _path_settings():
+        if variable in image.env:
+            assert Path(image.env[variable]).is_absolute(), f"{variable}={image.env[variable]}"
+    for variable in ("RLM_TRAJECTORY_DIR", "RLM_LEDGER_PATH", "RLM_SANDBOX_CACHE_DIR"):
+        assert image.env[variable].startswith("/data/"), variable
+    assert image.env["RLM_SANDBOX_PYODIDE_DIR"] == IMAGE_PYODIDE
+    assert image.env["PATH"].startswith(f"{IMAGE_VENV}/bin:")
 
 
 @pytest.fixture
-def compose_processes(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    services = load()["services"]
-    mapping = {(name, listen_port(s)): free_port() for name, s in services.items()}
-    redis = RedisServer().start()
-    mapping[("redis", 6379)] = redis.port
-
-    def rewrite(text: str) -> str:
-        def local(match: re.Match[str]) -> str:
-            scheme, host, port = match.groups()
-            return f"{scheme}://127.0.0.1:{mapping[(host, int(port))]}"
-
-        return _URL.sub(local, interpolate(text))
-
-    def command_and_env(name: str) -> tuple[list[str], dict[str, str]]:
-        service = services[name]
-        command = [interpolate(str(arg)) for arg in service["command"]]
-        command = ["127.0.0.1" if arg == "0.0.0.0" else arg for arg in command]
-        if "--port" in command:
-            index = command.index("--port") + 1
-            command[index] = str(mapping[(name, int(command[index]))])
-        command[0] = str(Path(sys.executable).with_name(command[0]))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
-        env.update({k: rewrite(str(v)) for k, v in (service.get("environment") or {}).items()})
-        env["RLM_LOG_LEVEL"] = "WARNING"
-        env["RLM_TRAJECTORY_DIR"] = str(tmp_path / "trajectories")
-        return command, env
-
-    started: dict[str, subprocess.Popen[bytes]] = {}
-    logs = {}
+def base() -> Iterator[Path]:
+    """A directory other users may traverse (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="rlm-compose-"))
+    path.chmod(0o755)
     try:
-        for name in ("broker", "fake-llm", "sandbox", "poller"):
-            command, env = command_and_env(name)
-            logs[name] = (tmp_path / f"{name}.log").open("wb")
-            started[name] = subprocess.Popen(command, env=env, stdout=logs[name], stderr=logs[name])
-            port = listen_port(services[name])
-            if port is not None:
-                _wait_for_port(mapping[(name, port)], started[name])
-        sandbox_url = f"http://127.0.0.1:{mapping[('sandbox', 8100)]}"
-        deadline = time.monotonic() + 60
-        while httpx2.get(f"{sandbox_url}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "the sandbox runtime never became healthy"
-            time.sleep(0.2)
-        yield {"command_and_env": command_and_env, "logs": tmp_path}
+        yield path
     finally:
-        for process in started.values():
-            process.terminate()
-        for name, process in started.items():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            logs[name].close()
-        redis.stop()
+        for directory in path.rglob("*"):
+            if directory.is_dir() and not directory.is_symlink():
+                directory.chmod(0o755)
+        shutil.rmtree(path)
 
 
-def test_the_compose_demo_answers_every_tenant(compose_processes: dict[str, Any]) -> None:
-    command, env = compose_processes["command_and_env"]("demo")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    logs = compose_processes["logs"]
+@pytest.fixture
+def user(base: Path) -> Unprivileged:
+    found = unprivileged_user(base)
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
+
+
+@pytest.fixture
+def stack(base: Path, user: Unprivileged) -> Iterator[ComposeProcesses]:
+    found = services()
+    compose = ComposeProcesses(
+        found,
+        read_env_file(DEMO_ENV),
+        last_stage(DOCKERFILE),
+        user,
+        base,
+        {IMAGE_VENV: user.venv, IMAGE_PYODIDE: (ROOT / "node_modules" / "pyodide").resolve()},
+    )
+    try:
+        for name in start_order(found):
+            compose.start(name)
+            compose.wait_healthy(name)
+        yield compose
+    finally:
+        compose.stop()
+
+
+def _events(log: str) -> list[dict[str, Any]]:
+    events = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    return events
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_compose_demo_answers_every_tenant_as_the_image_runs_it(
+    stack: ComposeProcesses,
+) -> None:
+    result = stack.run("demo", timeout_s=240)
     assert result.returncode == 0, (
-        result.stdout + result.stderr + (logs / "poller.log").read_text()[-3000:]
+        f"{result.stdout}{result.stderr}\n--- poller ---\n{stack.log('poller')}"
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("demo-")]
     assert len(lines) == 3
@@ -156,3 +204,27 @@ def test_the_compose_demo_answers_every_tenant(compose_processes: dict[str, Any]
     # them: two root calls plus one sub-call per chunk of the context.
     calls = [int(re.search(r"(\d+) LLM calls", line).group(1)) for line in lines]  # type: ignore[union-attr]
     assert all(n > 2 for n in calls), result.stdout
+
+    # What was written went to the volumes, as the image's environment says.
+    data = stack.volume("rlm-data")
+    assert len(list((data / "trajectories").glob("*.jsonl"))) >= 3
+    with sqlite3.connect(data / "usage.sqlite3") as ledger:
+        assert ledger.execute("select count(*) from sqlite_master").fetchone()[0] > 0
+    redis_data = stack.volume("redis-data")
+    assert list(redis_data.glob("appendonly*")), "Redis keeps no append-only file"
+    assert not any(stack.app.iterdir())
+
+    # The sandbox runtime says at start which isolation layers it has.
+    isolation = [
+        event
+        for event in _events(stack.log("sandbox", tail=10**6))
+        if event.get("event", "").startswith("sandbox isolation")
+    ]
+    assert len(isolation) == 1, stack.log("sandbox")
+    namespaces = stack.user.run(["unshare", "-n", "--", "true"]).returncode == 0
+    if namespaces:
+        assert isolation[0]["level"] == "info"
+    else:
+        assert isolation[0]["level"] == "warning"
+        assert "network_namespace" in isolation[0]["event"]
+        assert isolation[0]["isolation"]["missing"] == ["network_namespace"]

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from sandbox_runtime.service.layers import report_isolation
 from sandbox_runtime.service.manager import SessionManager
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool
@@ -35,6 +36,7 @@ class Runtime:
         self.sessions = SessionManager(settings, self.pool, self.store, self.metrics)
         self.stateless = StatelessExecutor(settings, self.pool, self.metrics)
         self.started_at = time.time()
+        self.isolation = report_isolation(worker_settings)
         self._register_gauges()
 
     def _register_gauges(self) -> None:
