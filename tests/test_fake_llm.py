@@ -240,7 +240,7 @@ def test_rlm_fake_llm_command_serves_and_prints_its_url() -> None:
     import sys
 
     rlm = Path(sys.executable).with_name("rlm")  # the console script of this venv
-    command = [str(rlm), "fake-llm", "--scenario", "needle"]
+    command = [str(rlm), "fake-llm", "--scenario", "needle", "--port", "0"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
