@@ -11,11 +11,10 @@ from host_poller.llm.errors import LLMConfigError
 from host_poller.llm.profiles import LLMSettings
 from rlm_cli.settings import load_settings
 from rlm_wire.serving import ListenError, PortInUseError, listen_socket
+from sandbox_runtime.service.serve import SETUP
 
 if TYPE_CHECKING:
     from sandbox_runtime.worker import WorkerSettings
-
-SETUP_HINT = "run scripts/setup.sh"
 
 
 def sandbox_worker_settings() -> WorkerSettings:
@@ -30,7 +29,7 @@ def sandbox_worker_settings() -> WorkerSettings:
     except (ImportError, FileNotFoundError) as exc:
         # The default Deno comes from the PyPI package `deno`; without it there is no default.
         raise click.ClickException(
-            f"Deno is not installed (no binary from the PyPI package `deno`): {SETUP_HINT}, "
+            f"Deno is not installed (no binary from the PyPI package `deno`): {SETUP}, "
             "or set RLM_SANDBOX_DENO_PATH"
         ) from exc
     try:

@@ -41,7 +41,10 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 def api_error_response(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.code, exc.message)
+    """The error body, with the error's headers (e.g. a 429's `Retry-After`)."""
+    response = error_response(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
 
 
 def http_exception_response(exc: HTTPException) -> Response:

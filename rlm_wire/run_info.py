@@ -25,7 +25,7 @@ class RunBudgetInfo(BaseModel):
     max_sub_calls: int | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, ge=0)
     max_cost_usd: float | None = Field(None, ge=0, allow_inf_nan=False)
-    max_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class RunInfo(BaseModel):

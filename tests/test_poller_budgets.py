@@ -13,6 +13,7 @@ from host_poller.poller import BudgetExceeded, CallContext, RequestFailed
 from host_poller.rlm.budget import Budget, RunBudgets
 from host_poller.rlm.sub_rlm import SubRLMRunner
 from host_poller.settings import HostSettings
+from rlm_wire.run_info import RunBudgetInfo
 
 
 def call(run_id: str | None = "run", **fields: Any) -> CallContext:
@@ -20,6 +21,8 @@ def call(run_id: str | None = "run", **fields: Any) -> CallContext:
         "tenant_id": "t", "session_id": "s", "run_id": run_id, "depth": 1, "max_depth": 1,
         "kind": "llm",
     }  # fmt: skip
+    if isinstance(fields.get("budget"), dict):
+        fields["budget"] = RunBudgetInfo(**fields["budget"])
     return CallContext(**(base | fields))
 
 

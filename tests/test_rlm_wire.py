@@ -48,6 +48,9 @@ def _app() -> Starlette:
     async def missing(request: Request) -> Response:
         raise ApiError(404, "unknown_thing", "no such thing")
 
+    async def full(request: Request) -> Response:
+        raise ApiError(429, "too_many_sessions", "full", headers={"Retry-After": "3"})
+
     async def broken(request: Request) -> Response:
         raise RuntimeError("a bug")
 
@@ -59,6 +62,7 @@ def _app() -> Starlette:
             Route("/model", model, methods=["POST"]),
             Route("/raw", raw, methods=["POST"]),
             Route("/missing", missing),
+            Route("/full", full),
             Route("/broken", broken),
             Route("/text", text),
         ],
@@ -76,13 +80,6 @@ def server() -> Iterator[ThreadedServer]:
     config = uvicorn_config(_app(), "127.0.0.1", 0, loop="asyncio", graceful_shutdown_s=1)
     with ThreadedServer(config, name="test-rlm-http") as running:
         yield running
-
-
-def test_an_api_error_carries_its_status_as_data() -> None:
-    exc = ApiError(429, "too_many_sessions", "full", headers={"Retry-After": "1"})
-    assert (exc.status, exc.code, exc.message) == (429, "too_many_sessions", "full")
-    assert exc.headers == {"Retry-After": "1"}
-    assert str(exc) == "full"
 
 
 def test_threaded_server_reports_the_bound_port(server: ThreadedServer) -> None:
@@ -120,6 +117,9 @@ async def test_error_answers_map_back_to_typed_errors(server: ThreadedServer) ->
         assert (caught.value.status, caught.value.code) == (502, "unexpected_body")
         unchecked = await client._send("GET", "/missing", check=False)
         assert unchecked.status_code == 404
+        full = await client._send("GET", "/full", check=False)
+        assert (full.status_code, full.headers.get("retry-after")) == (429, "3")
+        assert full.json() == {"error": {"code": "too_many_sessions", "message": "full"}}
 
 
 async def test_an_unexpected_exception_is_a_logged_500(

@@ -19,6 +19,7 @@ from rlm_wire.errors import ServiceResponseError
 from rlm_wire.runtime_client import RuntimeClient
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.worker.launcher import network_namespace_available
 from tests.sandbox_worker_helpers import child_pids
 from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer, wait_until
@@ -152,6 +153,12 @@ async def test_hibernated_session_is_restored_on_execute(
             response = await http.post(f"/sessions/{session.session_id}/hibernate")
         assert response.json() == {"hibernated": True}
         health = await _health(client)
+        # /health lists the isolation layers in force, and what this machine cannot give.
+        layers = health["isolation"]["layers"]
+        assert layers["deno_permissions"]["active"]
+        netns = network_namespace_available()
+        assert layers["network_namespace"]["active"] is netns
+        assert ("network_namespace" in health["isolation"]["missing"]) is not netns
         assert health["sessions"]["hibernated"] >= 1
         assert health["sessions"]["hibernated_bytes"] > 0
         assert (await _session_info(runtime_url, session.session_id))["status"] == "hibernated"

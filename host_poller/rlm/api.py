@@ -108,7 +108,7 @@ class RLM:
             environment=self.environment,
             max_depth=self.max_depth,
             max_iterations=self.max_iterations,
-            budget=self.budget.to_wire(),
+            budget=self.budget.to_wire().model_dump(exclude_none=True),
             context_type=type(checked).__name__,
             context_chars=_context_chars(checked),
         )

@@ -81,19 +81,12 @@ class Budget:
             if value is not None and value < 0:
                 raise ValueError(f"Budget.{name} must be >= 0, got {value}")
 
-    def to_wire(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    def to_wire(self) -> RunBudgetInfo:
+        return RunBudgetInfo(**asdict(self))
 
     @classmethod
-    def from_wire(cls, info: RunBudgetInfo | Mapping[str, Any] | None) -> Budget:
-        data = info.model_dump() if isinstance(info, RunBudgetInfo) else (info or {})
-        return cls(
-            **{
-                k: data[k]
-                for k in ("max_sub_calls", "max_tokens", "max_cost_usd", "max_seconds")
-                if data.get(k) is not None
-            }
-        )
+    def from_wire(cls, info: RunBudgetInfo | None) -> Budget:
+        return cls(**info.model_dump()) if info is not None else cls()
 
 
 @dataclass
@@ -239,12 +232,17 @@ class RunTracker:
         return None
 
 
+def _number(value: float | None) -> str:
+    """30.0 reads as 30: a budget read back from the wire is a float."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe(reason: StopReason, budget: Budget) -> str:
     return {
         "budget_sub_calls": f"sub-call budget of {budget.max_sub_calls} calls spent",
         "budget_tokens": f"token budget of {budget.max_tokens} tokens spent",
-        "budget_cost": f"cost budget of ${budget.max_cost_usd} spent",
-        "budget_time": f"time budget of {budget.max_seconds} s spent",
+        "budget_cost": f"cost budget of ${_number(budget.max_cost_usd)} spent",
+        "budget_time": f"time budget of {_number(budget.max_seconds)} s spent",
     }.get(reason, reason)
 
 

@@ -24,7 +24,7 @@ from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.settings import HostSettings
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import WireError
-from rlm_wire.run_info import RunBudgetInfo, RunInfo
+from rlm_wire.run_info import RunInfo
 from rlm_wire.runtime_models import Limits
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class SessionPlan:
             depth=self.depth,
             max_depth=self.max_depth,
             max_iterations=self.max_iterations,
-            budget=RunBudgetInfo.model_validate(tracker.budget.to_wire()),
+            budget=tracker.budget.to_wire(),
             run_started_at=tracker.started_at,
             environment=self.environment,
             sub_model=self.sub_model,

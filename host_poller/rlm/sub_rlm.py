@@ -43,10 +43,6 @@ SUB_RLM_QUERY = (
 )
 
 
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 def prompt_text(request: PendingRequest) -> str:
     """The child's context: the prompt, or the messages as "role: content" paragraphs."""
     if request.prompt is not None:

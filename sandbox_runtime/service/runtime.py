@@ -102,4 +102,5 @@ class Runtime:
             },
             "stateless_running": self.stateless.running,
             "restarts": self.sessions.restarts,
+            "isolation": self.isolation.as_dict(),
         }

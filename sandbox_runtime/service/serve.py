@@ -20,7 +20,8 @@ from sandbox_runtime.worker import WorkerSettings
 
 #: `deno --version` answers in milliseconds; a binary that hangs is as broken as a missing one.
 DENO_CHECK_TIMEOUT_S = 2.0
-_SETUP = "run scripts/setup.sh"
+#: What every missing-install error tells the user to do.
+SETUP = "run scripts/setup.sh"
 
 
 def check_prerequisites(worker_settings: WorkerSettings) -> None:
@@ -37,24 +38,22 @@ def check_prerequisites(worker_settings: WorkerSettings) -> None:
             stdin=subprocess.DEVNULL,
         )
     except FileNotFoundError as exc:
-        raise SandboxStartError(f"{where} is missing: {_SETUP}") from exc
+        raise SandboxStartError(f"{where} is missing: {SETUP}") from exc
     except subprocess.TimeoutExpired as exc:
         raise SandboxStartError(
-            f"{where} did not answer `deno --version` within {DENO_CHECK_TIMEOUT_S:g} s: {_SETUP}"
+            f"{where} did not answer `deno --version` within {DENO_CHECK_TIMEOUT_S:g} s: {SETUP}"
         ) from exc
     except OSError as exc:
-        raise SandboxStartError(f"{where} cannot run ({exc.strerror or exc}): {_SETUP}") from exc
+        raise SandboxStartError(f"{where} cannot run ({exc.strerror or exc}): {SETUP}") from exc
     if done.returncode != 0:
         raise SandboxStartError(
-            f"{where} is broken (`deno --version` exited with {done.returncode}): {_SETUP}"
+            f"{where} is broken (`deno --version` exited with {done.returncode}): {SETUP}"
         )
     if not done.stdout.startswith(b"deno "):
-        raise SandboxStartError(f"{where} is not Deno (`deno --version` said otherwise): {_SETUP}")
+        raise SandboxStartError(f"{where} is not Deno (`deno --version` said otherwise): {SETUP}")
     wasm = worker_settings.pyodide_dir / "pyodide.asm.wasm"
     if not wasm.is_file():
-        raise SandboxStartError(
-            f"Pyodide is missing: no {wasm} (RLM_SANDBOX_PYODIDE_DIR): {_SETUP}"
-        )
+        raise SandboxStartError(f"Pyodide is missing: no {wasm} (RLM_SANDBOX_PYODIDE_DIR): {SETUP}")
 
 
 def uvicorn_config(app: Starlette, settings: RuntimeSettings) -> uvicorn.Config:
@@ -69,7 +68,7 @@ def uvicorn_config(app: Starlette, settings: RuntimeSettings) -> uvicorn.Config:
 
 
 def serve(settings: RuntimeSettings, worker_settings: WorkerSettings) -> None:
-    """Run the runtime until SIGINT/SIGTERM (after `check_prerequisites`, for a clear error).
+    """Run the runtime until SIGINT/SIGTERM (callers run `check_prerequisites` first).
 
     A port in use raises `rlm_wire.serving.PortInUseError` before anything starts.
     """
