@@ -55,7 +55,7 @@ class BrokerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> BrokerProcess:
+    def start(self, timeout_s: float = 60.0) -> BrokerProcess:
         rlm = Path(sys.executable).with_name("rlm")
         self._process = subprocess.Popen(
             [str(rlm), "broker", "--port", str(self.port)],
@@ -72,6 +72,7 @@ class BrokerProcess:
                     return self
             except httpx2.TransportError:
                 time.sleep(0.05)
+        self.kill()  # never leave a half-started broker behind a failed test
         raise RuntimeError("rlm broker did not become ready")
 
     @property
