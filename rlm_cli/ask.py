@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class Progress:
     last: str = "starting"
     budgets: RunBudgets | None = None
     run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def on_event(self, event: str, fields: dict[str, Any]) -> None:
         depth = int(fields.get("depth", 0))
