@@ -6,18 +6,30 @@ one slot and each Lua script touches a single slot.
     <p>:tenants                         set    tenant ids (admin draining, /health)
     <p>:tenant:{t}                      hash   name, created_at
     <p>:token:<sha256>                  hash   kind, tenant, session; TTL = the session's
-    <p>:{t}:stream                      stream one entry per delivery-ready request; group GROUP
+    <p>:{t}:stream                      stream one entry {id, size} per unanswered request;
+                                               group GROUP
     <p>:{t}:session:<s>                 hash   status, metadata, expires_at, token_hash
     <p>:{t}:session:<s>:open            set    the session's unanswered request ids
-    <p>:{t}:session:<s>:idem:<sha256>   string JSON ids accepted under an Idempotency-Key
+    <p>:{t}:session:<s>:idem:<sha256>   hash   ids (JSON) accepted under an Idempotency-Key,
+                                               open (of them unanswered), grace (s)
     <p>:{t}:req:<id>                    hash   status, body, session, enqueued_at, entry,
-                                               attempt, result
+                                               attempt, result, idem (its key, if any)
     <p>:{t}:req:<id>:w                  set    broker replicas waiting for this request's answer
     <p>:{t}:reap                        string rate-limits re-delivery scans (PX)
     <p>:{t}:reap:cursor                 string where the last re-delivery scan stopped
-    <p>:pollers                         zset   poller id -> last /pending time
+    <p>:{t}:sessions                    zset   the tenant's sessions -> expires_at (quota)
+    <p>:{t}:usage                       hash   bytes: body bytes of its unanswered requests
+    <p>:{t}:pollers                     zset   the tenant's poller ids -> last /pending time
+    <p>:pollers                         zset   admin pollers' ids -> last /pending time
     channel <p>:work                    "<tenant id> <count> [<replica>]": new work of a tenant
     channel <p>:replies:<replica>       "<request id>\\n<result json>" for a waiting replica
+
+Lifetimes: each key lives as long as what it serves. A request hash lives RLM_REQUEST_TTL_S
+while unanswered, RLM_RESULT_TTL_S once answered; its watchers set lives no longer than it
+(deleted on the answer; never created for an answered request); an idempotency key lives
+while any of its requests is unanswered, then the results' lifetime plus
+RLM_IDEMPOTENCY_GRACE_S (`finish.lua` counts it down). A session hash lives its token's TTL
+plus RLM_REQUEST_TTL_S (late answers still find its metadata).
 """
 
 from __future__ import annotations
@@ -96,8 +108,17 @@ class Keys:
     def reap_cursor(self, tenant_id: str) -> str:
         return f"{self.tenant_base(tenant_id)}reap:cursor"
 
-    def pollers(self) -> str:
-        return f"{self.prefix}:pollers"
+    def sessions(self, tenant_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}sessions"
+
+    def usage(self, tenant_id: str) -> str:
+        return f"{self.tenant_base(tenant_id)}usage"
+
+    def pollers(self, tenant_id: str | None = None) -> str:
+        """Pollers seen draining one tenant's queue (None: admin pollers, every tenant's)."""
+        if tenant_id is None:
+            return f"{self.prefix}:pollers"
+        return f"{self.tenant_base(tenant_id)}pollers"
 
     def work_channel(self) -> str:
         return f"{self.prefix}:work"

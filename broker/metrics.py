@@ -14,6 +14,12 @@ class Metrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
+        self.client_disconnects = Counter(
+            "rlm_broker_client_disconnects",
+            "Calls whose client hung up before its body arrived (not answered, not errors).",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.enqueue_to_respond = Histogram(
             "rlm_broker_enqueue_to_respond_seconds",
             "Time from a request's enqueue to its first accepted answer.",
@@ -43,6 +49,21 @@ class Metrics:
         )
         self.queue_leased = Gauge(
             "rlm_broker_queue_leased", "Requests leased to a poller.", registry=self.registry
+        )
+        self.queue_oldest_age = Gauge(
+            "rlm_broker_queue_oldest_age_seconds",
+            "Age of the oldest unanswered request (0 when none): work no poller takes grows it.",
+            registry=self.registry,
+        )
+        self.pollers_last_minute = Gauge(
+            "rlm_broker_pollers_last_minute",
+            "Pollers (every tenant's and the admin's) that called /pending in the last minute.",
+            registry=self.registry,
+        )
+        self.redis_up = Gauge(
+            "rlm_broker_redis_up",
+            "1 when the last scrape reached Redis, else 0.",
+            registry=self.registry,
         )
         self.waiters = Gauge(
             "rlm_broker_waiters",

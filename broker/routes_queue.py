@@ -21,7 +21,7 @@ from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
 from broker.handling import endpoint
 from broker.keys import tenant_of_request
-from broker.store import Claimed
+from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
 from rlm_wire.bodies import query_float, query_int, read_json, validate
 from rlm_wire.codes import ErrorCode
@@ -121,7 +121,16 @@ async def _rewait(
     futures = [ctx.waiters.register(request_id) for request_id in earlier]
     for request_id in earlier:
         stored = await ctx.store.watch(tenant_id, request_id)
-        if stored is not None and stored.status != "pending" and stored.result is not None:
+        if stored is None:
+            for rid, future in zip(earlier, futures, strict=True):
+                ctx.waiters.discard(rid, future)
+            raise ApiError(
+                410,
+                ErrorCode.RESULT_EXPIRED,
+                f"this Idempotency-Key enqueued {request_id}, whose result has expired "
+                "(RLM_RESULT_TTL_S); use a new key to ask again",
+            )
+        if stored.status != "pending" and stored.result is not None:
             ctx.waiters.resolve(request_id, stored.result)
     return earlier, futures
 
@@ -194,13 +203,14 @@ async def pending(request: Request) -> Response:
     settings = ctx.settings
     max_items = query_int(request, "max", settings.default_pending_max, settings.max_pending_batch)
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
-    poller_id = request.headers.get("x-rlm-poller", "")[:100] or principal.token_hash[:16]
+    poller = PollerSeen(principal.tenant_id, _poller_name(request, principal))
     deadline = time.monotonic() + wait_s
     disconnected = asyncio.ensure_future(_until_disconnect(request))
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
         full_scan = True
-        seen = poller_id if ctx.poller_due(poller_id, time.monotonic()) else None
+        due = ctx.poller_due(f"{poller.tenant_id}/{poller.name}", time.monotonic())
+        seen = poller if due else None
         while True:
             woken = ctx.signals.join(tenant_id)
             claimed = await _claim(ctx, principal, max_items, full_scan, seen)
@@ -225,6 +235,14 @@ async def pending(request: Request) -> Response:
     return json_response(_pending_body(ctx, claimed))
 
 
+def _poller_name(request: Request, principal: Principal) -> str:
+    """The `X-RLM-Poller` name (printable ASCII, at most 100 characters), else the token's."""
+    name = request.headers.get("x-rlm-poller", "")
+    if 0 < len(name) <= 100 and name.isascii() and name.isprintable():
+        return name
+    return principal.token_hash[:16]
+
+
 async def _until_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -237,23 +255,23 @@ async def _claim(
     principal: Principal,
     max_items: int,
     full_scan: bool,
-    poller_id: str | None,
+    poller: PollerSeen | None,
 ) -> list[Claimed]:
     if principal.scope == "tenant":
-        claimed = await ctx.store.claim([(principal.tenant, max_items)], poller_id)
+        claimed = await ctx.store.claim([(principal.tenant, max_items)], poller)
         return claimed.get(principal.tenant, [])
-    return await _claim_fairly(ctx, max_items, full_scan, poller_id)
+    return await _claim_fairly(ctx, max_items, full_scan, poller)
 
 
 async def _claim_fairly(
-    ctx: BrokerContext, max_items: int, full_scan: bool, poller_id: str | None
+    ctx: BrokerContext, max_items: int, full_scan: bool, poller: PollerSeen | None
 ) -> list[Claimed]:
     """Admin draining: an equal share per tenant with work, rotating who goes first."""
     ready = ctx.signals.ready
     tenants = await ctx.store.tenant_ids() if full_scan or not ready else sorted(ready)
     if not tenants:
-        if poller_id is not None:
-            await ctx.store.claim([], poller_id)
+        if poller is not None:
+            await ctx.store.claim([], poller)
         return []
     offset = ctx.drain_offset % len(tenants)
     ctx.drain_offset += 1
@@ -263,8 +281,8 @@ async def _claim_fairly(
     while remaining > 0 and active:
         share = max(1, remaining // len(active))
         batch = active if share > 1 else active[:remaining]
-        got = await ctx.store.claim([(t, share) for t in batch], poller_id)
-        poller_id = None  # recorded with the first round
+        got = await ctx.store.claim([(t, share) for t in batch], poller)
+        poller = None  # recorded with the first round
         still_busy = []
         for tenant_id in batch:
             items = got.get(tenant_id, [])
@@ -301,6 +319,7 @@ def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
                 "tenant_id": tenant_of_request(item.id),
                 "attempt": item.attempt,
                 "enqueued_at": item.enqueued_at,
+                "lease_s": ctx.settings.lease_s,
                 "lease_expires_at": lease_expires_at,
             },
             separators=(",", ":"),
@@ -400,7 +419,11 @@ async def extend_leases(request: Request) -> Response:
             statuses[index] = outcome
     results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
     return json_response(
-        {"results": results, "lease_expires_at": time.time() + ctx.settings.lease_s}
+        {
+            "results": results,
+            "lease_s": ctx.settings.lease_s,
+            "lease_expires_at": time.time() + ctx.settings.lease_s,
+        }
     )
 
 

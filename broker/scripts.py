@@ -30,6 +30,8 @@ class Scripts:
     release: AsyncScript
     extend: AsyncScript
     close: AsyncScript
+    watch: AsyncScript
+    open_session: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
@@ -38,6 +40,8 @@ class Scripts:
             claim=redis.register_script(_with_finish("claim")),
             answer=redis.register_script(_with_finish("answer")),
             release=redis.register_script(_source("release")),
-            extend=redis.register_script(_source("extend")),
+            extend=redis.register_script(_with_finish("extend")),
             close=redis.register_script(_with_finish("close")),
+            watch=redis.register_script(_source("watch")),
+            open_session=redis.register_script(_source("open_session")),
         )

@@ -27,12 +27,17 @@ GRACEFUL_SHUTDOWN_S = 5
 
 @contextlib.contextmanager
 def redis_for(settings: BrokerSettings) -> Iterator[BrokerSettings]:
-    """`settings` with a Redis URL: the configured one, or an embedded server's for the block."""
+    """`settings` with a Redis URL: the configured one, or for the block an embedded
+    server's, durable in `RLM_REDIS_DIR`."""
     if settings.redis_url is not None:
         yield settings
         return
-    with RedisServer() as server:
-        logger.info("embedded redis started", extra={"redis_url": server.url})
+    server = RedisServer(data_dir=settings.redis_dir, appendfsync=settings.redis_appendfsync)
+    with server:
+        logger.info(
+            "embedded redis started",
+            extra={"redis_url": server.url, "redis_dir": str(settings.redis_dir)},
+        )
         yield settings.model_copy(update={"redis_url": server.url})
 
 

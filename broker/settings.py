@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rlm_wire.serving import BROKER_PORT
+
+
+def _default_redis_dir() -> Path:
+    """`$XDG_DATA_HOME/rlm-broker/redis`, else `~/.local/share/rlm-broker/redis`: the same
+    base as the host's trajectories (`XDG_DATA_HOME` counts only when absolute)."""
+    data_home = Path(os.environ.get("XDG_DATA_HOME", ""))
+    if not data_home.is_absolute():
+        data_home = Path.home() / ".local" / "share"
+    return data_home / "rlm-broker" / "redis"
 
 
 class BrokerSettings(BaseSettings):
@@ -22,6 +35,18 @@ class BrokerSettings(BaseSettings):
     redis_url: str | None = Field(
         None,
         description="Redis to use. Unset: `rlm broker` starts an embedded server on a free port.",
+    )
+    redis_dir: Path = Field(
+        default_factory=_default_redis_dir,
+        description="Data directory (created 0700) of the embedded Redis of `rlm broker` and "
+        "`rlm up`: its append-only file keeps every tenant, token, session and request across "
+        "restarts (default: under $XDG_DATA_HOME, else ~/.local/share). Unused with "
+        "RLM_REDIS_URL.",
+    )
+    redis_appendfsync: Literal["everysec", "always"] = Field(
+        "everysec",
+        description="When the embedded Redis flushes its append-only file: `everysec` (a crash "
+        "loses at most the last second of writes) or `always` (loses nothing; slower writes).",
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the admin scope. Unset: admin endpoints refuse all."
@@ -43,6 +68,30 @@ class BrokerSettings(BaseSettings):
     max_open_per_session: int = Field(
         4096, ge=1, description="Unanswered requests one session may hold (429 above)."
     )
+    tenant_max_sessions: int = Field(
+        1000, ge=1, description="Sessions one tenant may have open at once (429 above)."
+    )
+    tenant_max_in_flight: int = Field(
+        10_000,
+        ge=1,
+        description="Unanswered (queued or leased) requests of one tenant (429 above).",
+    )
+    tenant_max_queued_bytes: int = Field(
+        256 * 2**20,
+        ge=1024,
+        description="Bytes of request bodies one tenant may have unanswered (429 above).",
+    )
+    max_session_metadata_bytes: int = Field(
+        16 * 1024,
+        ge=256,
+        description="Largest session metadata (JSON), copied into every request (413 above).",
+    )
+    max_pollers_per_tenant: int = Field(
+        32,
+        ge=1,
+        description="Distinct X-RLM-Poller names remembered per tenant (and for admin) for "
+        "/health: a tenant cannot inflate the pollers count past this.",
+    )
     max_attempts: int = Field(
         5, ge=1, description="Deliveries of one request before it fails as undeliverable."
     )
@@ -52,6 +101,12 @@ class BrokerSettings(BaseSettings):
         86_400, gt=0, description="How long an unanswered request is kept before it expires."
     )
     result_ttl_s: int = Field(3600, gt=0, description="How long an answer is kept for readers.")
+    idempotency_grace_s: int = Field(
+        600,
+        ge=0,
+        description="How long an Idempotency-Key outlives its requests' results, so that a late "
+        "replay is answered 410 `result_expired` at once (after that, the key is new again).",
+    )
     auth_cache_s: float = Field(
         2.0, ge=0, description="How long a token lookup is cached in-process (0 disables)."
     )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import EncodableT
 
 from broker.auth import hash_token, new_id, new_token
 from broker.codec import optional_bytes, text
@@ -56,6 +57,14 @@ class StoredResult:
     result: bytes | None
 
 
+@dataclass(frozen=True)
+class PollerSeen:
+    """A poller's `X-RLM-Poller` name, and the tenant it drains (None: admin, all)."""
+
+    tenant_id: str | None
+    name: str
+
+
 _RESULT_FIELDS = ["status", "session", "result"]
 
 
@@ -65,6 +74,20 @@ def _stored(tenant_id: str, fields: Sequence[Any]) -> StoredResult | None:
     if status is None:
         return None
     return StoredResult(tenant_id, text(session), text(status), optional_bytes(result))
+
+
+#: Retry-After of a tenant over its in-flight or queued-bytes quota: answers free room fast.
+QUOTA_RETRY_AFTER_S = 2
+
+
+def quota_exceeded(message: str, retry_after_s: int) -> ApiError:
+    """429 `quota_exceeded`, with the seconds after which a retry may succeed."""
+    return ApiError(
+        429,
+        ErrorCode.QUOTA_EXCEEDED,
+        message,
+        headers={"Retry-After": str(max(1, retry_after_s))},
+    )
 
 
 def error_result(request_id: str, code: str, message: str) -> str:
@@ -85,6 +108,11 @@ class Store:
         self._replies_prefix = self.keys.reply_channel("")
         self._lease_ms = str(int(settings.lease_s * 1000))
         self._reap_ms = str(max(50, min(1000, int(settings.lease_s * 250))))
+        self._session_gone = error_result(
+            "__ID__",
+            ErrorCode.SESSION_EXPIRED,
+            "the request's session expired (or was closed) before it was answered",
+        )
 
     # --- tenants and sessions ---------------------------------------------------------------
 
@@ -111,8 +139,33 @@ class Store:
     async def create_session(
         self, tenant_id: str, ttl_s: int, metadata: RunInfo | None
     ) -> tuple[str, str, float]:
+        """Open a session: 413 for metadata over its limit, 429 past the tenant's quota."""
+        metadata_json = (
+            metadata.model_dump_json(exclude_none=True) if metadata is not None else "{}"
+        )
+        limit = self.settings.max_session_metadata_bytes
+        if len(metadata_json) > limit:
+            raise ApiError(
+                413,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"session metadata of {len(metadata_json)} bytes exceeds {limit} "
+                "(RLM_MAX_SESSION_METADATA_BYTES)",
+            )
         session_id, token = new_id("s"), new_token("session")
-        expires_at = time.time() + ttl_s
+        now = time.time()
+        expires_at = now + ttl_s
+        retry_after = int(
+            await self.scripts.open_session(
+                keys=[self.keys.sessions(tenant_id)],
+                args=[now, self.settings.tenant_max_sessions, session_id, expires_at],
+            )
+        )
+        if retry_after > 0:
+            raise quota_exceeded(
+                f"the tenant has {self.settings.tenant_max_sessions} sessions open "
+                "(RLM_TENANT_MAX_SESSIONS); close one",
+                retry_after,
+            )
         token_hash = hash_token(token)
         session_key = self.keys.session(tenant_id, session_id)
         token_key = self.keys.token(token_hash)
@@ -122,9 +175,7 @@ class Store:
                 mapping={
                     "status": "active",
                     "expires_at": expires_at,
-                    "metadata": metadata.model_dump_json(exclude_none=True)
-                    if metadata is not None
-                    else "{}",
+                    "metadata": metadata_json,
                     "token_hash": token_hash,
                 },
             )
@@ -154,6 +205,7 @@ class Store:
                 self.settings.result_ttl_s,
                 time.time(),
                 error_result("__ID__", ErrorCode.SESSION_CLOSED, "the session was closed"),
+                session_id,
             ],
         )
         if int(failed) < 0:
@@ -187,6 +239,9 @@ class Store:
             self.settings.max_open_per_session,
             self.keys.work_channel(),
             len(items),
+            self.settings.idempotency_grace_s,
+            self.settings.tenant_max_in_flight,
+            self.settings.tenant_max_queued_bytes,
         ]
         for request_id, body in items:
             args += [request_id, body]
@@ -211,21 +266,31 @@ class Store:
                 f"the session has reached its limit of {self.settings.max_open_per_session} "
                 "unanswered requests (RLM_MAX_OPEN_PER_SESSION)",
             )
+        if accepted == -3:
+            raise quota_exceeded(
+                f"the tenant has {self.settings.tenant_max_in_flight} requests in flight "
+                "(RLM_TENANT_MAX_IN_FLIGHT)",
+                QUOTA_RETRY_AFTER_S,
+            )
+        if accepted == -4:
+            raise quota_exceeded(
+                f"the tenant's unanswered requests hold {self.settings.tenant_max_queued_bytes}"
+                " bytes (RLM_TENANT_MAX_QUEUED_BYTES)",
+                QUOTA_RETRY_AFTER_S,
+            )
         return None
 
     async def watch(self, tenant_id: str, request_id: str) -> StoredResult | None:
-        """Add this replica to the request's watchers, then read it (in that order: no gap)."""
-        request_key = self.keys.request(tenant_id, request_id)
-        watchers = self.keys.watchers(tenant_id, request_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sadd(watchers, self.replica_id)
-            pipe.expire(watchers, self.settings.request_ttl_s)
-            pipe.hmget(request_key, _RESULT_FIELDS)
-            _, _, fields = await pipe.execute()
-        stored = _stored(tenant_id, fields)
-        if stored is None:
-            await self.redis.delete(watchers)
-        return stored
+        """Read the request; while it is unanswered, this replica is added to its watchers
+        in the same script (no gap), for as long as the request lives."""
+        fields = await self.scripts.watch(
+            keys=[
+                self.keys.request(tenant_id, request_id),
+                self.keys.watchers(tenant_id, request_id),
+            ],
+            args=[self.replica_id],
+        )
+        return _stored(tenant_id, fields)
 
     async def read(self, tenant_id: str, request_id: str) -> StoredResult | None:
         fields = await self.redis.hmget(self.keys.request(tenant_id, request_id), _RESULT_FIELDS)
@@ -241,11 +306,11 @@ class Store:
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(
-        self, claims: Sequence[tuple[str, int]], poller_id: str | None = None
+        self, claims: Sequence[tuple[str, int]], poller: PollerSeen | None = None
     ) -> dict[str, list[Claimed]]:
         """Lease up to `count` requests from each `(tenant, count)`: one round trip in all.
 
-        `poller_id`, when given, is recorded as seen (for /health) in the same round trip.
+        `poller`, when given, is recorded as seen (for /health) in the same round trip.
         """
         undeliverable = error_result(
             "__ID__",
@@ -253,32 +318,50 @@ class Store:
             f"no poller answered within {self.settings.max_attempts} deliveries",
         )
         now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for tenant_id, count in claims:
-                await self.scripts.claim(
-                    keys=[
-                        self.keys.stream(tenant_id),
-                        self.keys.reap_lock(tenant_id),
-                        self.keys.reap_cursor(tenant_id),
-                    ],
-                    args=[
-                        self.keys.tenant_base(tenant_id),
-                        GROUP,
-                        CONSUMER,
-                        count,
-                        self._lease_ms,
-                        now,
-                        self.settings.max_attempts,
-                        self._reap_ms,
-                        self._replies_prefix,
-                        self.settings.result_ttl_s,
-                        undeliverable,
-                    ],
-                    client=pipe,
-                )
-            if poller_id is not None:
-                pipe.zadd(self.keys.pollers(), {poller_id: now})
-            replies = await pipe.execute(raise_on_error=False)
+        script = self.scripts.claim
+        calls: list[tuple[list[str], list[EncodableT]]] = [
+            (
+                [
+                    self.keys.stream(tenant_id),
+                    self.keys.reap_lock(tenant_id),
+                    self.keys.reap_cursor(tenant_id),
+                ],
+                [
+                    self.keys.tenant_base(tenant_id),
+                    GROUP,
+                    CONSUMER,
+                    count,
+                    self._lease_ms,
+                    now,
+                    self.settings.max_attempts,
+                    self._reap_ms,
+                    self._replies_prefix,
+                    self.settings.result_ttl_s,
+                    undeliverable,
+                    self._session_gone,
+                ],
+            )
+            for tenant_id, count in claims
+        ]
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    # EVALSHA straight on the pipeline: redis-py sends SCRIPT EXISTS before
+                    # every pipeline holding a registered Script, one more Redis round trip
+                    # per /pending (measured: 1 per llm_query round trip).
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                if poller is not None:
+                    # Scoped by tenant and trimmed to the most recent few: a tenant naming a
+                    # new poller on every call cannot inflate /health's count.
+                    key = self.keys.pollers(poller.tenant_id)
+                    pipe.zadd(key, {poller.name: now})
+                    pipe.zremrangebyrank(key, 0, -self.settings.max_pollers_per_tenant - 1)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies[: len(calls)]):
+                break
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, try once more.
+            # A NOSCRIPT claim changed nothing, and the poller bookkeeping is idempotent.
+            await self.redis.script_load(script.script)
         out: dict[str, list[Claimed]] = {}
         for (tenant_id, _), flat in zip(claims, replies[: len(claims)], strict=True):
             if isinstance(flat, ResponseError) and "NOGROUP" in str(flat):
@@ -316,7 +399,16 @@ class Store:
     async def extend(self, tenant_id: str, request_ids: Sequence[str]) -> list[str]:
         replies = await self.scripts.extend(
             keys=[self.keys.stream(tenant_id)],
-            args=[self.keys.tenant_base(tenant_id), GROUP, CONSUMER, *request_ids],
+            args=[
+                self.keys.tenant_base(tenant_id),
+                GROUP,
+                CONSUMER,
+                self._replies_prefix,
+                self.settings.result_ttl_s,
+                time.time(),
+                self._session_gone,
+                *request_ids,
+            ],
         )
         return [text(r) for r in replies]
 
@@ -347,13 +439,15 @@ class Store:
     # --- monitoring -------------------------------------------------------------------------
 
     async def pollers_since(self, seconds: float) -> int:
+        """Pollers (admin's and every tenant's) that called /pending in the last `seconds`."""
         now = time.time()
-        key = self.keys.pollers()
+        keys = [self.keys.pollers()] + [self.keys.pollers(t) for t in await self.tenant_ids()]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(key, "-inf", now - 3600)
-            pipe.zcount(key, now - seconds, "+inf")
-            _, count = await pipe.execute()
-        return int(count)
+            for key in keys:
+                pipe.zremrangebyscore(key, "-inf", now - 3600)
+                pipe.zcount(key, now - seconds, "+inf")
+            replies = await pipe.execute()
+        return sum(int(count) for count in replies[1::2])
 
     async def queue_depths(self) -> tuple[int, int, float | None]:
         """(pending, leased, age in seconds of the oldest unanswered request) over all tenants."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
@@ -25,8 +25,23 @@ _MAX_FIELD_ERRORS = 10
 _MAX_INT_DIGITS = 18
 
 
+class ClientDisconnected(ApiError):
+    """The client hung up before its whole body arrived: its fault, not the server's.
+
+    An `ApiError` so that every service answers it without a traceback; the status is the
+    de-facto "client closed request" 499, which no client will read. Servers log it at debug
+    and count it apart from their answers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            499, ErrorCode.CLIENT_DISCONNECTED, "the client disconnected before its body arrived"
+        )
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body; 413 beyond `max_bytes` (declared or streamed), 400 for a bad length."""
+    """The raw body; 413 beyond `max_bytes` (declared or streamed), 400 for a bad length,
+    `ClientDisconnected` if the client hangs up half-way."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -39,13 +54,18 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(
-                413, ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds the limit of {max_bytes} bytes"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(
+                    413,
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"body exceeds the limit of {max_bytes} bytes",
+                )
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientDisconnected() from exc
     return b"".join(chunks)
 
 

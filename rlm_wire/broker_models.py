@@ -157,7 +157,11 @@ class BatchResults(WireModel):
 
 
 class PendingRequest(WireModel):
-    """A request as a poller receives it, leased to that poller until `lease_expires_at`."""
+    """A request as a poller receives it, leased to that poller for `lease_s` seconds.
+
+    `lease_s` is a duration, so the poller schedules renewals on its own monotonic clock;
+    `lease_expires_at` (the broker's wall clock) is informative only: clocks differ.
+    """
 
     id: str
     session_id: str
@@ -171,6 +175,7 @@ class PendingRequest(WireModel):
     metadata: RunInfo | None = None
     attempt: int
     enqueued_at: float
+    lease_s: float
     lease_expires_at: float
 
 
@@ -190,7 +195,10 @@ class LeaseResult(WireModel):
 
 
 class LeaseResults(WireModel):
+    """`lease_s`: the seconds each `extended` lease now has left (see `PendingRequest`)."""
+
     results: list[LeaseResult]
+    lease_s: float
     lease_expires_at: float
 
 

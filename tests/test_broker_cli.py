@@ -39,8 +39,8 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-async def test_rlm_broker_runs_on_an_embedded_redis_and_stops_it() -> None:
-    broker = BrokerProcess(None)
+async def test_rlm_broker_runs_on_an_embedded_redis_and_stops_it(tmp_path: Path) -> None:
+    broker = BrokerProcess(None, RLM_REDIS_DIR=str(tmp_path / "redis"))
     broker.start()
     try:
         (redis_pid,) = _children(broker.pid)
@@ -83,7 +83,11 @@ async def test_rlm_broker_runs_on_an_embedded_redis_and_stops_it() -> None:
 def test_rlm_broker_listens_on_rlm_broker_port(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
-    env |= {"RLM_BROKER_PORT": str(port), "RLM_LOG_LEVEL": "WARNING"}
+    env |= {
+        "RLM_BROKER_PORT": str(port),
+        "RLM_LOG_LEVEL": "WARNING",
+        "RLM_REDIS_DIR": str(tmp_path / "redis"),
+    }
     rlm = Path(sys.executable).with_name("rlm")
     child = subprocess.Popen(
         [str(rlm), "broker"], env=env, cwd=tmp_path,

@@ -146,3 +146,25 @@ async def test_redis_outage_gives_503_then_recovers_without_restart(
 async def _healthy(client: BrokerClient) -> bool:
     health = await client.health()
     return bool(health["status"] == "ok" and health["redis"]["subscribed"])
+
+
+async def test_leases_are_given_as_durations(
+    broker_factory: Callable[..., BrokerServer],
+) -> None:
+    """`lease_s` (seconds left) on /pending and /leases/extend, for both draining scopes:
+    a poller schedules renewals on its own clock, never from the broker's wall clock."""
+    broker = broker_factory(lease_s=42.5)
+    async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
+        await session.client.enqueue_batch(
+            [p.LLMRequest(prompt="a"), p.LLMRequest(prompt="b")], wait_s=0
+        )
+        (as_tenant,) = (await tenant.client.pending(max_items=1, wait_s=5)).requests
+        async with BrokerClient(broker.url, broker.admin_token) as admin:
+            (as_admin,) = (await admin.pending(max_items=1, wait_s=5)).requests
+        assert as_tenant.lease_s == as_admin.lease_s == 42.5
+        extended = await tenant.client.extend_leases([as_tenant.id, as_admin.id])
+        assert [r.status for r in extended.results] == ["extended", "extended"]
+        assert extended.lease_s == 42.5
+        await tenant.client.respond(p.Answer(id=as_tenant.id, response="done"))
+        after = await tenant.client.extend_leases([as_tenant.id])
+        assert after.results[0].status == "not_leased"

@@ -1,16 +1,26 @@
--- Shared by answer.lua, claim.lua and close.lua: record a request's final result once,
+-- Shared by answer.lua, claim.lua, close.lua and extend.lua: record a request's final result once,
 -- acknowledge its stream entry, and push the result to every waiting replica.
 -- Returns false when the request is unknown, 'duplicate' when it already has a result,
 -- else its enqueued_at.
+-- Takes `size` bytes off the tenant's queued bytes (enqueue.lua counted them up); never
+-- below zero.
+local function release_bytes(base, size)
+  local usage = base .. 'usage'
+  if redis.call('HINCRBY', usage, 'bytes', -size) < 0 then
+    redis.call('HSET', usage, 'bytes', 0)
+  end
+end
+
 local function finish(base, stream, group, replies_prefix, id, status, result, result_ttl, now)
   local req = base .. 'req:' .. id
-  local fields = redis.call('HMGET', req, 'status', 'entry', 'session', 'enqueued_at')
+  local fields = redis.call('HMGET', req, 'status', 'entry', 'session', 'enqueued_at', 'idem')
   if not fields[1] then
     return false
   end
   if fields[1] ~= 'pending' then
     return 'duplicate'
   end
+  release_bytes(base, redis.call('HSTRLEN', req, 'body'))
   redis.call('HSET', req, 'status', status, 'result', result, 'answered_at', now)
   redis.call('HDEL', req, 'body')
   redis.call('EXPIRE', req, result_ttl)
@@ -22,5 +32,13 @@ local function finish(base, stream, group, replies_prefix, id, status, result, r
     redis.call('PUBLISH', replies_prefix .. replica, id .. '\n' .. result)
   end
   redis.call('DEL', watchers)
+  local idem = fields[5]
+  if idem and redis.call('EXISTS', idem) == 1 then
+    -- The key's last request answered: it now lives as long as the results (+ grace).
+    if redis.call('HINCRBY', idem, 'open', -1) <= 0 then
+      local grace = tonumber(redis.call('HGET', idem, 'grace')) or 0
+      redis.call('EXPIRE', idem, tonumber(result_ttl) + grace)
+    end
+  end
   return fields[4]
 end

@@ -1,0 +1,1 @@
+"""Fault tests: real processes (Redis, brokers) killed with real signals, bounded in time."""
