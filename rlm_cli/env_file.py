@@ -141,7 +141,7 @@ async def broker_answers(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
     """True when a broker at `url` says it is healthy within `timeout_s`."""
     if not url.startswith(("http://", "https://")):
         return False
-    async with BrokerClient(url, None, timeout_s=timeout_s, retries=0) as client:
+    async with BrokerClient(url, None, timeout_s=timeout_s, retry=None) as client:
         try:
             health = await client.health()
         except (WireError, ValueError):

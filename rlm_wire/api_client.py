@@ -1,30 +1,57 @@
 """The plumbing of the project's typed HTTP API clients (`BrokerClient`, `RuntimeClient`).
 
-`ApiClient` owns one `httpx2.AsyncClient` (base URL, bearer token, timeout, connection
-limits), sends JSON bodies, maps error bodies to the subclass's `ServiceResponseError`
-type and connection failures to its `ServiceUnreachable` type. Calls that are safe to
-repeat are tried once, then retried with jittered backoff (stamina) on connection errors;
-the others are never retried (a retry could, e.g., enqueue or execute twice).
+`ApiClient` sends JSON bodies over a `Transport` (`rlm_wire.transport`: httpx2 by default,
+`KeepAliveLink` on hot paths), maps error bodies to `ServiceResponseError` and failed
+exchanges to `ServiceUnreachable`, and retries under the retry policy it is given: what
+failed in a way worth another try (no answer, or one of the policy's statuses: 429, 502,
+503, 504) is tried again after the policy's pause, until its deadline. Calls that are not
+safe to repeat are retried only on a 429 or 503, which the service answers without doing
+anything.
+
+The one retry policy of every broker client is `rlm_repl.RetryPolicy`: it lives in the REPL
+because the exec script must carry it alone in a sandbox, and `rlm_wire` never imports the
+REPL, so the clients here take it through the `RetrySchedule` protocol and the services
+(which may import the REPL) pass it in.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
+from urllib.parse import urlencode
 
-import httpx2
-import stamina
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.transport import HttpxTransport, Reply, Transport, TransportFactory
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-ErrorT = TypeVar("ErrorT", bound=ServiceResponseError)
 
 #: What a request body may be: a wire model (sent without its None fields) or raw JSON.
 Body = BaseModel | bytes | None
+
+#: Statuses a service answers without having done anything: safe to retry for any call.
+_REFUSED_STATUSES = frozenset({429, 503})
+
+
+class RetryClock(Protocol):
+    """One call's retries: the pause before the next try, or None once the deadline is spent."""
+
+    retries: int
+
+    def next_pause(self, retry_after: str | None = None) -> float | None: ...
+
+
+class RetrySchedule(Protocol):
+    """What a client needs of a retry policy (`rlm_repl.RetryPolicy` is the one there is)."""
+
+    @property
+    def retryable_statuses(self) -> frozenset[int]: ...
+
+    def start(self) -> RetryClock: ...
 
 
 class _ErrorInfo(BaseModel):
@@ -41,15 +68,12 @@ class _ErrorBody(BaseModel):
 
 
 class ApiClient:
-    """Base of a typed client of one JSON API, holding one token and one connection pool.
+    """Base of a typed client of one JSON API, holding one token and one transport.
 
-    Subclasses set `unreachable` and `response_error` to their own exception types and
-    build their public methods on `_call` (a model back) and `_send` (the response back).
-    `retries` counts the retries after the first try of an idempotent call.
+    `retry` is the retry policy (None: every call is tried once). `transport` builds the
+    transport from the URL, token and headers (default `HttpxTransport`). Subclasses build
+    their public methods on `_call` (a model back) and `_send` (the reply back).
     """
-
-    unreachable: ClassVar[type[ServiceUnreachable]] = ServiceUnreachable
-    response_error: ClassVar[type[ServiceResponseError]] = ServiceResponseError
 
     def __init__(
         self,
@@ -57,22 +81,16 @@ class ApiClient:
         token: str | None,
         *,
         timeout_s: float,
-        retries: int,
+        retry: RetrySchedule | None,
         max_connections: int,
         headers: Mapping[str, str] | None = None,
+        transport: TransportFactory = HttpxTransport,
     ) -> None:
-        all_headers = {"Authorization": f"Bearer {token}"} if token else {}
-        all_headers.update(headers or {})
-        self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=all_headers,
-            timeout=httpx2.Timeout(timeout_s),
-            limits=httpx2.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+        self._transport: Transport = transport(
+            base_url, token, max_connections=max_connections, headers=headers
         )
         self._timeout_s = timeout_s
-        self._retries = retries
+        self._retry = retry
 
     async def __aenter__(self) -> Self:
         return self
@@ -86,7 +104,7 @@ class ApiClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def _call(
         self,
@@ -100,8 +118,8 @@ class ApiClient:
         idempotent: bool = True,
         headers: Mapping[str, str] | None = None,
     ) -> ModelT:
-        """The answer as `model`; an error body raises `response_error`."""
-        response = await self._send(
+        """The answer as `model`; an error body raises `ServiceResponseError`."""
+        reply = await self._send(
             method,
             path,
             body=body,
@@ -110,7 +128,12 @@ class ApiClient:
             idempotent=idempotent,
             headers=headers,
         )
-        return model.model_validate_json(response.content)
+        try:
+            return model.model_validate_json(reply.body)
+        except ValidationError as exc:
+            raise ServiceResponseError(
+                reply.status, ErrorCode.UNEXPECTED_BODY, f"{method} {path}: {_first_error(exc)}"
+            ) from exc
 
     async def _send(
         self,
@@ -123,62 +146,64 @@ class ApiClient:
         idempotent: bool = True,
         check: bool = True,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx2.Response:
-        """The response; `unreachable` if it never came, `response_error` for a status of
-        400 and up unless `check` is off. `timeout_s` replaces the client's for this call."""
-        content = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else body
-        send = functools.partial(
-            self._http.request,
-            method,
-            path,
-            content=content,
-            params=params,
-            headers={
-                **({"Content-Type": "application/json"} if content is not None else {}),
-                **(headers or {}),
-            },
-            timeout=self._timeout_s if timeout_s is None else timeout_s,
+    ) -> Reply:
+        """The reply; `ServiceUnreachable` if none came (retries spent), `ServiceResponseError`
+        for a status of 400 and up unless `check` is off. `timeout_s` replaces the client's
+        for this call."""
+        content = (
+            body.model_dump_json(exclude_none=True).encode()
+            if isinstance(body, BaseModel)
+            else body
         )
-        try:
-            response = await send()  # the common case: no retry machinery on the hot path
-        except httpx2.TransportError as exc:
-            if not idempotent or self._retries == 0:
-                raise self._unreachable(method, path, exc) from exc
-            response = await self._retry(method, path, send)
-        if check and response.status_code >= 400:
-            raise self._error_from(response)
-        return response
+        target = f"{path}?{urlencode(params)}" if params else path
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        clock: RetryClock | None = None
+        while True:
+            try:
+                reply = await self._transport.request(
+                    method, target, content, timeout_s=timeout, headers=headers
+                )
+            except ServiceUnreachable as exc:
+                if not idempotent or self._retry is None:
+                    raise ServiceUnreachable(f"{method} {path}: {exc}") from exc
+                clock = clock or self._retry.start()
+                pause = clock.next_pause()
+                if pause is None:
+                    raise ServiceUnreachable(
+                        f"{method} {path}: {exc} (gave up after {clock.retries} retries)"
+                    ) from exc
+            else:
+                if self._retry is None or not self._worth_retrying(reply.status, idempotent):
+                    break
+                clock = clock or self._retry.start()
+                pause = clock.next_pause(reply.headers.get("retry-after"))
+                if pause is None:
+                    break
+            await asyncio.sleep(pause)
+        if check and reply.status >= 400:
+            raise error_from_reply(reply)
+        return reply
 
-    async def _retry(
-        self, method: str, path: str, send: Callable[[], Awaitable[httpx2.Response]]
-    ) -> httpx2.Response:
-        try:
-            async for attempt in stamina.retry_context(
-                on=httpx2.TransportError, attempts=self._retries, wait_initial=0.05, wait_max=2.0
-            ):
-                with attempt:
-                    return await send()
-        except httpx2.TransportError as exc:
-            raise self._unreachable(method, path, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _unreachable(self, method: str, path: str, exc: Exception) -> ServiceUnreachable:
-        return self.unreachable(f"{method} {path}: {type(exc).__name__}: {exc}")
-
-    def _error_from(self, response: httpx2.Response) -> ServiceResponseError:
-        return error_from_body(
-            self.response_error, response.status_code, response.content, response.reason_phrase
-        )
+    def _worth_retrying(self, status: int, idempotent: bool) -> bool:
+        assert self._retry is not None
+        if status not in self._retry.retryable_statuses:
+            return False
+        return idempotent or status in _REFUSED_STATUSES
 
 
-def error_from_body(
-    error_type: type[ErrorT], status: int, content: bytes, reason: str = ""
-) -> ErrorT:
-    """An error answer `{"error": {"code", "message"}}` as `error_type`; any other body
-    gives code `unexpected_body` with the body's start (or `reason`) as the message."""
+def error_from_reply(reply: Reply) -> ServiceResponseError:
+    """An error answer `{"error": {"code", "message"}}` as a `ServiceResponseError`; any
+    other body gives code `unexpected_body` with the body's start as the message."""
     try:
-        error = _ErrorBody.model_validate_json(content).error
+        error = _ErrorBody.model_validate_json(reply.body).error
     except ValidationError:
-        text = content[:200].decode("utf-8", "replace")
-        return error_type(status, "unexpected_body", text or reason)
-    return error_type(status, error.code, error.message)
+        text = reply.body[:200].decode("utf-8", "replace")
+        return ServiceResponseError(
+            reply.status, ErrorCode.UNEXPECTED_BODY, text or f"HTTP {reply.status}", reply.headers
+        )
+    return ServiceResponseError(reply.status, error.code, error.message, reply.headers)
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    return str(errors[0].get("msg", exc)) if errors else str(exc)

@@ -1,22 +1,27 @@
 """An async client for the broker's HTTP API, used by the host poller and the sandbox runtime.
 
-One `BrokerClient` holds one token (admin, tenant or session) and one keep-alive connection
-pool. Methods take and return the wire models of `rlm_wire.broker_models`; failures raise
-`broker.errors.ClientError` subclasses. Connection errors are retried with jittered backoff
-(stamina) only for calls that are safe to repeat (the plumbing is `rlm_wire.ApiClient`).
+One `BrokerClient` holds one token (admin, tenant or session) and one transport (httpx2, or
+the lean `KeepAliveLink` on hot paths). Methods take and return the wire models of
+`rlm_wire.broker_models`; failures raise `ServiceUnreachable` or `ServiceResponseError`.
+Given a retry policy (`rlm_repl.RetryPolicy`), every call is retried under it (the plumbing
+is `rlm_wire.ApiClient`):
+`/enqueue` always carries an `Idempotency-Key`, so a retried enqueue re-attaches to the
+request it already made instead of enqueuing (and paying for) it twice.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from rlm_wire import broker_models as p
-from rlm_wire.api_client import ApiClient
-from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.api_client import ApiClient, RetrySchedule
 from rlm_wire.run_info import RunInfo
+from rlm_wire.transport import HttpxTransport, TransportFactory
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -27,13 +32,12 @@ _WAIT_SLACK_S = 10.0
 class BrokerClient(ApiClient):
     """Typed access to one broker with one token.
 
-    `timeout_s` bounds each request; long-polls (`wait=`) get `wait + 10 s` on top. `retries`
-    applies to connection failures of idempotent calls (reads, `/pending`, answers: the
-    broker drops duplicate answers), not to `/enqueue` (a retry could enqueue twice).
+    `timeout_s` bounds each request; long-polls (`wait=`) get `wait + 10 s` on top. `retry`
+    is the retry policy (`rlm_repl.RetryPolicy`; None, the default: every call tried once).
+    Every call is safe to repeat: reads, `/pending` (a lost answer's leases lapse and the
+    requests are delivered again), answers (the broker keeps the first) and `/enqueue`
+    (keyed); creating tenants and sessions is retried only when refused with 429/503.
     """
-
-    unreachable = ServiceUnreachable
-    response_error = ServiceResponseError
 
     def __init__(
         self,
@@ -41,23 +45,26 @@ class BrokerClient(ApiClient):
         token: str | None,
         *,
         timeout_s: float = 30.0,
-        retries: int = 3,
+        retry: RetrySchedule | None = None,
         max_connections: int = 100,
         poller_id: str | None = None,
+        transport: TransportFactory = HttpxTransport,
     ) -> None:
         super().__init__(
             base_url,
             token,
             timeout_s=timeout_s,
-            retries=retries,
+            retry=retry,
             max_connections=max_connections,
             headers={"X-RLM-Poller": poller_id} if poller_id else None,
+            transport=transport,
         )
 
     # --- tenants and sessions (admin / tenant tokens) ---------------------------------------
 
     async def create_tenant(self, name: str) -> p.TenantCreated:
-        return await self._call("POST", "/tenants", p.TenantCreated, body=p.CreateTenant(name=name))
+        body = p.CreateTenant(name=name)
+        return await self._call("POST", "/tenants", p.TenantCreated, body=body, idempotent=False)
 
     async def create_session(
         self,
@@ -69,7 +76,7 @@ class BrokerClient(ApiClient):
         """Open a session; `tenant_id` is for admin tokens, which must name the tenant."""
         info = RunInfo.model_validate(metadata) if isinstance(metadata, Mapping) else metadata
         body = p.CreateSession(ttl_s=ttl_s, metadata=info, tenant_id=tenant_id)
-        return await self._call("POST", "/sessions", p.SessionCreated, body=body)
+        return await self._call("POST", "/sessions", p.SessionCreated, body=body, idempotent=False)
 
     async def delete_session(self, session_id: str, *, tenant_id: str | None = None) -> None:
         """Close a session; `tenant_id` is for admin tokens, which must name the tenant."""
@@ -85,15 +92,14 @@ class BrokerClient(ApiClient):
         wait_s: float | None = None,
         idempotency_key: str | None = None,
     ) -> p.RequestResult:
-        """Enqueue one request. With an `idempotency_key` (unique per call) a failed attempt
-        is retried safely: the broker enqueues nothing twice. Without one, never retried."""
+        """Enqueue one request under `idempotency_key` (unique per call; a fresh one by
+        default): a retried attempt finds the request already made, never a second one."""
         return await self._long_poll(
             "POST",
             "/enqueue",
             p.RequestResult,
             body=request,
             wait_s=wait_s,
-            idempotent=idempotency_key is not None,
             headers=_idempotency(idempotency_key),
         )
 
@@ -112,7 +118,6 @@ class BrokerClient(ApiClient):
             p.BatchResults,
             body=body,
             wait_s=wait_s,
-            idempotent=idempotency_key is not None,
             headers=_idempotency(idempotency_key),
         )
 
@@ -151,8 +156,8 @@ class BrokerClient(ApiClient):
 
     async def health(self) -> dict[str, Any]:
         """`/health` as a dict; a 503 (degraded) is returned, not raised."""
-        response = await self._send("GET", "/health", check=False)
-        data: dict[str, Any] = response.json()
+        reply = await self._send("GET", "/health", check=False)
+        data: dict[str, Any] = json.loads(reply.body)
         return data
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -166,7 +171,6 @@ class BrokerClient(ApiClient):
         wait_s: float | None,
         body: BaseModel | None = None,
         params: Mapping[str, Any] | None = None,
-        idempotent: bool = True,
         headers: Mapping[str, str] | None = None,
     ) -> ModelT:
         """`_call` with the broker's `?wait=`: the HTTP timeout outlasts the wait."""
@@ -180,10 +184,9 @@ class BrokerClient(ApiClient):
             body=body,
             params=params,
             timeout_s=timeout_s,
-            idempotent=idempotent,
             headers=headers,
         )
 
 
-def _idempotency(key: str | None) -> dict[str, str] | None:
-    return {"Idempotency-Key": key} if key is not None else None
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key if key is not None else uuid.uuid4().hex}

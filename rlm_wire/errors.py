@@ -45,10 +45,14 @@ class ServiceUnreachable(WireError):
 
 
 class ServiceResponseError(WireError):
-    """The service answered with an error body."""
+    """The service answered with an error body; `headers` holds the answer's `Retry-After`
+    (and content type) when it had one."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})

@@ -1,15 +1,15 @@
-"""A lean HTTP/1.1 keep-alive link to one of our services, for hot paths only.
+"""A lean HTTP/1.1 keep-alive transport to one of our services, for hot paths.
 
 Every `llm_query` from a sandbox is one `POST /enqueue` (and, for a long answer, re-waits on
-`GET /requests/{id}`) on the runtime's critical path. Through httpx2 (the project's general
-HTTP client, `rlm_wire.api_client.ApiClient`) each request costs ~0.5 ms of CPU in the client's
-layers; this link costs ~0.05 ms (docs/performance.md). It speaks only what our services'
-answers need: one request at a time per connection, `Content-Length` or chunked bodies,
-keep-alive, `http` and `https`. It carries the sandbox runtime's bridge to the broker and
-the benchmarks' load; everything else uses `ApiClient`.
+`GET /requests/{id}`) on the runtime's critical path, and every answer a poller posts is one
+`POST /respond`. Through httpx2 each request costs ~0.5 ms of CPU in the client's layers;
+this link costs ~0.05 ms (docs/performance.md). It is a `rlm_wire.transport.Transport`, so
+`BrokerClient` runs over it unchanged. It speaks only what our services' answers need: one
+request at a time per connection, `Content-Length` or chunked bodies, keep-alive, `http` and
+`https`; no proxies (use the default `HttpxTransport` where a proxy is needed).
 
-Failures raise the caller's `unreachable` type, a `ServiceUnreachable` (connect, timeout, a
-broken or malformed answer); an HTTP status is returned to the caller as is.
+Failures raise `ServiceUnreachable` (connect, timeout, a broken or malformed answer); an HTTP
+status is returned as a `Reply`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from rlm_wire.errors import ServiceUnreachable
+from rlm_wire.transport import KEPT_HEADERS, Reply
 
 #: Largest response head and body accepted (our answers are a few KB to a few MB).
 MAX_HEAD_BYTES = 64 * 1024
@@ -47,7 +48,8 @@ class _StaleConnection(Exception):
 
 
 class KeepAliveLink:
-    """Keep-alive connections to one service, carrying one bearer token (or none)."""
+    """Keep-alive connections to one service, carrying one bearer token (or none) and
+    `headers` on every request."""
 
     def __init__(
         self,
@@ -55,7 +57,7 @@ class KeepAliveLink:
         token: str | None,
         *,
         max_connections: int = 16,
-        unreachable: type[ServiceUnreachable] = ServiceUnreachable,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -67,8 +69,8 @@ class KeepAliveLink:
         default_port = self._port == (443 if self._tls else 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        self._head_tail = f"Host: {host_header}\r\n{auth}Accept: application/json\r\n"
-        self._unreachable = unreachable
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self._head_tail = f"Host: {host_header}\r\n{auth}{extra}Accept: application/json\r\n"
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
@@ -81,8 +83,8 @@ class KeepAliveLink:
         *,
         timeout_s: float,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, bytes]:
-        """Send one request; (status, body). `target` is the path and query."""
+    ) -> Reply:
+        """Send one request; its answer. `target` is the path and query."""
         head = f"{method} {self._prefix}{target} HTTP/1.1\r\n{self._head_tail}"
         for name, value in (headers or {}).items():
             head += f"{name}: {value}\r\n"
@@ -94,11 +96,12 @@ class KeepAliveLink:
                 async with asyncio.timeout(timeout_s):
                     return await self._exchange(message)
             except TimeoutError as exc:
-                raise self._unreachable(
-                    f"{method} {target}: no answer within {timeout_s:g} s"
+                path = target.split("?", 1)[0]
+                raise ServiceUnreachable(
+                    f"no answer to {method} {path} within {timeout_s:g} s"
                 ) from exc
 
-    async def _exchange(self, message: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, message: bytes) -> Reply:
         connection = self._reuse()
         if connection is not None:
             try:
@@ -109,7 +112,7 @@ class KeepAliveLink:
         try:
             return await self._roundtrip(connection, message)
         except _StaleConnection as exc:
-            raise self._unreachable("the service closed the connection without an answer") from exc
+            raise ServiceUnreachable("the service closed the connection without an answer") from exc
 
     def _reuse(self) -> _Connection | None:
         while self._idle:
@@ -121,16 +124,16 @@ class KeepAliveLink:
 
     async def _connect(self) -> _Connection:
         if self._closed:
-            raise self._unreachable("the link is closed")
+            raise ServiceUnreachable("the link is closed")
         try:
             reader, writer = await asyncio.open_connection(
                 self._host, self._port, ssl=self._tls, limit=MAX_HEAD_BYTES
             )
         except OSError as exc:
-            raise self._unreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+            raise ServiceUnreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return _Connection(reader, writer)
 
-    async def _roundtrip(self, connection: _Connection, message: bytes) -> tuple[int, bytes]:
+    async def _roundtrip(self, connection: _Connection, message: bytes) -> Reply:
         got_bytes = False
         try:
             connection.writer.write(message)
@@ -139,7 +142,8 @@ class KeepAliveLink:
             got_bytes = bool(status_line)
             if not status_line:
                 raise _StaleConnection
-            status, keep_alive, length, chunked = await _read_head(connection.reader, status_line)
+            head = await _read_head(connection.reader, status_line)
+            status, keep_alive, length, chunked, kept = head
             if chunked:
                 body = await _read_chunked(connection.reader)
             else:
@@ -151,7 +155,7 @@ class KeepAliveLink:
             connection.close()
             if not got_bytes and isinstance(exc, ConnectionError):
                 raise _StaleConnection from exc
-            raise self._unreachable(
+            raise ServiceUnreachable(
                 f"broken answer from {self._host}:{self._port}: {exc!r}"
             ) from exc
         except BaseException:  # cancelled or timed out mid-answer: the connection is unusable
@@ -161,7 +165,7 @@ class KeepAliveLink:
             self._idle.append(connection)
         else:
             connection.close()
-        return status, body
+        return Reply(status, body, kept)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -174,14 +178,16 @@ class KeepAliveLink:
 
 async def _read_head(
     reader: asyncio.StreamReader, status_line: bytes
-) -> tuple[int, bool, int, bool]:
-    """(status, keep-alive, content length, chunked) from the status line and headers."""
+) -> tuple[int, bool, int, bool, dict[str, str]]:
+    """(status, keep-alive, content length, chunked, the headers of `KEPT_HEADERS`) from
+    the status line and headers."""
     version, _, rest = status_line.partition(b" ")
     if not version.startswith(b"HTTP/1."):
         raise ValueError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
     status = int(rest[:3])
     keep_alive = version == b"HTTP/1.1"
     length, chunked, size = 0, False, len(status_line)
+    kept: dict[str, str] = {}
     while True:
         line = await reader.readline()
         size += len(line)
@@ -202,7 +208,9 @@ async def _read_head(
         elif name == b"connection":
             token = value.strip().lower()
             keep_alive = token == b"keep-alive" or (keep_alive and token != b"close")
-    return status, keep_alive, length, chunked
+        elif name.decode("latin-1") in KEPT_HEADERS:
+            kept[name.decode("latin-1")] = value.strip().decode("latin-1")
+    return status, keep_alive, length, chunked, kept
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

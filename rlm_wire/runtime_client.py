@@ -1,21 +1,23 @@
 """An async client for the sandbox runtime's HTTP API (`rlm sandbox`).
 
 Used by the RLM loop's `pyodide` (sessions) and `remote` (stateless) environments. Methods take
-and return the wire models of `rlm_wire.runtime_models`; failures raise
-`sandbox_runtime.service.errors.RuntimeClientError` subclasses. Connection errors are retried
-(jittered backoff) only for calls that are safe to repeat (the plumbing is
-`rlm_wire.ApiClient`).
+and return the wire models of `rlm_wire.runtime_models`; failures raise `ServiceUnreachable` or
+`ServiceResponseError`. Given a retry policy, calls are retried under it (the plumbing is
+`rlm_wire.ApiClient`); creating a session and executing code are not safe to repeat, so
+they are retried only when the runtime refused them with 429/503.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pydantic_core
 
 from rlm_wire import runtime_models as p
-from rlm_wire.api_client import ApiClient
-from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.api_client import ApiClient, RetrySchedule
+from rlm_wire.errors import ServiceResponseError
+from rlm_wire.transport import HttpxTransport, TransportFactory
 
 
 class RuntimeClient(ApiClient):
@@ -26,9 +28,6 @@ class RuntimeClient(ApiClient):
     runtime always answers (with a timeout error) before the client gives up.
     """
 
-    unreachable = ServiceUnreachable
-    response_error = ServiceResponseError
-
     def __init__(
         self,
         base_url: str,
@@ -37,11 +36,17 @@ class RuntimeClient(ApiClient):
         timeout_s: float = 30.0,
         default_execute_s: float = 300.0,
         execute_slack_s: float = 30.0,
-        retries: int = 2,
+        retry: RetrySchedule | None = None,
         max_connections: int = 100,
+        transport: TransportFactory = HttpxTransport,
     ) -> None:
         super().__init__(
-            base_url, token, timeout_s=timeout_s, retries=retries, max_connections=max_connections
+            base_url,
+            token,
+            timeout_s=timeout_s,
+            retry=retry,
+            max_connections=max_connections,
+            transport=transport,
         )
         self._default_execute_s = default_execute_s
         self._execute_slack_s = execute_slack_s
@@ -101,8 +106,8 @@ class RuntimeClient(ApiClient):
     # --- monitoring ---------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        response = await self._send("GET", "/health")
-        data: dict[str, Any] = response.json()
+        reply = await self._send("GET", "/health")
+        data: dict[str, Any] = json.loads(reply.body)
         return data
 
     # --- plumbing -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.redis_server import free_port
+from rlm_repl import RetryPolicy
 from rlm_wire import broker_models as p
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_an_unreachable_broker_raises_a_typed_error() -> None:
-    async with BrokerClient(f"http://127.0.0.1:{free_port()}", "t", retries=2) as client:
+    retry = RetryPolicy(deadline_s=0.3, initial_s=0.01)
+    async with BrokerClient(f"http://127.0.0.1:{free_port()}", "t", retry=retry) as client:
         with pytest.raises(ServiceUnreachable, match="GET /pending"):
             await client.pending(wait_s=0)
         with pytest.raises(ServiceUnreachable, match="POST /enqueue"):

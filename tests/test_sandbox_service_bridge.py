@@ -10,6 +10,7 @@ import pytest
 from broker.app import create_app
 from broker.redis_server import free_port
 from broker.settings import BrokerSettings
+from rlm_repl import RetryPolicy
 from rlm_wire import broker_models as bp
 from rlm_wire.runtime_models import BrokerAccess
 from rlm_wire.serving import ThreadedServer, uvicorn_config
@@ -26,7 +27,7 @@ def bridge(url: str, token: str, *, wait_s: float = 5.0) -> BrokerBridge:
         BrokerAccess(url=url, token=token, depth=0, max_depth=2),
         timeout_s=10,
         wait_s=wait_s,
-        retries=2,
+        retry=RetryPolicy(deadline_s=1.0, initial_s=0.01, max_pause_s=0.1),
     )
 
 

@@ -49,6 +49,7 @@ def runtime_client(settings: HostSettings) -> RuntimeClient:
         token,
         timeout_s=settings.broker_timeout_s,
         default_execute_s=settings.execution_timeout_s,
+        retry=settings.retry_policy(),
     )
 
 

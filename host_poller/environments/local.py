@@ -46,6 +46,7 @@ class LocalEnvironment(Environment):
             spec.session_token,
             timeout_s=self._settings.broker_timeout_s,
             wait_s=self._settings.broker_wait_s,
+            retry=self._settings.retry_policy(),
         )
         self._repl = Repl(
             self._transport,

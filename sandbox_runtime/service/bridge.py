@@ -1,28 +1,30 @@
 """The bridge of one session: carries the sandbox's llm_query / rlm_query calls to the broker.
 
 The sandbox process holds no token and no network; its calls come out through the worker's
-pipe as `LLMCall`s, and this bridge POSTs them to the broker's `/enqueue` with the session's
-broker token, re-waits on `pending`, and hands back one `LLMCallResult` per prompt. Any broker
-failure becomes an error result, which the sandbox raises as `LLMQueryError`.
+pipe as `LLMCall`s, and this bridge enqueues them with the session's broker token through
+`BrokerClient` (re-waiting on `pending`), and hands back one `LLMCallResult` per prompt. A
+broker that is briefly unreachable or answers 429/503 is retried under the one
+`RetryPolicy`, each enqueue keyed, up to `RLM_SANDBOX_BROKER_RETRY_DEADLINE_S`; past it,
+or on a real refusal, the call becomes an error result, which the sandbox raises as
+`LLMQueryError`.
 
-The calls travel over a `KeepAliveLink` (keep-alive connections of its own, no general HTTP
-client on this path): the bridge is on the critical path of every `llm_query`.
+The client runs over a `KeepAliveLink`: the bridge is on the critical path of every
+`llm_query`, and the link costs a tenth of the CPU of the general transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from rlm_repl import RetryPolicy, batch_slices
 from rlm_wire import broker_models as bp
-from rlm_wire.api_client import error_from_body
+from rlm_wire.broker_client import BrokerClient
 from rlm_wire.codes import ErrorCode
-from rlm_wire.errors import ServiceResponseError, ServiceUnreachable, WireError
+from rlm_wire.errors import ServiceResponseError, WireError
 from rlm_wire.link import KeepAliveLink
 from rlm_wire.runtime_models import BrokerAccess, SubCallUsage
 from sandbox_runtime.service.metrics import Metrics
@@ -31,12 +33,8 @@ from sandbox_runtime.worker import LLMCall, LLMCallResult
 
 logger = logging.getLogger(__name__)
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-#: Extra seconds a request may take beyond the broker's long-poll wait.
-_WAIT_SLACK_S = 10.0
-#: First pause between retries of a re-wait after a connection failure (doubles, max 2 s).
-_RETRY_PAUSE_S = 0.05
+#: Keep-alive connections per session to the broker (a batch's prompts share one POST).
+_MAX_CONNECTIONS = 16
 
 
 class BrokerBridge:
@@ -51,16 +49,21 @@ class BrokerBridge:
         *,
         timeout_s: float,
         wait_s: float,
-        retries: int,
+        retry: RetryPolicy | None,
         metrics: Metrics | None = None,
     ) -> None:
         self._access = access
-        self._wait_param = f"wait={wait_s:g}"
-        self._timeout_s = timeout_s + wait_s + _WAIT_SLACK_S
-        self._retries = retries
+        self._wait_s = wait_s
         self._metrics = metrics
-        self._link = (
-            KeepAliveLink(access.url, access.token, unreachable=ServiceUnreachable)
+        self._client = (
+            BrokerClient(
+                access.url,
+                access.token,
+                timeout_s=timeout_s,
+                retry=retry,
+                max_connections=_MAX_CONNECTIONS,
+                transport=KeepAliveLink,
+            )
             if access is not None
             else None
         )
@@ -74,7 +77,7 @@ class BrokerBridge:
     async def __call__(self, call: LLMCall) -> list[LLMCallResult]:
         if self._metrics is not None:
             self._metrics.llm_calls.labels(kind=call.kind).inc(len(call.prompts))
-        if self._access is None or self._link is None:
+        if self._access is None or self._client is None:
             message = "this sandbox has no broker: llm_query and rlm_query are unavailable"
             return [_error(ErrorCode.NO_BROKER, message) for _ in call.prompts]
         if call.kind == "rlm" and self._access.depth + 1 >= self._access.max_depth:
@@ -88,7 +91,7 @@ class BrokerBridge:
         except ValidationError as exc:
             return [_error(ErrorCode.INVALID_REQUEST, _first_error(exc)) for _ in call.prompts]
         try:
-            results = await self._send(call, requests)
+            results = await self._send(self._client, call, requests)
         except ServiceResponseError as exc:
             logger.warning(
                 "broker refused llm call",
@@ -105,48 +108,26 @@ class BrokerBridge:
         )
         return [_result(result) for result in results]
 
-    async def _send(self, call: LLMCall, requests: list[bp.LLMRequest]) -> list[bp.RequestResult]:
+    async def _send(
+        self, client: BrokerClient, call: LLMCall, requests: list[bp.LLMRequest]
+    ) -> list[bp.RequestResult]:
+        wait = self._wait_s
         if call.batched:
-            batch = await self._enqueue(bp.EnqueueBatch(batch=requests), bp.BatchResults)
-            first = list(batch.results)
+            # In slices under the broker's batch and body bounds; several slices are enqueued
+            # without waiting, then all re-waited below (the broker answers them in parallel).
+            sizes = [len(request.model_dump_json(exclude_none=True)) for request in requests]
+            slices = batch_slices(sizes)
+            slice_wait = wait if len(slices) == 1 else 0.0
+            first = []
+            for part in slices:
+                batch = [requests[i] for i in part]
+                first += (await client.enqueue_batch(batch, wait_s=slice_wait)).results
         else:
-            first = [await self._enqueue(r, bp.RequestResult) for r in requests]
+            first = [await client.enqueue(request, wait_s=wait) for request in requests]
         if all(result.status != "pending" for result in first):
             return first
-        return list(await asyncio.gather(*(self._wait_result(result) for result in first)))
-
-    async def _enqueue(self, body: BaseModel, model: type[ModelT]) -> ModelT:
-        """POST /enqueue; retried with its `Idempotency-Key`, so never enqueued twice."""
-        content = body.model_dump_json(exclude_none=True).encode()
-        key = {"Idempotency-Key": uuid.uuid4().hex}
-        status, answer = await self._send_retrying(
-            "POST", f"/enqueue?{self._wait_param}", content, key
-        )
-        return _parse(status, answer, model)
-
-    async def _wait_result(self, result: bp.RequestResult) -> bp.RequestResult:
-        """Re-wait on a `pending` result (GET /requests/{id}) until it is done or failed."""
-        target = f"/requests/{quote(result.id, safe='')}?{self._wait_param}"
-        while result.status == "pending":
-            status, answer = await self._send_retrying("GET", target, None, None)
-            result = _parse(status, answer, bp.RequestResult)
-        return result
-
-    async def _send_retrying(
-        self, method: str, target: str, body: bytes | None, headers: dict[str, str] | None
-    ) -> tuple[int, bytes]:
-        """One exchange, retried with backoff while the broker is unreachable."""
-        assert self._link is not None
-        for attempt in range(self._retries + 1):
-            try:
-                return await self._link.request(
-                    method, target, body, timeout_s=self._timeout_s, headers=headers
-                )
-            except ServiceUnreachable:
-                if attempt == self._retries:
-                    raise
-                await asyncio.sleep(min(2.0, _RETRY_PAUSE_S * 2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        waits = (client.wait_result(result, wait_s=wait) for result in first)
+        return list(await asyncio.gather(*waits))
 
     def _request(
         self, access: BrokerAccess, call: LLMCall, prompt: str | list[dict[str, str]]
@@ -164,8 +145,8 @@ class BrokerBridge:
         return bp.LLMRequest(messages=messages, **fields)
 
     async def aclose(self) -> None:
-        if self._link is not None:
-            await self._link.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
 
 def make_bridge(
@@ -176,19 +157,9 @@ def make_bridge(
         access,
         timeout_s=settings.broker_timeout_s,
         wait_s=settings.broker_wait_s,
-        retries=settings.broker_retries,
+        retry=RetryPolicy(deadline_s=settings.broker_retry_deadline_s),
         metrics=metrics,
     )
-
-
-def _parse(status: int, answer: bytes, model: type[ModelT]) -> ModelT:
-    """The broker's answer as `model`, or its error body as `ServiceResponseError`."""
-    if status >= 400:
-        raise error_from_body(ServiceResponseError, status, answer)
-    try:
-        return model.model_validate_json(answer)
-    except ValidationError as exc:
-        raise ServiceResponseError(status, ErrorCode.UNEXPECTED_BODY, _first_error(exc)) from exc
 
 
 def _result(result: bp.RequestResult) -> LLMCallResult:
