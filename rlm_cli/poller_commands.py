@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from rlm_cli import loop
 from rlm_cli.checks import check_llm_keys, check_ports_free, listen_error, sandbox_worker_settings
 from rlm_cli.settings import cli_settings, load_settings
 from rlm_wire.serving import BROKER_PORT, FAKE_LLM_PORT, SANDBOX_PORT, ListenError
 
 
 @click.command("poller")
-@click.option("--broker-url", envvar="RLM_BROKER_URL", help="Broker base URL (RLM_BROKER_URL).")
+@click.option(
+    "--broker-url",
+    envvar="RLM_BROKER_URL",
+    help="Broker base URL, or a comma-separated list of replicas to fail over between "
+    "(RLM_BROKER_URL).",
+)
 @click.option(
     "--concurrency", type=click.IntRange(min=1), help="Requests answered at once, all tenants."
 )
@@ -76,15 +81,16 @@ def poller(
         settings.token()
         if not llm_settings.is_configured:
             raise click.UsageError(
-                "no LLM profile is configured: set RLM_LLM_PROFILES or RLM_LLM_PROFILES_FILE "
-                "(or run `rlm up`, which serves the scripted LLM)"
+                "no LLM is configured: set OPENAI_BASE_URL and/or OPENAI_API_KEY with RLM_MODEL, "
+                "or RLM_LLM_PROFILES / RLM_LLM_PROFILES_FILE (or run `rlm up`, which serves "
+                "the scripted LLM)"
             )
         llm_settings.sub()
     except (PollerConfigError, LLMConfigError) as exc:
         raise click.UsageError(str(exc)) from exc
     check_llm_keys(llm_settings)
     try:
-        asyncio.run(serve(settings, llm_settings))
+        loop.run(serve(settings, llm_settings))
     except BrokerRejected as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -118,8 +124,9 @@ _UP_PORTS = {
     default=None,
     help=f"Scripted LLM port [RLM_FAKE_LLM_PORT, {FAKE_LLM_PORT}]; 0 picks a free one.",
 )
-@click.option("--scenario", default="count_words", show_default=True,
-              help="Scenario of the scripted LLM (when no provider is configured).")  # fmt: skip
+@click.option("--scenario", default=None,
+              help="Scenario of the scripted LLM, served when no provider is configured "
+              "[count_words].")  # fmt: skip
 @click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -131,7 +138,7 @@ def up(
     broker_port: int | None,
     sandbox_port: int | None,
     llm_port: int | None,
-    scenario: str,
+    scenario: str | None,
     env_file: Path | None,
 ) -> None:
     """Start Redis, the broker, the scripted LLM (unless configured), the sandbox runtime (for
@@ -151,6 +158,11 @@ def up(
     broker_settings = load_settings(BrokerSettings, broker_port=broker_port)
     llm_settings = load_settings(LLMSettings)
     if llm_settings.is_configured:
+        if scenario is not None:
+            raise click.UsageError(
+                "--scenario drives the scripted LLM, but an LLM provider is configured "
+                "(OPENAI_* / RLM_MODEL or RLM_LLM_PROFILES): drop one of them"
+            )
         check_llm_keys(llm_settings)
     components = rlm_stack_components(load_settings(HostSettings))
     with_sandbox = any(isinstance(c, SandboxRuntimeComponent) for c in components)
@@ -160,7 +172,7 @@ def up(
         broker_port=broker_settings.broker_port,
         sandbox_port=_port(sandbox_port, lambda: load_settings(RuntimeSettings).port),
         llm_port=_port(llm_port, lambda: load_settings(FakeLLMSettings).port),
-        scenario=scenario,
+        scenario=scenario or "count_words",
         env_file=env_file or cli_settings().stack_env_file,
         broker_settings=broker_settings,
         llm_settings=llm_settings,
@@ -172,7 +184,7 @@ def up(
         ports["fake-llm"] = config.llm_port
     check_ports_free(config.host, ports, _UP_PORTS)
     try:
-        asyncio.run(run_until_signal(config, announce=click.echo, components=components))
+        loop.run(run_until_signal(config, announce=click.echo, components=components))
     except ListenError as exc:
         raise listen_error(exc, _UP_PORTS) from exc
 

@@ -24,7 +24,7 @@ from host_poller.poller import (
 from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.rlm.budget import Budget, RunBudgets
 from rlm_wire.broker_client import BrokerClient
-from rlm_wire.broker_models import LLMRequest, PendingRequest, RequestResult
+from rlm_wire.broker_models import Answer, LLMRequest, PendingRequest, RequestResult
 from tests.support.servers import BrokerServer, wait_until
 
 # --- helpers (also used by tests/test_poller_*.py) -------------------------------------------
@@ -448,6 +448,31 @@ async def test_slow_calls_keep_their_lease(
     assert poller.leases.extensions >= 2
     assert fake.stats()["requests"] == 1  # never delivered twice
     assert poller.stats.fetched == 1
+
+
+@pytest.mark.anyio
+async def test_a_lost_lease_cancels_the_call_in_flight(
+    broker_factory: Callable[..., BrokerServer], fake_llm: Any
+) -> None:
+    broker = broker_factory(lease_s=1.0)
+    fake = fake_llm({"delay_s": 30})
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    ids = await enqueue_all(session, ["slow"], depth=1)
+    async with (
+        session,
+        BrokerClient(broker.url, broker.admin_token) as elsewhere,
+        poller_of(poller_settings(broker), fake.base_url) as poller,
+        running(poller),
+    ):
+        await wait_until(lambda: fake.stats()["in_flight"] == 1)
+        # Someone else answers it: the next renewal finds the lease gone.
+        await elsewhere.respond(Answer(id=ids[0], response="answered elsewhere"))
+        await wait_until(lambda: poller.stats.leases_lost == 1)
+        await wait_until(lambda: fake.stats()["in_flight"] == 0)  # the call was cancelled
+        [result] = await results(session, ids)
+    assert result.response == "answered elsewhere"
+    assert (poller.stats.answered, poller.stats.abandoned) == (0, 0)
+    assert fake.stats()["requests"] == 1
 
 
 @pytest.mark.anyio

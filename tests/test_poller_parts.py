@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from host_poller.llm import LLMRateLimitError, LLMStatusError, build_client
 from host_poller.poller import (
-    Backoff,
     BrokerLink,
     BudgetExceeded,
     ModelRouter,
@@ -18,6 +18,7 @@ from host_poller.poller import (
     error_code,
 )
 from host_poller.poller.poster import AnswerPoster
+from rlm_repl import RetryPolicy
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import Answer, PendingRequest
 from tests.support.servers import BrokerServer
@@ -39,9 +40,9 @@ async def test_answers_finished_together_share_one_post(
     async with BrokerClient(broker_server.url, broker_server.admin_token) as admin:
         leased = await admin.pending(max_items=10, wait_s=5)
         assert len(leased.requests) == 10
-        link = BrokerLink(Backoff(), broker_url=broker_server.url)
+        link = BrokerLink(RetryPolicy(), [admin], broker_urls=[broker_server.url])
         settled: list[str] = []
-        poster = AnswerPoster(admin, link, max_items=max_items, on_settled=settled.extend)
+        poster = AnswerPoster(link, max_items=max_items, on_settled=settled.extend)
         for request in leased.requests:
             poster.submit(Answer(id=request.id, response=f"a-{request.prompt}"))
         task = asyncio.create_task(poster.run())
@@ -82,7 +83,7 @@ def test_router_refuses_an_unknown_default() -> None:
 def _pending(**fields: Any) -> PendingRequest:
     base: dict[str, Any] = {
         "id": "r1", "session_id": "s1", "tenant_id": "t1", "prompt": "p",
-        "attempt": 1, "enqueued_at": 0.0, "lease_expires_at": 0.0,
+        "attempt": 1, "enqueued_at": 0.0, "lease_s": 60.0, "lease_expires_at": 0.0,
     }  # fmt: skip
     return PendingRequest(**(base | fields))
 
@@ -113,10 +114,41 @@ def test_error_codes() -> None:
     assert answer.response is None
 
 
-def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
-    backoff = Backoff(initial_s=0.1, max_s=1.0)
-    for attempt in range(10):
-        ceiling = min(1.0, 0.1 * 2**attempt)
-        assert ceiling / 2 <= backoff.delay(attempt) <= ceiling
-    with pytest.raises(ValueError, match="Backoff"):
-        Backoff(initial_s=2.0, max_s=1.0)
+def test_link_fails_over_at_once_and_pauses_once_every_broker_failed() -> None:
+    from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+
+    clients = [BrokerClient(f"http://127.0.0.1:{port}", "t") for port in (9, 10)]
+    link = BrokerLink(RetryPolicy(initial_s=0.1, max_pause_s=1.0), clients, broker_urls=["a", "b"])
+    assert link.client is clients[0] and link.reachable
+    link.failed(ServiceUnreachable("down"), clients[0])
+    assert link.client is clients[1] and link.delay() == 0.0  # the next broker, at once
+    link.failed(ServiceUnreachable("down"), clients[0])  # late news of the one we left
+    assert link.client is clients[1]
+    link.failed(ServiceUnreachable("down"), clients[1])
+    assert link.client is clients[0]
+    assert 0.05 <= link.delay() <= 1.0  # a round failed: the retry policy's pause
+    busy = ServiceResponseError(429, "rate_limited", "slow down", {"Retry-After": "3"})
+    link.failed(busy)
+    assert link.client is clients[0]  # a quota is not a broken replica
+    assert link.delay(busy) >= 3.0  # the broker's Retry-After wins
+    link.succeeded()
+    assert link.reachable and link.failed_tries == 0 and link.outages == 1
+
+
+def test_leases_are_timed_on_the_local_monotonic_clock_whatever_the_broker_says() -> None:
+    from host_poller.poller.leases import LeaseKeeper
+
+    now = [1000.0]
+    client = BrokerClient("http://127.0.0.1:9", "t")
+    link = BrokerLink(RetryPolicy(), [client], broker_urls=["a"])
+    keeper = LeaseKeeper(link, clock=lambda: now[0])
+    # The broker's wall clock is 30 s behind and 30 s ahead: neither matters.
+    keeper.track(_pending(id="behind", lease_s=10.0, lease_expires_at=time.time() - 30))
+    keeper.track(_pending(id="ahead", lease_s=10.0, lease_expires_at=time.time() + 30))
+    assert keeper.holds("behind") and keeper.holds("ahead")
+    now[0] += 9.9
+    assert keeper.holds("behind") and keeper.holds("ahead")
+    now[0] += 0.2  # past the lease on this host's clock, e.g. after a SIGSTOP
+    assert not keeper.holds("behind") and not keeper.holds("ahead")
+    keeper.release("behind")
+    assert len(keeper) == 1

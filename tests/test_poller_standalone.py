@@ -193,9 +193,11 @@ async def test_admin_poller_runs_depth_2_for_two_tenants(
     ]
     assert sorted(opened) == sorted([tenant_id for tenant_id, _ in tenants] * 3)
 
-    # The children wrote their trajectories in the poller's process, at depth 1.
-    files = sorted(poller.trajectory_dir.glob("*.jsonl"))
+    # The children wrote their trajectories in the poller's process, at depth 1, each
+    # under its tenant's own directory.
+    files = sorted(poller.trajectory_dir.glob("*/*.jsonl"))
     assert len(files) == 4
+    assert sorted({f.parent.name for f in files}) == sorted(t for t, _ in tenants)
     run_ids = {r.run_id for r in results}
     assert {f.name.split(".d1.")[0] for f in files} == run_ids
     for path in files:

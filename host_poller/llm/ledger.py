@@ -3,7 +3,9 @@
 Each call records its own `Usage` (never a shared "last usage"), so concurrent calls sum
 exactly. Backed by SQLite (stdlib): in memory, or a WAL-mode file that several processes and
 `rlm usage` read and write at once. Writes are a single small INSERT, fast enough to make
-from the event loop.
+from the event loop. The file holds tenants' usage: it is created private (0600, in a
+directory created 0700, never through a symbolic link); SQLite gives its -wal and -shm files
+the database file's mode.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from host_poller.llm.types import Usage
+from host_poller.private_files import create_private
 
 DIMENSIONS = ("tenant_id", "session_id", "run_id", "model", "depth")
 """The columns `totals` can group and filter by."""
@@ -56,7 +59,7 @@ class UsageLedger:
         self.path = path
         self._lock = threading.Lock()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)
         self._db = sqlite3.connect(
             ":memory:" if path is None else str(path),
             timeout=_BUSY_TIMEOUT_S,

@@ -17,13 +17,13 @@ from host_poller.poller.hooks import (
     SubRLMResult,
     SubRLMRunner,
 )
-from host_poller.poller.link import Backoff, BrokerLink
+from host_poller.poller.link import BrokerLink
+from host_poller.poller.policy import TenantPolicy
 from host_poller.poller.poller import Poller, PollerStats
 from host_poller.poller.router import ModelRouter
 from host_poller.poller.settings import PollerSettings
 
 __all__ = [
-    "Backoff",
     "BrokerLink",
     "BrokerRejected",
     "BudgetExceeded",
@@ -41,6 +41,7 @@ __all__ = [
     "SubRLMFailed",
     "SubRLMResult",
     "SubRLMRunner",
+    "TenantPolicy",
     "call_context",
     "error_answer",
     "error_code",

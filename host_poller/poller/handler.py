@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import JsonValue
 
+from host_poller.llm.client import traced
 from host_poller.llm.errors import LLMError
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import Message, Usage
@@ -54,7 +55,17 @@ def call_context(request: PendingRequest) -> CallContext:
         budget=info.budget,
         run_started_at=info.run_started_at,
         request_id=request.id,
+        estimated_tokens=estimate_tokens(request),
     )
+
+
+def estimate_tokens(request: PendingRequest) -> int:
+    """The prompt's tokens, roughly (4 characters a token), and one for the answer's start."""
+    if request.messages is not None:
+        chars = sum(len(message.content) for message in request.messages)
+    else:
+        chars = len(request.prompt or "")
+    return chars // 4 + 1
 
 
 def messages_of(request: PendingRequest) -> list[Message]:
@@ -146,7 +157,9 @@ class RequestHandler:
             )  # fmt: skip
             return answer, result.usage, request.model
         client = self.router.client(request.model or _sub_model(request))
-        completion = await client.complete(messages_of(request), params=llm_params(request))
+        info = request.metadata or RunInfo()
+        params = traced(llm_params(request), info.traceparent)
+        completion = await client.complete(messages_of(request), params=params)
         if self.ledger is not None:
             self.ledger.record(
                 usage=completion.usage, model=completion.model, depth=call.depth,

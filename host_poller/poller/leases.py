@@ -1,9 +1,25 @@
-"""Keeping leases of slow requests: extend a request's lease once half of it has run out,
-so the broker does not deliver it to another poller (and the LLM is not called twice).
+"""Keeping the leases of the requests this poller holds, on this host's monotonic clock.
 
-Lease lengths are measured against this host's clock at delivery; a skew between broker and
-poller clocks shortens or lengthens the margin, never the correctness (the broker keeps the
-first answer).
+The broker says how long a lease lasts (`lease_s`, a duration) with every delivery and every
+extension; the keeper counts it from when that answer arrived, on `time.monotonic()`. The
+broker's wall clock (`lease_expires_at`) is never compared with ours: a 30 s skew made the old
+keeper never renew, or renew every 50 ms.
+
+"When the answer arrived" is when this process last ran before reading it: an answer that
+sat in a socket while the process was stopped (SIGSTOP, a frozen VM) is as old as the pause.
+A heartbeat task notes the monotonic time every `_BEAT_S`; a lease counts from the last beat
+before its answer was read (never earlier than the call was sent), so after a pause longer
+than the lease, even a request delivered during the pause is known to have lapsed.
+
+- A lease is renewed once half of it has passed, so a slow LLM call is not delivered again.
+- A lease is *lost* when an extension is answered `not_leased` / `not_found` / `forbidden`,
+  or when it runs out on the local clock before it was renewed (a paused process, a broker
+  unreachable for longer than the lease): the broker hands such a request to another poller,
+  so `on_lost(request_id)` lets the poller cancel the call in flight, and `holds()` answers
+  False so a request not started yet is never started.
+- A request is tracked from delivery until its answer is posted (`release`), not merely
+  submitted to the poster: a lease that lapsed in between would let the broker redeliver a
+  request whose answer is paid for.
 """
 
 from __future__ import annotations
@@ -12,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from host_poller.poller.link import BrokerLink
-from rlm_wire.broker_client import BrokerClient
+from host_poller.poller.link import BrokerLink, is_retryable
 from rlm_wire.broker_models import PendingRequest
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 
@@ -22,73 +39,150 @@ logger = logging.getLogger(__name__)
 
 # Never renew more often than this, whatever the lease (a tiny lease would spin).
 _MIN_RENEW_S = 0.05
+# After a failed extension, try again this soon (bounded by the lease's own expiry).
+_RETRY_RENEW_S = 1.0
+# How often the heartbeat notes that this process is running (a lease counts from the
+# last beat before its answer was read: at most this much shorter than the broker's).
+_BEAT_S = 0.05
+
+
+@dataclass
+class _Lease:
+    expires_at: float
+    """Monotonic time the lease runs out, counted from when the broker's answer arrived."""
+    renew_at: float
 
 
 class LeaseKeeper:
     """Tracks the leases this poller holds; its `run()` task renews them at half-life."""
 
-    def __init__(self, client: BrokerClient, link: BrokerLink) -> None:
-        self._client = client
+    def __init__(
+        self,
+        link: BrokerLink,
+        *,
+        on_lost: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._link = link
-        self._renew_at: dict[str, float] = {}
+        self._on_lost = on_lost
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}
         self._changed = asyncio.Event()
+        self._last_beat: float | None = None
         self.extensions = 0
+        self.lost = 0
+        """Leases lost so far (refused by the broker or run out on the local clock)."""
 
     def __len__(self) -> int:
-        return len(self._renew_at)
+        return len(self._leases)
 
-    def track(self, request: PendingRequest) -> None:
-        self._schedule(request.id, request.lease_expires_at)
+    def track(self, request: PendingRequest, *, sent_at: float | None = None) -> None:
+        """Hold `request`'s lease, `lease_s` from when its delivery arrived (see the module);
+        `sent_at`: when the call that delivered it was sent (monotonic)."""
+        self._schedule(request.id, request.lease_s, self.arrived_at(sent_at))
         self._changed.set()
 
-    def release(self, request_id: str) -> None:
-        self._renew_at.pop(request_id, None)
+    def arrived_at(self, sent_at: float | None) -> float:
+        """When an answer read now arrived, at the latest: the last heartbeat (this process
+        may have been stopped since), but not before its call was sent."""
+        now = self._clock()
+        if self._last_beat is None:
+            return now
+        arrived = min(now, self._last_beat + _BEAT_S)
+        return arrived if sent_at is None else max(arrived, min(sent_at, now))
 
-    def _schedule(self, request_id: str, lease_expires_at: float) -> None:
-        left = lease_expires_at - time.time()
-        self._renew_at[request_id] = time.monotonic() + max(left / 2, _MIN_RENEW_S)
+    def holds(self, request_id: str) -> bool:
+        """True while the request's lease is this poller's by the local clock."""
+        lease = self._leases.get(request_id)
+        return lease is not None and self._clock() < lease.expires_at
+
+    def release(self, request_id: str) -> None:
+        """Forget a request (its answer is posted, or it was given up): no more renewals."""
+        self._leases.pop(request_id, None)
+
+    def _schedule(self, request_id: str, lease_s: float, received_at: float) -> None:
+        self._leases[request_id] = _Lease(
+            expires_at=received_at + lease_s,
+            renew_at=received_at + max(lease_s / 2, _MIN_RENEW_S),
+        )
+
+    def _lose(self, request_id: str, reason: str) -> None:
+        if self._leases.pop(request_id, None) is None:
+            return
+        self.lost += 1
+        logger.warning("lease lost", extra={"request_id": request_id, "reason": reason})
+        if self._on_lost is not None:
+            self._on_lost(request_id)
 
     async def run(self) -> None:
-        """Renew due leases until cancelled."""
+        """Renew due leases (and give up lapsed ones) until cancelled."""
+        beat = asyncio.create_task(self._beat(), name="poller-lease-heartbeat")
+        try:
+            await self._renew_forever()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    async def _beat(self) -> None:
         while True:
-            now = time.monotonic()
-            due = [rid for rid, at in self._renew_at.items() if at <= now]
+            self._last_beat = self._clock()
+            await asyncio.sleep(_BEAT_S)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            now = self._clock()
+            for rid in [r for r, lease in self._leases.items() if lease.expires_at <= now]:
+                self._lose(rid, "ran out before it was renewed")
+            due = [rid for rid, lease in self._leases.items() if lease.renew_at <= now]
             if due:
                 try:
                     await self._extend(due)
                 except Exception:  # a bug must not stop renewals: log it, retry later
                     logger.exception("lease keeper error")
-                    for rid in due:
-                        if rid in self._renew_at:
-                            self._renew_at[rid] = time.monotonic() + 1.0
+                    self._retry_later(due)
                 continue
             self._changed.clear()
-            wait = min(self._renew_at.values(), default=now + 3600.0) - now
+            wake = min(
+                (min(lease.renew_at, lease.expires_at) for lease in self._leases.values()),
+                default=now + 3600.0,
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=wait)
+                await asyncio.wait_for(self._changed.wait(), timeout=max(wake - now, 0.0))
+
+    def _retry_later(self, ids: list[str], delay_s: float = _RETRY_RENEW_S) -> None:
+        """Try these renewals again in `delay_s`, and always well before their leases end."""
+        now = self._clock()
+        for rid in ids:
+            lease = self._leases.get(rid)
+            if lease is not None:
+                margin = max((lease.expires_at - now) / 2, _MIN_RENEW_S)
+                lease.renew_at = now + min(delay_s, margin)
 
     async def _extend(self, ids: list[str]) -> None:
+        client = self._link.client
+        sent_at = self._clock()
         try:
-            results = await self._client.extend_leases(ids)
+            results = await client.extend_leases(ids)
         except (ServiceUnreachable, ServiceResponseError) as exc:
-            if isinstance(exc, ServiceResponseError) and exc.status != 503:
-                logger.error("lease extension refused", extra={"error": str(exc)})
+            delay = _RETRY_RENEW_S
+            if is_retryable(exc):
+                self._link.failed(exc, client)
+                # At once on the next broker if the link moved on, else the policy's pause.
+                delay = min(delay, self._link.delay(exc))
             else:
-                self._link.failed(exc)
-            # Retry later; the lease may lapse meanwhile and the broker redeliver: acceptable.
-            for rid in ids:
-                if rid in self._renew_at:
-                    self._renew_at[rid] = time.monotonic() + min(self._link.backoff.max_s, 1.0)
+                logger.error("lease extension refused", extra={"error": str(exc)})
+            # A lease that runs out meanwhile is lost, and the broker redelivers the request
+            # to another poller: nothing is paid twice.
+            self._retry_later(ids, delay)
             return
+        arrived = self.arrived_at(sent_at)
         self._link.succeeded()
         for result in results.results:
-            if result.id not in self._renew_at:
-                continue  # answered while the extension was in flight
+            if result.id not in self._leases:
+                continue  # answered and posted while the extension was in flight
             if result.status == "extended":
                 self.extensions += 1
-                self._schedule(result.id, results.lease_expires_at)
+                self._schedule(result.id, results.lease_s, arrived)
             else:
-                logger.warning(
-                    "lease lost", extra={"request_id": result.id, "status": result.status}
-                )
-                self._renew_at.pop(result.id, None)
+                self._lose(result.id, result.status)

@@ -5,7 +5,10 @@
     rlm_poller_requests_fetched_total         requests leased from the broker
     rlm_poller_requests_total{outcome,code}   requests finished: done / error (with its code) /
                                               abandoned (left to their lease)
+    rlm_poller_leases_lost_total{when}        leases lost: in_flight (the call was cancelled)
+                                              or before_start (the request never started)
     rlm_poller_broker_outages_total           times the broker became unreachable
+    rlm_poller_broker_failovers_total         times the poller moved on to another broker URL
     rlm_poller_broker_reachable               1, or 0 during an outage (gauge)
     rlm_poller_llm_call_seconds{model}        latency of each LLM call, retries included
     rlm_poller_llm_calls_total{model,outcome} LLM calls: ok, or the error code
@@ -196,6 +199,19 @@ class _PollerCollector(Collector):
             outcomes.add_metric([outcome, "" if code == "done" else code], count)
         outcomes.add_metric(["abandoned", ""], stats.abandoned)
         yield outcomes
+        lost = CounterMetricFamily(
+            "rlm_poller_leases_lost",
+            "Leases lost (redelivered by the broker): calls cancelled in flight, or never started.",
+            labels=["when"],
+        )
+        lost.add_metric(["in_flight"], stats.leases_lost)
+        lost.add_metric(["before_start"], stats.expired_before_start)
+        yield lost
+        yield CounterMetricFamily(
+            "rlm_poller_broker_failovers",
+            "Times the poller moved on to the next broker URL.",
+            value=poller.link.failovers,
+        )
         yield CounterMetricFamily(
             "rlm_poller_broker_outages",
             "Times the broker became unreachable.",

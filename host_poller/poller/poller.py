@@ -4,6 +4,11 @@
     task ──▶ per-tenant semaphore ──▶ RequestHandler (LLM or sub-RLM) ──▶ AnswerPoster
     AnswerPoster ── POST /respond in batches ──▶ broker;  LeaseKeeper renews slow leases
 
+Leases are the poller's promise not to pay twice: a request whose lease ran out (by this
+host's monotonic clock) is never started, a lost lease cancels the call in flight, and a
+request stays held (and renewed) until its answer is posted. With several broker URLs the
+`BrokerLink` fails over between them (see link.py).
+
 At most `poller_concurrency` requests are held (leased and unanswered) at once, and at most
 `poller_tenant_concurrency` of one tenant run at once. `run()` serves until `request_stop()`
 (or `stop()`); `run_once()` / `drain()` serve single batches for deterministic tests.
@@ -13,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Sequence
@@ -25,12 +32,15 @@ from typing import Any
 from host_poller.poller.errors import BrokerRejected
 from host_poller.poller.handler import RequestHandler
 from host_poller.poller.leases import LeaseKeeper
-from host_poller.poller.link import Backoff, BrokerLink
+from host_poller.poller.link import BrokerLink, is_retryable
 from host_poller.poller.poster import AnswerPoster
 from host_poller.poller.settings import PollerSettings
+from rlm_repl import RetryPolicy
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import PendingRequest
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
+from rlm_wire.link import KeepAliveLink
+from rlm_wire.transport import HttpxTransport, TransportFactory
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,10 @@ logger = logging.getLogger(__name__)
 _MAX_FETCH = 256
 #: At shutdown, answers get at least this long to be posted even when the grace is spent.
 _MIN_FLUSH_S = 2.0
+#: RLM_POLLER_HTTP_TRANSPORT: every /pending, /respond and lease extension is on the hot
+#: path, where httpx2 cost ~0.5 ms of CPU per request against ~0.05 ms for the keep-alive
+#: link (docs/performance.md); httpx2 stays for brokers reached through a proxy.
+_TRANSPORTS: dict[str, TransportFactory] = {"link": KeepAliveLink, "httpx": HttpxTransport}
 
 
 def default_poller_id() -> str:
@@ -52,6 +66,10 @@ class PollerStats:
     answered: int = 0
     failed: int = 0
     abandoned: int = 0
+    leases_lost: int = 0
+    """Calls cancelled in flight because their lease was lost (the broker redelivers them)."""
+    expired_before_start: int = 0
+    """Requests never started because their lease was lost or ran out while they waited."""
     outcomes: Counter[str] = field(default_factory=Counter)
     """Answers by outcome: "done", or the error code of an error answer."""
     running: int = 0
@@ -97,20 +115,19 @@ class Poller:
         self.handler = handler
         self.poller_id = poller_id or default_poller_id()
         self._owns_client = client is None
-        # retries=0: the link below is the only retry layer, so outages log once.
-        self.client = client or BrokerClient(
-            settings.broker_url,
-            settings.token().get_secret_value(),
-            timeout_s=settings.poller_http_timeout_s,
-            retries=0,
-            max_connections=8,
-            poller_id=self.poller_id,
+        # The one retry policy of every broker client; a poller outlasts any outage.
+        policy = RetryPolicy(
+            deadline_s=math.inf,
+            initial_s=settings.poller_backoff_initial_s,
+            max_pause_s=settings.poller_backoff_max_s,
         )
-        backoff = Backoff(settings.poller_backoff_initial_s, settings.poller_backoff_max_s)
-        self.link = BrokerLink(backoff, broker_url=settings.broker_url)
-        self.leases = LeaseKeeper(self.client, self.link)
+        if client is not None:
+            self.link = BrokerLink(policy, [client], broker_urls=settings.broker_urls[:1])
+        else:
+            self.link = BrokerLink.connect(policy, settings.broker_urls, self._new_client)
+        self._fetching: BrokerClient | None = None
+        self.leases = LeaseKeeper(self.link, on_lost=self._lease_lost)
         self.poster = AnswerPoster(
-            self.client,
             self.link,
             max_items=settings.poller_respond_batch,
             window_s=settings.poller_respond_window_s,
@@ -119,12 +136,32 @@ class Poller:
         self.stats = PollerStats()
         self._tenants = _TenantGate(settings.poller_tenant_concurrency)
         self._held: dict[str, asyncio.Task[None]] = {}
+        # Answered, not yet posted: a redelivery meanwhile must not be answered again.
+        self._unposted: set[str] = set()
+        self._lost: set[str] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
         self._serving = False
+
+    def _new_client(self, url: str) -> BrokerClient:
+        # retry=None: the link is the only retry layer, so an outage logs once.
+        return BrokerClient(
+            url,
+            self.settings.token().get_secret_value(),
+            timeout_s=self.settings.poller_http_timeout_s,
+            retry=None,
+            max_connections=8,
+            poller_id=self.poller_id,
+            transport=_TRANSPORTS[self.settings.poller_http_transport],
+        )
+
+    @property
+    def client(self) -> BrokerClient:
+        """The client of the broker this poller talks to now (see `BrokerLink`)."""
+        return self.link.client
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -177,7 +214,7 @@ class Poller:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
         if self._owns_client:
-            await self.client.aclose()
+            await self.link.aclose()
 
     def _start_background(self) -> None:
         if self._closed:
@@ -214,7 +251,7 @@ class Poller:
         self._serving = True
         logger.info(
             "poller started",
-            extra={"poller_id": self.poller_id, "broker_url": self.settings.broker_url,
+            extra={"poller_id": self.poller_id, "broker_urls": list(self.settings.broker_urls),
                    "concurrency": self.settings.poller_concurrency,
                    "tenant_concurrency": self.settings.poller_tenant_concurrency},
         )  # fmt: skip
@@ -258,8 +295,10 @@ class Poller:
         except (ServiceUnreachable, ServiceResponseError) as exc:
             if isinstance(exc, ServiceResponseError) and exc.status in (401, 403):
                 raise BrokerRejected(exc.status, exc.message) from exc
-            self.link.failed(exc)
-            await self.link.pause(self._stopping)
+            if not is_retryable(exc):
+                logger.error("pending refused", extra={"error": str(exc)})
+            self.link.failed(exc, self._fetching)
+            await self.link.pause(self._stopping, exc=exc)
             return
         self.link.succeeded()
         for request in requests:
@@ -293,30 +332,55 @@ class Poller:
         return min(self.settings.poller_concurrency - len(self._held), _MAX_FETCH)
 
     async def _fetch(self, max_items: int, wait_s: float) -> list[PendingRequest]:
-        batch = await self.client.pending(max_items=max_items, wait_s=wait_s)
+        self._fetching = client = self.link.client
+        sent_at = time.monotonic()
+        batch = await client.pending(max_items=max_items, wait_s=wait_s)
+        # Leases count from the answer's arrival, on this host's monotonic clock (never the
+        # broker's wall clock); see LeaseKeeper.arrived_at.
+        for request in batch.requests:
+            self.leases.track(request, sent_at=sent_at)
         self.stats.fetched += len(batch.requests)
         return batch.requests
 
     def _spawn(self, request: PendingRequest) -> asyncio.Task[None] | None:
-        self.leases.track(request)
-        if request.id in self._held:
-            return None  # delivered again while we still work on it: the lease is renewed
+        if request.id in self._held or request.id in self._unposted:
+            # Delivered again while we still work on it or post its answer: its lease is
+            # ours again (tracked in _fetch), and it is answered once.
+            return None
         task = asyncio.create_task(self._serve(request), name=f"poller-request-{request.id}")
         self._held[request.id] = task
         return task
 
+    def _lease_lost(self, request_id: str) -> None:
+        """The broker will hand this request to another poller: stop paying for it here."""
+        task = self._held.get(request_id)
+        if task is not None and not task.done():
+            self._lost.add(request_id)
+            task.cancel()
+
     async def _serve(self, request: PendingRequest) -> None:
         tenant = request.tenant_id
         gate = self._tenants.acquire_ref(tenant)
-        answered = False
+        answered = started = False
         try:
             async with gate:
+                if not self.leases.holds(request.id):
+                    # Its lease ran out while it waited (a paused process, a long queue):
+                    # the broker redelivers it, so starting it now could pay twice.
+                    self.stats.expired_before_start += 1
+                    logger.warning(
+                        "lease ran out before the call started: left to the broker",
+                        extra={"request_id": request.id},
+                    )
+                    return
                 self._enter(tenant)
+                started = True
                 try:
                     answer = await self.handler.answer(request)
                 finally:
                     self._leave(tenant)
             self.poster.submit(answer)
+            self._unposted.add(request.id)
             answered = True
             if answer.error is None:
                 self.stats.answered += 1
@@ -324,11 +388,23 @@ class Poller:
             else:
                 self.stats.failed += 1
                 self.stats.outcomes[answer.error.code] += 1
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if request.id not in self._lost or task is None:
+                raise  # shutdown: the caller's cancellation
+            # Cancelled by `_lease_lost`: this request's answer is another poller's now.
+            task.uncancel()
+            if started:
+                self.stats.leases_lost += 1
+            else:
+                self.stats.expired_before_start += 1
         finally:
             self._tenants.release_ref(tenant)
             if not answered:
-                self.stats.abandoned += 1
+                if request.id not in self._lost and self.leases.holds(request.id):
+                    self.stats.abandoned += 1
                 self.leases.release(request.id)
+            self._lost.discard(request.id)
             self._held.pop(request.id, None)
             self._slot_freed.set()
 
@@ -348,7 +424,9 @@ class Poller:
             del self.stats.running_by_tenant[tenant]
 
     def _settled(self, request_ids: Sequence[str]) -> None:
+        """The poster posted (or gave up on) these answers: forget the requests."""
         for request_id in request_ids:
+            self._unposted.discard(request_id)
             if request_id not in self._held:
                 self.leases.release(request_id)
 

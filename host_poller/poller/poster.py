@@ -3,7 +3,10 @@
 
 A single poster task posts one batch at a time; answers finishing during a POST join the
 next batch, so batches grow with load. While the broker is unreachable the answers wait and
-are retried with the link's backoff; `flush()` bounds how long that may last at shutdown.
+are retried with the link's retry policy, on the next broker first when the poller has
+several; `flush()` bounds how long that may last at shutdown. `on_settled` is told the ids of
+each batch once it is posted (or given up): only then does the poller forget the requests
+and stop renewing their leases.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from host_poller.poller.link import BrokerLink
-from rlm_wire.broker_client import BrokerClient
+from host_poller.poller.link import BrokerLink, is_retryable
 from rlm_wire.broker_models import Answer, ErrorInfo
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
@@ -28,7 +30,6 @@ class AnswerPoster:
 
     def __init__(
         self,
-        client: BrokerClient,
         link: BrokerLink,
         *,
         max_items: int = 64,
@@ -37,7 +38,6 @@ class AnswerPoster:
     ) -> None:
         if max_items < 1 or window_s < 0:
             raise ValueError("AnswerPoster needs max_items >= 1 and window_s >= 0")
-        self._client = client
         self._link = link
         self._max_items = max_items
         self._window_s = window_s
@@ -116,20 +116,22 @@ class AnswerPoster:
 
     async def _post(self, batch: list[Answer]) -> None:
         while True:
+            client = self._link.client
             try:
-                results = await self._client.respond_batch(batch)
+                results = await client.respond_batch(batch)
             except (ServiceUnreachable, ServiceResponseError) as exc:
-                if isinstance(exc, ServiceResponseError) and exc.status != 503:
+                if isinstance(exc, ServiceResponseError) and not is_retryable(exc):
                     await self._refused(batch, exc)
                     return
-                self._link.failed(exc)
+                # All brokers share one Redis: the next one accepts these answers as well.
+                self._link.failed(exc, client)
                 if self._giving_up():
                     self._drop(batch, "broker unreachable at shutdown")
                     return
                 remaining = None
                 if self._give_up_at is not None:
                     remaining = self._give_up_at - asyncio.get_running_loop().time()
-                await self._link.pause(max_s=remaining)
+                await self._link.pause(max_s=remaining, exc=exc)
                 continue
             self._link.succeeded()
             self.batches_posted += 1

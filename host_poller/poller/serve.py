@@ -117,11 +117,16 @@ async def _sub_rlm_runner(
     budgets: RunBudgets,
     ledger: UsageLedger | None,
 ) -> AsyncIterator[SubRLMRunner]:
+    from host_poller.poller.policy import TenantPolicy
     from host_poller.rlm.sub_rlm import SubRLMRunner as RLMSubRunner
     from host_poller.settings import HostSettings
     from rlm_wire.broker_client import BrokerClient
 
-    host = HostSettings().model_copy(update={"broker_url": settings.broker_url})
+    # Sub-RLM sessions talk to the first broker URL (their calls are retried by the RLM's
+    # own client); the poller's link fails over between all of them.
+    broker_url = settings.broker_urls[0]
+    host = HostSettings().model_copy(update={"broker_url": broker_url})
+    policy = TenantPolicy.from_settings(host, settings.poller_sub_rlm_environments)
     admin = settings.tenant_token is None
     if host.environment in ("pyodide", "remote") and not host.runtime_url:
         logger.warning(
@@ -130,14 +135,15 @@ async def _sub_rlm_runner(
             extra={"environment": host.environment},
         )
     async with BrokerClient(
-        settings.broker_url,
+        broker_url,
         settings.token().get_secret_value(),
         timeout_s=host.broker_timeout_s,
+        retry=host.retry_policy(),
     ) as broker:
         logger.info(
             "sub-RLMs enabled",
             extra={"environment": host.environment, "as_admin": admin,
-                   "metadata_environments": list(settings.poller_sub_rlm_environments)},
+                   "metadata_environments": sorted(policy.environments)},
         )  # fmt: skip
         yield RLMSubRunner(
             host,
@@ -146,7 +152,7 @@ async def _sub_rlm_runner(
             budgets=budgets,
             ledger=ledger,
             admin=admin,
-            environments=settings.poller_sub_rlm_environments,
+            policy=policy,
         )
 
 

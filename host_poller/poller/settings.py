@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,7 +18,10 @@ class PollerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLM_", frozen=True, extra="ignore")
 
     broker_url: str = Field(
-        f"http://127.0.0.1:{BROKER_PORT}", description="Base URL of the broker (RLM_BROKER_URL)."
+        f"http://127.0.0.1:{BROKER_PORT}",
+        description="Base URL of the broker (RLM_BROKER_URL); for the poller, a comma-separated "
+        "list of the replicas of one broker (sharing one Redis): it drains from the first that "
+        "answers and fails over to the next.",
     )
     tenant_token: SecretStr | None = Field(
         None, description="Tenant token: the poller answers this tenant's requests only."
@@ -35,6 +38,13 @@ class PollerSettings(BaseSettings):
     )
     poller_tenant_concurrency: int = Field(
         16, ge=1, le=10_000, description="Requests of one tenant answered at once by this poller."
+    )
+    poller_http_transport: Literal["link", "httpx"] = Field(
+        "link",
+        description="How the poller talks to the broker: `link`, a lean HTTP/1.1 keep-alive "
+        "transport (2-5x less poller CPU per round trip than httpx2; ignores proxy variables), "
+        "or `httpx`, httpx2 (honours HTTP(S)_PROXY / NO_PROXY: use it when the broker is "
+        "reached through a proxy).",
     )
     poller_wait_s: float = Field(
         20.0, ge=0, le=120, description="Long-poll wait of each GET /pending."
@@ -98,6 +108,22 @@ class PollerSettings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_urls(cls, value: str) -> str:
+        urls = _split_urls(value)
+        if not urls:
+            raise ValueError("RLM_BROKER_URL needs at least one URL")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"RLM_BROKER_URL: {url!r} is not an http(s) URL")
+        return value
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """The broker URLs, in the order they are tried."""
+        return _split_urls(self.broker_url)
+
     @model_validator(mode="after")
     def _consistent(self) -> PollerSettings:
         if self.poller_tenant_concurrency > self.poller_concurrency:
@@ -115,3 +141,7 @@ class PollerSettings(BaseSettings):
         if token is None:
             raise PollerConfigError("set RLM_TENANT_TOKEN or RLM_ADMIN_TOKEN for the poller")
         return token
+
+
+def _split_urls(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))

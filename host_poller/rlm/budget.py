@@ -11,6 +11,12 @@ standalone `rlm poller`) is *adopted*: the first call of it that this process se
 tracker from the budget and start time in the session metadata, and that tracker counts what
 this process sees of the run until it has been idle for a while (see docs/rlm.md, Budgets).
 
+Run ids come from tenants (session metadata), so trackers are scoped by tenant: a call finds
+only a tracker of its own tenant. A run opened without a tenant (a root run of this process,
+which does not know its tenant's id) is claimed by the tenant of the first call or sub-RLM
+that finds it, and is that tenant's from then on; its id is a random uuid the run's own
+sessions carry, so its own first call gets there first.
+
 What is charged where (so nothing is counted twice):
 - the root's and every sub-RLM's own root-model calls: by the RLM loop (`charge_root`);
 - plain sub-calls (`llm_query`): by the poller (`charge`) when it runs in this process;
@@ -117,6 +123,9 @@ class RunTracker:
         self._by_key: dict[tuple[str, int], Usage] = {}
         self._by_session: dict[str, Usage] = {}
         self._counted_requests: set[str] = set()
+        self._held_tokens: dict[int, int] = {}
+        """Token estimates of the admitted calls not charged yet, by admission."""
+        self._held_by_request: dict[str, int] = {}
         self.sub_calls_admitted = 0
         self.sub_calls_done = 0
         self.on_sub_call: Callable[[SubCallRecord], None] | None = None
@@ -125,20 +134,34 @@ class RunTracker:
         """The run's `TrajectoryWriter`, for sub-RLMs of this process to write into."""
         self.refused: StopReason | None = None
         """Set once a sub-call was refused: the run stops after the current execution."""
+        self.tenant_id: str | None = None
+        """The tenant whose run this is (None: not known yet; see `RunBudgets`)."""
 
     # the poller's side ---------------------------------------------------------------------
 
     def admit(self, call: CallContext) -> None:
-        """Count one sub-call, or raise `BudgetExceeded` when the run has nothing left."""
+        """Count one sub-call, or raise `BudgetExceeded` when the run has nothing left.
+
+        Calls in flight hold their estimated tokens against the token budget until they are
+        charged: 16 prompts of a batch arriving at once are admitted only while the spent and
+        held tokens leave room, not all 16 before the first is charged."""
         with self._lock:
             reason = self._exhausted_locked()
             limit = self.budget.max_sub_calls
             if reason is None and limit is not None and self.sub_calls_admitted >= limit:
                 reason = "budget_sub_calls"
+            max_tokens = self.budget.max_tokens
+            held = sum(self._held_tokens.values())
+            over = max_tokens is not None and self._usage.total_tokens + held >= max_tokens
+            if reason is None and held > 0 and over:
+                reason = "budget_tokens"
             if reason is not None:
                 self.refused = reason
                 raise BudgetExceeded(f"{_describe(reason, self.budget)} (run {self.run_id})")
             self.sub_calls_admitted += 1
+            self._held_tokens[self.sub_calls_admitted] = call.estimated_tokens
+            if call.request_id is not None:
+                self._held_by_request[call.request_id] = self.sub_calls_admitted
 
     def charge(
         self,
@@ -152,6 +175,7 @@ class RunTracker:
         record = SubCallRecord(call.depth, call.kind, model, usage, latency_s)
         with self._lock:
             self.sub_calls_done += 1
+            self._release_held_locked(call)
             if call.request_id is not None:
                 if call.request_id in self._counted_requests:
                     usage = Usage()  # its execution already reported it
@@ -216,6 +240,17 @@ class RunTracker:
 
     # plumbing ------------------------------------------------------------------------------
 
+    def _release_held_locked(self, call: CallContext) -> None:
+        admission = (
+            self._held_by_request.pop(call.request_id, None)
+            if call.request_id is not None
+            else None
+        )
+        if admission is not None:
+            self._held_tokens.pop(admission, None)
+        elif self._held_tokens:  # a call admitted without a request id: the oldest hold
+            self._held_tokens.pop(next(iter(self._held_tokens)))
+
     def _add_locked(self, model: str, depth: int, usage: Usage) -> None:
         self._usage = self._usage + usage
         key = (model, depth)
@@ -278,7 +313,8 @@ class RunBudgets:
 
     Runs are *opened* by whoever runs them here (`open` / `release`); runs of other
     processes are *adopted* by `for_call` from their session metadata and forgotten after
-    `adopted_idle_s` without a call.
+    `adopted_idle_s` without a call. Trackers are keyed by (tenant id, run id); see the
+    module's docstring for runs opened without a tenant.
     """
 
     def __init__(self, *, adopted_idle_s: float = DEFAULT_ADOPTED_IDLE_S) -> None:
@@ -286,15 +322,17 @@ class RunBudgets:
             raise ValueError("adopted_idle_s must be > 0")
         self.adopted_idle_s = adopted_idle_s
         self._lock = threading.Lock()
-        self._runs: dict[str, RunTracker] = {}
-        self._adopted: dict[str, tuple[RunTracker, float]] = {}
+        self._runs: dict[tuple[str | None, str], RunTracker] = {}
+        self._adopted: dict[tuple[str, str], tuple[RunTracker, float]] = {}
         self._next_prune = 0.0
 
-    def __call__(self, run_id: str) -> RunTracker | None:
+    def __call__(self, run_id: str, tenant_id: str | None = None) -> RunTracker | None:
+        """The tracker of a run opened here (or adopted for `tenant_id`), if any."""
         with self._lock:
-            tracker = self._runs.get(run_id)
-            if tracker is None and run_id in self._adopted:
-                tracker = self._adopted[run_id][0]
+            tracker = self._open_locked(tenant_id, run_id, claim=False)
+            if tracker is None and tenant_id is not None:
+                entry = self._adopted.get((tenant_id, run_id))
+                tracker = entry[0] if entry is not None else None
             return tracker
 
     def for_call(self, call: CallContext) -> RunTracker | None:
@@ -302,44 +340,67 @@ class RunBudgets:
         if call.run_id is None:
             return None
         now = time.monotonic()
+        key = (call.tenant_id, call.run_id)
         with self._lock:
-            tracker = self._runs.get(call.run_id)
+            tracker = self._open_locked(call.tenant_id, call.run_id, claim=True)
             if tracker is not None:
                 return tracker
             self._prune_locked(now)
-            entry = self._adopted.get(call.run_id)
+            entry = self._adopted.get(key)
             if entry is not None:
                 tracker = entry[0]
             elif call.budget is not None:
                 tracker = tracker_from_wire(call.run_id, call.budget, call.run_started_at)
+                tracker.tenant_id = call.tenant_id
             else:
                 return None
-            self._adopted[call.run_id] = (tracker, now)
+            self._adopted[key] = (tracker, now)
             return tracker
 
     def open(
-        self, run_id: str, budget: Budget, *, started_at: float | None = None
+        self,
+        run_id: str,
+        budget: Budget,
+        *,
+        started_at: float | None = None,
+        tenant_id: str | None = None,
     ) -> tuple[RunTracker, bool]:
         """The run's tracker, created if absent; True when this call created it.
 
         An adopted tracker of the run is returned (not created) so that a sub-RLM run here
-        shares the count of the calls this process already answered for its run.
+        shares the count of the calls this process already answered for its run. With a
+        `tenant_id`, only that tenant's trackers (or an unclaimed one) are found.
         """
         with self._lock:
-            tracker = self._runs.get(run_id)
+            tracker = self._open_locked(tenant_id, run_id, claim=tenant_id is not None)
             if tracker is not None:
                 return tracker, False
-            entry = self._adopted.get(run_id)
-            if entry is not None:
-                self._adopted[run_id] = (entry[0], time.monotonic())
-                return entry[0], False
+            if tenant_id is not None:
+                entry = self._adopted.get((tenant_id, run_id))
+                if entry is not None:
+                    self._adopted[(tenant_id, run_id)] = (entry[0], time.monotonic())
+                    return entry[0], False
             tracker = RunTracker(run_id, budget, started=_monotonic_of(started_at))
-            self._runs[run_id] = tracker
+            tracker.tenant_id = tenant_id
+            self._runs[(tenant_id, run_id)] = tracker
             return tracker, True
 
-    def release(self, run_id: str) -> None:
+    def release(self, run_id: str, tenant_id: str | None = None) -> None:
         with self._lock:
-            self._runs.pop(run_id, None)
+            self._runs.pop((tenant_id, run_id), None)
+
+    def _open_locked(self, tenant_id: str | None, run_id: str, *, claim: bool) -> RunTracker | None:
+        """The open run `run_id` of `tenant_id`, or the unscoped one if it is (or, with
+        `claim`, becomes) that tenant's."""
+        tracker = self._runs.get((tenant_id, run_id))
+        if tracker is not None or tenant_id is None:
+            return tracker
+        tracker = self._runs.get((None, run_id))
+        if tracker is None or tracker.tenant_id not in (None, tenant_id):
+            return None
+        if claim:
+            tracker.tenant_id = tenant_id
+        return tracker
 
     def __len__(self) -> int:
         """Runs opened in this process and not released (adopted runs not included)."""

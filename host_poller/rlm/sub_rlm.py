@@ -8,14 +8,20 @@ opened (or adopted) from the budget in the session metadata.
 
 A runner holding the admin token (a standalone poller answering every tenant) opens each
 child session for the tenant of the request it answers.
+
+The session metadata is the tenant's, so what it may ask (environment, depth, iterations) is
+decided by the host's `TenantPolicy`, and every name built from it is checked and scoped by
+tenant: budgets are looked up by (tenant, run id), trajectories written under
+`<trajectory_dir>/<tenant id>/`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import JsonValue
 
@@ -23,6 +29,7 @@ from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import LLMClient
 from host_poller.poller.errors import BudgetExceeded, RequestFailed, SubRLMFailed
 from host_poller.poller.hooks import CallContext, SubRLMResult
+from host_poller.poller.policy import TenantPolicy
 from host_poller.rlm.budget import Budget, RunBudgets, default_run_budgets
 from host_poller.rlm.errors import RLMError
 from host_poller.rlm.loop import EventHook
@@ -33,7 +40,8 @@ from rlm_repl import changed_keys
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import PendingRequest
 from rlm_wire.codes import ErrorCode
-from rlm_wire.run_info import RunInfo
+from rlm_wire.run_info import ID_PATTERN, RunInfo
+from rlm_wire.tracing import child_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,21 @@ def prompt_text(request: PendingRequest) -> str:
     return "\n\n".join(f"{m.role}: {m.content}" for m in request.messages or [])
 
 
+_ID = re.compile(ID_PATTERN)
+
+
+def trajectory_path(root: Path, tenant_id: str, name_parts: tuple[str, ...], depth: int) -> Path:
+    """`<root>/<tenant>/<part>.<part>....d<depth>.jsonl`; every part must be an identifier
+    (`rlm_wire.run_info.ID_PATTERN`), so no tenant string can leave its directory."""
+    for part in (tenant_id, *name_parts):
+        if not _ID.fullmatch(part):
+            raise RequestFailed(
+                "an identifier of this request cannot name a file", code=ErrorCode.BAD_REQUEST
+            )
+    run_id, *rest = name_parts
+    return root / tenant_id / ".".join((run_id, f"d{depth}", *rest, "jsonl"))
+
+
 class SubRLMRunner:
     """The poller's `SubRLMRunner`: runs an rlm_query as a sub-RLM session.
 
@@ -58,11 +81,9 @@ class SubRLMRunner:
     gives the child's root model for the request's `model` (the poller's
     `ModelRouter.client`).
 
-    `environments`: the environments a child may take from the run's session metadata
-    (the root's environment); `settings.environment` is always allowed, and a run naming
-    another one is refused. None trusts the metadata (a stack whose runs are all this
-    host's own). Session metadata is written by the tenant's host, so a poller serving
-    tenants it does not trust must not let them choose `local` (code in this process).
+    `policy`: what the run's session metadata (written by the tenant's host) may ask:
+    environments, depth and iterations. None takes the safe default built from `settings`
+    (`pyodide` and `remote`, besides `settings.environment`; never `local` from metadata).
     """
 
     def __init__(
@@ -75,7 +96,7 @@ class SubRLMRunner:
         ledger: UsageLedger | None = None,
         on_event: EventHook | None = None,
         admin: bool = False,
-        environments: Collection[str] | None = None,
+        policy: TenantPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -84,54 +105,49 @@ class SubRLMRunner:
         self.ledger = ledger
         self.on_event = on_event
         self.admin = admin
-        self.environments = None if environments is None else frozenset(environments)
+        self.policy = policy if policy is not None else TenantPolicy.from_settings(settings)
 
-    def environment_for(self, requested: Any) -> str:
-        """The child's environment: the run's, if allowed; raises `RequestFailed` if not."""
-        own = self.settings.environment
-        if not isinstance(requested, str) or requested == own:
-            return own
-        if self.environments is None or requested in self.environments:
-            return requested
-        raise RequestFailed(
-            f"this poller does not run sub-RLMs in the {requested!r} environment (allowed: "
-            f"{', '.join(sorted(self.environments | {own}))}; RLM_POLLER_SUB_RLM_ENVIRONMENTS)",
-            code=ErrorCode.SUB_RLM_UNAVAILABLE,
-        )
+    def environment_for(self, requested: str | None) -> str:
+        """The child's environment: the run's, if the policy allows; raises `RequestFailed`."""
+        return self.policy.environment_for(requested)
 
     async def __call__(self, request: PendingRequest, call: CallContext) -> SubRLMResult:
         info = request.metadata or RunInfo()
-        # Metadata is written by the tenant's host: the operator's caps bound what it asks.
-        if call.depth >= self.settings.sub_rlm_max_depth:
-            raise BudgetExceeded(
-                f"sub-RLM at depth {call.depth}: this host runs sub-RLMs only below depth "
-                f"{self.settings.sub_rlm_max_depth} (RLM_SUB_RLM_MAX_DEPTH)"
-            )
-        run_id = call.run_id or uuid.uuid4().hex
-        budget = Budget.from_wire(call.budget)
+        # Metadata is written by the tenant's host: the operator's policy bounds what it asks,
+        # before anything runs.
+        self.policy.check_depth(call.depth)
         environment = self.environment_for(info.environment)
-        tracker, created = self.budgets.open(run_id, budget, started_at=call.run_started_at)
+        run_id = call.run_id or uuid.uuid4().hex
+        tenant = request.tenant_id
+        budget = Budget.from_wire(call.budget)
+        tracker, created = self.budgets.open(
+            run_id, budget, started_at=call.run_started_at, tenant_id=tenant
+        )
         trajectory: TrajectoryWriter | None = tracker.trajectory
         own_trajectory = trajectory is None
         if trajectory is None:
-            name = f"{run_id}.d{call.depth}.{request.id}.jsonl"
-            trajectory = TrajectoryWriter(self.settings.trajectory_dir / name)
+            path = trajectory_path(
+                self.settings.trajectory_dir, tenant, (run_id, request.id), call.depth
+            )
+            try:
+                trajectory = TrajectoryWriter(path)
+            except BaseException:
+                if created:
+                    self.budgets.release(run_id, tenant)
+                raise
         plan = SessionPlan(
             run_id=run_id,
             depth=call.depth,
-            max_depth=min(
-                call.max_depth if call.max_depth is not None else self.settings.max_depth,
-                self.settings.sub_rlm_max_depth,
-            ),
-            max_iterations=min(
-                info.max_iterations or self.settings.max_iterations,
-                self.settings.sub_rlm_max_iterations,
+            max_depth=self.policy.sub_max_depth(call.max_depth, self.settings.max_depth),
+            max_iterations=self.policy.sub_max_iterations(
+                info.max_iterations, self.settings.max_iterations
             ),
             environment=environment,
             state=dict(request.state or {}),
             request_id=request.id,
             sub_model=info.sub_model,
             tenant_id=request.tenant_id if self.admin else None,
+            traceparent=child_of(info.traceparent) if info.traceparent else None,
         )
         initial: dict[str, JsonValue] = dict(request.state or {})
         try:
@@ -151,7 +167,7 @@ class SubRLMRunner:
             raise SubRLMFailed(f"sub-RLM at depth {call.depth} failed: {exc}") from exc
         finally:
             if created:
-                self.budgets.release(run_id)
+                self.budgets.release(run_id, tenant)
             if own_trajectory:
                 trajectory.close()
         loop = session.loop

@@ -3,7 +3,9 @@
 Events: `run_start`, `iteration` (reply, code, outputs, usage, latency), `sub_call`
 (depth, kind, model, usage, latency), `run_end` (answer, stop reason, usage). Every event
 carries `run_id`, `depth` and `t` (Unix time); sub-RLMs running in the same process write
-into their run's file, so one file replays the whole tree. No secret is ever written.
+into their run's file, so one file replays the whole tree. No secret is ever written, but
+tenants' prompts and outputs are: files are created private to this user (0600, directories
+0700), never through a symbolic link.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from host_poller.private_files import open_private, private_dirs
+
 
 class TrajectoryWriter:
     """Appends events to one JSONL file; thread-safe; each line is flushed as written."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
         self._lock = threading.Lock()
-        self._file: TextIO | None = path.open("a", encoding="utf-8")
+        self._file: TextIO | None = open_private(path, "a")
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"event": event, "t": round(time.time(), 6), **fields}
