@@ -32,7 +32,12 @@ COPY . .
 RUN uv sync --frozen --no-dev --no-editable --python python3
 
 FROM ${PYTHON_IMAGE} AS runtime
-# util-linux (`unshare`, for the sandboxes' network namespace) is part of the base image.
+# bubblewrap confines each sandbox process below Deno (docs/sandbox.md, Confinement): it needs
+# user namespaces, which some container runtimes refuse; the runtime then refuses to start
+# unless RLM_SANDBOX_ALLOW_WEAKER=1. util-linux (`unshare`, `prlimit`) is in the base image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 # /data holds everything the components write; /app (the venv) stays root-owned.
 RUN groupadd --gid 10001 rlm \
     && useradd --uid 10001 --gid rlm --create-home --home-dir /home/rlm \
@@ -48,6 +53,7 @@ ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RLM_LOG_FORMAT=json \
     RLM_TRAJECTORY_DIR=/data/trajectories \
+    RLM_REDIS_DIR=/data/redis \
     RLM_LEDGER_PATH=/data/usage.sqlite3 \
     RLM_SANDBOX_CACHE_DIR=/data/sandbox-cache \
     RLM_SANDBOX_DENO_PATH=/app/.venv/bin/deno \

@@ -33,6 +33,7 @@ from rlm_wire import runtime_models as p
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.runtime_client import RuntimeClient
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
+from sandbox_runtime.worker.launcher import confinement_support
 
 HOST = "127.0.0.1"
 ADMIN = "bench-admin-token"
@@ -274,10 +275,17 @@ async def run(args: argparse.Namespace, broker_url: str, runtime_url: str) -> No
     async with BrokerClient(broker_url, tenant.token) as tenant_client:
         session = await tenant_client.create_session(metadata={"depth": 0, "max_depth": 1})
 
-    print(f"sandbox runtime benchmark  ({os.cpu_count()} cores, pool of {args.pool})")
+    confined = confinement_support(WorkerSettings())
+    print(
+        f"sandbox runtime benchmark  ({os.cpu_count()} cores, pool of {args.pool}, "
+        f"confinement {confined.mode}{', own uid' if confined.own_uid else ''})"
+    )
     await worker_starts()
     async with RuntimeClient(runtime_url, RUNTIME_TOKEN) as runtime:
         await session_creates(runtime, runtime_url, args.pool, args.creates)
+        if args.quick:
+            print(f"load average while measuring: {os.getloadavg()[0]:.2f}")
+            return
         trivial = await trivial_executes(runtime, runtime_url, args.pool, args.executes)
         async with instant_poller(broker_url, tenant.token):
             in_pyodide, in_script, in_local = await llm_query_places(
@@ -309,6 +317,7 @@ def main() -> None:
     parser.add_argument("--executes", type=int, default=300, help="trivial executes timed")
     parser.add_argument("--calls", type=int, default=300, help="llm_query calls per place")
     parser.add_argument("--sessions", type=int, default=6, help="sessions for memory figures")
+    parser.add_argument("--quick", action="store_true", help="start-ups and session creates only")
     args = parser.parse_args()
     rlm = str(Path(sys.executable).with_name("rlm"))
     base_env = {**os.environ, "RLM_LOG_LEVEL": "WARNING"}

@@ -2,7 +2,11 @@
 
 Cold start, start from the memory snapshot, a trivial execute round trip, an llm_query round
 trip through the pipe (the bridge answers at once), hibernate size and time, restore time
-(into a new process, and into one already running), and PSS memory per live process.
+(into a new process, and into one already running), and the memory of each live process:
+PSS (and its private / shared parts) from /proc/<pid>/smaps_rollup, once idle and once
+*loaded*: after every session ran code that imports modules and holds data (what a live
+session of an RLM run looks like), each process measured on its own, not a mean over idle
+ones. Every figure is printed with /proc/loadavg.
 """
 
 from __future__ import annotations
@@ -18,11 +22,51 @@ from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, Worke
 ROUNDS = 200
 
 
-def pss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
+#: What a loaded session runs: imports (json, re, collections, random, statistics), a 1.4 MB
+#: context, a 20,000-entry dict, 2,000 x 50 floats and 10,000 small objects.
+LOAD_SESSION = """
+import collections, json, random, re, statistics
+context = 'lorem ipsum dolor sit amet ' * 52000
+index = {f'key{i}': [i, str(i)] for i in range(20000)}
+rows = [[random.random() for _ in range(50)] for _ in range(2000)]
+class Item:
+    def __init__(self, v):
+        self.v = v
+objs = [Item(i) for i in range(10000)]
+words = collections.Counter(re.findall(r'[a-z]+', context[:200000]))
+summary = json.dumps({'n': len(index), 'mean': statistics.mean(r[0] for r in rows)})
+"""
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """smaps_rollup fields of one process, in KiB (Pss, Pss_Anon, Private_*, Shared_*)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        out[name] = int(rest.split()[0])
+    return out
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def report_memory(label: str, pids: list[int]) -> None:
+    print(f"{label} (load {loadavg()}):")
+    for pid in pids:
+        m = memory_kib(pid)
+        private = m["Private_Clean"] + m["Private_Dirty"]
+        shared = m["Shared_Clean"] + m["Shared_Dirty"]
+        print(
+            f"  pid {pid:>7}: PSS {m['Pss'] / 1024:7.1f} MiB  (anon {m['Pss_Anon'] / 1024:6.1f}, "
+            f"file {m['Pss_File'] / 1024:5.1f})  private {private / 1024:7.1f} MiB  "
+            f"shared {shared / 1024:6.1f} MiB  RSS {m['Rss'] / 1024:7.1f} MiB"
+        )
+    pss = [memory_kib(pid)["Pss"] / 1024 for pid in pids]
+    print(
+        f"  PSS per process: median {statistics.median(pss):.1f} MiB, "
+        f"min {min(pss):.1f}, max {max(pss):.1f} (n={len(pss)})"
+    )
 
 
 async def instant_bridge(call: LLMCall) -> list[LLMCallResult]:
@@ -32,7 +76,10 @@ async def instant_bridge(call: LLMCall) -> list[LLMCallResult]:
 def report(name: str, samples_s: list[float]) -> None:
     ms = sorted(s * 1000 for s in samples_s)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    print(f"{name:<34} p50 {statistics.median(ms):9.3f} ms   p99 {p99:9.3f} ms   (n={len(ms)})")
+    print(
+        f"{name:<34} p50 {statistics.median(ms):9.3f} ms   p99 {p99:9.3f} ms   (n={len(ms)}, "
+        f"load {loadavg()})"
+    )
 
 
 async def main() -> None:
@@ -81,21 +128,15 @@ async def main() -> None:
             samples.append(time.perf_counter() - started)
         report("execute with one llm_query", samples)
 
-        await sandbox.execute(
-            "import json\nclass P:\n    def __init__(s, v):\n        s.v = v\n"
-            "import random\n"
-            "data = {'rows': [[random.random() for _ in range(50)] for _ in range(2000)]}\n"
-            "objs = [P(i) for i in range(10000)]\ntext = 'lorem ipsum ' * 100000\n",
-            timeout_s=30,
-            output_bytes=4096,
-        )
+        # Deno itself, not bwrap. Idle: started from the snapshot, one trivial execute.
+        idle = await SandboxProcess.spawn(settings)
+        await idle.execute("1", timeout_s=10, output_bytes=4096)
+        report_memory("memory of an idle live process", [idle.pid])
+        await idle.kill()
         for process in processes:
+            await process.execute(LOAD_SESSION, timeout_s=60, output_bytes=4096)
             await process.execute("1", timeout_s=10, output_bytes=4096)
-        pss = [pss_bytes(p.pid) for p in processes]
-        print(
-            f"{'PSS per live process':<34} mean {statistics.mean(pss) / 2**20:8.1f} MiB "
-            f"(n={len(pss)}, min {min(pss) / 2**20:.1f}, max {max(pss) / 2**20:.1f})"
-        )
+        report_memory("memory of each loaded live process", [p.pid for p in processes])
 
         started = time.perf_counter()
         blob = await sandbox.hibernate()

@@ -27,6 +27,10 @@ def sandbox(host: str | None, port: int | None, pool_size: int | None) -> None:
     from sandbox_runtime.service.settings import RuntimeSettings
 
     settings = load_settings(RuntimeSettings, host=host, port=port, pool_size=pool_size)
+    try:
+        settings.bearer_token()  # the runtime never starts open
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     worker_settings = sandbox_worker_settings()
     try:
         serve(settings, worker_settings)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rlm_wire.runtime_models import ExecutionResult
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
+from sandbox_runtime.worker.launcher import sandbox_pid
 
 SETTINGS = WorkerSettings(grace_s=1.0, control_timeout_s=30.0)
 OUTPUT = 64 * 1024
@@ -24,7 +25,8 @@ async def ok(process: SandboxProcess, code: str, timeout_s: float = 20.0) -> str
 
 
 def child_pids() -> set[int]:
-    """Processes whose parent is this one (the sandboxes started by this test process)."""
+    """The sandboxes started by this test process: each child's Deno process (under bwrap,
+    the child's own child), as `SandboxProcess.pid` names it."""
     me = str(os.getpid())
     found: set[int] = set()
     for entry in Path("/proc").iterdir():
@@ -35,5 +37,5 @@ def child_pids() -> set[int]:
         except OSError:
             continue
         if fields[1] == me:
-            found.add(int(entry.name))
+            found.add(sandbox_pid(int(entry.name)))
     return found

@@ -43,6 +43,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith("RLM_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("RLM_TRAJECTORY_DIR", str(tmp_path / "trajectories"))
+    monkeypatch.setenv("RLM_SANDBOX_TOKEN", "cli-errors-token")  # `rlm sandbox` needs one
     monkeypatch.chdir(tmp_path)
 
 

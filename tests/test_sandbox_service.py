@@ -17,8 +17,10 @@ from rlm_wire import broker_models as bp
 from rlm_wire import runtime_models as p
 from rlm_wire.errors import ServiceResponseError
 from rlm_wire.runtime_client import RuntimeClient
+from sandbox_runtime.service.app import create_app
 from sandbox_runtime.service.serve import BackgroundRuntime
-from sandbox_runtime.service.settings import RuntimeSettings
+from sandbox_runtime.service.settings import NO_BEARER_MESSAGE, RuntimeSettings
+from sandbox_runtime.service.store import HibernationRefused, HibernationStore, StoreLimits
 from sandbox_runtime.worker.launcher import network_namespace_available
 from tests.sandbox_worker_helpers import child_pids
 from tests.support.brokers import echo_answers, tenant_and_session
@@ -308,10 +310,12 @@ async def _session_info(runtime_url: str, session_id: str) -> dict[str, Any]:
         return info
 
 
-def test_settings_need_a_token_off_loopback() -> None:
-    with pytest.raises(ValueError, match="RLM_SANDBOX_TOKEN"):
-        RuntimeSettings(host="0.0.0.0")
-    assert RuntimeSettings(host="::1").token is None
+def test_the_app_is_not_built_without_a_token() -> None:
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with pytest.raises(ValueError, match="RLM_SANDBOX_TOKEN is required"):
+            create_app(RuntimeSettings(host=host))
+    with pytest.raises(ValueError, match="RLM_SANDBOX_TOKEN is required"):
+        create_app(RuntimeSettings(token="  "))
 
 
 async def test_idle_sessions_end_after_their_ttl(client: RuntimeClient) -> None:
@@ -336,6 +340,7 @@ async def test_idle_sessions_hibernate_to_disk_and_come_back(tmp_path: Path) -> 
         hibernate_after_s=0.3,
         reaper_interval_s=0.1,
         hibernation_dir=tmp_path,
+        hibernation_memory_bytes=0,  # every blob to a file
     )
     with BackgroundRuntime(settings) as runtime:
         async with RuntimeClient(runtime.url, TOKEN) as client:
@@ -346,27 +351,37 @@ async def test_idle_sessions_hibernate_to_disk_and_come_back(tmp_path: Path) -> 
                 return bool((await client.health())["sessions"]["hibernated"] == 1)
 
             await wait_until(hibernated, timeout_s=10)
-            assert _blobs(tmp_path)
+            [blob] = _blobs(tmp_path)
+            # Private to the runtime's user: a directory of this process, 0700; files 0600.
+            assert blob.parent.stat().st_mode & 0o777 == 0o700
+            assert blob.stat().st_mode & 0o777 == 0o600
+            assert (await client.health())["sessions"]["hibernated_spilled_bytes"] > 0
             result = await client.execute(session.session_id, "print(int(r))")
             assert result.stdout == "9\n"
             await client.delete_session(session.session_id)
             assert not _blobs(tmp_path)
+    assert not _spill_dirs(tmp_path)  # removed at stop
 
 
 def _blobs(directory: Path) -> list[Path]:
-    return list(directory.glob("*.blob"))
+    return list(directory.glob("hibernation-*/*.blob"))
 
 
-def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+def _spill_dirs(directory: Path) -> list[Path]:
+    return list(directory.glob("hibernation-*"))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_cli_refuses_to_start_without_a_token(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
     from click.testing import CliRunner
 
     from rlm_cli.sandbox_commands import commands
 
     monkeypatch.delenv("RLM_SANDBOX_TOKEN", raising=False)
     (command,) = commands
-    outcome = CliRunner().invoke(command, ["--host", "0.0.0.0", "--port", "0"])
-    assert outcome.exit_code == 2
-    assert "RLM_SANDBOX_TOKEN is required" in outcome.output
+    outcome = CliRunner().invoke(command, ["--host", host, "--port", "0"])
+    assert outcome.exit_code == 1
+    assert outcome.output.strip().splitlines() == [f"Error: {NO_BEARER_MESSAGE}"]
 
 
 async def test_crashed_session_comes_back_from_its_last_hibernation(
@@ -385,3 +400,29 @@ async def test_crashed_session_comes_back_from_its_last_hibernation(
         assert back.stdout == "in the blob False\n"
     finally:
         await client.delete_session(session.session_id)
+
+
+async def test_the_store_spills_past_its_memory_budget_and_refuses_past_its_caps(
+    tmp_path: Path,
+) -> None:
+    limits = StoreLimits(max_blob_bytes=1000, memory_bytes=1500, disk_bytes=1500)
+    store = HibernationStore(limits, tmp_path / "spill")
+    await store.put("a", b"a" * 1000)
+    await store.put("b", b"b" * 1000)  # past the memory budget: to a file
+    assert (store.memory_bytes, store.disk_bytes) == (1000, 1000)
+    with pytest.raises(HibernationRefused, match="per-session limit"):
+        await store.put("c", b"c" * 1001)
+    with pytest.raises(HibernationRefused, match="no room"):
+        await store.put("c", b"c" * 600)
+    await store.put("b", b"B" * 400)  # replacing a blob frees its room first: now in memory
+    assert (store.memory_bytes, store.disk_bytes) == (1400, 0)
+    await store.put("c", b"c" * 600)
+    assert await store.get("a") == b"a" * 1000
+    assert await store.get("b") == b"B" * 400
+    assert await store.get("c") == b"c" * 600
+    assert store.directory is not None and store.directory.stat().st_mode & 0o777 == 0o700
+    assert [p.stat().st_mode & 0o777 for p in store.directory.iterdir()] == [0o600]
+    await store.delete("c")
+    assert store.total_bytes == 1400 and await store.get("c") is None
+    await store.aclose()
+    assert not (tmp_path / "spill").exists() or not list((tmp_path / "spill").iterdir())

@@ -19,6 +19,14 @@ from .session import Session
 
 Reply = tuple[dict[str, Any], bytes | None]
 
+#: Largest reply header the guest sends: `sandbox_runtime.worker.framing.MAX_HEADER_BYTES`
+#: (the supervisor kills a sandbox whose header is larger, as a forged frame).
+MAX_REPLY_BYTES = 64 * 2**20
+#: Longest error type name sent back (a class name can be made any length).
+MAX_ERROR_TYPE_CHARS = 200
+#: Bound on a FINAL answer's fields besides its value (the source, a FINAL_VAR name).
+MAX_FINAL_META_CHARS = 1024
+
 _session: Session | None = None
 
 
@@ -59,9 +67,20 @@ def dispatch(header_json: str, payload: Any) -> None:
         data = b"" if payload is None else _to_bytes(payload)
         reply_header, reply_payload = _HANDLERS[header["op"]](current, header, data)
     except BaseException as exc:  # noqa: BLE001 -- top of the request loop: reported to the supervisor
-        reply_header = {"op": "error", **rlm_repl.describe_error(exc)}
+        reply_header = {"op": "error", **_bounded_error(rlm_repl.describe_error(exc))}
         reply_payload = None
-    current.host.reply(json.dumps(reply_header), reply_payload)
+    encoded = json.dumps(reply_header)  # ASCII (escaped), so its length is its size in bytes
+    if len(encoded) > MAX_REPLY_BYTES:
+        encoded = json.dumps(
+            {
+                "op": "error",
+                "type": "ResultTooLarge",
+                "message": f"the reply is {len(encoded)} bytes as JSON, over the sandbox's "
+                f"limit of {MAX_REPLY_BYTES} bytes",
+            }
+        )
+        reply_payload = None
+    current.host.reply(encoded, reply_payload)
 
 
 def _to_bytes(payload: Any) -> bytes:
@@ -73,11 +92,45 @@ def _to_bytes(payload: Any) -> bytes:
 
 def execute(current: Session, header: dict[str, Any], _: bytes) -> Reply:
     code = str(header["code"])
-    result = current.repl.execute(code, output_max_bytes=int(header["output_bytes"]))
+    limit = int(header["output_bytes"])
+    result = current.repl.execute(code, output_max_bytes=limit)
     if result["error"] is None:
         current.record_definitions(code)
+    _bound_final(result, limit)
+    if result["error"] is not None:
+        result["error"] = _bounded_error(result["error"])
     reply = {k: result[k] for k in ("stdout", "stderr", "error", "final", "state", "duration_ms")}
     return {"op": "result", **reply, "memory_bytes": _memory(current)}, None
+
+
+def _bound_final(result: dict[str, Any], limit: int) -> None:
+    """A FINAL value is output: over `limit` (UTF-8 bytes, like stdout) it becomes an error."""
+    final = result["final"]
+    if final is None:
+        return
+    value = final.get("value", "")
+    # Characters first: a huge value is refused without encoding a copy of it.
+    size = len(value) if len(value) > limit else len(value.encode("utf-8"))
+    meta = sum(len(str(v)) for k, v in final.items() if k != "value")
+    if size <= limit and meta <= MAX_FINAL_META_CHARS:
+        return
+    result["final"] = None
+    if result["error"] is None:
+        what = f"{size} bytes" if size > limit else f"{meta} characters of source and name"
+        result["error"] = {
+            "type": "OutputTooLarge",
+            "message": f"the FINAL answer is {what}, over this session's limit of {limit} "
+            "bytes (limits.output_bytes): return a shorter answer",
+            "traceback": None,
+        }
+
+
+def _bounded_error(error: dict[str, Any]) -> dict[str, Any]:
+    """The error fields rlm_repl bounds (message, traceback), and the type name too."""
+    kind = str(error.get("type", "Error"))
+    if len(kind) > MAX_ERROR_TYPE_CHARS:
+        kind = kind[:MAX_ERROR_TYPE_CHARS] + "..."
+    return {**error, "type": kind}
 
 
 def _memory(current: Session) -> int:

@@ -4,7 +4,7 @@
 // (header length, payload length), a JSON header and raw payload bytes.
 //
 // Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
-// fd_in, fd_out, fd_int, state_bytes}. Permissions come from the command line; this script
+// snapshot_in_pipe, fd_in, fd_out, fd_int, state_bytes}. Permissions come from the command line; this script
 // needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
 // the pipes, and write access to the output pipe only.
 
@@ -79,6 +79,12 @@ const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_d
 const quiet = () => {};
 const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
 if (config.snapshot_path) options._loadSnapshot = Deno.readFileSync(config.snapshot_path);
+if (config.snapshot_in_pipe) {
+  // Confined (bwrap), the snapshot file is not visible: its bytes are the first frame.
+  const frame = readFrame();
+  if (frame === null) Deno.exit(EXIT_PROTOCOL);
+  options._loadSnapshot = frame.payload;
+}
 if (config.make_snapshot) options._makeSnapshot = true;
 const pyodide = await loadPyodide(options);
 const discard = { write: (bytes) => bytes.length };

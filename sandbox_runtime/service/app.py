@@ -1,7 +1,9 @@
 """The runtime's HTTP API (Starlette): sessions, stateless execution, health and metrics.
 
 Errors are `{"error": {"code", "message"}}` with a fitting status, never a traceback. Every
-route but /health and /metrics needs the bearer token when one is configured.
+route but /health and /metrics needs the bearer token, which is always configured (the app
+is not built without one). Before any route, `HostAndOriginGuard` refuses a `Host` the
+runtime does not answer to (DNS rebinding) and any browser `Origin` not allowed.
 """
 
 from __future__ import annotations
@@ -13,37 +15,103 @@ from collections.abc import AsyncIterator
 
 import pydantic_core
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rlm_wire import runtime_models as p
 from rlm_wire.bodies import read_body, read_model
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
-from rlm_wire.responses import exception_handlers, json_response
+from rlm_wire.responses import error_response, exception_handlers, json_response
 from sandbox_runtime.service.runtime import Runtime
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
+#: Names a loopback client may use; always answered.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: Probes and scrapers call these by pod IP: any Host (they hold nothing a rebinding could steal).
+_ANY_HOST_PATHS = frozenset({"/health", "/metrics"})
+
+
+class HostAndOriginGuard:
+    """Pure ASGI middleware: 403 `origin_not_allowed` for a request whose `Origin` header is
+    not allowed, 400 `host_not_allowed` for a `Host` the runtime does not answer to."""
+
+    def __init__(self, app: ASGIApp, *, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+        self.app = app
+        self._hosts = frozenset(h.lower() for h in hosts if not h.startswith("*."))
+        self._suffixes = tuple(h.lower()[1:] for h in hosts if h.startswith("*."))
+        self._any_host = "*" in hosts
+        self._origins = frozenset(o.rstrip("/").lower() for o in origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        host = _host_name(headers.get("host", ""))
+        if origin is not None and origin.rstrip("/").lower() not in self._origins:
+            response = error_response(
+                403,
+                ErrorCode.ORIGIN_NOT_ALLOWED,
+                f"requests from origin {origin[:200]!r} are not allowed "
+                "(RLM_SANDBOX_ALLOWED_ORIGINS)",
+            )
+        elif scope["path"] not in _ANY_HOST_PATHS and not self._host_allowed(host):
+            response = error_response(
+                400,
+                ErrorCode.HOST_NOT_ALLOWED,
+                f"this runtime does not answer to host {host[:200]!r} "
+                "(add it to RLM_SANDBOX_ALLOWED_HOSTS)",
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+    def _host_allowed(self, host: str) -> bool:
+        return self._any_host or host in self._hosts or host.endswith(self._suffixes)
+
+
+def _host_name(header: str) -> str:
+    """The name of a `Host` header, without its port, brackets or a final dot, lowercased."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def allowed_hosts(settings: RuntimeSettings) -> tuple[str, ...]:
+    """Loopback names, the listening address (the URL `rlm up` hands out) and the configured
+    names. A wildcard address such as 0.0.0.0 is among them: a browser page reaching it sends
+    its `Origin`, refused above, and has no token."""
+    return (*LOOPBACK_HOSTS, settings.host, *settings.allowed_hosts)
+
 
 def create_app(
     settings: RuntimeSettings, worker_settings: WorkerSettings | None = None
 ) -> Starlette:
-    """The ASGI app of one runtime replica; its lifespan starts the pool and the reaper."""
+    """The ASGI app of one runtime replica; its lifespan starts the pool and the reaper.
+
+    Raises `ValueError` (`NO_BEARER_MESSAGE`, one line) when the settings hold no token.
+    """
+    token = settings.bearer_token()  # ValueError (one line) without a token: no open runtime
     runtime = Runtime(settings, worker_settings or WorkerSettings())
-    token = settings.token.get_secret_value().encode() if settings.token else None
-    if token is None:
-        logger.warning("no RLM_SANDBOX_TOKEN: the API accepts unauthenticated calls on loopback")
 
     def authorize(request: Request) -> None:
-        if token is None:
-            return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+            raise ApiError(401, ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
 
     async def create_session(request: Request) -> Response:
         authorize(request)
@@ -131,6 +199,13 @@ def create_app(
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
+        middleware=[
+            Middleware(
+                HostAndOriginGuard,
+                hosts=allowed_hosts(settings),
+                origins=settings.allowed_origins,
+            )
+        ],
         exception_handlers=exception_handlers(
             logger, internal_message="internal error; see the runtime's logs"
         ),

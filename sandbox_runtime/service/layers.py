@@ -1,21 +1,24 @@
 """The sandbox's isolation layers on this machine, said once, loudly, at start.
 
-Every sandbox process runs under Deno's permissions, a bound on WebAssembly memory and
-rlimits wherever the runtime runs. The empty network namespace (`unshare -n`) needs
-CAP_SYS_ADMIN, which a container running as a non-root user does not have; with
-`RLM_SANDBOX_NETWORK_NAMESPACE=auto` sandboxes then start without it, and this report is
-what says so. The report is kept on the runtime (`Runtime.isolation`) for /health.
+Every sandbox process runs under Deno's permissions, a bound on WebAssembly memory, kernel
+rlimits and an idle-CPU watch wherever the runtime runs. Below Deno, bubblewrap gives it its
+own uid, mount, network, pid, ipc and uts namespaces, no capabilities, no new privileges and
+a seccomp deny-list (`sandbox_runtime.worker.confinement`). Where bwrap cannot run (e.g. a
+container refusing user namespaces) the runtime refuses to start unless
+RLM_SANDBOX_ALLOW_WEAKER=1; this report says which layers are in force. It is kept on the
+runtime (`Runtime.isolation`) for /health.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox_runtime.errors import SandboxStartError
 from sandbox_runtime.worker import WorkerSettings
-from sandbox_runtime.worker.launcher import network_namespace_available
+from sandbox_runtime.worker.confinement import TMP_BYTES, Support, data_limit
+from sandbox_runtime.worker.launcher import check_confinement, confinement_support
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class IsolationReport:
     """The layers this runtime's sandboxes run under."""
 
     layers: tuple[Layer, ...]
+    #: Required layers are missing and RLM_SANDBOX_ALLOW_WEAKER let sandboxes start anyway.
+    weaker: bool = False
 
     @property
     def missing(self) -> tuple[Layer, ...]:
@@ -46,27 +51,69 @@ class IsolationReport:
                 for layer in self.layers
             },
             "missing": [layer.name for layer in self.missing],
+            "weaker_allowed": self.weaker,
         }
 
 
-def _network_namespace(settings: WorkerSettings) -> Layer:
-    name = "network_namespace"
-    if settings.network_namespace == "off":
-        return Layer(name, False, "switched off (RLM_SANDBOX_NETWORK_NAMESPACE=off)")
-    if network_namespace_available():
-        return Layer(name, True, "each sandbox runs in an empty network namespace (unshare -n)")
-    if shutil.which("unshare") is None:
-        reason = "no `unshare` on PATH (util-linux)"
+def _bwrap_layers(support: Support) -> list[Layer]:
+    on = support.mode == "bwrap"
+    off = "no bwrap: " + "; ".join(support.problems)
+    if support.own_uid and on:
+        uid = "each sandbox runs as a uid (and gid) of its own, owning no file"
+    elif on:
+        uid = "sandboxes run as the runtime's uid inside a user namespace (not root)"
     else:
-        reason = "`unshare -n` is refused (it needs CAP_SYS_ADMIN, e.g. root outside a container)"
-    if settings.network_namespace == "require":
-        return Layer(name, False, f"{reason}; RLM_SANDBOX_NETWORK_NAMESPACE=require: "
-                     "sandboxes will not start")  # fmt: skip
-    return Layer(name, False, f"{reason}; sandboxes start without it (Deno's --deny-net only)")
+        uid = off
+    return [
+        Layer(
+            "confinement",
+            on,
+            f"bubblewrap ({support.bwrap})" if on else f"{support.mode}: {off}",
+        ),
+        Layer("own_uid", on and support.own_uid, uid),
+        Layer(
+            "mount_namespace",
+            on,
+            "only Deno, its libraries, Pyodide, the guest and the REPL are visible, read-only; "
+            f"a {TMP_BYTES // 2**20} MiB tmpfs /tmp; no host path is writable"
+            if on
+            else off,
+        ),
+        Layer(
+            "pid_ipc_uts_namespaces",
+            on,
+            "its own pid, ipc, uts and cgroup namespaces; no new user namespaces" if on else off,
+        ),
+        Layer(
+            "no_new_privileges",
+            on,
+            "all capabilities dropped, PR_SET_NO_NEW_PRIVS, its own session" if on else off,
+        ),
+        Layer(
+            "seccomp",
+            on and support.seccomp,
+            "deny-list: ptrace, mount, keyctl, bpf, perf_event_open, userfaultfd, io_uring, "
+            "modules, chmod/chown and more (EPERM)"
+            if on and support.seccomp
+            else "; ".join(support.problems) or off,
+        ),
+    ]
+
+
+def _network_namespace(settings: WorkerSettings, support: Support) -> Layer:
+    name = "network_namespace"
+    if support.mode == "bwrap":
+        return Layer(name, True, "an empty network namespace (bwrap --unshare-net)")
+    if support.mode == "unshare":
+        return Layer(name, True, "an empty network namespace (unshare -n)")
+    if settings.network_namespace == "off" or settings.confinement == "off":
+        return Layer(name, False, "switched off; Deno's --deny-net only")
+    return Layer(name, False, "`unshare -n` refused here; Deno's --deny-net only")
 
 
 def isolation_layers(settings: WorkerSettings) -> IsolationReport:
     """Which layers sandboxes started with `settings` get on this machine."""
+    support = confinement_support(settings)
     return IsolationReport(
         (
             Layer(
@@ -74,35 +121,55 @@ def isolation_layers(settings: WorkerSettings) -> IsolationReport:
                 True,
                 "reads Pyodide and the runtime's scripts only; net, env, run, ffi, sys denied",
             ),
+            *_bwrap_layers(support),
+            _network_namespace(settings, support),
             Layer(
                 "wasm_memory_bound",
                 True,
                 f"--wasm-max-mem-pages (default {settings.memory_bytes} bytes)",
             ),
             Layer(
+                "memory_limit",
+                True,
+                f"rlimit: RLIMIT_DATA = WebAssembly bound + {settings.memory_headroom_bytes} "
+                f"bytes (default {data_limit(settings, settings.memory_bytes)}); past it "
+                "allocations fail or the process dies and is replaced",
+            ),
+            Layer(
                 "rlimits",
                 True,
-                f"RLIMIT_NOFILE={settings.max_open_files}, RLIMIT_CORE=0 (warned per process "
-                "when refused)",
+                f"RLIMIT_CPU={settings.cpu_seconds} s, RLIMIT_NOFILE={settings.max_open_files}, "
+                "RLIMIT_CORE=0"
+                + (f", RLIMIT_NPROC={settings.max_threads}" if support.own_uid else ""),
             ),
-            _network_namespace(settings),
-        )
+            Layer(
+                "idle_cpu_watch",
+                True,
+                f"a sandbox using over {settings.idle_cpu_cores:g} cores for "
+                f"{settings.idle_cpu_strikes} samples of {settings.idle_cpu_check_s:g} s while "
+                "idle (a Worker or timer left behind) is killed and replaced",
+            ),
+        ),
+        weaker=support.weaker,
     )
 
 
 def report_isolation(settings: WorkerSettings) -> IsolationReport:
-    """Check the layers and log them in one line: ERROR when sandboxes cannot start without
-    a missing layer, WARNING when one is missing, INFO when all are in place."""
+    """Check the layers and log them in one line: INFO when all are in place, WARNING when
+    some are missing and RLM_SANDBOX_ALLOW_WEAKER allows it.
+
+    Raises `SandboxStartError` when a required layer is missing without that consent.
+    """
     report = isolation_layers(settings)
     fields = {"isolation": report.as_dict()}
     if not report.missing:
         logger.info("sandbox isolation: every layer in place", extra=fields)
         return report
     names = ", ".join(f"{layer.name} ({layer.detail})" for layer in report.missing)
-    if settings.network_namespace == "require" and any(
-        layer.name == "network_namespace" for layer in report.missing
-    ):
+    try:
+        check_confinement(settings)
+    except SandboxStartError:
         logger.error("sandbox isolation: missing %s", names, extra=fields)
-    else:
-        logger.warning("sandbox isolation: missing %s", names, extra=fields)
+        raise
+    logger.warning("sandbox isolation: missing %s", names, extra=fields)
     return report

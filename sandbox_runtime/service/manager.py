@@ -14,17 +14,17 @@ from rlm_wire.errors import ApiError
 from rlm_wire.runtime_models import (
     Context,
     CreateSession,
-    ExecutionError,
     ExecutionResult,
     VarInfo,
 )
 from sandbox_runtime.errors import SandboxError, SandboxGuestError
 from sandbox_runtime.service.bridge import make_bridge
+from sandbox_runtime.service.execution import execute_bounded
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
 from sandbox_runtime.service.session import Session
 from sandbox_runtime.service.settings import RuntimeSettings
-from sandbox_runtime.service.store import HibernationStore
+from sandbox_runtime.service.store import HibernationRefused, HibernationStore
 from sandbox_runtime.worker import SandboxProcess
 
 logger = logging.getLogger(__name__)
@@ -123,14 +123,12 @@ class SessionManager:
             session.touch()
             process = await self._live_process(session)
             started = time.perf_counter()
-            try:
-                result = await process.execute(
-                    code,
-                    timeout_s=timeout_s or session.limits.timeout_s,
-                    output_bytes=session.limits.output_bytes,
-                )
-            except SandboxError as exc:
-                result = _crash_result(exc, time.perf_counter() - started)
+            result = await execute_bounded(
+                process,
+                code,
+                timeout_s=timeout_s or session.limits.timeout_s,
+                output_bytes=session.limits.output_bytes,
+            )
             # The host counts the run's sub-calls from here (each request id once).
             result = result.model_copy(update={"sub_calls": session.bridge.take_sub_calls()})
             session.executions += 1
@@ -207,7 +205,8 @@ class SessionManager:
                     503, ErrorCode.UNAVAILABLE, f"the sandbox failed while setting the state: {exc}"
                 ) from exc
         if session.setup_code:
-            result = await process.execute(
+            result = await execute_bounded(
+                process,
                 session.setup_code,
                 timeout_s=session.limits.timeout_s,
                 output_bytes=session.limits.output_bytes,
@@ -277,19 +276,20 @@ class SessionManager:
             return False
         started = time.perf_counter()
         try:
-            blob = await process.hibernate()
-        except SandboxError as exc:
+            blob = await process.snapshot_namespace()
+            # Stored while the process still runs: a blob the store refuses (over a size or
+            # budget) leaves the session live, its variables intact.
+            await self._store.put(session.id, blob)
+        except (SandboxError, HibernationRefused) as exc:
             logger.warning(
                 "hibernation failed", extra={"session_id": session.id, "error": str(exc)}
             )
             if not process.alive:  # else the session simply stays live
                 await self._lost_process(session, process)
             return False
-        await quiet_kill(process)
-        # The blob is stored before the session counts as hibernated (/health, the reaper).
-        await self._store.put(session.id, blob)
         session.has_blob = True
         session.process = None
+        await process.aclose()
         self._metrics.hibernations.inc()
         logger.info(
             "session hibernated",
@@ -371,14 +371,3 @@ class SessionManager:
     def _check_open(session: Session) -> None:
         if session.closed:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"session {session.id!r} was ended")
-
-
-def _crash_result(exc: Exception, seconds: float) -> ExecutionResult:
-    return ExecutionResult(
-        stdout="",
-        stderr="",
-        error=ExecutionError(type=type(exc).__name__, message=str(exc)),
-        duration_ms=seconds * 1000,
-        memory_bytes=0,
-        state_lost=True,
-    )

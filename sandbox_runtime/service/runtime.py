@@ -12,7 +12,7 @@ from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.service.stateless import StatelessExecutor
-from sandbox_runtime.service.store import make_store
+from sandbox_runtime.service.store import HibernationStore, StoreLimits
 from sandbox_runtime.worker import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,14 @@ class Runtime:
             metrics=self.metrics,
             acquire_timeout_s=worker_settings.start_timeout_s,
         )
-        self.store = make_store(settings.hibernation_dir)
+        self.store = HibernationStore(
+            StoreLimits(
+                max_blob_bytes=settings.hibernation_max_blob_bytes,
+                memory_bytes=settings.hibernation_memory_bytes,
+                disk_bytes=settings.hibernation_disk_bytes,
+            ),
+            settings.hibernation_dir or worker_settings.cache_dir / "hibernation",
+        )
         self.sessions = SessionManager(settings, self.pool, self.store, self.metrics)
         self.stateless = StatelessExecutor(settings, self.pool, self.metrics)
         self.started_at = time.time()
@@ -75,6 +82,7 @@ class Runtime:
         await self.sessions.drain(self.settings.shutdown_grace_s)
         await self.sessions.aclose()
         await self.pool.aclose()
+        await self.store.aclose()
         logger.info("sandbox runtime stopped")
 
     def health(self) -> dict[str, Any]:
@@ -99,6 +107,7 @@ class Runtime:
                 "busy": busy_sessions,
                 "max": self.settings.max_sessions,
                 "hibernated_bytes": self.store.total_bytes,
+                "hibernated_spilled_bytes": self.store.disk_bytes,
             },
             "stateless_running": self.stateless.running,
             "restarts": self.sessions.restarts,

@@ -17,6 +17,7 @@ from sandbox_runtime.errors import SandboxStartError
 from sandbox_runtime.service.app import create_app
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
+from sandbox_runtime.worker.launcher import check_confinement
 
 #: `deno --version` answers in milliseconds; a binary that hangs is as broken as a missing one.
 DENO_CHECK_TIMEOUT_S = 2.0
@@ -25,8 +26,9 @@ SETUP = "run scripts/setup.sh"
 
 
 def check_prerequisites(worker_settings: WorkerSettings) -> None:
-    """Raise `SandboxStartError` (one line, naming the fix) unless `deno --version` runs and
-    the Pyodide directory holds `pyodide.asm.wasm`."""
+    """Raise `SandboxStartError` (one line, naming the fix) unless `deno --version` runs,
+    the Pyodide directory holds `pyodide.asm.wasm` and sandboxes can be confined as required
+    (or RLM_SANDBOX_ALLOW_WEAKER says to run with less)."""
     deno = worker_settings.deno_path
     where = f"Deno at {deno} (RLM_SANDBOX_DENO_PATH)"
     try:
@@ -54,6 +56,8 @@ def check_prerequisites(worker_settings: WorkerSettings) -> None:
     wasm = worker_settings.pyodide_dir / "pyodide.asm.wasm"
     if not wasm.is_file():
         raise SandboxStartError(f"Pyodide is missing: no {wasm} (RLM_SANDBOX_PYODIDE_DIR): {SETUP}")
+    # Sandboxes confined as required (bwrap), or the operator's explicit consent to less.
+    check_confinement(worker_settings)
 
 
 def uvicorn_config(app: Starlette, settings: RuntimeSettings) -> uvicorn.Config:

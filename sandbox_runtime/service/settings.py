@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rlm_wire.runtime_models import Limits
 from rlm_wire.serving import SANDBOX_PORT
 
 _MiB = 2**20
+
+#: Why a runtime will not start without a token (one line, for `rlm sandbox` and create_app).
+NO_BEARER_MESSAGE = (
+    "RLM_SANDBOX_TOKEN is required: the sandbox runtime always asks for a bearer token; set it "
+    "to a random secret, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+)
 
 
 def _core_count() -> int:
@@ -45,8 +50,23 @@ class RuntimeSettings(BaseSettings):
     )
     token: SecretStr | None = Field(
         None,
-        description="Bearer token the host side must present. Required unless the service "
-        "listens on loopback only.",
+        description="Bearer token the host side must present. Required: the runtime refuses "
+        "to start without one (`rlm up` makes its own).",
+    )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("sandbox", "rlm-sandbox", "*.svc.cluster.local"),
+        description="Comma-separated names the API answers to in the `Host` header, besides "
+        "localhost, 127.0.0.1, ::1 and RLM_SANDBOX_HOST (`*.example.com` matches subdomains). "
+        "The default names the runtime's service in docker-compose.yml (`sandbox`) and in "
+        "deploy/k8s (`rlm-sandbox`, and any in-cluster name). Others get 400 host_not_allowed, "
+        "which stops DNS rebinding; /health and /metrics answer any Host (probes and scrapers "
+        "call pod IPs).",
+    )
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated browser origins (scheme://host[:port]) allowed to call "
+        "the API. A request with any other `Origin` header gets 403 origin_not_allowed; the "
+        "default allows none (the API is for services, not browsers).",
     )
 
     loop: Literal["uvloop", "asyncio"] = Field(
@@ -73,7 +93,9 @@ class RuntimeSettings(BaseSettings):
 
     default_timeout_s: float = Field(60.0, gt=0, description="Wall clock per execution.")
     default_output_bytes: int = Field(
-        1 * _MiB, ge=1024, description="Cap on stdout and on stderr, each, per execution."
+        1 * _MiB,
+        ge=1024,
+        description="Cap on stdout, on stderr and on the FINAL value, each, per execution.",
     )
     default_idle_ttl_s: float = Field(
         3600.0, gt=0, description="A session idle this long is ended (live or hibernated)."
@@ -82,7 +104,28 @@ class RuntimeSettings(BaseSettings):
         120.0, ge=0, description="A live session idle this long is hibernated (0: never)."
     )
     hibernation_dir: Path | None = Field(
-        None, description="Where hibernated sessions are written; unset: kept in memory."
+        None,
+        description="Where hibernation blobs past the memory budget are spilled: a private "
+        "subdirectory per process (mode 0700, files 0600, removed at stop) is made in it on "
+        "the first spill. Unset: `hibernation` in RLM_SANDBOX_CACHE_DIR.",
+    )
+    hibernation_max_blob_bytes: int = Field(
+        256 * _MiB,
+        ge=1024,
+        description="Largest hibernation blob (compressed) of one session; a larger session "
+        "is not hibernated and stays live until its idle TTL.",
+    )
+    hibernation_memory_bytes: int = Field(
+        256 * _MiB,
+        ge=0,
+        description="Hibernation blobs held in memory, in total; past it blobs are spilled to "
+        "files (0: every blob goes to a file).",
+    )
+    hibernation_disk_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        description="Spilled hibernation files, in total; past it (and the memory budget) a "
+        "session is not hibernated and stays live until its idle TTL.",
     )
     reaper_interval_s: float = Field(
         5.0, gt=0, description="How often idle sessions are looked for (hibernate, end)."
@@ -97,6 +140,12 @@ class RuntimeSettings(BaseSettings):
     max_stateless_body_bytes: int = Field(
         128 * _MiB, ge=1024, description="Largest body of POST /execute (snapshot + context)."
     )
+    max_snapshot_bytes: int = Field(
+        256 * _MiB,
+        ge=_MiB,
+        description="Largest decompressed namespace snapshot POST /execute accepts; a larger "
+        "one is refused with 413 snapshot_too_large before it reaches a sandbox.",
+    )
 
     broker_timeout_s: float = Field(
         30.0, gt=0, description="HTTP timeout of each call to the broker (beyond long-polls)."
@@ -104,20 +153,31 @@ class RuntimeSettings(BaseSettings):
     broker_wait_s: float = Field(
         20.0, gt=0, le=60, description="Long-poll wait of /enqueue and GET /requests/{id}."
     )
-    broker_retries: int = Field(
-        3, ge=0, description="Retries of idempotent broker calls on connection errors."
+    broker_retry_deadline_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "How long an llm_query keeps retrying an unreachable broker (or a 429/503) "
+            "before model code sees an LLMQueryError; 0: no retries."
+        ),
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On stop, how long running executions may finish."
     )
 
-    @model_validator(mode="after")
-    def _token_unless_loopback(self) -> RuntimeSettings:
-        if self.token is None and not _is_loopback(self.host):
-            raise ValueError(
-                f"RLM_SANDBOX_TOKEN is required when listening on {self.host!r} (not loopback)"
-            )
-        return self
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    def bearer_token(self) -> bytes:
+        """The token every API call must present; ValueError(NO_BEARER_MESSAGE) if none is set."""
+        secret = self.token.get_secret_value() if self.token is not None else ""
+        if not secret.strip():
+            raise ValueError(NO_BEARER_MESSAGE)
+        return secret.encode()
 
     def limits(self, requested: Limits, *, memory_bytes: int) -> SessionLimits:
         """`requested` with every unset field filled from the defaults.
@@ -130,12 +190,3 @@ class RuntimeSettings(BaseSettings):
             output_bytes=requested.output_bytes or self.default_output_bytes,
             idle_ttl_s=requested.idle_ttl_s or self.default_idle_ttl_s,
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -7,6 +7,7 @@ killed. Any replica can serve the next call.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -18,12 +19,14 @@ from rlm_wire.runtime_models import (
     StatelessExecuteRequest,
     StatelessExecuteResult,
 )
-from sandbox_runtime.errors import SandboxError, SandboxGuestError
+from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
 from sandbox_runtime.service.bridge import make_bridge
+from sandbox_runtime.service.execution import execute_bounded
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
 from sandbox_runtime.service.settings import RuntimeSettings, SessionLimits
 from sandbox_runtime.worker import SandboxProcess
+from sandbox_runtime.worker import blob as blob_format
 
 
 class StatelessExecutor:
@@ -39,6 +42,8 @@ class StatelessExecutor:
         """Restore (or take a fresh sandbox), run, snapshot, kill; the blob goes back."""
         limits = self._settings.limits(request.limits, memory_bytes=self._pool.memory_bytes)
         blob = _decode(request.snapshot) if request.snapshot else None
+        if blob is not None:
+            await self._check_snapshot(blob)
         self.running += 1
         started = time.perf_counter()
         bridge = make_bridge(request.broker, self._settings, self._metrics)
@@ -59,6 +64,23 @@ class StatelessExecutor:
         self._metrics.observe_execution(result, time.perf_counter() - started)
         return StatelessExecuteResult(result=result, snapshot=snapshot)
 
+    async def _check_snapshot(self, blob: bytes) -> None:
+        """Refuse a snapshot that decompresses past `max_snapshot_bytes`, measured in steps
+        (a decompression bomb costs one step of memory), before any sandbox is taken."""
+        limit = self._settings.max_snapshot_bytes
+        try:
+            size = await asyncio.to_thread(blob_format.inflated_size, blob, limit)
+        except SandboxBlobError as exc:
+            raise ApiError(
+                400, ErrorCode.BAD_SNAPSHOT, f"the snapshot cannot be restored: {exc}"
+            ) from exc
+        if size is None:
+            raise ApiError(
+                413,
+                ErrorCode.SNAPSHOT_TOO_LARGE,
+                f"the snapshot decompresses past {limit} bytes (RLM_SANDBOX_MAX_SNAPSHOT_BYTES)",
+            )
+
     async def _run(
         self,
         process: SandboxProcess,
@@ -77,7 +99,8 @@ class StatelessExecutor:
         except SandboxError as exc:
             raise ApiError(503, ErrorCode.UNAVAILABLE, f"the sandbox failed: {exc}") from exc
         # execute() reports timeouts and crashes as results, not exceptions.
-        result = await process.execute(
+        result = await execute_bounded(
+            process,
             request.code,
             timeout_s=limits.timeout_s,
             output_bytes=limits.output_bytes,

@@ -1,10 +1,12 @@
 """The sandbox worker layer: one Deno + Pyodide process per sandbox, supervised from Python.
 
-- `SandboxProcess.spawn` starts `deno run sandbox_runtime/js/host.mjs` with read access to the
-  Pyodide package, our scripts, the snapshot file and its own pipes only (write access to its
-  output pipe only; net, env, run, ffi and sys denied), a scrubbed environment, a bound on
-  WebAssembly memory (`--wasm-max-mem-pages`), RLIMIT_NOFILE / RLIMIT_CORE, and an empty
-  network namespace (`unshare -n`) where the machine allows it.
+- `SandboxProcess.spawn` starts `deno run sandbox_runtime/js/host.mjs` confined by the kernel
+  (`confinement`: bubblewrap in its own mount, network, pid, ipc, uts and user namespaces, as
+  a uid of its own where the runtime is root, with no capabilities and the `seccomp`
+  deny-list; rlimits on data, CPU, files and processes), and inside that under Deno's
+  permissions (read access to Pyodide, our scripts and its pipes only; net, env, run, ffi
+  and sys denied), a scrubbed environment and a bound on WebAssembly memory. The memory
+  snapshot arrives as the first frame on its request pipe.
 - Requests and replies are frames on dedicated pipes (`framing`); a third pipe carries
   interrupts to a watcher thread in the process, which raises KeyboardInterrupt in Python.
 - The guest (`sandbox_runtime/guest`, imported inside Pyodide as `rlm_guest`) runs cells,

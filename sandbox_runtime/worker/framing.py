@@ -12,7 +12,11 @@ from typing import Any
 from ..errors import SandboxProtocolError
 
 _PREFIX = struct.Struct(">II")
-MAX_HEADER_BYTES = 256 * 2**20
+#: Ceiling on a frame's JSON header from a sandbox, whatever `max_bytes` allows: checked on the
+#: 8-byte prefix, so a forged header is refused before any of it is read. The guest keeps its
+#: replies under it (`rlm_guest.runtime.MAX_REPLY_BYTES`, the same number), so only a forged
+#: frame meets it. Large data (a namespace pickle) travels as the payload, bounded by max_bytes.
+MAX_HEADER_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +30,14 @@ def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
     return _PREFIX.pack(len(body), len(payload)) + body + payload
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Frame | None:
-    """The next frame, or None at a clean end of stream."""
+async def read_frame(
+    reader: asyncio.StreamReader, max_bytes: int, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> Frame | None:
+    """The next frame, or None at a clean end of stream.
+
+    The header is bounded by `min(max_bytes, max_header_bytes)`, the payload by `max_bytes`;
+    a frame over either is a `SandboxProtocolError` raised before its body is read.
+    """
     try:
         prefix = await reader.readexactly(_PREFIX.size)
     except asyncio.IncompleteReadError as exc:
@@ -35,8 +45,15 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Frame | No
             raise SandboxProtocolError("stream ended inside a frame prefix") from exc
         return None
     header_len, payload_len = _PREFIX.unpack(prefix)
-    if header_len > min(max_bytes, MAX_HEADER_BYTES) or payload_len > max_bytes:
-        raise SandboxProtocolError(f"frame too large ({header_len} + {payload_len} bytes)")
+    header_cap = min(max_bytes, max_header_bytes)
+    if header_len > header_cap:
+        raise SandboxProtocolError(
+            f"frame header of {header_len} bytes is over the limit of {header_cap} bytes"
+        )
+    if payload_len > max_bytes:
+        raise SandboxProtocolError(
+            f"frame payload of {payload_len} bytes is over the limit of {max_bytes} bytes"
+        )
     try:
         header_bytes = await reader.readexactly(header_len)
         payload = await reader.readexactly(payload_len) if payload_len else b""

@@ -10,13 +10,15 @@ import logging
 import os
 import resource
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import rlm_repl
 
 from ..errors import SandboxStartError
+from . import confinement
+from .confinement import Wrapped, network_namespace_works
+from .framing import encode_frame
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ WASM_PAGE = 65536
 PIPE_STREAM_LIMIT = 2**20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Launched:
     """A started process and the supervisor's ends of its three pipes."""
 
@@ -40,42 +42,49 @@ class Launched:
     writer: asyncio.StreamWriter
     interrupt_fd: int
     read_transport: asyncio.BaseTransport
+    #: What confines it (and the sandbox uid it holds until `close`).
+    wrapped: Wrapped
 
-    def close_pipes(self) -> None:
-        """Close the supervisor's ends (idempotent).
+    def close(self) -> None:
+        """Close the supervisor's ends and give back the sandbox uid (idempotent; call it
+        once the process has ended).
 
         The read transport is closed explicitly: the stdlib loop closes it at end of stream,
         but uvloop keeps a read pipe whose peer died open (and its fd) until it is closed.
         """
         self.writer.close()
         self.read_transport.close()
-        with contextlib.suppress(OSError):
-            os.close(self.interrupt_fd)
+        if self.interrupt_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.interrupt_fd)
+            self.interrupt_fd = -1
+        self.wrapped.release()
 
 
-@functools.cache
 def network_namespace_available() -> bool:
     """Whether `unshare -n` works here (needs root or user namespaces); checked once."""
     unshare = shutil.which("unshare")
-    if unshare is None:
-        return False
-    try:
-        done = subprocess.run(
-            [unshare, "-n", "--", "true"], capture_output=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+    return unshare is not None and _netns_works(unshare)
 
 
-def _network_prefix(settings: WorkerSettings) -> list[str]:
-    if settings.network_namespace == "off":
-        return []
-    if network_namespace_available():
-        return [shutil.which("unshare") or "unshare", "-n", "--"]
-    if settings.network_namespace == "require":
-        raise SandboxStartError("network_namespace='require' but `unshare -n` is not available")
-    return []
+@functools.cache
+def _netns_works(unshare: str) -> bool:
+    return network_namespace_works(unshare)
+
+
+def sandbox_pid(pid: int) -> int:
+    """The Deno process of a sandbox started as `pid`: under bwrap it is a child of bwrap
+    (the wrappers before bwrap exec in place, so they keep `pid`)."""
+    current = pid
+    for _ in range(4):
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            return current
+        if not children:
+            return current
+        current = int(children[0])
+    return current
 
 
 def deno_argv(
@@ -87,6 +96,7 @@ def deno_argv(
     memory_bytes: int,
     snapshot_path: Path | None,
     make_snapshot: bool,
+    snapshot_in_pipe: bool = False,
 ) -> list[str]:
     """The full command line: read access to Pyodide, our scripts and pipes; nothing else."""
     readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
@@ -99,6 +109,7 @@ def deno_argv(
         "repl_path": str(REPL_SCRIPT),
         "snapshot_path": str(snapshot_path) if snapshot_path else None,
         "make_snapshot": make_snapshot,
+        "snapshot_in_pipe": snapshot_in_pipe,
         "fd_in": fd_in,
         "fd_out": fd_out,
         "fd_int": fd_int,
@@ -106,7 +117,6 @@ def deno_argv(
     }
     pages = max(1, memory_bytes // WASM_PAGE)
     return [
-        *_network_prefix(settings),
         str(settings.deno_path),
         "run",
         "--no-prompt",
@@ -127,16 +137,51 @@ def deno_argv(
     ]
 
 
-def scrubbed_env(settings: WorkerSettings) -> dict[str, str]:
+def scrubbed_env(wrapped: Wrapped) -> dict[str, str]:
     """PATH and what Deno itself needs; nothing of the supervisor's environment."""
-    deno_dir = settings.cache_dir / "deno"
-    deno_dir.mkdir(parents=True, exist_ok=True)
+    if not wrapped.confined:  # Deno's cache dir is then the host's
+        Path(wrapped.env["DENO_DIR"]).mkdir(parents=True, exist_ok=True)
     return {
         "PATH": "/usr/bin:/bin",
-        "DENO_DIR": str(deno_dir),
+        **wrapped.env,
         "DENO_NO_UPDATE_CHECK": "1",
         "NO_COLOR": "1",
     }
+
+
+def confinement_support(settings: WorkerSettings) -> confinement.Support:
+    """What confines sandboxes started with `settings` here (probed once)."""
+    return confinement.support(settings, _visible(settings))
+
+
+def check_confinement(settings: WorkerSettings) -> confinement.Support:
+    """`confinement_support`, or SandboxStartError when a required layer is missing and
+    RLM_SANDBOX_ALLOW_WEAKER is not set."""
+    return confinement.check_allowed(settings, _visible(settings))
+
+
+def _visible(settings: WorkerSettings) -> list[Path]:
+    """What the sandbox's mount namespace shows (read-only) besides Deno, its libraries and
+    the snapshot."""
+    return [settings.pyodide_dir, JS_DIR, GUEST_DIR, REPL_SCRIPT]
+
+
+async def _wrap(settings: WorkerSettings, snapshot_path: Path | None, memory_bytes: int) -> Wrapped:
+    # The first call probes the machine (runs bwrap once): off the event loop.
+    support = await asyncio.to_thread(confinement.check_allowed, settings, _visible(settings))
+    if (
+        support.mode != "bwrap"
+        and settings.network_namespace == "require"
+        and support.unshare is None
+    ):
+        raise SandboxStartError("network_namespace='require' but `unshare -n` is not available")
+    return confinement.wrap(
+        settings,
+        support,
+        _visible(settings),
+        memory_bytes=memory_bytes,
+        snapshot_path=snapshot_path,
+    )
 
 
 async def launch(
@@ -148,37 +193,48 @@ async def launch(
 ) -> Launched:
     """Start a sandbox process; the caller waits for its first frame."""
     loop = asyncio.get_running_loop()
+    wrapped = await _wrap(settings, snapshot_path, memory_bytes)
     child_in, parent_out = os.pipe()
     parent_in, child_out = os.pipe()
     child_int, parent_int = os.pipe()
     child_fds = (child_in, child_out, child_int)
     try:
+        if wrapped.uid is not None:
+            # The sandbox reopens its pipes by /dev/fd/N, which checks the pipe's owner.
+            for fd in child_fds:
+                os.fchown(fd, wrapped.uid, wrapped.uid)
         argv = deno_argv(
             settings,
             fd_in=child_in,
             fd_out=child_out,
             fd_int=child_int,
             memory_bytes=memory_bytes,
-            snapshot_path=snapshot_path,
+            snapshot_path=wrapped.snapshot_path,
             make_snapshot=make_snapshot,
+            snapshot_in_pipe=snapshot_path is not None and wrapped.snapshot_path is None,
         )
         process = await asyncio.create_subprocess_exec(
+            *wrapped.prefix,
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=scrubbed_env(settings),
+            env=scrubbed_env(wrapped),
             cwd="/",
-            pass_fds=child_fds,
+            pass_fds=(*child_fds, *wrapped.pass_fds),
             start_new_session=True,
         )
     except OSError as exc:
         for fd in (*child_fds, parent_in, parent_out, parent_int):
             os.close(fd)
+        wrapped.close_fds()
+        wrapped.release()
         raise SandboxStartError(f"cannot start {settings.deno_path}: {exc}") from exc
     for fd in child_fds:
         os.close(fd)
-    _limit_resources(process.pid, settings)
+    wrapped.close_fds()
+    if not wrapped.limits_set and not wrapped.confined:
+        limit_resources(process.pid, settings, memory_bytes)  # Deno itself
     os.set_blocking(parent_int, False)
     read_file = os.fdopen(parent_in, "rb", buffering=0)
     write_file = os.fdopen(parent_out, "wb", buffering=0)
@@ -200,19 +256,47 @@ async def launch(
         for handle in (read_file, write_file):
             handle.close()
         os.close(parent_int)
+        wrapped.release()
         raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return Launched(process, reader, writer, parent_int, read_transport)
+    if snapshot_path is not None and wrapped.snapshot_path is None:
+        # The first frame: the snapshot's bytes (the pipe drains as Deno reads them).
+        writer.write(encode_frame({"op": "snapshot"}, await _snapshot_bytes(snapshot_path)))
+    return Launched(process, reader, writer, parent_int, read_transport, wrapped)
 
 
-def _limit_resources(pid: int, settings: WorkerSettings) -> None:
+_snapshot_cache: dict[tuple[Path, int, int], bytes] = {}
+
+
+async def _snapshot_bytes(path: Path) -> bytes:
+    """The snapshot file's bytes, read once per version of the file and kept."""
+    return await asyncio.to_thread(_read_snapshot, path)
+
+
+def _read_snapshot(path: Path) -> bytes:
+    info = path.stat()
+    key = (path, info.st_size, info.st_mtime_ns)
+    data = _snapshot_cache.get(key)
+    if data is None:
+        data = path.read_bytes()
+        _snapshot_cache.clear()  # one snapshot in use at a time
+        _snapshot_cache[key] = data
+    return data
+
+
+def limit_resources(pid: int, settings: WorkerSettings, memory_bytes: int) -> None:
+    """Without the `prlimit` wrapper, the rlimits are set on the running Deno process `pid`
+    (under bwrap, once it is ready and known)."""
+    data = confinement.data_limit(settings, memory_bytes)
     limits = {
-        resource.RLIMIT_NOFILE: settings.max_open_files,
-        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_NOFILE: (settings.max_open_files,) * 2,
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_DATA: (data, data),
+        resource.RLIMIT_CPU: (settings.cpu_seconds, settings.cpu_seconds + 5),
     }
     for which, value in limits.items():
         try:
-            resource.prlimit(pid, which, (value, value))
+            resource.prlimit(pid, which, value)
         except (OSError, ValueError) as exc:
             logger.warning(
                 "sandbox rlimit not applied", extra={"pid": pid, "limit": which, "error": str(exc)}

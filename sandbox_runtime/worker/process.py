@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,7 +28,7 @@ from ..errors import (
 )
 from . import blob as blob_format
 from .framing import Frame, encode_frame, read_frame
-from .launcher import Launched, launch
+from .launcher import Launched, launch, limit_resources, sandbox_pid
 from .models import Bridge, LLMCall, LLMCallResult
 from .settings import WorkerSettings
 from .snapshot_cache import ensure_snapshot
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 _TRUNCATION_SLACK = 200
 _EXIT_WAIT_S = 2.0
 _OOM_MARKERS = ("out of memory", "Out of memory", "OOM", "RangeError: WebAssembly.Memory")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class _Killed(Exception):
@@ -62,6 +65,11 @@ class SandboxProcess:
         self._killed = False
         self._closed = False
         self._released = False
+        self._deno_pid: int | None = None
+        self._deno_start: int | None = None
+        self._idle_watch: asyncio.Task[None] | None = None
+        #: Why the supervisor killed the process, said to the next caller.
+        self.kill_reason: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -98,7 +106,11 @@ class SandboxProcess:
         if frame.header.get("op") != "ready":
             await process.kill()
             raise SandboxStartError(f"unexpected first frame {frame.header.get('op')!r}")
+        # process.pid is learnt here, while bwrap is alive to tell it.
         logger.debug("sandbox started", extra={"pid": process.pid, "snapshot": bool(snapshot)})
+        if launched.wrapped.confined and not launched.wrapped.limits_set:
+            limit_resources(process.pid, settings, limit)
+        process._watch_idle()
         return process
 
     @classmethod
@@ -121,7 +133,70 @@ class SandboxProcess:
 
     @property
     def pid(self) -> int:
+        """The Deno process running the sandbox's code. Under bwrap it is bwrap's child (the
+        process this supervisor started, `launcher_pid`); killing either ends the sandbox."""
+        if self._deno_pid is None:
+            self._deno_pid = sandbox_pid(self.launcher_pid)
+            self._deno_start = _start_time(self._deno_pid)
+        return self._deno_pid
+
+    @property
+    def launcher_pid(self) -> int:
+        """The child this supervisor started (bwrap, or Deno itself when unconfined)."""
         return self._process.pid
+
+    def footprint(self) -> int:
+        """Resident memory of the whole process (every heap, Worker and buffer), in bytes."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return 0
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _cpu_seconds(self) -> float | None:
+        """CPU time of the Deno process so far, all threads (None once it is gone)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def _watch_idle(self) -> None:
+        """Between requests nothing should run: a Worker or timer a cell left behind keeps
+        the CPU busy; after `idle_cpu_strikes` busy samples in a row the process is killed
+        (its session restarts on a fresh one, told that its state was lost)."""
+        if self.alive and (self._idle_watch is None or self._idle_watch.done()):
+            self._idle_watch = asyncio.create_task(self._idle_loop(), name="sandbox-idle-watch")
+
+    def _stop_idle_watch(self) -> None:
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            self._idle_watch = None
+
+    async def _idle_loop(self) -> None:
+        interval = self.settings.idle_cpu_check_s
+        strikes = 0
+        last = self._cpu_seconds()
+        while last is not None and self.alive:
+            await asyncio.sleep(interval)
+            now = self._cpu_seconds()
+            if now is None:
+                return
+            busy = now - last > self.settings.idle_cpu_cores * interval
+            strikes = strikes + 1 if busy else 0
+            last = now
+            if strikes >= self.settings.idle_cpu_strikes:
+                self.kill_reason = (
+                    "the sandbox kept running after its execution returned (a Worker or timer "
+                    "left behind); it was killed"
+                )
+                logger.warning("idle sandbox busy; killed", extra={"pid": self.pid})
+                self._idle_watch = None  # this task ends with the kill below
+                await self.kill()
+                return
 
     @property
     def alive(self) -> bool:
@@ -130,10 +205,21 @@ class SandboxProcess:
     async def kill(self) -> None:
         """End the process now (SIGKILL); safe to call at any time, also during a request."""
         self._killed = True
+        # Under bwrap Deno is bwrap's child: it is ended directly, not when it learns that
+        # bwrap died, and waited for, so that its uid is free when this returns.
+        deno = self._deno_pid if self._deno_pid != self.launcher_pid else None
+        if deno is not None and _start_time(deno) == self._deno_start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(deno, signal.SIGKILL)
         if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
         await self._process.wait()
+        if deno is not None:
+            for _ in range(int(_EXIT_WAIT_S / 0.01)):
+                if _start_time(deno) != self._deno_start:  # gone (or reaped and reused)
+                    break
+                await asyncio.sleep(0.01)
         await self._release()
 
     async def aclose(self) -> None:
@@ -147,11 +233,13 @@ class SandboxProcess:
         await self.kill()
 
     async def _release(self) -> None:
+        if self._idle_watch is not None and self._idle_watch is not asyncio.current_task():
+            self._stop_idle_watch()
         if self._pending_read is not None and not self._pending_read.done():
             self._pending_read.cancel()
         if not self._released:
             self._released = True
-            self._launched.close_pipes()
+            self._launched.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._stderr_task
 
@@ -242,7 +330,8 @@ class SandboxProcess:
 
     def _check_alive(self) -> None:
         if not self.alive:
-            raise SandboxCrashedError(f"sandbox process {self.pid} is not running")
+            reason = f": {self.kill_reason}" if self.kill_reason else ""
+            raise SandboxCrashedError(f"sandbox process {self.pid} is not running{reason}")
 
     async def _control(self, request: dict[str, Any], payload: bytes = b"") -> Frame:
         self._check_alive()
@@ -280,6 +369,15 @@ class SandboxProcess:
         self._seq += 1
         seq = self._seq
         deadline = time.monotonic() + timeout_s
+        self._stop_idle_watch()
+        try:
+            return await self._exchange(request, payload, seq, deadline)
+        finally:
+            self._watch_idle()
+
+    async def _exchange(
+        self, request: dict[str, Any], payload: bytes, seq: int, deadline: float
+    ) -> tuple[Frame, bool]:
         interrupted = False
         await self._send({**request, "seq": seq}, payload, deadline)
         while True:
@@ -420,7 +518,8 @@ class SandboxProcess:
             }
         elif header["op"] == "result":
             fields = {k: header.get(k) for k in ("stdout", "stderr", "error", "final", "state")}
-            fields["memory_bytes"] = header.get("memory_bytes", 0)
+            # What the kernel says the process holds, not what the guest reports of its heap.
+            fields["memory_bytes"] = self.footprint()
         else:
             raise SandboxProtocolError(f"unexpected {header['op']!r} reply to execute")
         if interrupted and fields["error"] is not None:
@@ -445,6 +544,16 @@ class SandboxProcess:
             memory_bytes=0,
             state_lost=True,
         )
+
+
+def _start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), None once it is gone or a zombie: with
+    the pid, it names one process, not whichever reuses the number later."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _error_result(code: str, message: str) -> LLMCallResult:

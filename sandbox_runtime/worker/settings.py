@@ -79,6 +79,69 @@ class WorkerSettings(BaseSettings):
         description="Run each sandbox in an empty network namespace (`unshare -n`): 'auto' when "
         "the machine allows it, 'require' to refuse to start without it, 'off' never.",
     )
+    confinement: Literal["auto", "bwrap", "unshare", "off"] = Field(
+        "auto",
+        description="What confines each sandbox process below Deno: 'bwrap' (bubblewrap: its "
+        "own uid, a mount namespace showing only Deno, Pyodide and the guest read-only, empty "
+        "network, pid, ipc and uts namespaces, no capabilities, no new privileges, a seccomp "
+        "deny-list), 'unshare' (an empty network namespace only), 'off', or 'auto' (bwrap "
+        "where it works, else unshare). Anything less than bwrap needs RLM_SANDBOX_ALLOW_WEAKER.",
+    )
+    allow_weaker: bool = Field(
+        False,
+        description="Start sandboxes even when a required layer (bwrap confinement, seccomp) "
+        "cannot be had here, e.g. in an unprivileged container; /health lists what is missing. "
+        "Without it the runtime refuses to start.",
+    )
+    bwrap_path: Path | None = Field(
+        None, description="The bubblewrap binary (default: `bwrap` on PATH)."
+    )
+    uid_base: int = Field(
+        900_000,
+        ge=1000,
+        le=2**31 - 2**16,
+        description="When the runtime runs as root, each sandbox runs as its own uid (and gid) "
+        "from this range, owning no file; otherwise as the runtime's uid in a user namespace.",
+    )
+    uid_count: int = Field(4096, ge=1, le=2**16, description="Size of the range of sandbox uids.")
+    memory_headroom_bytes: int = Field(
+        1536 * 2**20,
+        ge=1280 * 2**20,
+        description="RLIMIT_DATA of a sandbox process is its WebAssembly bound plus this. V8 "
+        "maps a 512 MiB writable code range per isolate (the main one and the interrupt "
+        "watcher's), ~1.25 GiB of data at rest; ArrayBuffers, Workers and extra "
+        "WebAssembly.Memory objects count against what is left.",
+    )
+    cpu_seconds: int = Field(
+        3600,
+        ge=10,
+        description="RLIMIT_CPU of a sandbox process: CPU seconds over its whole life (all "
+        "threads), then the kernel kills it.",
+    )
+    max_threads: int = Field(
+        256,
+        ge=64,
+        description="RLIMIT_NPROC of a sandbox's own uid (threads count); applied when the "
+        "sandbox has its own uid.",
+    )
+    idle_cpu_check_s: float = Field(
+        1.0,
+        gt=0,
+        description="While a sandbox runs no request, its CPU use is sampled this often.",
+    )
+    idle_cpu_cores: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="An idle sample counts as busy above this CPU use (in cores; an idle "
+        "sandbox uses ~0, a spinning Worker on a loaded machine may get only a third of one).",
+    )
+    idle_cpu_strikes: int = Field(
+        3,
+        ge=1,
+        description="A sandbox busy for this many idle samples in a row is running work a cell "
+        "left behind (a Worker, a timer): it is killed and its session restarts on a new one.",
+    )
     max_open_files: int = Field(256, ge=64, description="RLIMIT_NOFILE of a sandbox process.")
     stderr_tail_bytes: int = Field(
         16 * 1024, ge=1024, description="How much of a sandbox's stderr is kept to explain crashes."

@@ -21,7 +21,7 @@ from typing import TextIO
 
 from ..errors import SandboxStartError
 from .framing import read_frame
-from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, launch
+from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ def pyodide_version(settings: WorkerSettings) -> str:
 def snapshot_path(settings: WorkerSettings) -> Path:
     digest = hashlib.sha256()
     digest.update(str((settings.pyodide_dir / "pyodide.asm.wasm").stat().st_size).encode())
-    for source in [HOST_SCRIPT, *sorted(JS_DIR.glob("*.mjs")), *sorted(GUEST_DIR.glob("*.py"))]:
+    # rlm_repl.py is imported into the snapshot too: a changed REPL needs a new snapshot.
+    sources = [HOST_SCRIPT, *sorted(JS_DIR.glob("*.mjs")), *sorted(GUEST_DIR.glob("*.py"))]
+    for source in [*sources, REPL_SCRIPT]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     name = f"pyodide-{pyodide_version(settings)}-{digest.hexdigest()[:16]}.snapshot"
@@ -84,7 +86,7 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
         if launched.process.returncode is None:
             launched.process.kill()
         await launched.process.wait()
-        launched.close_pipes()
+        launched.close()
     if frame is None or frame.header.get("op") != "snapshot_made" or len(frame.payload) < 2**20:
         detail = b""
         if launched.process.stderr is not None:
