@@ -3,7 +3,9 @@
 `uvicorn_config` is the one place that chooses uvicorn's options: uvloop + httptools unless
 told otherwise (the plain asyncio/h11 stack is 3.5x slower, research/broker.md), no access
 log, no logging config of uvicorn's own (entry points configure logging), no websockets,
-and a bounded graceful shutdown. `ThreadedServer` serves on a daemon thread of this process
+and a bounded graceful shutdown. Every service's HTTP is bounded against hostile clients
+there too: httptools under `rlm_wire.http_guard`, with `HttpLimits` (RLM_HTTP_*) read once
+per service start. `ThreadedServer` serves on a daemon thread of this process
 (tests, benchmarks, the scripted LLM); `LoopServer` serves as a task of the running event
 loop (the local stack, foreground commands). Both bind their socket before uvicorn starts, so
 a port already in use is a `PortInUseError` at once, not a log line and an exit from a thread.
@@ -24,10 +26,14 @@ from typing import Any, Literal, Self
 import uvicorn
 
 from rlm_wire.errors import WireError
+from rlm_wire.http_guard import guarded_protocol
+from rlm_wire.http_limits import HttpLimits
 
 #: The port each service listens on unless told otherwise; docker-compose.yml uses the same.
 BROKER_PORT = 8000
 SANDBOX_PORT = 8100
+SERVE_PORT = 8200
+VIEWER_PORT = 8300
 FAKE_LLM_PORT = 9000
 
 #: Event loops a service may run on. "asyncio" is for services that uvloop does not suit.
@@ -43,18 +49,21 @@ def uvicorn_config(
     loop: Loop = "uvloop",
     keep_alive_s: int = 5,
     log_level: str | None = None,
+    limits: HttpLimits | None = None,
 ) -> uvicorn.Config:
     """uvicorn's config for `app` on `host:port` (0 picks a free port).
 
     `graceful_shutdown_s` bounds how long in-flight requests may finish after a stop;
-    `log_level`, if given, is set on uvicorn's own loggers.
+    `log_level`, if given, is set on uvicorn's own loggers. `limits` bound what a client may
+    hold (read from RLM_HTTP_* when not given); the config is for one server only, as it
+    counts that server's connections.
     """
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop=loop,
-        http="httptools",
+        http=guarded_protocol(limits if limits is not None else HttpLimits()),
         ws="none",
         lifespan="on",
         log_config=None,
