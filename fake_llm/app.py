@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,6 +48,8 @@ class FakeLLMState:
         self.in_flight = 0
         self.max_in_flight = 0
         self.failures_sent = 0
+        #: (model, traceparent header or None) of the latest requests, oldest first.
+        self.traceparents: deque[tuple[str, str | None]] = deque(maxlen=10_000)
 
     def should_fail(self, key: str, faults: Faults | None) -> bool:
         """Count one request against `faults` (keyed by rule or '*'); True if it must fail."""
@@ -82,6 +84,7 @@ class FakeLLMState:
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "failures_sent": self.failures_sent,
+                "traceparents": list(self.traceparents),
             }
 
 
@@ -178,6 +181,7 @@ def create_app(scenario: Scenario, state: FakeLLMState | None = None) -> Starlet
             return _error(400, "fake-llm: body needs model and messages", "invalid_request_error")
         if state.should_fail("*", scenario.faults):
             return _fault_response(scenario.faults)  # type: ignore[arg-type]
+        state.traceparents.append((model, request.headers.get("traceparent")))
         conv = Conversation.from_messages(model, messages)
         matched = match_rule(scenario, conv)
         if matched is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
@@ -18,13 +17,15 @@ from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.text import Text
 
-from host_poller.llm.profiles import LLMSettings
+from host_poller.llm.errors import LLMConfigError
+from host_poller.llm.profiles import HOW_TO_CONFIGURE, LLMSettings, check_cost_budget
 from host_poller.llm.types import LLMClient
 from host_poller.rlm.api import RLM, RunHooks
 from host_poller.rlm.budget import Budget, RunBudgets
 from host_poller.rlm.errors import RLMError
 from host_poller.rlm.types import RLMResult
 from host_poller.settings import HostSettings
+from rlm_cli import loop
 from rlm_cli.checks import check_llm_keys, sandbox_worker_settings
 from rlm_cli.env_file import RunningStack, running_stack
 from rlm_cli.logs import logs_written_to
@@ -105,23 +106,36 @@ async def _runner(
     llm_settings: LLMSettings,
     *,
     env_file: Path,
-    scenario: str,
+    scenario: str | None,
     console: Console,
     budgets: RunBudgets,
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
     """Settings pointing at a broker with a poller: RLM_BROKER_URL's, else the stack of a
-    running `rlm up` (its env file), else an embedded stack started for this run."""
+    running `rlm up` (its env file), else an embedded stack started for this run.
+
+    `scenario` (the scripted LLM's) is an explicit choice: where it cannot be honoured (a
+    provider is configured, or the stack is not this run's own) it is an error."""
     if settings.broker_url is not None:
+        if scenario is not None:
+            raise click.UsageError(
+                "--scenario runs the scripted LLM on an embedded stack, but RLM_BROKER_URL is "
+                "set: drop --scenario, or unset RLM_BROKER_URL"
+            )
         if not llm_settings.is_configured:
             raise click.ClickException(
-                "RLM_BROKER_URL is set but no LLM profile is configured (RLM_LLM_PROFILES); "
-                "unset RLM_BROKER_URL to run on a local stack with the scripted LLM"
+                f"RLM_BROKER_URL is set but no LLM is configured: {HOW_TO_CONFIGURE}"
             )
         console.print(f"using the broker at {settings.broker_url} (RLM_BROKER_URL)", style="dim")
         yield settings, None
         return
     running = await running_stack(env_file)
     if running is not None:
+        if scenario is not None:
+            raise click.UsageError(
+                f"--scenario runs the scripted LLM on an embedded stack, but the stack of "
+                f"`rlm up` at {running.broker_url} is running here and answers with its own "
+                "LLM: drop --scenario, or stop that stack"
+            )
         async with _on_running_stack(running, settings, llm_settings, console) as pair:
             yield pair
         return
@@ -162,7 +176,7 @@ async def _on_running_stack(
         if not llm.is_configured:
             raise click.ClickException(
                 f"the stack of `rlm up` at {stack.broker_url} names no LLM and none is "
-                "configured here: set RLM_LLM_PROFILES"
+                f"configured here: {HOW_TO_CONFIGURE}"
             )
     console.print(
         f"using the stack of `rlm up` at {stack.broker_url} ({stack.env_file})", style="dim"
@@ -177,24 +191,34 @@ async def _on_running_stack(
 @contextlib.asynccontextmanager
 async def _on_embedded_stack(
     settings: HostSettings,
-    scenario: str,
+    scenario: str | None,
     console: Console,
     budgets: RunBudgets,
     llm_settings: LLMSettings,
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
-    """A stack in this process for this one run (the scripted LLM unless one is configured)."""
+    """A stack in this process for this one run: the configured LLM, or the scripted one
+    when `--scenario` asks for it."""
     from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
     from rlm_cli.stack import LocalStack, SandboxRuntimeComponent, StackConfig
 
     components = rlm_stack_components(settings, budgets=budgets)
     if any(isinstance(c, SandboxRuntimeComponent) for c in components):
         sandbox_worker_settings()
-    config = StackConfig(scenario=scenario, llm_settings=llm_settings)
+    if scenario is None:
+        if not llm_settings.is_configured:
+            raise click.ClickException(
+                f"no LLM is configured: {HOW_TO_CONFIGURE}; or pass --scenario count_words "
+                "(depth2 with --max-depth 2) to run the scripted LLM"
+            )
+        console.print(llm_settings.describe(), style="dim")
+        config = StackConfig(llm_settings=llm_settings)
+    else:
+        config = StackConfig(scenario=scenario, llm_settings=llm_settings)
     async with LocalStack(config, components) as stack:
         if stack.scripted_llm:
             console.print(
-                f"[yellow]no LLM provider configured: using the scripted LLM "
-                f"(scenario {scenario!r})[/yellow]"
+                f"[yellow]using the scripted LLM (scenario {scenario!r}, --scenario), not a "
+                "provider[/yellow]"
             )
         console.print(f"embedded stack: broker {stack.broker_url}", style="dim")
         client = root_client(stack)
@@ -211,7 +235,7 @@ async def _ask(
     question: str,
     *,
     env_file: Path,
-    scenario: str,
+    scenario: str | None,
     budget: Budget,
     console: Console,
     show_progress: bool,
@@ -262,17 +286,22 @@ async def _ask(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="File holding the context (.json: a str, list of str or dict; else text).",
 )
-@click.option("--environment", help="pyodide, remote or local (RLM_ENVIRONMENT).")
+@click.option("--environment", help="pyodide, remote, command or local (RLM_ENVIRONMENT).")
 @click.option("--max-depth", type=int, help="Recursion depth (RLM_MAX_DEPTH).")
 @click.option("--max-iterations", type=int, help="Root turns (RLM_MAX_ITERATIONS).")
 @click.option("--max-sub-calls", type=int, help="Budget: sub-calls of the whole run.")
 @click.option("--max-tokens", type=int, help="Budget: tokens of the whole run.")
 @click.option("--max-cost", type=float, help="Budget: USD of the whole run.")
 @click.option(
+    "--model",
+    help="Root model at the provider of OPENAI_BASE_URL / OPENAI_API_KEY (RLM_MODEL).",
+)
+@click.option("--sub-model", help="Sub-call model at that provider (RLM_SUB_MODEL).")
+@click.option(
     "--scenario",
     default=None,
-    help="Scripted-LLM scenario when no provider is configured "
-    "(default: count_words, or depth2 with --max-depth 2).",
+    help="Run the scripted LLM with this scenario (count_words, depth2, ...) on an embedded "
+    "stack; an error when a provider is configured.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No live status line on stderr.")
@@ -285,6 +314,8 @@ def ask(
     max_sub_calls: int | None,
     max_tokens: int | None,
     max_cost: float | None,
+    model: str | None,
+    sub_model: str | None,
     scenario: str | None,
     as_json: bool,
     no_progress: bool,
@@ -299,23 +330,32 @@ def ask(
         updates["max_iterations"] = max_iterations
     settings = load_settings(HostSettings).model_copy(update=updates)
     budget = Budget(max_sub_calls=max_sub_calls, max_tokens=max_tokens, max_cost_usd=max_cost)
-    chosen = scenario or ("depth2" if settings.max_depth >= 2 else "count_words")
     # Bound to this stderr: during the run sys.stderr is rich's proxy, and the local
     # environment's capture wraps it again; a console following sys.stderr would loop.
     console = Console(file=sys.stderr)
     context = load_context(context_path)
-    llm_settings = load_settings(LLMSettings)
+    llm_settings = load_settings(LLMSettings, model=model, sub_model=sub_model)
     if llm_settings.is_configured:
+        if scenario is not None:
+            raise click.UsageError(
+                f"--scenario runs the scripted LLM, but an LLM is configured "
+                f"({llm_settings.describe()}): drop --scenario, or unset what configures it"
+            )
         check_llm_keys(llm_settings)
+        if max_cost is not None:
+            try:
+                check_cost_budget([llm_settings.root(), llm_settings.sub()])
+            except LLMConfigError as exc:
+                raise click.UsageError(f"--max-cost: {exc.message}") from exc
     try:
-        result = asyncio.run(
+        result = loop.run(
             _ask(
                 settings,
                 llm_settings,
                 context,
                 question,
                 env_file=cli_settings().stack_env_file,
-                scenario=chosen,
+                scenario=scenario,
                 budget=budget,
                 console=console,
                 show_progress=not no_progress and console.is_terminal,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlm_wire.tracing import TRACEPARENT_PATTERN
+
 #: Identifiers that may become part of a file name or a Redis key.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: An upper bound on any depth: deeper recursion is never meaningful.
@@ -51,4 +53,9 @@ class RunInfo(BaseModel):
     )
     parent_request_id: str | None = Field(
         None, pattern=ID_PATTERN, description="The request a sub-RLM session answers."
+    )
+    traceparent: str | None = Field(
+        None,
+        pattern=TRACEPARENT_PATTERN,
+        description="W3C trace context of the run (rlm_wire.tracing): its LLM calls are spans.",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from host_poller.llm.types import LLMClient
 from host_poller.poller.settings import PollerSettings
 from host_poller.rlm import RLM, Budget, RunBudgets, RunHooks, read_trajectory
 from host_poller.settings import HostSettings
+from rlm_cli import RLM as EmbeddedRLM
 from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
 from rlm_cli.stack import LocalStack, StackConfig
 
@@ -157,9 +158,14 @@ async def test_depth_2_sub_rlms_count_and_share_state(redis_url: str, tmp_path: 
 async def test_the_operator_caps_a_tenants_depth(redis_url: str, tmp_path: Path) -> None:
     """max_depth comes from tenant-written metadata; RLM_SUB_RLM_MAX_DEPTH bounds it."""
     text = make_text("whale", 23, lines=600)
+    from host_poller.rlm import RLMRunError
+
     async with harness(redis_url, tmp_path, "depth2", sub_rlm_max_depth=1) as h:
-        result = await h.rlm(max_depth=2).acompletion(text, "How often is the word 'whale' used?")
-    events = read_trajectory(result.trajectory_path)  # type: ignore[arg-type]
+        # The scripted root, refused its sub-RLMs, asks for a `total` it never made, turn
+        # after turn: the run stops on the repeated error.
+        with pytest.raises(RLMRunError, match="NameError: FINAL_VAR: no variable named") as run:
+            await h.rlm(max_depth=2).acompletion(text, "How often is the word 'whale' used?")
+    events = read_trajectory(run.value.trajectory_path)  # type: ignore[arg-type]
     assert not [e for e in events if e["event"] == "iteration" and e["depth"] == 1]
     first = next(e for e in events if e["event"] == "iteration" and e["depth"] == 0)
     error = first["code"][0]["error"]
@@ -336,3 +342,147 @@ async def test_progress_events_reach_the_hook(redis_url: str, tmp_path: Path) ->
     assert names[0] == "run_start"
     assert names[-1] == "run_end"
     assert {"iteration_start", "iteration", "sub_call"} <= set(names)
+
+
+# --- a model stuck on one error; a forced answer that is a FINAL_VAR call -----------------
+
+
+def _text_rule(name: str, text: str, **match: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "match": {"system": ROOT, **match},
+        "reply": {"kind": "text", "text": text},
+    }
+
+
+async def test_the_same_error_turn_after_turn_fails_the_run(redis_url: str, tmp_path: Path) -> None:
+    from host_poller.rlm import RLMRunError
+
+    stuck = scenario("stuck", code_rule("name-error", "print(magic)"))
+    async with harness(redis_url, tmp_path, stuck, max_consecutive_errors=3) as h:
+        with pytest.raises(RLMRunError) as caught:
+            await h.rlm(max_iterations=20).acompletion("some context", "What is magic?")
+        stats = h.fake_stats()
+    message = str(caught.value)
+    assert "stopped after 3 turns in a row" in message
+    assert "NameError: name 'magic' is not defined" in message
+    assert "RLM_MAX_CONSECUTIVE_ERRORS=3" in message
+    assert stats["requests"] == 3  # no turn more than the limit, and no forced answer
+    events = read_trajectory(caught.value.trajectory_path)  # type: ignore[arg-type]
+    assert events[-1]["event"] == "error" and events[-1]["where"] == "repeated_error"
+
+
+async def test_errors_that_change_or_stop_do_not_fail_the_run(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # A different error each turn (its message names the turn) is progress of a kind.
+    changing = scenario(
+        "changing",
+        code_rule("finish", "FINAL('done')", min_iteration=4),
+        code_rule("error", "raise ValueError('turn ${iteration}')"),
+    )
+    async with harness(redis_url, tmp_path, changing, max_consecutive_errors=2) as h:
+        result = await h.rlm(max_iterations=10).acompletion("ctx", "Go on")
+    assert (result.answer, result.stop_reason, len(result.iterations)) == ("done", "final", 5)
+
+
+async def test_a_forced_final_var_of_nothing_is_no_answer(redis_url: str, tmp_path: Path) -> None:
+    # The model works without errors, then at the last call names a variable that does not
+    # exist: the run ends without an answer, never with the text "FINAL_VAR(magic)".
+    forced = scenario(
+        "forced",
+        _text_rule("last", "FINAL_VAR(magic)", user="(?i)best final answer"),
+        code_rule("work", "print(len(context))"),
+    )
+    async with harness(redis_url, tmp_path, forced) as h:
+        result = await h.rlm(max_iterations=2).acompletion("ctx", "What is magic?")
+    assert result.answer is None
+    assert result.stop_reason == "max_iterations"
+    assert "FINAL_VAR('magic')" in result.stop_detail
+    assert "NameError" in result.stop_detail
+
+
+async def test_a_forced_final_call_in_code_is_no_answer(redis_url: str, tmp_path: Path) -> None:
+    forced = scenario(
+        "forced-code",
+        code_rule("last", "FINAL_VAR(total)", user="(?i)best final answer"),
+        code_rule("work", "print(len(context))"),
+    )
+    async with harness(redis_url, tmp_path, forced) as h:
+        result = await h.rlm(max_iterations=1).acompletion("ctx", "What is the total?")
+    assert result.answer is None
+    assert "the forced reply was code" in result.stop_detail
+
+
+# --- the one-liner: no broker, a provider by the standard variables ------------------------
+
+PROVIDER_KEY = "sk-one-liner-test-key"
+
+
+@pytest.fixture
+def standard_provider(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path
+) -> Iterator[HostSettings]:
+    """No broker; the scripted LLM as the provider of OPENAI_BASE_URL / OPENAI_API_KEY."""
+    from fake_llm import FakeLLMServer
+
+    for name in ("RLM_BROKER_URL", "RLM_TENANT_TOKEN", "RLM_LLM_PROFILES", "RLM_LLM_PROFILES_FILE",
+                 "RLM_ROOT_PROFILE", "RLM_SUB_PROFILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RLM_REDIS_URL", redis_url)
+    provider = load_scenario("count_words").model_copy(update={"api_key": PROVIDER_KEY})
+    with FakeLLMServer(provider) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", PROVIDER_KEY)
+        monkeypatch.setenv("RLM_MODEL", "fake-root")
+        monkeypatch.setenv("RLM_SUB_MODEL", "fake-sub")
+        yield HostSettings(environment="local", trajectory_dir=tmp_path / "trajectories")
+
+
+async def test_the_python_api_starts_its_own_stack(standard_provider: HostSettings) -> None:
+    rlm = EmbeddedRLM(settings=standard_provider)
+    result = await rlm.acompletion(make_text("whale", 12), "How often is the word 'whale' used?")
+    assert (result.answer, result.stop_reason) == ("12", "final")
+    assert set(result.usage_by_model) == {"fake-root", "fake-sub"}
+
+
+async def test_one_embedded_stack_for_the_runs_of_a_block(standard_provider: HostSettings) -> None:
+    async with EmbeddedRLM(settings=standard_provider) as rlm:
+        first = await rlm.acompletion(make_text("whale", 3), "How often is the word 'whale' used?")
+        second = await rlm.acompletion(make_text("whale", 8), "How often is the word 'whale' used?")
+        assert rlm._stack_settings is not None
+        broker = rlm._stack_settings.broker_url
+    assert (first.answer, second.answer) == ("3", "8")
+    assert broker is not None and rlm._stack_settings is None
+
+
+async def test_without_a_broker_or_a_stack_the_host_api_says_what_to_do(tmp_path: Path) -> None:
+    from host_poller.rlm import RLMConfigError
+
+    rlm = RLM(settings=HostSettings(environment="local", trajectory_dir=tmp_path))
+    with pytest.raises(RLMConfigError, match=r"set RLM_BROKER_URL .* or use `rlm_cli\.RLM`"):
+        await rlm.acompletion("ctx", "q")
+
+
+def test_the_blocking_one_liner(standard_provider: HostSettings) -> None:
+    result = EmbeddedRLM(settings=standard_provider).completion(
+        make_text("whale", 5), "How often is the word 'whale' used?"
+    )
+    assert result.answer == "5"
+
+
+async def test_no_llm_at_all_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from host_poller.rlm import RLMConfigError
+
+    for name in ("RLM_BROKER_URL", "RLM_LLM_PROFILES", "RLM_LLM_PROFILES_FILE", "OPENAI_BASE_URL",
+                 "OPENAI_API_KEY", "RLM_MODEL", "RLM_SUB_MODEL"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    rlm = EmbeddedRLM(settings=HostSettings(environment="local", trajectory_dir=tmp_path))
+    with pytest.raises(RLMConfigError, match="no LLM is configured: set OPENAI_BASE_URL"):
+        await rlm.acompletion("ctx", "q")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-no-model")
+    with pytest.raises(RLMConfigError, match="no model is named: set RLM_MODEL") as caught:
+        await rlm.acompletion("ctx", "q")
+    assert "sk-no-model" not in str(caught.value)

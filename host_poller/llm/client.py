@@ -26,13 +26,12 @@ from host_poller.llm.errors import (
     LLMTimeoutError,
 )
 from host_poller.llm.pricing import cost_usd
-from host_poller.llm.profiles import Profile
+from host_poller.llm.profiles import RESERVED_PARAMS, Profile
 from host_poller.llm.types import Completion, Message, Usage
+from rlm_wire.tracing import child_of
 
 logger = logging.getLogger(__name__)
 
-# Request fields the client owns; `params` may not override them.
-_RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "n"})
 # Cap on the connect phase: a dead host should fail fast even with a long read timeout.
 _CONNECT_TIMEOUT_S = 10.0
 # Without an API key the SDK refuses to start; local servers ignore the header.
@@ -66,9 +65,15 @@ class OpenAIChatClient:
     async def complete(
         self, messages: Sequence[Message], *, params: Mapping[str, Any] | None = None
     ) -> Completion:
-        """One chat completion; raises an `LLMError` leaf once the SDK's retries are spent."""
-        extra = dict(params or {})
-        reserved = _RESERVED_PARAMS.intersection(extra)
+        """One chat completion; raises an `LLMError` leaf once the SDK's retries are spent.
+
+        `params` (extra request fields) go over the profile's own `params`."""
+        extra = {**self.profile.params, **(params or {})}
+        profile_headers = self.profile.params.get("extra_headers")
+        if params and "extra_headers" in params and isinstance(profile_headers, dict):
+            # A call's headers (its traceparent) join the profile's, they do not replace them.
+            extra["extra_headers"] = {**profile_headers, **params["extra_headers"]}
+        reserved = RESERVED_PARAMS.intersection(extra)
         if reserved:
             raise ValueError(f"params may not set {sorted(reserved)}")
         async with self._semaphore:
@@ -168,3 +173,11 @@ class OpenAIChatClient:
 def build_client(profile: Profile) -> OpenAIChatClient:
     """A client for `profile`, its key read now from `profile.api_key_env`."""
     return OpenAIChatClient(profile, profile.api_key())
+
+
+def traced(params: Mapping[str, Any] | None, traceparent: str | None) -> dict[str, Any] | None:
+    """`params` of an LLM call that is a span of `traceparent` (the openai SDK sends
+    `extra_headers`): the provider, and any proxy in between, sees the run's trace."""
+    if traceparent is None:
+        return dict(params) if params is not None else None
+    return {**(params or {}), "extra_headers": {"traceparent": child_of(traceparent)}}

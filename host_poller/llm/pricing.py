@@ -24,7 +24,21 @@ def _genai_price(model: str, input_tokens: int, output_tokens: int, base_url: st
             )
         except LookupError:
             pass  # not a known provider URL (a local server, a gateway): match the model alone
-    return float(genai_prices.calc_price(usage, model).total_price)
+    try:
+        return float(genai_prices.calc_price(usage, model).total_price)
+    except LookupError:
+        provider, _, name = model.rpartition("/")
+        if not provider or not name:
+            raise
+    # A gateway's name (OpenRouter, LiteLLM: `openai/gpt-4o-mini`) is the provider's model.
+    try:
+        return float(
+            genai_prices.calc_price(
+                usage, name, provider_id=provider.rsplit("/", 1)[-1]
+            ).total_price
+        )
+    except LookupError:
+        return float(genai_prices.calc_price(usage, name).total_price)
 
 
 def cost_usd(

@@ -2,19 +2,23 @@
 
 Ends when the code calls FINAL / FINAL_VAR or readies the `answer` dict, when the reply has
 a FINAL(...) / FINAL_VAR(...) tag, when a budget is spent, or after `max_iterations` turns
-(then the model is asked once more for its best answer). Session set-up (broker session,
-environment) is the caller's: see `host_poller.rlm.session`.
+(then the model is asked once more for its best answer). It fails (`RLMRunError`) after
+`max_consecutive_errors` turns in a row whose code raised the same error: a model stuck on
+one mistake only spends the budget. Session set-up (broker session, environment) is the
+caller's: see `host_poller.rlm.session`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from host_poller.environments.base import Environment
+from host_poller.llm.client import traced
 from host_poller.llm.errors import LLMError
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.types import Completion, LLMClient, Message, Usage
@@ -28,6 +32,9 @@ from host_poller.settings import HostSettings
 from rlm_wire.runtime_models import ExecutionResult
 
 logger = logging.getLogger(__name__)
+
+#: A FINAL / FINAL_VAR call anywhere in a reply (code blocks included).
+_FINAL_CALL = re.compile(r"\bFINAL(?:_VAR)?\s*\(")
 
 #: Progress callback: (event name, fields), the same as the trajectory's lines.
 EventHook = Callable[[str, dict[str, Any]], None]
@@ -52,6 +59,10 @@ class LoopContext:
     on_event: EventHook | None = None
     request_id: str | None = None
     """The rlm_query this session answers (sub-RLMs only)."""
+    root_params: dict[str, Any] | None = None
+    """Extra request fields of every root-model call (sampling settings; over the profile's)."""
+    traceparent: str | None = None
+    """The run's W3C trace context: each root-model call is a span of it."""
 
     def emit(self, event: str, **fields: Any) -> None:
         fields = {"run_id": self.run_id, "depth": self.depth, **fields}
@@ -79,11 +90,35 @@ class _Loop:
         self.query = query
         self.iterations: list[Iteration] = []
         self.root_usage = Usage()
+        self._last_error: tuple[str, str] | None = None
+        self._same_errors = 0
+
+    def check_repeated_error(self, runs: list[CodeRun]) -> None:
+        """Count turns in a row whose code raised one same error; fail past the limit."""
+        errors = [(r.result.error.type, r.result.error.message) for r in runs if r.result.error]
+        error = errors[0] if errors else None
+        if error is None or error != self._last_error:
+            self._last_error, self._same_errors = error, 1 if error is not None else 0
+            return
+        self._same_errors += 1
+        limit = self.ctx.settings.max_consecutive_errors
+        if self._same_errors >= limit:
+            ctx = self.ctx
+            message = f"{error[0]}: {error[1]}"
+            ctx.emit("error", where="repeated_error", error=message, count=self._same_errors)
+            raise RLMRunError(
+                f"stopped after {self._same_errors} turns in a row whose code raised the same "
+                f"error ({message[:300]}); RLM_MAX_CONSECUTIVE_ERRORS={limit}",
+                run_id=ctx.run_id,
+                trajectory_path=ctx.trajectory.path if ctx.trajectory else None,
+            )
 
     async def complete(self, messages: list[Message]) -> Completion:
         ctx = self.ctx
         try:
-            completion = await ctx.client.complete(messages)
+            completion = await ctx.client.complete(
+                messages, params=traced(ctx.root_params, ctx.traceparent)
+            )
         except LLMError as exc:
             path = ctx.trajectory.path if ctx.trajectory else None
             ctx.emit("error", where="root_llm", error=str(exc))
@@ -175,6 +210,7 @@ class _Loop:
             ctx.emit("iteration", **_iteration_fields(iteration, ctx.tracker))
             if final is not None:
                 return self.outcome(final, "final")
+            self.check_repeated_error(runs)
             spent = ctx.tracker.exhausted()
             if spent is not None:
                 return self.outcome(None, spent)
@@ -188,13 +224,23 @@ class _Loop:
         messages = [*messages, {"role": "user", "content": prompts.last_call_prompt(self.query)}]
         self.ctx.emit("last_call")
         completion = await self.complete(messages)
-        final, _ = await self.final_from_tag(completion.text)
-        if final is None or final.get("value") is None:
-            final = {"value": completion.text.strip(), "source": "forced"}
-        else:
-            final = {**final, "source": f"forced:{final.get('source')}"}
+        final, tag_run = await self.final_from_tag(completion.text)
         self.ctx.emit("last_call_reply", response=completion.text, usage=completion.usage.to_wire())
-        return self.outcome(final, "max_iterations")
+        if final is not None and final.get("value") is not None:
+            final = {**final, "source": f"forced:{final.get('source')}"}
+            return self.outcome(final, "max_iterations")
+        if tag_run is not None:
+            # A FINAL_VAR naming nothing: its text is not an answer, whatever it looks like.
+            error = tag_run.result.error
+            why = f"{error.type}: {error.message}" if error else "it gave no value"
+            detail = f"no answer after {len(self.iterations)} turns; the forced answer was "
+            return self.outcome(None, "max_iterations", f"{detail}{tag_run.code} ({why})")
+        if _FINAL_CALL.search(completion.text):
+            # A FINAL/FINAL_VAR call inside code (not run at the last call) is no answer either.
+            detail = f"no answer after {len(self.iterations)} turns; the forced reply was code"
+            return self.outcome(None, "max_iterations", detail)
+        forced = {"value": completion.text.strip(), "source": "forced"}
+        return self.outcome(forced, "max_iterations")
 
 
 def _iteration_fields(iteration: Iteration, tracker: RunTracker) -> dict[str, Any]:

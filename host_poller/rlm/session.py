@@ -47,6 +47,10 @@ class SessionPlan:
     tenant_id: str | None = None
     """The tenant to open the broker session for: set when the broker client holds the
     admin token (a standalone poller running sub-RLMs for every tenant)."""
+    root_params: dict[str, Any] | None = None
+    """Extra request fields of this session's root-model calls (sampling settings)."""
+    traceparent: str | None = None
+    """The run's W3C trace context (`rlm_wire.tracing`), carried to every LLM call."""
 
     def run_info(self, tracker: RunTracker) -> RunInfo:
         return RunInfo(
@@ -59,6 +63,7 @@ class SessionPlan:
             environment=self.environment,
             sub_model=self.sub_model,
             parent_request_id=self.request_id,
+            traceparent=self.traceparent,
         )
 
 
@@ -134,6 +139,8 @@ async def run_session(
             ledger=ledger,
             on_event=on_event,
             request_id=plan.request_id,
+            root_params=plan.root_params,
+            traceparent=plan.traceparent,
         )
         outcome = await run_loop(ctx, context, query)
         final_state = await env.get_state()

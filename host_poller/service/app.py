@@ -1,0 +1,50 @@
+"""The Starlette application of `rlm serve`.
+
+`create_app(service)` is all a server needs: the service (`RLMService`) is built by the
+caller with the broker it runs on (`rlm serve` starts the local stack unless RLM_BROKER_URL
+is set) and is closed with the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from host_poller.service import routes, routes_runs
+from host_poller.service.errors import exception_handlers
+from host_poller.service.runner import RLMService
+from host_poller.service.runs import RunRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(service: RLMService) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.rlm_service = service
+        app.state.rlm_runs = runs = RunRegistry(service)
+        if not service.settings.keys():
+            logger.warning("rlm serve runs without API keys (RLM_SERVE_API_KEYS): loopback only")
+        try:
+            yield
+        finally:
+            await runs.aclose()
+            await service.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/runs", routes_runs.create_run, methods=["POST"]),
+            Route("/v1/runs/{run_id}", routes_runs.get_run, methods=["GET"]),
+            Route("/v1/runs/{run_id}/events", routes_runs.run_events, methods=["GET"]),
+            Route("/v1/runs/{run_id}/cancel", routes_runs.cancel_run, methods=["POST"]),
+            Route("/health", routes.health, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers=dict(exception_handlers(logger)),
+    )

@@ -1,0 +1,115 @@
+"""Settings of `rlm serve`: one frozen object, built once at start from `RLM_SERVE_*`.
+
+Every request is bounded here: its body, its context, its run's iterations, depth, budget
+and wall time, and how many runs go at once (429 past that).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rlm_wire.serving import SERVE_PORT
+
+
+class ServeSettings(BaseSettings):
+    """How `rlm serve` listens and bounds each run; each variable is `RLM_SERVE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RLM_SERVE_", frozen=True, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface `rlm serve` listens on.")
+    port: int = Field(
+        SERVE_PORT, ge=0, le=65535, description="Port of `rlm serve` (0: any free one)."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated bearer keys applications call `rlm serve` with (never a "
+        "provider's key). Unset: no authentication, allowed only on a loopback host.",
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond)."
+    )
+    max_context_chars: int = Field(
+        48_000_000, ge=1, description="Largest context, in characters over all its parts (413)."
+    )
+    max_messages: int = Field(1000, ge=1, description="Most messages in one request (400).")
+    max_iterations: int = Field(
+        50, ge=1, le=1000, description="Cap on a request's `max_iterations` (root turns)."
+    )
+    max_depth: int = Field(
+        3, ge=0, le=16, description="Cap on a request's `max_depth` (recursion depth)."
+    )
+    max_sub_calls: int | None = Field(
+        None, ge=1, description="Cap on a run's sub-calls; unset: only the request's own limit."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on a run's tokens, all depths; unset: only the request's."
+    )
+    max_cost_usd: float | None = Field(
+        None, gt=0, description="Cap on a run's cost in USD; unset: only the request's."
+    )
+    run_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Wall clock of one run; past it the run is "
+        "cancelled and the request answers 504 (a request's budget max_seconds is capped by it).",
+    )
+    concurrency: int = Field(
+        4, ge=1, le=1024, description="Runs at once; one more request is refused with 429."
+    )
+    max_runs: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Runs of the native run API (/v1/runs) kept in "
+        "memory, finished ones included (429 past it while none has expired).",
+    )
+    run_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a finished run of /v1/runs stays readable."
+    )
+    allow_local_environment: bool = Field(
+        False,
+        description="Let runs use RLM_ENVIRONMENT=local: model code then runs in this process, "
+        "next to the provider's key, and an application's context can steer the model into "
+        "reading it. Only for applications trusted with the key.",
+    )
+    heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        le=300,
+        description="A streamed answer sends an SSE comment this often "
+        "while the run works, so proxies keep the connection.",
+    )
+
+    def keys(self) -> tuple[str, ...]:
+        """The accepted bearer keys (empty: no authentication)."""
+        if self.api_keys is None:
+            return ()
+        return tuple(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+
+    def check(self, environment: str) -> None:
+        """Raise ValueError when the settings cannot be served safely (runs in `environment`)."""
+        if environment == "local" and not self.allow_local_environment:
+            raise ValueError(
+                "RLM_ENVIRONMENT=local runs model code in this process, next to the provider's "
+                "key, and an application's context can steer the model into reading it: use "
+                "pyodide or remote, or set RLM_SERVE_ALLOW_LOCAL_ENVIRONMENT=true for "
+                "applications trusted with the key"
+            )
+        if not self.keys() and not _is_loopback(self.host):
+            raise ValueError(
+                f"rlm serve on {self.host} would answer anyone: set RLM_SERVE_API_KEYS "
+                "(comma-separated keys), or listen on 127.0.0.1"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
