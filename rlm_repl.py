@@ -10,15 +10,26 @@ As a script, in any CPython sandbox (container, Modal, E2B, Daytona):
 
     RLM_BROKER_URL=http://broker:8000 RLM_SESSION_TOKEN=... python rlm_repl.py code.py
     python -I -S rlm_repl.py -c 'print(llm_query("hi"))' --context ctx.txt --result out.json
+    python -I -S rlm_repl.py --serve    # JSON lines on stdin/stdout, variables kept (below)
+
+`--serve` keeps one namespace for many executions: each stdin line is a request,
+`{"code": str, "timeout_s"?: float, "output_bytes"?: int}` or `{"context"?: ...,
+"state"?: {...}}`, and each gets one stdout line: the execution's result
+(`ExecutionResult`'s fields), `{"ok": true}`, or `{"protocol_error": "..."}` for a malformed
+or oversized request; EOF ends it. The protocol runs on private copies of fds 0 and 1:
+model code reads /dev/null and prints to stderr.
+`RLM_BROKER_URL=http+unix://%2Frun%2Frlm%2Fbroker.sock` reaches the broker through a unix
+socket (a sandbox without a network, its host relaying).
 
 As a module: `Repl(transport, ...)` runs code with captured, capped output and reports
 FINAL/state (`build_namespace(transport)` gives just the globals for `exec`).
 
 Wire (HttpTransport): POST /enqueue {"prompt"|"messages", "model", "depth", "params":
 {"kind"}, "state"} or {"batch": [...]}, re-waiting through GET /requests/{id}?wait= while a
-request is pending. Connection failures are retried with backoff; each POST carries an
-`Idempotency-Key`, so a retried call is never enqueued (or paid for) twice. A failed call
-raises an `LLMQueryError`, never returns an error string.
+request is pending. Connection failures and 429/502/503/504 answers are retried under
+`RetryPolicy` (jittered backoff, `Retry-After` honoured, about a minute in all); each POST
+carries an `Idempotency-Key`, so a retried call is never enqueued (or paid for) twice. A
+failed call raises an `LLMQueryError`, never returns an error string.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ import ast
 import builtins
 import contextlib
 import ctypes
+import dataclasses
+import email.utils
 import http.client
 import io
 import json
@@ -35,6 +48,7 @@ import linecache
 import os
 import random
 import reprlib
+import socket
 import sys
 import threading
 import time
@@ -47,20 +61,27 @@ from typing import Any, Protocol
 
 __all__ = [
     "API_NAMES",
+    "RETRYABLE_STATUSES",
     "BrokerResponseError",
     "BrokerUnavailableError",
     "HttpTransport",
     "LLMQueryError",
     "LLMQueryTimeoutError",
     "Repl",
+    "RetryClock",
+    "RetryPolicy",
     "StateError",
     "Transport",
+    "batch_slices",
     "build_namespace",
     "changed_keys",
     "describe_error",
     "is_user_name",
     "merge_state",
+    "protocol_streams",
     "remember_source",
+    "retry_after_s",
+    "serve",
 ]
 
 DEFAULT_WAIT_S = 20.0
@@ -143,6 +164,118 @@ class StateError(LLMQueryError, ValueError):
         super().__init__("invalid_state", message)
 
 
+# --- retries -----------------------------------------------------------------------------
+
+#: Statuses worth another try: rate limited (429), unavailable (503: Redis down, a replica
+#: draining) and the 502/504 a proxy or tunnel answers while the broker restarts. Only calls
+#: that are safe to repeat are retried: reads, answers, and POSTs carrying an Idempotency-Key.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When a broker client tries again: the one retry policy of every client of the broker.
+
+    This REPL's `HttpTransport`, the sandbox runtime's bridge, the host's `BrokerClient` and
+    the poller all take one of these. It lives here because this file must stand alone in a
+    sandbox; `rlm_wire`'s clients (which never import the REPL) accept it through their
+    `RetrySchedule` protocol. Pauses start at `initial_s` and double up to `max_pause_s`,
+    each drawn in [pause/2, pause] so that clients cut off together do not come back
+    together; a server's `Retry-After` lengthens a pause. A call gives up once its next pause
+    would end more than `deadline_s` after its first try; the poller, which must outlast any
+    outage, uses an infinite deadline. `retryable_statuses` are the answers worth another try.
+    """
+
+    deadline_s: float = 60.0
+    initial_s: float = 0.05
+    max_pause_s: float = 5.0
+    retryable_statuses: frozenset[int] = RETRYABLE_STATUSES
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial_s <= self.max_pause_s) or self.deadline_s < 0:
+            raise ValueError(
+                "RetryPolicy needs 0 < initial_s <= max_pause_s and deadline_s >= 0, "
+                f"got {self.initial_s}, {self.max_pause_s}, {self.deadline_s}"
+            )
+
+    def pause(self, retry: int, retry_after: str | None = None) -> float:
+        """The pause before retry number `retry` (0 for the first); `retry_after` is the
+        server's `Retry-After` header, if it sent one."""
+        ceiling = min(self.max_pause_s, self.initial_s * 2.0 ** min(retry, 64))
+        pause = ceiling * (0.5 + random.random() / 2)
+        asked = retry_after_s(retry_after)
+        return pause if asked is None else max(pause, asked)
+
+    def start(self) -> RetryClock:
+        """The retry clock of one call, its deadline counted from now."""
+        return RetryClock(self)
+
+
+class RetryClock:
+    """One call's retries under a `RetryPolicy`, on the monotonic clock."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.retries = 0
+        self._deadline = time.monotonic() + policy.deadline_s
+
+    @property
+    def remaining_s(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def next_pause(self, retry_after: str | None = None) -> float | None:
+        """The pause before the next try, or None: the deadline does not leave room for it."""
+        pause = self.policy.pause(self.retries, retry_after)
+        if pause > self.remaining_s:
+            return None
+        self.retries += 1
+        return pause
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A `Retry-After` header's delay in seconds (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --- batches ------------------------------------------------------------------------------
+
+#: Most prompts and bytes (as JSON) of one `/enqueue` batch a client sends: well under the
+#: broker's own bounds (RLM_MAX_ENQUEUE_BATCH, 1024; RLM_MAX_BODY_BYTES, 16 MiB), so that
+#: `llm_query_batched` of any length, or of a large context's chunks, is never refused for
+#: its size: it goes out in slices.
+SLICE_MAX_PROMPTS = 256
+SLICE_MAX_BYTES = 4 * 2**20
+
+
+def batch_slices(
+    sizes: Sequence[int], *, max_prompts: int = SLICE_MAX_PROMPTS, max_bytes: int = SLICE_MAX_BYTES
+) -> list[range]:
+    """Consecutive slices of a batch whose prompts are `sizes` bytes each: each slice under
+    both bounds (a prompt larger than `max_bytes` goes alone; the broker judges it)."""
+    slices: list[range] = []
+    start, used = 0, 0
+    for index, size in enumerate(sizes):
+        full = index - start >= max_prompts or (index > start and used + size > max_bytes)
+        if full:
+            slices.append(range(start, index))
+            start, used = index, 0
+        used += size
+    if start < len(sizes):
+        slices.append(range(start, len(sizes)))
+    return slices
+
+
 # --- transport ---------------------------------------------------------------------------
 
 
@@ -157,16 +290,37 @@ class Transport(Protocol):
 
 
 class _Response:
-    def __init__(self, status: int, body: Any) -> None:
-        self.status, self.body = status, body
+    def __init__(self, status: int, body: Any, retry_after: str | None = None) -> None:
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix stream socket at `path` (`http+unix://` URLs)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class HttpTransport:
     """Talks to the broker over HTTP(S) with a session token; one keep-alive connection per thread.
 
+    `base_url` is `http://`, `https://`, or `http+unix://<percent-encoded socket path>[/prefix]`
+    (HTTP over a unix socket, `Host: localhost`).
+
     `timeout_s` bounds each HTTP exchange (long-polls get `wait_s` on top); `call_timeout_s`
-    bounds one whole call, re-waits included. Connection failures, 429 and 503 are retried
-    `retries` times with jittered exponential backoff.
+    bounds one whole call, re-waits included. Failed exchanges (no answer, or 429, 502, 503,
+    504) are retried under `retry`, the one retry policy of every broker client.
     """
 
     def __init__(
@@ -177,18 +331,23 @@ class HttpTransport:
         timeout_s: float = 30.0,
         wait_s: float = DEFAULT_WAIT_S,
         call_timeout_s: float = 3600.0,
-        retries: int = 5,
-        backoff_s: float = 0.1,
-        backoff_max_s: float = 5.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(base_url.rstrip("/"))
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        # The socket path is the percent-encoded "host"; `hostname` would lower-case it.
+        self._unix_path = (
+            urllib.parse.unquote(parsed.netloc) if parsed.scheme == "http+unix" else ""
+        )
+        if parsed.scheme == "http+unix":
+            if not self._unix_path:
+                raise ValueError(f"bad broker URL {base_url!r}: no socket path")
+        elif parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"bad broker URL {base_url!r}")
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
+        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname or "", parsed.port
         self._prefix = parsed.path
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.timeout_s, self.wait_s, self.call_timeout_s = timeout_s, wait_s, call_timeout_s
-        self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
+        self.retry = retry if retry is not None else RetryPolicy()
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -197,20 +356,35 @@ class HttpTransport:
         if not calls:
             return []
         deadline = time.monotonic() + self.call_timeout_s
-        wait = self._wait_for(deadline)
-        # One key per call: a POST whose answer was lost is sent again and the broker
+        if len(calls) == 1:
+            results = [self._enqueue_one(calls[0], self._wait_for(deadline))]
+        else:
+            slices = batch_slices([len(json.dumps(call)) for call in calls])
+            # One slice: wait there for the answers. Several: enqueue them all at once (no
+            # wait), then re-wait on each; the broker answers them in parallel either way.
+            wait = self._wait_for(deadline) if len(slices) == 1 else 0.0
+            results = []
+            for part in slices:
+                results += self._enqueue_batch([calls[i] for i in part], wait)
+        return [self._finish(result, deadline) for result in results]
+
+    def _enqueue_one(self, call: Mapping[str, Any], wait: float) -> dict[str, Any]:
+        # One key per POST: a POST whose answer was lost is sent again and the broker
         # enqueues nothing twice (the LLM is not called, nor paid, twice).
         key = {"Idempotency-Key": uuid.uuid4().hex}
-        if len(calls) == 1:
-            reply = self._request("POST", f"/enqueue?wait={wait}", dict(calls[0]), headers=key)
-            results = [_as_dict(reply.body)]
-        else:
-            body = {"batch": [dict(c) for c in calls]}
-            reply = self._request("POST", f"/enqueue?wait={wait}", body, headers=key)
-            results = [_as_dict(r) for r in _as_dict(reply.body).get("results", [])]
-            if len(results) != len(calls):
-                raise BrokerResponseError(reply.status, "bad_body", "result count != batch size")
-        return [self._finish(result, deadline) for result in results]
+        reply = self._request("POST", f"/enqueue?wait={wait}", dict(call), headers=key)
+        return _as_dict(reply.body)
+
+    def _enqueue_batch(
+        self, calls: Sequence[Mapping[str, Any]], wait: float
+    ) -> list[dict[str, Any]]:
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        body = {"batch": [dict(c) for c in calls]}
+        reply = self._request("POST", f"/enqueue?wait={wait}", body, headers=key)
+        results = [_as_dict(r) for r in _as_dict(reply.body).get("results", [])]
+        if len(results) != len(calls):
+            raise BrokerResponseError(reply.status, "bad_body", "result count != batch size")
+        return results
 
     def close(self) -> None:
         with self._lock:
@@ -236,7 +410,9 @@ class HttpTransport:
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self._scheme == "https":
+            if self._unix_path:
+                conn = _UnixHTTPConnection(self._unix_path, timeout=self.timeout_s)
+            elif self._scheme == "https":
                 conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s)
             else:
                 conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
@@ -256,19 +432,25 @@ class HttpTransport:
     ) -> _Response:
         """Send with retries; every call is safe to repeat (GETs, and POSTs with a key)."""
         payload = json.dumps(body).encode() if body is not None else None
-        attempt = 0
+        clock: RetryClock | None = None
         while True:
             try:
                 reply = self._exchange(method, path, payload, headers or {})
             except _Retryable as exc:
-                if attempt >= self.retries:
-                    raise BrokerUnavailableError(f"{method} {path.split('?')[0]}: {exc}") from exc
+                clock = clock or self.retry.start()
+                pause = clock.next_pause()
+                if pause is None:
+                    raise BrokerUnavailableError(
+                        f"{method} {path.split('?')[0]}: {exc} ({clock.retries} retries)"
+                    ) from exc
             else:
-                if reply.status not in (429, 503) or attempt >= self.retries:
+                if reply.status not in self.retry.retryable_statuses:
                     return _checked(reply)
-            attempt += 1
-            delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random() / 2))
+                clock = clock or self.retry.start()
+                pause = clock.next_pause(reply.retry_after)
+                if pause is None:
+                    return _checked(reply)
+            time.sleep(pause)
 
     def _exchange(
         self, method: str, path: str, payload: bytes | None, extra: Mapping[str, str]
@@ -298,7 +480,7 @@ class HttpTransport:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode("utf-8", "replace")[:200]
-        return _Response(response.status, body)
+        return _Response(response.status, body, response.getheader("Retry-After"))
 
 
 class _Retryable(Exception):
@@ -720,8 +902,9 @@ def build_namespace(
     """Globals for `exec` holding the REPL functions; the `Repl` is under `__rlm_repl__`.
 
     Without a transport, one is built from RLM_BROKER_URL and RLM_SESSION_TOKEN (optional:
-    RLM_BROKER_WAIT_S, RLM_CALL_TIMEOUT_S, RLM_BROKER_RETRIES), and the depth from RLM_DEPTH /
-    RLM_MAX_DEPTH (default 0 and 1: rlm_query refused).
+    RLM_BROKER_WAIT_S, RLM_CALL_TIMEOUT_S, RLM_BROKER_RETRY_DEADLINE_S), and the depth from
+    RLM_DEPTH / RLM_MAX_DEPTH (default 0 and 1: rlm_query refused); the bound of `state`
+    from RLM_STATE_MAX_BYTES.
     """
     environ = os.environ
     if transport is None:
@@ -733,12 +916,13 @@ def build_namespace(
             token,
             wait_s=float(environ.get("RLM_BROKER_WAIT_S", DEFAULT_WAIT_S)),
             call_timeout_s=float(environ.get("RLM_CALL_TIMEOUT_S", "3600")),
-            retries=int(environ.get("RLM_BROKER_RETRIES", "5")),
+            retry=RetryPolicy(deadline_s=float(environ.get("RLM_BROKER_RETRY_DEADLINE_S", "60"))),
         )
     repl = Repl(
         transport,
         depth=depth if depth is not None else int(environ.get("RLM_DEPTH", "0")),
         max_depth=max_depth if max_depth is not None else int(environ.get("RLM_MAX_DEPTH", "1")),
+        state_max_bytes=int(environ.get("RLM_STATE_MAX_BYTES", DEFAULT_STATE_MAX_BYTES)),
         state=state,
         output_max_bytes=output_max_bytes,
     )
@@ -917,6 +1101,88 @@ def _async_raise(thread_id: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
 
 
+# --- serve mode: one namespace, JSON lines ---------------------------------------------
+
+DEFAULT_SERVE_LINE_BYTES = 64 << 20
+_SERVE_KEYS = frozenset({"code", "timeout_s", "output_bytes", "context", "state"})
+_CODE_KEYS = frozenset({"code", "timeout_s", "output_bytes"})
+
+
+def protocol_streams() -> tuple[io.BufferedReader, io.BufferedWriter]:
+    """Private copies of fds 0 and 1 for the protocol; then fd 0 reads /dev/null and fd 1
+    writes to fd 2, so nothing model code reads or prints (C libraries and child processes
+    included) can take a request or slip a line into the replies."""
+    sys.stdout.flush()
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.fdopen(os.dup(1), "wb")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return requests, replies
+
+
+def serve(
+    repl: Repl,
+    requests: io.BufferedIOBase,
+    replies: io.BufferedIOBase,
+    *,
+    max_line_bytes: int = DEFAULT_SERVE_LINE_BYTES,
+    default_timeout_s: float | None = None,
+) -> int:
+    """Answer one JSON line per request line until EOF (see the module docstring)."""
+    while True:
+        line = requests.readline(max_line_bytes + 1)
+        if not line:
+            return 0
+        if len(line.rstrip(b"\n")) > max_line_bytes:
+            while line and not line.endswith(b"\n"):
+                line = requests.readline(1 << 16)  # drop the rest of the oversized line
+            reply: dict[str, Any] = {
+                "protocol_error": f"request line over {max_line_bytes} bytes: dropped"
+            }
+        else:
+            reply = _serve_one(repl, line, default_timeout_s)
+        replies.write(json.dumps(reply).encode() + b"\n")
+        replies.flush()
+
+
+def _serve_one(repl: Repl, line: bytes, default_timeout_s: float | None) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        return {"protocol_error": f"request is not JSON: {exc}"}
+    if not isinstance(request, dict) or not request or set(request) - _SERVE_KEYS:
+        return {
+            "protocol_error": "a request is a JSON object holding `code` (with `timeout_s`, "
+            "`output_bytes`), or `context` and/or `state`"
+        }
+    if "code" in request:
+        code, timeout_s = request["code"], request.get("timeout_s", default_timeout_s)
+        output_bytes = request.get("output_bytes")
+        if not isinstance(code, str) or set(request) - _CODE_KEYS:
+            return {"protocol_error": "`code` must be a str, with `timeout_s`, `output_bytes`"}
+        if timeout_s is not None and not _positive(timeout_s):
+            return {"protocol_error": "`timeout_s` must be a positive number"}
+        if output_bytes is not None and not (_positive(output_bytes) and type(output_bytes) is int):
+            return {"protocol_error": "`output_bytes` must be a positive integer"}
+        return repl.execute(code, timeout_s=timeout_s, output_max_bytes=output_bytes)
+    if set(request) & _CODE_KEYS:
+        return {"protocol_error": "`timeout_s` and `output_bytes` go with `code`"}
+    if "state" in request:
+        try:
+            repl.set_state(request["state"])
+        except StateError as exc:
+            return {"protocol_error": str(exc)}
+    if "context" in request:
+        repl.load_context(request["context"])
+    return {"ok": True}
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
 # --- script entry ------------------------------------------------------------------------
 
 
@@ -929,11 +1195,14 @@ def _load_json_or_text(path: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python rlm_repl.py FILE | -c CODE [--context F] [--state F] [--result F]`."""
+    """`python rlm_repl.py FILE | -c CODE | --serve [--context F] [--state F] [--result F]`."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="Python file to run")
     source.add_argument("-c", dest="code", help="Python code to run")
+    source.add_argument(
+        "--serve", action="store_true", help="run requests from stdin (JSON lines), keeping state"
+    )
     parser.add_argument("--context", help="file loaded as `context` (.json parsed, else text)")
     parser.add_argument("--state", help="JSON file: the initial `state` dict")
     parser.add_argument("--result", help="write {stdout, stderr, error, final, state} as JSON")
@@ -941,11 +1210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output-bytes", type=int, default=DEFAULT_OUTPUT_MAX_BYTES, help="cap per stream"
     )
+    parser.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_SERVE_LINE_BYTES,
+        help="--serve: bound of one request line",
+    )
     args = parser.parse_args(argv)
-    code = args.code
-    if code is None:
-        with open(args.file, encoding="utf-8") as handle:
-            code = handle.read()
     state = _load_json_or_text(args.state) if args.state else None
     namespace = build_namespace(
         context=_load_json_or_text(args.context) if args.context else None,
@@ -953,6 +1224,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_max_bytes=args.output_bytes,
     )
     repl: Repl = namespace["__rlm_repl__"]
+    if args.serve:
+        requests, replies = protocol_streams()
+        return serve(
+            repl,
+            requests,
+            replies,
+            max_line_bytes=args.max_line_bytes,
+            default_timeout_s=args.timeout,
+        )
+    code = args.code
+    if code is None:
+        with open(args.file, encoding="utf-8") as handle:
+            code = handle.read()
     outcome = repl.execute(code, timeout_s=args.timeout)
     sys.stdout.write(outcome["stdout"])
     sys.stderr.write(outcome["stderr"])

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +230,114 @@ def test_the_script_reports_errors_with_the_model_traceback(tmp_path: Path) -> N
     assert "ZeroDivisionError" in done.stderr
     assert 'File "<cell-1>", line 2' in done.stderr
     assert "1 / 0" in done.stderr  # the cell's source line
+
+
+def serve(requests: list[bytes], *args: str) -> tuple[list[dict[str, Any]], str, int]:
+    """`rlm_repl.py --serve` fed `requests` (one per line) then EOF: replies, stderr, status."""
+    env = {"RLM_BROKER_URL": "http://127.0.0.1:9", "RLM_SESSION_TOKEN": "t"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(SCRIPT), "--serve", *args],
+        input=b"".join(line + b"\n" for line in requests),
+        env=env, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    replies = [json.loads(line) for line in done.stdout.splitlines()]
+    return replies, done.stderr.decode(), done.returncode
+
+
+def test_serve_keeps_the_namespace_between_requests_and_ends_at_eof() -> None:
+    replies, _, status = serve(
+        [
+            json.dumps({"context": ["a", "b"], "state": {"k": 1}}).encode(),
+            json.dumps({"code": "n = len(context)\nstate['n'] = n"}).encode(),
+            json.dumps({"code": "print(n + 40)\n_ = FINAL(n)", "timeout_s": 5}).encode(),
+            json.dumps({"code": "while True:\n    pass", "timeout_s": 0.2}).encode(),
+            json.dumps({"code": "n"}).encode(),
+            json.dumps({"code": "print('z' * 5000)", "output_bytes": 100}).encode(),
+        ]
+    )
+    assert status == 0
+    assert replies[0] == {"ok": True}
+    assert replies[1]["error"] is None
+    assert replies[1]["state"] == {"k": 1, "n": 2}
+    assert replies[2]["stdout"] == "42\n"
+    assert replies[2]["final"] == {"value": "2", "source": "FINAL"}
+    assert set(replies[2]) >= {"stdout", "stderr", "error", "final", "state", "sub_calls"}
+    assert replies[3]["error"]["type"] == "TimeoutError"
+    assert replies[4]["stdout"] == "2\n"  # the interrupted cell kept the namespace
+    assert replies[5]["stdout"].startswith("z" * 100 + "\n[output truncated")
+
+
+def test_serve_answers_malformed_requests_with_a_protocol_error_and_goes_on() -> None:
+    bad = [
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        json.dumps({"code": 1}).encode(),
+        json.dumps({"code": "1", "context": "x"}).encode(),
+        json.dumps({"code": "1", "timeout_s": -1}).encode(),
+        json.dumps({"code": "1", "timeout_s": True}).encode(),
+        json.dumps({"timeout_s": 1}).encode(),
+        json.dumps({"code": "1", "output_bytes": 0}).encode(),
+        json.dumps({"code": "1", "output_bytes": 1.5}).encode(),
+        json.dumps({"state": [1]}).encode(),
+        json.dumps({"evil": 1}).encode(),
+        json.dumps({"code": "x" * 5000}).encode(),  # over --max-line-bytes
+    ]
+    replies, _, status = serve([*bad, json.dumps({"code": "print('alive')"}).encode()],
+                               "--max-line-bytes", "1000")  # fmt: skip
+    assert status == 0
+    assert len(replies) == len(bad) + 1
+    for reply in replies[:-1]:
+        assert set(reply) == {"protocol_error"}
+        assert isinstance(reply["protocol_error"], str)
+    assert "over 1000 bytes" in str(replies[-2]["protocol_error"])
+    assert replies[-1]["stdout"] == "alive\n"
+
+
+def test_serve_keeps_model_code_off_the_protocol_streams() -> None:
+    """Code that writes to fd 1 or reads stdin (directly, or from a child process) can
+    neither forge a reply nor swallow the next request."""
+    code = (
+        "import os, subprocess, sys\n"
+        "os.write(1, b'{\"forged\": true}\\n')\n"
+        "subprocess.run([sys.executable, '-c', 'print(\"child says hi\")'])\n"
+        "print(repr(sys.stdin.read()), repr(os.read(0, 100)))"
+    )
+    replies, stderr, status = serve(
+        [json.dumps({"code": code}).encode(), json.dumps({"code": "print('next')"}).encode()]
+    )
+    assert status == 0
+    assert [r.get("stdout") for r in replies] == ["'' b''\n", "next\n"]
+    assert '{"forged": true}' in stderr
+    assert "child says hi" in stderr
+
+
+def test_a_unix_broker_url_needs_a_socket_path() -> None:
+    with pytest.raises(ValueError, match="no socket path"):
+        exec_script.HttpTransport("http+unix://", "t")
+
+
+async def test_the_script_reaches_the_broker_through_a_unix_socket(
+    broker_server: BrokerServer, tmp_path: Path
+) -> None:
+    """`http+unix://` (the bwrap sandbox's only way out), relayed to the broker's TCP port."""
+    from host_poller.environments._relay import BrokerRelay
+
+    socket_dir = tempfile.mkdtemp(prefix="rlm-t-")  # short: AF_UNIX paths are bounded
+    socket_path = os.path.join(socket_dir, "b.sock")
+    relay = BrokerRelay(broker_server.url, socket_path, max_connections=4, connect_timeout_s=5)
+    await relay.start()
+    try:
+        async with tenant_and_session(broker_server.url, broker_server.admin_token) as (t, s):
+            env = {
+                "RLM_BROKER_URL": "http+unix://" + urllib.parse.quote(socket_path, safe=""),
+                "RLM_SESSION_TOKEN": s.token,
+            }
+            async with poller(t.client):
+                code = "print(llm_query('via unix'), llm_query_batched(['a', 'b']))"
+                done = await run_script(["-c", code], env, tmp_path)
+    finally:
+        await relay.aclose()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "echo:via unix:d1:llm ['echo:a:d1:llm', 'echo:b:d1:llm']\n"

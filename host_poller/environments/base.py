@@ -2,7 +2,8 @@
 
 An environment runs the model's code with the REPL functions (`llm_query` & co. reach the
 broker with the session token in the spec) and keeps variables across executions.
-Registered names: "local" (this package), "pyodide" and "remote" (the sandbox runtime's).
+Registered names: "local" and "command" (this package), "pyodide" and "remote" (the sandbox
+runtime's).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ _registry: dict[str, EnvironmentFactory] = {}
 # missing optional one (e.g. the sandbox runtime) costs nothing.
 _PROVIDER_MODULES = (
     "host_poller.environments.local",
+    "host_poller.environments.command",
     "host_poller.environments.pyodide",
     "host_poller.environments.remote",
     "sandbox_runtime.environments",
@@ -98,7 +100,7 @@ def _load_providers() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
-            logger.debug("environment provider absent", extra={"module": module_name})
+            logger.debug("environment provider absent", extra={"provider_module": module_name})
 
 
 def registered_environments() -> list[str]:
