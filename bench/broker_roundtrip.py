@@ -1,64 +1,72 @@
-"""Full llm_query round trips through the broker, against the floor and a 100 ms poller.
+"""llm_query round trips through the broker with the project's own poller, against the floor,
+a minimal poller (the ceiling) and the official RLM library's broker pattern, in one run.
 
-    .venv/bin/python bench/broker_roundtrip.py [--seconds 3] [--levels 1,16,64,256]
+    .venv/bin/python bench/broker_roundtrip.py [--seconds 3] [--levels 1,16,64]
+        [--rlms-python PATH]   # an interpreter with `rlms` + Flask (uv sync --group bench)
 
-One run starts an embedded Redis and `rlm broker` (uvloop + httptools) as a child process,
-then measures, with an instant-answer long-polling poller in this process:
-  - round trips (enqueue -> pending -> respond -> enqueue returns) at each concurrency:
-    p50, p99, round trips per second, and the broker's CPU time per round trip;
-  - the floor: one bare HTTP request to the same server (`/health/live`) plus one Redis
-    round trip, sequentially, as one client would see them;
-  - a fixed-interval poller (checks `/pending?wait=0` every 100 ms, as the official RLM
-    library's host does) at concurrency 1;
-  - the same c=1 round trip and floor with the project's own client (`BrokerClient`, httpx2)
-    on both sides, as the poller and runtime really talk to the broker;
-and prints the ratios. Wall-clock figures vary run to run on a shared 2-core machine:
-compare the ratios, which are taken in one run, and the CPU time per round trip.
+One run starts an embedded Redis and `rlm broker` (uvloop + httptools) as child processes and
+measures, for each concurrency (waiters each doing enqueue -> answer -> enqueue returns):
+  - product: the project's `Poller` (host_poller.poller) in its own process, as `rlm poller`
+    runs it (uvloop, default settings, RLM_POLLER_HTTP_TRANSPORT=link), with an instant
+    in-process LLM client; and the same poller on httpx2 (`=httpx`) and on the stdlib
+    asyncio loop, to show what the lean transport and uvloop pay;
+  - ceiling: a minimal long-polling poller written in this file (two of them, in the load
+    generator's process): what the broker alone allows;
+  - baseline: the official RLM library (PyPI `rlms`): its broker script and its poller with
+    its LM handler, unmodified, as plain local processes (bench/rlms_baseline.py);
+  - floor: one bare HTTP request to the broker (`/health/live`) + one Redis PING, serially.
+For each: p50, p99, round trips/s, and CPU per round trip of the broker, Redis and the poller
+(utime + stime of each process from /proc/<pid>/stat), with /proc/loadavg at that moment.
+Ratios are taken within the run: compare ratios across runs, not absolute times.
+The load generator uses `rlm_wire.KeepAliveLink` for every setup alike (httpx2 would spend
+~0.5 ms of client CPU per request on the same 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import logging
 import os
-import statistics
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import redis.asyncio as aioredis
 import uvloop
 
 from broker.redis_server import RedisServer, free_port
-from rlm_wire import broker_models as p
-from rlm_wire.broker_client import BrokerClient
+from host_poller.llm.types import Completion, Message, Usage
+from host_poller.poller import ModelRouter, Poller, PollerSettings, RequestHandler
 from rlm_wire.errors import ServiceUnreachable
 from rlm_wire.link import KeepAliveLink
 
 ADMIN = "bench-admin-token"
 HOST = "127.0.0.1"
+PROMPT = "What is 2+2?"
+BENCH = Path(__file__).resolve().parent
+
+Call = Callable[[], Awaitable[object]]
 
 
 class RawConnection:
-    """One keep-alive connection speaking JSON, for load generation.
+    """One keep-alive connection speaking JSON, for load generation."""
 
-    The load must cost less than the server it measures: a general client (httpx2) spends
-    ~0.5 ms of CPU per request on the same 2 cores as the broker; `KeepAliveLink` ~0.05 ms.
-    Every measurement in a run uses it alike (floor, pollers, waiters), so ratios are fair.
-    """
-
-    def __init__(self, host: str, port: int, token: str | None) -> None:
-        self._link = KeepAliveLink(f"http://{host}:{port}", token, max_connections=1)
+    def __init__(self, port: int, token: str | None) -> None:
+        self._link = KeepAliveLink(f"http://{HOST}:{port}", token, max_connections=1)
 
     async def request(self, method: str, target: str, body: Any = None) -> tuple[int, Any]:
         payload = None if body is None else json.dumps(body).encode()
-        status, raw = await self._link.request(method, target, payload, timeout_s=120)
-        return status, json.loads(raw) if raw else None
+        reply = await self._link.request(method, target, payload, timeout_s=120)
+        return reply.status, json.loads(reply.body) if reply.body else None
 
     async def close(self) -> None:
         await self._link.aclose()
@@ -74,8 +82,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Row:
+    setup: str
+    level: int
+    p50: float
+    p99: float
+    rate: float
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per round trip, by process role."""
+    load: str = ""
+
+
 async def timed_loop(
-    make_call: Callable[[], Callable[[], Awaitable[object]]], concurrency: int, seconds: float
+    make_call: Callable[[], Call], concurrency: int, seconds: float
 ) -> tuple[list[float], float]:
     """Run calls back to back from `concurrency` workers (each with its own connection)."""
     latencies: list[float] = []
@@ -93,172 +117,274 @@ async def timed_loop(
     return latencies, time.perf_counter() - started
 
 
-async def poller(port: int, token: str, stop: asyncio.Event, interval_s: float | None) -> None:
-    """Long-polls (interval_s None) or checks every interval_s; answers each batch at once."""
-    connection = RawConnection(HOST, port, token)
-    wait = 0.5 if interval_s is None else 0
-    while not stop.is_set():
-        _, body = await connection.request("GET", f"/pending?max=256&wait={wait}")
-        requests = body["requests"]
-        if requests:
-            answers = [{"id": r["id"], "response": "ok"} for r in requests]
-            await connection.request("POST", "/respond", {"responses": answers})
-        if interval_s is not None:
-            await asyncio.sleep(interval_s)
-    await connection.close()
+async def measure(
+    setup: str,
+    make_call: Callable[[], Call],
+    levels: Sequence[int],
+    seconds: float,
+    pids: Mapping[str, int],
+) -> list[Row]:
+    await timed_loop(make_call, min(levels), 0.5)  # warm up (and wait for the poller)
+    rows = []
+    for level in levels:
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        lat, wall = await timed_loop(make_call, level, seconds)
+        cpu = {role: (cpu_seconds(pid) - before[role]) / len(lat) for role, pid in pids.items()}
+        p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+        rows.append(Row(setup, level, p50, p99, len(lat) / wall, cpu, loadavg()))
+    return rows
 
 
-async def with_project_client(
-    port: int, redis_url: str, tenant_token: str, session_token: str, seconds: float
-) -> tuple[list[float], list[float]]:
-    """Floor and c=1 round trips with BrokerClient (httpx2) as every real component uses it."""
-    url = f"http://{HOST}:{port}"
-    redis = aioredis.Redis.from_url(redis_url)
-    async with httpx2.AsyncClient(base_url=url) as bare:
-
-        def floor() -> Callable[[], Awaitable[object]]:
-            async def call() -> None:
-                (await bare.get("/health/live")).raise_for_status()
-                await redis.ping()
-
-            return call
-
-        await timed_loop(floor, 1, 0.5)
-        floor_lat, _ = await timed_loop(floor, 1, seconds)
-    await redis.aclose()
-
-    stop = asyncio.Event()
-    tenant = BrokerClient(url, tenant_token)
-    session = BrokerClient(url, session_token)
-
-    async def answer() -> None:
-        while not stop.is_set():
-            batch = await tenant.pending(max_items=256, wait_s=0.5)
-            if batch.requests:
-                await tenant.respond_batch(
-                    [p.Answer(id=r.id, response="ok") for r in batch.requests]
-                )
-
-    pollers = [asyncio.create_task(answer()) for _ in range(2)]
-    request = p.LLMRequest(prompt="What is 2+2?")
-
-    def round_trip() -> Callable[[], Awaitable[object]]:
-        async def call() -> None:
-            if (await session.enqueue(request, wait_s=30)).status != "done":
-                raise RuntimeError("unexpected pending result")
-
-        return call
-
-    await timed_loop(round_trip, 1, 0.5)
-    rt_lat, _ = await timed_loop(round_trip, 1, seconds)
-    stop.set()
-    await asyncio.gather(*pollers)
-    await tenant.aclose()
-    await session.aclose()
-    return floor_lat, rt_lat
+# --- the setups --------------------------------------------------------------------------
 
 
-async def run(
-    port: int, redis_url: str, broker_pid: int, levels: list[int], seconds: float
-) -> None:
-    admin = RawConnection(HOST, port, ADMIN)
-    _, tenant = await admin.request("POST", "/tenants", {"name": "bench"})
-    tenant_conn = RawConnection(HOST, port, tenant["token"])
-    _, session = await tenant_conn.request("POST", "/sessions", {})
-    await admin.close()
-    await tenant_conn.close()
-
-    def round_trip() -> Callable[[], Awaitable[object]]:
-        connection = RawConnection(HOST, port, session["token"])
+def our_round_trip(port: int, session_token: str) -> Callable[[], Call]:
+    def make() -> Call:
+        connection = RawConnection(port, session_token)
 
         async def call() -> None:
-            status, body = await connection.request(
-                "POST", "/enqueue?wait=30", {"prompt": "What is 2+2?"}
-            )
+            status, body = await connection.request("POST", "/enqueue?wait=30", {"prompt": PROMPT})
             if status != 200 or body["status"] != "done":
                 raise RuntimeError(f"unexpected answer {status} {body}")
 
         return call
 
-    redis = aioredis.Redis.from_url(redis_url)
+    return make
 
-    def floor() -> Callable[[], Awaitable[object]]:
-        connection = RawConnection(HOST, port, None)
+
+async def minimal_poller(port: int, token: str, stop: asyncio.Event) -> None:
+    """The ceiling: long-polls, answers each batch at once, parses nothing it can skip."""
+    connection = RawConnection(port, token)
+    while not stop.is_set():
+        _, body = await connection.request("GET", "/pending?max=256&wait=0.5")
+        if requests := body["requests"]:
+            answers = [{"id": r["id"], "response": "ok"} for r in requests]
+            await connection.request("POST", "/respond", {"responses": answers})
+    await connection.close()
+
+
+class InstantLLM:
+    """An `LLMClient` that answers at once: the bench measures the plumbing."""
+
+    model = "instant"
+
+    async def complete(
+        self, messages: Sequence[Message], *, params: Mapping[str, Any] | None = None
+    ) -> Completion:
+        return Completion(text="ok", model=self.model, usage=Usage(), latency_s=0.0, attempts=1)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def serve_poller() -> None:
+    """The child process: the project's `Poller`, configured from RLM_* like `rlm poller`."""
+
+    def no_profile(profile: Any) -> InstantLLM:
+        raise RuntimeError("only the instant client is configured")
+
+    router = ModelRouter({}, "instant", no_profile, clients={"instant": InstantLLM()})
+    poller = Poller(PollerSettings(), RequestHandler(router))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, poller.request_stop)
+    await poller.run()
+
+
+def spawn_poller(port: int, token: str, transport: str, loop: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "RLM_BROKER_URL": f"http://{HOST}:{port}",
+        "RLM_TENANT_TOKEN": token,
+        "RLM_POLLER_HTTP_TRANSPORT": transport,
+    }
+    return subprocess.Popen([sys.executable, __file__, "--serve-poller", loop], env=env)
+
+
+def start(argv: list[str], cwd: str, *, quiet: bool = False) -> subprocess.Popen[bytes]:
+    # Flask logs every request line to stderr: the bench keeps that cost, not the noise.
+    return subprocess.Popen(argv, cwd=cwd, stderr=subprocess.DEVNULL if quiet else None)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def run_rlms_baseline(python: str, levels: Sequence[int], seconds: float) -> list[Row]:
+    """The official library's broker script and poller, as local processes."""
+    port = free_port()
+    script = str(BENCH / "rlms_baseline.py")
+    with tempfile.TemporaryDirectory() as cwd:  # its module calls load_dotenv() on import
+        broker = start([python, script, "broker", str(port)], cwd, quiet=True)
+        poller = None
+        try:
+            await wait_ready(port, "/health")
+            poller = start([python, script, "poller", str(port)], cwd)
+
+            def make() -> Call:
+                connection = RawConnection(port, None)
+
+                async def call() -> None:
+                    status, body = await connection.request(
+                        "POST", "/enqueue",
+                        {"type": "single", "prompt": PROMPT, "model": None, "depth": 1},
+                    )  # fmt: skip
+                    if status != 200 or body.get("response") != "ok":
+                        raise RuntimeError(f"unexpected answer {status} {body}")
+
+                return call
+
+            pids = {"broker": broker.pid, "poller": poller.pid}
+            return await measure("rlms (official)", make, levels, max(seconds, 3.0), pids)
+        finally:
+            if poller is not None:
+                stop_process(poller)
+            stop_process(broker)
+
+
+async def wait_ready(port: int, path: str) -> None:
+    for _ in range(400):
+        try:
+            connection = RawConnection(port, None)
+            status, _ = await connection.request("GET", path)
+            await connection.close()
+            if status == 200:
+                return
+        except ServiceUnreachable:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing answered {path} on port {port}")
+
+
+async def run(
+    port: int, redis: RedisServer, broker_pid: int, args: argparse.Namespace
+) -> list[Row]:
+    levels: list[int] = args.levels
+    seconds: float = args.seconds
+    admin = RawConnection(port, ADMIN)
+    _, tenant = await admin.request("POST", "/tenants", {"name": "bench"})
+    await admin.close()
+    tenant_conn = RawConnection(port, tenant["token"])
+    _, session = await tenant_conn.request("POST", "/sessions", {})
+    await tenant_conn.close()
+    assert redis.pid is not None
+    ours = {"broker": broker_pid, "redis": redis.pid}
+    rows: list[Row] = []
+
+    client = aioredis.Redis.from_url(redis.url)
+
+    def floor() -> Call:
+        connection = RawConnection(port, None)
 
         async def call() -> None:
             await connection.request("GET", "/health/live")
-            await redis.ping()
+            await client.ping()
 
         return call
 
-    await timed_loop(floor, 1, 0.5)  # warm up
-    floor_lat, _ = await timed_loop(floor, 1, seconds)
-    await redis.aclose()
+    rows += await measure("floor (HTTP + PING)", floor, [1], seconds, ours)
+    await client.aclose()
 
+    round_trip = our_round_trip(port, session["token"])
     stop = asyncio.Event()
-    slow = asyncio.create_task(poller(port, tenant["token"], stop, 0.1))
-    interval_lat, _ = await timed_loop(round_trip, 1, max(seconds, 2.0))
-    stop.set()
-    await slow
-
-    # Two long-polling pollers, so that one always waits while the other answers.
-    stop = asyncio.Event()
-    pollers = [asyncio.create_task(poller(port, tenant["token"], stop, None)) for _ in range(2)]
-    await timed_loop(round_trip, 4, 0.5)  # warm up
-    rows = []
-    for level in levels:
-        cpu_before = cpu_seconds(broker_pid)
-        lat, wall = await timed_loop(round_trip, level, seconds)
-        cpu_per_rt = (cpu_seconds(broker_pid) - cpu_before) / len(lat)
-        rows.append(
-            (level, percentile(lat, 0.5), percentile(lat, 0.99), len(lat) / wall, cpu_per_rt)
-        )
+    # Two, so that one always waits while the other answers.
+    pollers = [asyncio.create_task(minimal_poller(port, tenant["token"], stop)) for _ in "ab"]
+    rows += await measure("ceiling (minimal poller)", round_trip, levels, seconds, ours)
     stop.set()
     await asyncio.gather(*pollers)
 
-    own_floor, own_rt = await with_project_client(
-        port, redis_url, tenant["token"], session["token"], seconds
-    )
+    # The product as shipped (link, uvloop), then with one of the two changed.
+    for transport, loop in (("link", "uvloop"), ("httpx", "uvloop"), ("link", "asyncio")):
+        process = spawn_poller(port, tenant["token"], transport, loop)
+        try:
+            pids = {**ours, "poller": process.pid}
+            setup = f"product (Poller, {transport})"
+            if loop != "uvloop":
+                setup = f"product (Poller, {loop})"
+            some = levels if setup == "product (Poller, link)" else [levels[0], levels[-1]]
+            rows += await measure(setup, round_trip, some, seconds, pids)
+        finally:
+            stop_process(process)
 
-    floor_p50 = statistics.median(floor_lat)
-    interval_p50 = statistics.median(interval_lat)
+    if args.rlms_python:
+        rows += await run_rlms_baseline(args.rlms_python, levels, seconds)
+    return rows
+
+
+def report(rows: list[Row]) -> None:
     print(
-        f"floor (bare HTTP + 1 Redis round trip): p50 {floor_p50 * 1000:.3f} ms "
-        f"p99 {percentile(floor_lat, 0.99) * 1000:.3f} ms"
+        f"{'setup':<26} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'rt/s':>6} "
+        f"{'broker':>7} {'redis':>6} {'poller':>7} {'b+r':>6}  load (1/5/15 min)"
     )
-    print(
-        f"100 ms fixed-interval poller, c=1:      p50 {interval_p50 * 1000:.1f} ms "
-        f"p99 {percentile(interval_lat, 0.99) * 1000:.1f} ms"
-    )
-    print()
-    print(
-        f"{'waiters':>8} {'p50 ms':>9} {'p99 ms':>9} {'round trips/s':>14} {'broker CPU ms/rt':>17}"
-    )
-    for level, p50, p99, rate, cpu in rows:
-        print(f"{level:>8} {p50 * 1000:>9.3f} {p99 * 1000:>9.3f} {rate:>14.0f} {cpu * 1000:>17.3f}")
-    c1_p50 = rows[0][1] if rows[0][0] == 1 else float("nan")
-    print()
-    print(f"p50 at c=1 / floor p50:          {c1_p50 / floor_p50:.2f}x  (target <= 3x)")
-    print(f"100 ms poller p50 / p50 at c=1:  {interval_p50 / c1_p50:.1f}x  (target >= 20x)")
-    for level, _, _, rate, _ in rows:
-        if level == 64:
-            print(f"round trips/s at 64 waiters:     {rate:.0f}  (target: thousands)")
-    own_floor_p50, own_rt_p50 = statistics.median(own_floor), statistics.median(own_rt)
-    print()
-    print("with the project's client (BrokerClient / httpx2) on both sides, c=1:")
-    print(
-        f"  floor p50 {own_floor_p50 * 1000:.3f} ms, round trip p50 {own_rt_p50 * 1000:.3f} ms "
-        f"p99 {percentile(own_rt, 0.99) * 1000:.3f} ms: {own_rt_p50 / own_floor_p50:.2f}x the floor"
-    )
-    print(f"load average while measuring:    {os.getloadavg()[0]:.2f} (2 cores)")
+    print(f"{'':<55}(CPU ms per round trip)")
+    for row in rows:
+        cpu = {role: f"{value * 1000:.3f}" for role, value in row.cpu.items()}
+        both = sum(v for r, v in row.cpu.items() if r in ("broker", "redis")) * 1000
+        print(
+            f"{row.setup:<26} {row.level:>3} {row.p50 * 1000:>8.3f} {row.p99 * 1000:>8.2f} "
+            f"{row.rate:>6.0f} {cpu.get('broker', '-'):>7} {cpu.get('redis', '-'):>6} "
+            f"{cpu.get('poller', '-'):>7} {both:>6.3f}  {row.load}"
+        )
+    by = {(row.setup, row.level): row for row in rows}
+    floor = by[("floor (HTTP + PING)", 1)]
+    product = "product (Poller, link)"
+    print("\nratios (within this run):")
+    for setup in ("ceiling (minimal poller)", product, "product (Poller, httpx)"):
+        if (setup, 1) in by:
+            ratio = by[(setup, 1)].p50 / floor.p50
+            print(f"  {setup} c=1 p50 / floor p50:        {ratio:6.2f}x  (target <= 5x)")
+    for (setup, level), row in by.items():
+        if setup == product and ("ceiling (minimal poller)", level) in by:
+            ceiling = by[("ceiling (minimal poller)", level)]
+            print(
+                f"  product / ceiling at c={level:<3}  p50 {row.p50 / ceiling.p50:5.2f}x, "
+                f"rt/s {row.rate / ceiling.rate:5.2f}x"
+            )
+    for (setup, level), row in by.items():
+        if setup == "rlms (official)" and (product, level) in by:
+            ours = by[(product, level)]
+            print(
+                f"  rlms / product at c={level:<3}     p50 {row.p50 / ours.p50:6.1f}x slower, "
+                f"product rt/s {ours.rate / row.rate:6.1f}x"
+            )
+    for (setup, level), row in by.items():
+        if setup in ("product (Poller, httpx)", "product (Poller, asyncio)"):
+            link = by[(product, level)]
+            what = setup.removeprefix("product (Poller, ").removesuffix(")")
+            print(
+                f"  {what} / shipped poller at c={level:<3} poller CPU/rt "
+                f"{row.cpu['poller'] / link.cpu['poller']:4.2f}x, p50 {row.p50 / link.p50:4.2f}x, "
+                f"rt/s {row.rate / link.rate:4.2f}x"
+            )
+    if (product, 64) in by:
+        row = by[(product, 64)]
+        both = (row.cpu["broker"] + row.cpu["redis"]) * 1000
+        print(
+            f"  product at c=64: {row.rate:.0f} rt/s (target >= 3000), broker + Redis "
+            f"{both:.3f} ms CPU/rt (target < 0.35)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--levels", default="1,16,64,256", help="concurrencies, comma-separated")
+    parser.add_argument("--levels", default="1,16,64", help="concurrencies, comma-separated")
+    parser.add_argument(
+        "--rlms-python",
+        default=sys.executable if importlib.util.find_spec("rlm") else None,
+        help="interpreter with the `rlms` package and Flask (default: this one, if it has)",
+    )
+    parser.add_argument("--serve-poller", choices=["uvloop", "asyncio"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+    if args.serve_poller:
+        logging.basicConfig(level=logging.WARNING)
+        (uvloop.run if args.serve_poller == "uvloop" else asyncio.run)(serve_poller())
+        return
+    args.levels = [int(x) for x in args.levels.split(",")]
+    if not args.rlms_python:
+        print("baseline skipped: no `rlms` here (uv sync --frozen --group bench)")
     with RedisServer() as redis_server:
         port = free_port()
         env = {
@@ -272,24 +398,12 @@ def main() -> None:
             [str(rlm), "broker", "--host", HOST, "--port", str(port)], env=env
         )
         try:
-            uvloop.run(_wait_ready(port))
-            uvloop.run(run(port, redis_server.url, broker.pid, levels, args.seconds))
+            uvloop.run(wait_ready(port, "/health/live"))
+            rows = uvloop.run(run(port, redis_server, broker.pid, args))
         finally:
-            broker.terminate()
-            broker.wait(timeout=10)
-
-
-async def _wait_ready(port: int) -> None:
-    for _ in range(400):
-        try:
-            connection = RawConnection(HOST, port, None)
-            status, _ = await connection.request("GET", "/health/live")
-            await connection.close()
-            if status == 200:
-                return
-        except ServiceUnreachable:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("the broker did not start")
+            stop_process(broker)
+    report(rows)
+    print(f"\nmachine: {os.cpu_count()} cores; load at the end {loadavg()}")
 
 
 if __name__ == "__main__":

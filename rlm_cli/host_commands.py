@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import click
 
 from host_poller.llm.ledger import DIMENSIONS
+from rlm_cli import loop
 from rlm_cli.ask import ask
 from rlm_cli.checks import listen_error
 from rlm_cli.demo_cli import demo
@@ -51,7 +51,7 @@ def fake_llm(scenario: str, host: str, port: int | None, list_only: bool) -> Non
 
     settings = load_settings(FakeLLMSettings, port=port)
     try:
-        asyncio.run(serve_forever(loaded, host=host, port=settings.port, on_ready=ready))
+        loop.run(serve_forever(loaded, host=host, port=settings.port, on_ready=ready))
     except ListenError as exc:
         raise listen_error(exc, {"fake-llm": "--port or RLM_FAKE_LLM_PORT"}) from exc
 
