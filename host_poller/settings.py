@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rlm_repl import RetryPolicy
 
 
 def _default_trajectory_dir() -> Path:
@@ -40,7 +43,9 @@ class HostSettings(BaseSettings):
         None, description="Tenant token the RLM creates its broker sessions with."
     )
     environment: str = Field(
-        "pyodide", description="Where model code runs: pyodide, remote, or local (trusted only)."
+        "pyodide",
+        description="Where model code runs: pyodide, remote, command (docs/rlm.md), or local "
+        "(trusted only).",
     )
     runtime_url: str | None = Field(
         None, description="Base URL of the `rlm sandbox` runtime (pyodide/remote environments)."
@@ -57,6 +62,13 @@ class HostSettings(BaseSettings):
         1, ge=0, le=16, description="Recursion depth: 1 = sub-calls are plain LLM calls."
     )
     max_iterations: int = Field(20, ge=1, le=1000, description="Root turns before a forced answer.")
+    max_consecutive_errors: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="A run fails (a clear error, no answer) after this many root turns in a row "
+        "whose code raised the same error (type and message).",
+    )
     sub_rlm_max_depth: int = Field(
         4,
         ge=1,
@@ -86,6 +98,65 @@ class HostSettings(BaseSettings):
     broker_wait_s: float = Field(
         20.0, gt=0, le=120, description="Long-poll wait of /enqueue and /requests in the REPL."
     )
+    broker_retry_deadline_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "How long a call to the broker or the sandbox runtime (and an llm_query of the "
+            "local environment) rides out an outage or 429/503 answers; 0: no retries."
+        ),
+    )
     run_session_ttl_s: int = Field(
         6 * 3600, gt=0, description="Lifetime of the broker session token of one RLM run."
     )
+    command_template: str | None = Field(
+        None,
+        description="The `command` environment's command line (split like a shell; "
+        "placeholders {python}, {python_prefix}, {python_base_prefix}, {repl}, {socket_dir}, "
+        "{memory_bytes}, {env_args}; docs/rlm.md). Unset: the RLM_COMMAND_PRESET.",
+    )
+    command_preset: Literal["bwrap-python", "python"] = Field(
+        "bwrap-python",
+        description="The `command` environment's template when RLM_COMMAND_TEMPLATE is unset: "
+        "bwrap-python (this machine's CPython and its packages in bubblewrap, no network, the "
+        "broker through a unix socket) or python (a plain child process; trusted code only).",
+    )
+    command_python: str | None = Field(
+        None, description="The {python} of command templates. Unset: this host's interpreter."
+    )
+    command_pass_env: str = Field(
+        "",
+        description="Comma-separated host variables the command itself gets (e.g. DOCKER_HOST); "
+        "nothing else of the host's environment reaches it.",
+    )
+    command_start_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Bound on starting the command and loading the context."
+    )
+    command_kill_grace_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="How long past its timeout an execution may run (a blocking C call) before "
+        "the command's process is killed and its variables are lost.",
+    )
+    command_max_line_bytes: int = Field(
+        64 << 20,
+        ge=1 << 16,
+        description="Bound on one protocol line to or from the command (the context included).",
+    )
+    command_memory_bytes: int = Field(
+        4 << 30,
+        ge=64 << 20,
+        description="The {memory_bytes} of command templates: the bwrap-python preset caps the "
+        "sandbox's address space at it (past it, allocations raise MemoryError).",
+    )
+    command_relay_max_connections: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Connections at once from one sandbox's unix socket to the broker.",
+    )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The one retry policy of broker clients, with this host's deadline (0: no retries)."""
+        return RetryPolicy(deadline_s=self.broker_retry_deadline_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,18 @@ SETTINGS_CLASSES = (
     ),
     ("host: RLM runs (`rlm ask`, `rlm up`, the Python API)", "host_poller.settings:HostSettings"),
     ("host: poller (`rlm poller`, `rlm up`)", "host_poller.poller.settings:PollerSettings"),
+    ("trajectory viewer (`rlm view`)", "host_poller.viewer.settings:ViewerSettings"),
+    ("host: RLM service (`rlm serve`)", "host_poller.service.settings:ServeSettings"),
     ("sandbox runtime service (`rlm sandbox`)", "sandbox_runtime.service.settings:RuntimeSettings"),
     (
         "sandbox worker processes (inside `rlm sandbox`)",
         "sandbox_runtime.worker.settings:WorkerSettings",
     ),
     ("scripted LLM (`rlm fake-llm`, `rlm up`)", "fake_llm.server:FakeLLMSettings"),
+    (
+        "HTTP limits against hostile clients (every service, each on its own)",
+        "rlm_wire.http_limits:HttpLimits",
+    ),
 )
 
 HEADER = """# Configuration
@@ -55,8 +62,13 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _portable(value: Path) -> str:
-    """A path default as it reads on any machine: under `<project>` or `~`."""
-    for base, label in ((_PROJECT_ROOT, "<project>"), (Path.home(), "~")):
+    """A path default as it reads on any machine: under `<project>`, the XDG data home (shown
+    as its own default, `~/.local/share`, whatever `XDG_DATA_HOME` says here) or `~`."""
+    data_home = Path(os.environ.get("XDG_DATA_HOME", ""))
+    if not data_home.is_absolute():
+        data_home = Path.home() / ".local" / "share"
+    bases = ((_PROJECT_ROOT, "<project>"), (data_home, "~/.local/share"), (Path.home(), "~"))
+    for base, label in bases:
         if value.is_relative_to(base):
             return f"{label}/{value.relative_to(base)}"
     return str(value)

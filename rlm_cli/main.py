@@ -21,6 +21,9 @@ _COMMAND_MODULES = (
     "rlm_cli.broker_commands",
     "rlm_cli.host_commands",
     "rlm_cli.sandbox_commands",
+    "rlm_cli.serve_commands",
+    "rlm_cli.session_commands",
+    "rlm_cli.view_commands",
 )
 
 

@@ -52,6 +52,10 @@ class StackConfig:
     """Port of the scripted LLM, when it runs."""
     redis_url: str | None = None
     """None: the broker settings' RLM_REDIS_URL, else an embedded Redis."""
+    durable_redis: bool | None = None
+    """Whether an embedded Redis keeps its data in RLM_REDIS_DIR across restarts. None: when
+    the stack serves others (an `env_file`: `rlm up`); a stack private to one run (`rlm ask`,
+    tests) gets a throwaway Redis, since its requests end with it."""
     scenario: str = "count_words"
     """Scenario of the scripted LLM, used when no LLM provider is configured."""
     tenant_name: str = "local"
@@ -187,7 +191,7 @@ class RedisComponent(StackComponent):
     async def start(self, stack: LocalStack) -> None:
         url = stack.config.redis_url or _broker_settings(stack).redis_url
         if url is None:
-            self._server = await asyncio.to_thread(RedisServer().start)
+            self._server = await asyncio.to_thread(_embedded_redis(stack).start)
             url = self._server.url
         stack.redis_url = url
         stack.urls["redis"] = url
@@ -381,6 +385,16 @@ def _broker_settings(stack: LocalStack) -> BrokerSettings:
     return stack.config.broker_settings or BrokerSettings()
 
 
+def _embedded_redis(stack: LocalStack) -> RedisServer:
+    durable = stack.config.durable_redis
+    if durable is None:
+        durable = stack.config.env_file is not None
+    if not durable:
+        return RedisServer()
+    settings = _broker_settings(stack)
+    return RedisServer(data_dir=settings.redis_dir, appendfsync=settings.redis_appendfsync)
+
+
 # --- `rlm up` ----------------------------------------------------------------------------------
 
 
@@ -391,7 +405,8 @@ def describe(stack: LocalStack, env_file: Path | None) -> list[str]:
     if stack.scripted_llm:
         lines.append(
             f"  the LLM is the scripted one (scenario {stack.config.scenario!r}); "
-            "configure RLM_LLM_PROFILES for a real provider"
+            "for a real provider set OPENAI_BASE_URL and/or OPENAI_API_KEY with RLM_MODEL, "
+            "or RLM_LLM_PROFILES"
         )
     if env_file is not None:
         where = shlex.quote(str(env_file.absolute()))

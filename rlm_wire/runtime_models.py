@@ -29,7 +29,7 @@ class Limits(_Model):
         None,
         ge=1024,
         le=64 * 2**20,
-        description="Cap on stdout and on stderr, each, per execution.",
+        description="Cap on stdout, on stderr and on the FINAL value, each, per execution.",
     )
     idle_ttl_s: float | None = Field(
         None, gt=0, le=7 * 86400, description="An idle session is ended after this long."
@@ -64,9 +64,11 @@ class ExecuteRequest(_Model):
 
 
 class ExecutionError(_Model):
-    type: str
-    message: str
-    traceback: str | None = None
+    """The Python error of an execution; the sizes bound what a sandbox may send back."""
+
+    type: str = Field(max_length=256)
+    message: str = Field(max_length=16_384)
+    traceback: str | None = Field(None, max_length=65_536)
 
 
 class SubCallUsage(_Model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,6 +12,13 @@ import redis
 
 from broker.redis_server import RedisServer
 from tests.support.servers import BrokerServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A private data home per test process: `rlm up` and `rlm broker` keep their Redis, the
+    trajectories and the ledger under it, never in the user's real one, and two test
+    processes never share (and lock) one Redis directory."""
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="rlm-test-data-")
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,11 @@ from click.testing import CliRunner
 from broker.settings import BrokerSettings
 from fake_llm.server import FakeLLMSettings
 from host_poller.poller.settings import PollerSettings
+from host_poller.service.settings import ServeSettings
+from host_poller.viewer.settings import ViewerSettings
 from rlm_cli.config_docs import SETTINGS_CLASSES, load, render_markdown
 from rlm_cli.main import cli
-from rlm_wire.serving import BROKER_PORT, FAKE_LLM_PORT, SANDBOX_PORT
+from rlm_wire.serving import BROKER_PORT, FAKE_LLM_PORT, SANDBOX_PORT, SERVE_PORT, VIEWER_PORT
 from sandbox_runtime.service.settings import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,17 +72,28 @@ def test_rlm_config_lists_the_command_line_and_port_settings() -> None:
         "RLM_BROKER_PORT",
         "RLM_SANDBOX_PORT",
         "RLM_FAKE_LLM_PORT",
+        "RLM_SERVE_PORT",
+        "RLM_VIEW_PORT",
     ):
         assert variable in result.output
 
 
 def test_one_default_port_per_service(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The broker on 8000, the sandbox runtime on 8100, the scripted LLM on 9000: in every
-    setting, every URL default, and docker-compose.yml."""
+    """The broker on 8000, the sandbox runtime on 8100, `rlm serve` on 8200, `rlm view` on
+    8300, the scripted LLM on 9000: in every setting, every URL default, and
+    docker-compose.yml."""
     for name in list(os.environ):
         if name.startswith("RLM_"):
             monkeypatch.delenv(name)
-    assert (BROKER_PORT, SANDBOX_PORT, FAKE_LLM_PORT) == (8000, 8100, 9000)
+    assert (BROKER_PORT, SANDBOX_PORT, SERVE_PORT, VIEWER_PORT, FAKE_LLM_PORT) == (
+        8000,
+        8100,
+        8200,
+        8300,
+        9000,
+    )
+    assert ServeSettings().port == SERVE_PORT
+    assert ViewerSettings().port == VIEWER_PORT
     assert BrokerSettings().broker_port == BROKER_PORT
     assert PollerSettings().broker_url == f"http://127.0.0.1:{BROKER_PORT}"
     assert RuntimeSettings().port == SANDBOX_PORT
