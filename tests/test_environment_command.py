@@ -180,7 +180,9 @@ print(json.dumps(found))
     assert found["secrets"] == []
     assert "OPENAI_API_KEY" not in found["names"]
     assert "RLM_TENANT_TOKEN" not in found["names"]
-    assert all(found[path] != "written" for path in found if path.startswith("/"))
+    # What counts is the host: a path under /tmp may exist inside the sandbox's own tmpfs
+    # (a checkout under /tmp has its parents there), where writing harms nobody.
+    assert found[str(Path("/usr") / probe_name)] != "written"
     assert written == []
     assert victim.read_text() == "intact"
     assert found["repl_writable"] is False

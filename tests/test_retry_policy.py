@@ -252,15 +252,16 @@ async def test_the_exec_script_retries_a_503_and_gives_up_on_a_429_past_its_dead
 
     def calls() -> None:
         transport = HttpTransport(url, "t", retry=FAST)
+        short = HttpTransport(url, "t", retry=RetryPolicy(deadline_s=0.2, initial_s=0.01))
         try:
             reply = transport._request("GET", "/busy/2?exec", None)
             assert reply.status == 200
-            short = HttpTransport(url, "t", retry=RetryPolicy(deadline_s=0.2, initial_s=0.01))
             with pytest.raises(BrokerResponseError) as caught:
                 short._request("GET", "/status/504", None)
             assert caught.value.status == 504
         finally:
             transport.close()
+            short.close()
 
     await asyncio.to_thread(calls)
     assert server.hits["/busy/2exec"] == 3
@@ -270,5 +271,8 @@ async def test_the_exec_script_retries_a_503_and_gives_up_on_a_429_past_its_dead
 async def test_the_exec_script_reports_an_unreachable_broker_after_its_deadline() -> None:
     short = RetryPolicy(deadline_s=0.2, initial_s=0.01, max_pause_s=0.05)
     transport = HttpTransport(f"http://127.0.0.1:{free_port()}", "t", retry=short)
-    with pytest.raises(BrokerUnavailableError, match="retries"):
-        await asyncio.to_thread(transport._request, "GET", "/x", None)
+    try:
+        with pytest.raises(BrokerUnavailableError, match="retries"):
+            await asyncio.to_thread(transport._request, "GET", "/x", None)
+    finally:
+        transport.close()

@@ -380,9 +380,8 @@ def test_the_local_environment_only_when_allowed() -> None:
 # --- a run that takes too long, while another request finds the service full ------------------
 
 
-@pytest.fixture
-def slow_served(tmp_path: Path) -> Iterator[Served]:
-    """One run at a time, 2 s per run, a root that never finishes and answers slowly."""
+def _slow_serve(tmp_path: Path, run_timeout_s: float) -> Iterator[Served]:
+    """One run at a time, a root that never finishes and answers slowly."""
     slow = load_scenario("never_finishes").model_dump(mode="json")
     slow["faults"] = {"delay_s": 0.5}
     path = tmp_path / "slow.json"
@@ -390,10 +389,22 @@ def slow_served(tmp_path: Path) -> Iterator[Served]:
     env = {
         "RLM_SERVE_API_KEYS": API_KEY,
         "RLM_SERVE_CONCURRENCY": "1",
-        "RLM_SERVE_RUN_TIMEOUT_S": "2",
+        "RLM_SERVE_RUN_TIMEOUT_S": str(run_timeout_s),
         "RLM_SERVE_HEARTBEAT_S": "0.2",
     }
     yield from start_serve(tmp_path, env, ["--scenario", str(path)])
+
+
+@pytest.fixture
+def slow_served(tmp_path: Path) -> Iterator[Served]:
+    """Runs that end by their timeout (long enough for a busy machine to see the slot held)."""
+    yield from _slow_serve(tmp_path, 6)
+
+
+@pytest.fixture
+def endless_served(tmp_path: Path) -> Iterator[Served]:
+    """Runs that outlast any test: only their client going away ends them."""
+    yield from _slow_serve(tmp_path, 600)
 
 
 @pytest.mark.timeout(120)
@@ -495,32 +506,32 @@ def test_a_bad_run_is_400(served: Served, body: dict[str, Any], says: str) -> No
 
 
 @pytest.mark.timeout(120)
-def test_a_run_is_cancelled_by_id(slow_served: Served) -> None:
+def test_a_run_is_cancelled_by_id(endless_served: Served) -> None:
     auth = {"Authorization": f"Bearer {API_KEY}"}
     started = httpx2.post(
-        f"{slow_served.url}/v1/runs", json={"context": "c", "query": "q"}, headers=auth,
+        f"{endless_served.url}/v1/runs", json={"context": "c", "query": "q"}, headers=auth,
         timeout=30,
     )  # fmt: skip
-    url = f"{slow_served.url}/v1/runs/{started.json()['id']}"
+    url = f"{endless_served.url}/v1/runs/{started.json()['id']}"
     # The run holds the service's one slot.
-    busy = slow_served.post({"model": "rlm", "messages": [{"role": "user", "content": "q"}],
+    busy = endless_served.post({"model": "rlm", "messages": [{"role": "user", "content": "q"}],
                              "context": "c"})  # fmt: skip
     assert _error(busy, 429)["code"] == "too_many_requests"
     cancelled = httpx2.post(f"{url}/cancel", headers=auth, timeout=30).json()
     assert cancelled["status"] == "cancelled"
-    assert httpx2.get(f"{slow_served.url}/health", timeout=10).json()["runs_in_flight"] == 0
+    assert httpx2.get(f"{endless_served.url}/health", timeout=10).json()["runs_in_flight"] == 0
     with httpx2.stream("GET", f"{url}/events", headers=auth, timeout=30) as response:
         assert _sse_events(response)[-1] == ("end", cancelled)
 
 
 @pytest.mark.timeout(120)
-def test_a_client_that_goes_away_frees_its_run_slot(slow_served: Served) -> None:
+def test_a_client_that_goes_away_frees_its_run_slot(endless_served: Served) -> None:
     body = {"model": "rlm", "stream": True, "context": "c",
             "messages": [{"role": "user", "content": "q"}]}  # fmt: skip
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    health = f"{slow_served.url}/health"
+    health = f"{endless_served.url}/health"
     with httpx2.stream(
-        "POST", f"{slow_served.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        "POST", f"{endless_served.url}/v1/chat/completions", json=body, headers=headers, timeout=30
     ) as streamed:
         next(line for line in streamed.iter_lines() if line)  # the run has its slot
         assert httpx2.get(health, timeout=10).json()["runs_in_flight"] == 1
@@ -529,5 +540,5 @@ def test_a_client_that_goes_away_frees_its_run_slot(slow_served: Served) -> None
     while httpx2.get(health, timeout=10).json()["runs_in_flight"] != 0:
         assert time.monotonic() < deadline, "the run slot was never freed"
         time.sleep(0.1)
-    log = slow_served.log.read_text()
+    log = endless_served.log.read_text()
     assert "streamed run cancelled (client gone)" in log
