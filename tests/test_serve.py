@@ -150,6 +150,25 @@ def test_a_string_context_in_extra_body(served: Served) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_the_trajectory_viewer_is_served_at_view(served: Served) -> None:
+    completion = served.client().chat.completions.create(
+        model="rlm",
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"context": make_text("whale", 4, seed=11)},
+    )
+    run_id = (completion.model_extra or {})["rlm"]["run_id"]
+    page = httpx2.get(f"{served.url}/view/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    runs = httpx2.get(f"{served.url}/view/api/runs", timeout=30).json()
+    assert run_id in json.dumps(runs)
+    run = httpx2.get(f"{served.url}/view/api/runs/{run_id}", timeout=30)
+    assert run.status_code == 200, run.text
+    # The viewer keeps its own guard under the mount: a foreign Host is refused.
+    rebound = httpx2.get(f"{served.url}/view/api/runs", headers={"Host": "evil.example"})
+    assert rebound.status_code >= 400
+
+
+@pytest.mark.timeout(180)
 def test_the_context_from_the_messages_before_the_query(served: Served) -> None:
     text = make_text("whale", 5, seed=3)
     half = len(text) // 2

@@ -70,9 +70,13 @@ class RLM:
         hooks: RunHooks | None = None,
         root_params: dict[str, Any] | None = None,
         stack: EmbeddedStack | None = None,
+        system_prompt: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else HostSettings()
         self.stack = stack
+        self.system_prompt = system_prompt
+        """Replaces the root's built-in instructions (`{context_info}`, `{depth}` filled in);
+        sub-RLMs keep the built-in ones."""
         self.model = model
         self.sub_model = sub_model
         self.environment = environment or self.settings.environment
@@ -166,6 +170,7 @@ class RLM:
             sub_model=self.sub_model,
             root_params=self.root_params,
             traceparent=traceparent,
+            system_prompt=self.system_prompt,
         )
         emit = _emitter(trajectory, run_id, self.hooks.on_event)
         emit(

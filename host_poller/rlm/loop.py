@@ -63,6 +63,8 @@ class LoopContext:
     """Extra request fields of every root-model call (sampling settings; over the profile's)."""
     traceparent: str | None = None
     """The run's W3C trace context: each root-model call is a span of it."""
+    system_prompt: str | None = None
+    """The caller's own instructions for the root model (None: the built-in ones)."""
 
     def emit(self, event: str, **fields: Any) -> None:
         fields = {"run_id": self.run_id, "depth": self.depth, **fields}
@@ -175,7 +177,11 @@ class _Loop:
             {
                 "role": "system",
                 "content": prompts.system_prompt(
-                    context, depth=ctx.depth, max_depth=ctx.max_depth, output_chars=limit
+                    context,
+                    depth=ctx.depth,
+                    max_depth=ctx.max_depth,
+                    output_chars=limit,
+                    custom=ctx.system_prompt,
                 ),
             },
             {"role": "user", "content": prompts.first_prompt(self.query)},

@@ -73,8 +73,18 @@ def describe_context(context: str | list[str] | dict[str, Any]) -> str:
 
 
 def system_prompt(
-    context: str | list[str] | dict[str, Any], *, depth: int, max_depth: int, output_chars: int
+    context: str | list[str] | dict[str, Any],
+    *,
+    depth: int,
+    max_depth: int,
+    output_chars: int,
+    custom: str | None = None,
 ) -> str:
+    """The root's instructions: the built-in ones, or `custom` with its `{context_info}` and
+    `{depth}` filled in (only those: other braces in it stay as written)."""
+    if custom is not None:
+        filled = custom.replace("{context_info}", describe_context(context))
+        return filled.replace("{depth}", str(depth))
     recursive = depth + 1 < max_depth
     rlm_note = (
         ""

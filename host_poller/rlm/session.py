@@ -51,6 +51,8 @@ class SessionPlan:
     """Extra request fields of this session's root-model calls (sampling settings)."""
     traceparent: str | None = None
     """The run's W3C trace context (`rlm_wire.tracing`), carried to every LLM call."""
+    system_prompt: str | None = None
+    """The root model's instructions when the caller gave its own (sub-RLMs: built-in)."""
 
     def run_info(self, tracker: RunTracker) -> RunInfo:
         return RunInfo(
@@ -141,6 +143,7 @@ async def run_session(
             request_id=plan.request_id,
             root_params=plan.root_params,
             traceparent=plan.traceparent,
+            system_prompt=plan.system_prompt,
         )
         outcome = await run_loop(ctx, context, query)
         final_state = await env.get_state()

@@ -2,7 +2,9 @@
 
 `create_app(service)` is all a server needs: the service (`RLMService`) is built by the
 caller with the broker it runs on (`rlm serve` starts the local stack unless RLM_BROKER_URL
-is set) and is closed with the app.
+is set) and is closed with the app. The trajectory viewer (`rlm view`'s pages, with its own
+guard: loopback only unless RLM_VIEW_TOKEN is set) is mounted at `/view/` over the runs'
+trajectory directory.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from host_poller.service import routes, routes_runs
 from host_poller.service.errors import exception_handlers
 from host_poller.service.runner import RLMService
 from host_poller.service.runs import RunRegistry
+from host_poller.viewer import ViewerSettings
+from host_poller.viewer import create_app as create_viewer
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(service: RLMService) -> Starlette:
+def create_app(service: RLMService, viewer: ViewerSettings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.rlm_service = service
@@ -44,6 +48,7 @@ def create_app(service: RLMService) -> Starlette:
             Route("/v1/runs/{run_id}/events", routes_runs.run_events, methods=["GET"]),
             Route("/v1/runs/{run_id}/cancel", routes_runs.cancel_run, methods=["POST"]),
             Route("/health", routes.health, methods=["GET"]),
+            Mount("/view", app=create_viewer(service.host.trajectory_dir, viewer)),
         ],
         lifespan=lifespan,
         exception_handlers=dict(exception_handlers(logger)),
