@@ -154,8 +154,17 @@ async def run_session(
             trajectory_path=path,
         ) from exc
     finally:
-        await env.aclose()
         try:
+            await env.aclose()
+        except ExecutionEnvironmentError as exc:
+            # A dead runtime cannot end its session; the broker session must close anyway,
+            # or what the sandbox queued would still be answered (and paid) for nobody.
+            logger.warning(
+                "environment not closed",
+                extra={"session_id": created.session_id, "error": str(exc)},
+            )
+        try:
+            # Closing the session cancels its queued requests at the broker.
             await broker.delete_session(created.session_id, tenant_id=plan.tenant_id)
         except WireError as exc:
             # The session expires on its own; a failed delete only keeps it a little longer.
