@@ -4,20 +4,13 @@ stack, the scripted LLM matching on the system prompt it receives)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from host_poller.llm.client import build_client
-from host_poller.llm.profiles import LLMSettings
-from host_poller.poller.settings import PollerSettings
-from host_poller.rlm import RLM, RunBudgets, RunHooks
 from host_poller.rlm.prompts import system_prompt
-from host_poller.settings import HostSettings
-from rlm_cli.embedded import host_settings_for, rlm_stack_components
-from rlm_cli.stack import LocalStack, StackConfig
+from tests.support.runs import scripted_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -59,29 +52,7 @@ def test_the_custom_prompt_gets_the_context_and_depth_and_keeps_other_braces() -
 async def test_a_run_uses_the_callers_instructions_and_sub_rlms_the_built_in_ones(
     redis_url: str, tmp_path: Path
 ) -> None:
-    scenario = tmp_path / "custom.json"
-    scenario.write_text(json.dumps(SCENARIO))
-    host = HostSettings(environment="local", trajectory_dir=tmp_path / "trajectories")
-    budgets = RunBudgets()
-    config = StackConfig(
-        redis_url=redis_url,
-        scenario=str(scenario),
-        llm_settings=LLMSettings(llm_profiles=()),
-        poller_settings=PollerSettings(poller_wait_s=0.5, poller_grace_s=2.0),
-    )
-    async with LocalStack(config, rlm_stack_components(host, budgets=budgets)) as stack:
-        assert stack.llm_settings is not None
-        client = build_client(stack.llm_settings.root())
-        try:
-            rlm = RLM(
-                model=client,
-                environment="local",
-                max_depth=2,
-                settings=host_settings_for(stack, host),
-                hooks=RunHooks(budgets=budgets),
-                system_prompt=CUSTOM,
-            )
-            result = await rlm.acompletion("hello world", "Audit it")
-        finally:
-            await client.aclose()
+    async with scripted_stack(redis_url, tmp_path, SCENARIO) as run:
+        rlm = run.rlm(system_prompt=CUSTOM)
+        result = await rlm.acompletion("hello world", "Audit it")
     assert result.answer == "audited: built-in child"

@@ -4,7 +4,6 @@ sub-RLM, carried by the broker in the sessions' RunInfo and sent to the provider
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,10 @@ import httpx2
 import pytest
 from pydantic import ValidationError
 
-from host_poller.llm.client import build_client
-from host_poller.llm.profiles import LLMSettings
-from host_poller.poller.settings import PollerSettings
-from host_poller.rlm import RLM, RunBudgets, RunHooks, read_trajectory
-from host_poller.settings import HostSettings
-from rlm_cli.embedded import host_settings_for, rlm_stack_components
-from rlm_cli.stack import LocalStack, StackConfig
+from host_poller.rlm import read_trajectory
 from rlm_wire.run_info import RunInfo
 from rlm_wire.tracing import child_of, is_valid, new_traceparent, trace_id
+from tests.support.runs import scripted_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -96,32 +90,9 @@ def test_session_metadata_carries_only_a_well_formed_traceparent() -> None:
 
 
 async def _run(redis_url: str, tmp_path: Path, traceparent: str | None) -> tuple[Any, list[Any]]:
-    scenario = tmp_path / "traced.json"
-    scenario.write_text(json.dumps(SCENARIO))
-    host = HostSettings(environment="local", trajectory_dir=tmp_path / "trajectories")
-    budgets = RunBudgets()
-    config = StackConfig(
-        redis_url=redis_url,
-        scenario=str(scenario),
-        llm_settings=LLMSettings(llm_profiles=()),
-        poller_settings=PollerSettings(poller_wait_s=0.5, poller_grace_s=2.0),
-    )
-    async with LocalStack(config, rlm_stack_components(host, budgets=budgets)) as stack:
-        assert stack.llm_settings is not None
-        profile = stack.llm_settings.root()
-        client = build_client(profile)
-        try:
-            rlm = RLM(
-                model=client,
-                environment="local",
-                max_depth=2,
-                settings=host_settings_for(stack, host),
-                hooks=RunHooks(budgets=budgets),
-            )
-            result = await rlm.acompletion("ctx", "Trace me", traceparent=traceparent)
-        finally:
-            await client.aclose()
-        stats = httpx2.get(f"{profile.base_url.removesuffix('/v1')}/_fake/stats", timeout=10)
+    async with scripted_stack(redis_url, tmp_path, SCENARIO) as run:
+        result = await run.rlm().acompletion("ctx", "Trace me", traceparent=traceparent)
+        stats = httpx2.get(f"{run.llm_url}/_fake/stats", timeout=10)
     return result, stats.json()["traceparents"]
 
 

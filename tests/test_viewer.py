@@ -27,18 +27,13 @@ import pytest
 from click.testing import CliRunner
 
 from broker.redis_server import RedisServer, free_port
-from host_poller.llm.client import build_client
-from host_poller.llm.profiles import LLMSettings
-from host_poller.poller.settings import PollerSettings
-from host_poller.rlm import RLM, RLMResult, RunBudgets, RunHooks
-from host_poller.settings import HostSettings
+from host_poller.rlm import RLMResult
 from host_poller.viewer import create_app
 from host_poller.viewer.reader import TrajectoryDir, TrajectoryFile, parse_lines
 from host_poller.viewer.settings import ViewerSettings
-from rlm_cli.embedded import host_settings_for, rlm_stack_components
 from rlm_cli.main import cli
-from rlm_cli.stack import LocalStack, StackConfig
 from rlm_wire.serving import ThreadedServer, uvicorn_config
+from tests.support.runs import scripted_stack
 
 ROOT = "You are the root of a Recursive Language Model"
 CHILD = "(?s)(?=.*You are the root of a Recursive Language Model)(?=.*depth: [1-9])"
@@ -89,34 +84,9 @@ class Recorded:
 
 
 async def _record(redis_url: str, root: Path) -> RLMResult:
-    scenario = root / "viewer.json"
-    scenario.write_text(json.dumps(SCENARIO))
-    host = HostSettings(environment="local", trajectory_dir=root / "trajectories")
-    budgets = RunBudgets()
-    config = StackConfig(
-        redis_url=redis_url,
-        scenario=str(scenario),
-        llm_settings=LLMSettings(llm_profiles=()),
-        poller_settings=PollerSettings(poller_wait_s=0.5, poller_grace_s=2.0),
-    )
-    async with LocalStack(config, rlm_stack_components(host, budgets=budgets)) as stack:
-        assert stack.llm_settings is not None
-        # The root model priced, so the run has a cost to show.
-        profile = stack.llm_settings.root().model_copy(
-            update={"input_price_per_mtok": 3.0, "output_price_per_mtok": 15.0}
-        )
-        client = build_client(profile)
-        try:
-            rlm = RLM(
-                model=client,
-                environment="local",
-                max_depth=2,
-                settings=host_settings_for(stack, host),
-                hooks=RunHooks(budgets=budgets),
-            )
-            return await rlm.acompletion("the context", "Gather words")
-        finally:
-            await client.aclose()
+    # The root model priced, so the run has a cost to show.
+    async with scripted_stack(redis_url, root, SCENARIO, root_prices=(3.0, 15.0)) as run:
+        return await run.rlm().acompletion("the context", "Gather words")
 
 
 @pytest.fixture(scope="module")

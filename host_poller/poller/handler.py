@@ -55,6 +55,7 @@ def call_context(request: PendingRequest) -> CallContext:
         budget=info.budget,
         run_started_at=info.run_started_at,
         request_id=request.id,
+        traceparent=info.traceparent,
         estimated_tokens=estimate_tokens(request),
     )
 
@@ -157,8 +158,7 @@ class RequestHandler:
             )  # fmt: skip
             return answer, result.usage, request.model
         client = self.router.client(request.model or _sub_model(request))
-        info = request.metadata or RunInfo()
-        params = traced(llm_params(request), info.traceparent)
+        params = traced(llm_params(request), call.traceparent)
         completion = await client.complete(messages_of(request), params=params)
         if self.ledger is not None:
             self.ledger.record(

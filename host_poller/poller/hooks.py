@@ -35,6 +35,8 @@ class CallContext:
     """Unix time the run started (session metadata), for its time budget."""
     request_id: str | None = None
     """The broker request id: the run's tracker counts each answered request once."""
+    traceparent: str | None = None
+    """The run's W3C trace context (session metadata): the LLM call is a span of it."""
     estimated_tokens: int = 0
     """A guess of the call's size (its prompt's characters / 4): held against the run's token
     budget while the call is in flight, so a batch cannot all be admitted past the budget."""

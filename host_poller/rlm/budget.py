@@ -123,9 +123,10 @@ class RunTracker:
         self._by_key: dict[tuple[str, int], Usage] = {}
         self._by_session: dict[str, Usage] = {}
         self._counted_requests: set[str] = set()
-        self._held_tokens: dict[int, int] = {}
-        """Token estimates of the admitted calls not charged yet, by admission."""
-        self._held_by_request: dict[str, int] = {}
+        self._held: dict[str | int, int] = {}
+        """Token estimates of the admitted calls not charged yet, by request id (or by
+        admission number for a call without one)."""
+        self._held_total = 0
         self.sub_calls_admitted = 0
         self.sub_calls_done = 0
         self.on_sub_call: Callable[[SubCallRecord], None] | None = None
@@ -151,7 +152,7 @@ class RunTracker:
             if reason is None and limit is not None and self.sub_calls_admitted >= limit:
                 reason = "budget_sub_calls"
             max_tokens = self.budget.max_tokens
-            held = sum(self._held_tokens.values())
+            held = self._held_total
             over = max_tokens is not None and self._usage.total_tokens + held >= max_tokens
             if reason is None and held > 0 and over:
                 reason = "budget_tokens"
@@ -159,9 +160,9 @@ class RunTracker:
                 self.refused = reason
                 raise BudgetExceeded(f"{_describe(reason, self.budget)} (run {self.run_id})")
             self.sub_calls_admitted += 1
-            self._held_tokens[self.sub_calls_admitted] = call.estimated_tokens
-            if call.request_id is not None:
-                self._held_by_request[call.request_id] = self.sub_calls_admitted
+            key = call.request_id if call.request_id is not None else self.sub_calls_admitted
+            self._held[key] = call.estimated_tokens
+            self._held_total += call.estimated_tokens
 
     def charge(
         self,
@@ -241,15 +242,10 @@ class RunTracker:
     # plumbing ------------------------------------------------------------------------------
 
     def _release_held_locked(self, call: CallContext) -> None:
-        admission = (
-            self._held_by_request.pop(call.request_id, None)
-            if call.request_id is not None
-            else None
-        )
-        if admission is not None:
-            self._held_tokens.pop(admission, None)
-        elif self._held_tokens:  # a call admitted without a request id: the oldest hold
-            self._held_tokens.pop(next(iter(self._held_tokens)))
+        if call.request_id is not None:
+            self._held_total -= self._held.pop(call.request_id, 0)
+        elif self._held:  # a call admitted without a request id: the oldest hold
+            self._held_total -= self._held.pop(next(iter(self._held)))
 
     def _add_locked(self, model: str, depth: int, usage: Usage) -> None:
         self._usage = self._usage + usage
