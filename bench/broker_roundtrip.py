@@ -15,8 +15,10 @@ measures, for each concurrency (waiters each doing enqueue -> answer -> enqueue 
   - baseline: the official RLM library (PyPI `rlms`): its broker script and its poller with
     its LM handler, unmodified, as plain local processes (bench/rlms_baseline.py);
   - floor: one bare HTTP request to the broker (`/health/live`) + one Redis PING, serially.
-For each: p50, p99, round trips/s, and CPU per round trip of the broker, Redis and the poller
-(utime + stime of each process from /proc/<pid>/stat), with /proc/loadavg at that moment.
+For each: p50, p99, round trips/s, CPU per round trip of the broker, Redis and the poller
+(utime + stime of each process from /proc/<pid>/stat), with /proc/loadavg at that moment,
+and the Redis commands per round trip (`INFO commandstats` before and after, over the round
+trips: scripts, PUBLISH, ...). `--setups` picks some of the setups (e.g. `floor,product`).
 Ratios are taken within the run: compare ratios across runs, not absolute times.
 The load generator uses `rlm_wire.KeepAliveLink` for every setup alike (httpx2 would spend
 ~0.5 ms of client CPU per request on the same 2 cores).
@@ -53,6 +55,9 @@ ADMIN = "bench-admin-token"
 HOST = "127.0.0.1"
 PROMPT = "What is 2+2?"
 BENCH = Path(__file__).resolve().parent
+#: What `--setups` may pick: the floor, the minimal poller, the shipped poller, the shipped
+#: poller on httpx2 and on the stdlib loop, the official library.
+SETUPS = ("floor", "ceiling", "product", "httpx", "asyncio", "rlms")
 
 Call = Callable[[], Awaitable[object]]
 
@@ -96,6 +101,16 @@ class Row:
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds per round trip, by process role."""
     load: str = ""
+    commands: dict[str, float] = field(default_factory=dict)
+    """Redis commands per round trip, by command (our broker's Redis only)."""
+
+
+async def command_counts(redis: aioredis.Redis | None) -> dict[str, int]:
+    """`INFO commandstats` as {command: calls}; empty when there is no Redis to ask."""
+    if redis is None:
+        return {}
+    stats = await redis.info("commandstats")
+    return {key.removeprefix("cmdstat_"): int(value["calls"]) for key, value in stats.items()}
 
 
 async def timed_loop(
@@ -123,15 +138,25 @@ async def measure(
     levels: Sequence[int],
     seconds: float,
     pids: Mapping[str, int],
+    redis: aioredis.Redis | None = None,
 ) -> list[Row]:
     await timed_loop(make_call, min(levels), 0.5)  # warm up (and wait for the poller)
     rows = []
     for level in levels:
+        calls_before = await command_counts(redis)
         before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         lat, wall = await timed_loop(make_call, level, seconds)
         cpu = {role: (cpu_seconds(pid) - before[role]) / len(lat) for role, pid in pids.items()}
+        calls_after = await command_counts(redis)
+        # The two INFO calls are the bench's own; every other command is the round trips'.
+        calls_after["info"] = calls_after.get("info", 0) - 1
+        commands = {
+            name: (count - calls_before.get(name, 0)) / len(lat)
+            for name, count in calls_after.items()
+            if count > calls_before.get(name, 0)
+        }
         p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
-        rows.append(Row(setup, level, p50, p99, len(lat) / wall, cpu, loadavg()))
+        rows.append(Row(setup, level, p50, p99, len(lat) / wall, cpu, loadavg(), commands))
     return rows
 
 
@@ -273,42 +298,58 @@ async def run(
     ours = {"broker": broker_pid, "redis": redis.pid}
     rows: list[Row] = []
 
+    setups: set[str] = args.setups
     client = aioredis.Redis.from_url(redis.url)
+    try:
+        if "floor" in setups:
 
-    def floor() -> Call:
-        connection = RawConnection(port, None)
+            def floor() -> Call:
+                connection = RawConnection(port, None)
 
-        async def call() -> None:
-            await connection.request("GET", "/health/live")
-            await client.ping()
+                async def call() -> None:
+                    await connection.request("GET", "/health/live")
+                    await client.ping()
 
-        return call
+                return call
 
-    rows += await measure("floor (HTTP + PING)", floor, [1], seconds, ours)
-    await client.aclose()
+            rows += await measure("floor (HTTP + PING)", floor, [1], seconds, ours, client)
 
-    round_trip = our_round_trip(port, session["token"])
-    stop = asyncio.Event()
-    # Two, so that one always waits while the other answers.
-    pollers = [asyncio.create_task(minimal_poller(port, tenant["token"], stop)) for _ in "ab"]
-    rows += await measure("ceiling (minimal poller)", round_trip, levels, seconds, ours)
-    stop.set()
-    await asyncio.gather(*pollers)
+        round_trip = our_round_trip(port, session["token"])
+        if "ceiling" in setups:
+            stop = asyncio.Event()
+            # Two, so that one always waits while the other answers.
+            pollers = [
+                asyncio.create_task(minimal_poller(port, tenant["token"], stop)) for _ in "ab"
+            ]
+            rows += await measure(
+                "ceiling (minimal poller)", round_trip, levels, seconds, ours, client
+            )
+            stop.set()
+            await asyncio.gather(*pollers)
 
-    # The product as shipped (link, uvloop), then with one of the two changed.
-    for transport, loop in (("link", "uvloop"), ("httpx", "uvloop"), ("link", "asyncio")):
-        process = spawn_poller(port, tenant["token"], transport, loop)
-        try:
-            pids = {**ours, "poller": process.pid}
-            setup = f"product (Poller, {transport})"
-            if loop != "uvloop":
-                setup = f"product (Poller, {loop})"
-            some = levels if setup == "product (Poller, link)" else [levels[0], levels[-1]]
-            rows += await measure(setup, round_trip, some, seconds, pids)
-        finally:
-            stop_process(process)
+        # The product as shipped (link, uvloop), then with one of the two changed.
+        variants = [
+            ("product", "link", "uvloop"),
+            ("httpx", "httpx", "uvloop"),
+            ("asyncio", "link", "asyncio"),
+        ]
+        for name, transport, loop in variants:
+            if name not in setups:
+                continue
+            process = spawn_poller(port, tenant["token"], transport, loop)
+            try:
+                pids = {**ours, "poller": process.pid}
+                setup = f"product (Poller, {transport})"
+                if loop != "uvloop":
+                    setup = f"product (Poller, {loop})"
+                some = levels if name == "product" else [levels[0], levels[-1]]
+                rows += await measure(setup, round_trip, some, seconds, pids, client)
+            finally:
+                stop_process(process)
+    finally:
+        await client.aclose()
 
-    if args.rlms_python:
+    if args.rlms_python and "rlms" in setups:
         rows += await run_rlms_baseline(args.rlms_python, levels, seconds)
     return rows
 
@@ -327,12 +368,24 @@ def report(rows: list[Row]) -> None:
             f"{row.rate:>6.0f} {cpu.get('broker', '-'):>7} {cpu.get('redis', '-'):>6} "
             f"{cpu.get('poller', '-'):>7} {both:>6.3f}  {row.load}"
         )
+    print("\nRedis commands per round trip (INFO commandstats; `all` counts those run inside")
+    print("scripts too, e.g. each script's PUBLISH):")
+    for row in rows:
+        if row.commands:
+            scripts = row.commands.get("evalsha", 0.0) + row.commands.get("eval", 0.0)
+            total = sum(row.commands.values())
+            top = sorted(row.commands.items(), key=lambda kv: -kv[1])[:8]
+            parts = ", ".join(f"{name} {count:.2f}" for name, count in top)
+            print(
+                f"  {row.setup:<26} c={row.level:<3} scripts {scripts:4.2f}, publish "
+                f"{row.commands.get('publish', 0.0):4.2f}, all {total:5.2f} ({parts}, ...)"
+            )
     by = {(row.setup, row.level): row for row in rows}
-    floor = by[("floor (HTTP + PING)", 1)]
+    floor = by.get(("floor (HTTP + PING)", 1))
     product = "product (Poller, link)"
     print("\nratios (within this run):")
     for setup in ("ceiling (minimal poller)", product, "product (Poller, httpx)"):
-        if (setup, 1) in by:
+        if floor is not None and (setup, 1) in by:
             ratio = by[(setup, 1)].p50 / floor.p50
             print(f"  {setup} c=1 p50 / floor p50:        {ratio:6.2f}x  (target <= 5x)")
     for (setup, level), row in by.items():
@@ -350,7 +403,9 @@ def report(rows: list[Row]) -> None:
                 f"product rt/s {ours.rate / row.rate:6.1f}x"
             )
     for (setup, level), row in by.items():
-        if setup in ("product (Poller, httpx)", "product (Poller, asyncio)"):
+        if setup in ("product (Poller, httpx)", "product (Poller, asyncio)") and (
+            (product, level) in by
+        ):
             link = by[(product, level)]
             what = setup.removeprefix("product (Poller, ").removesuffix(")")
             print(
@@ -376,6 +431,11 @@ def main() -> None:
         default=sys.executable if importlib.util.find_spec("rlm") else None,
         help="interpreter with the `rlms` package and Flask (default: this one, if it has)",
     )
+    parser.add_argument(
+        "--setups",
+        default=",".join(SETUPS),
+        help=f"which setups, comma-separated (default: all of {','.join(SETUPS)})",
+    )
     parser.add_argument("--serve-poller", choices=["uvloop", "asyncio"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_poller:
@@ -383,6 +443,9 @@ def main() -> None:
         (uvloop.run if args.serve_poller == "uvloop" else asyncio.run)(serve_poller())
         return
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.setups = set(args.setups.split(","))
+    if unknown := args.setups - set(SETUPS):
+        parser.error(f"unknown setups {sorted(unknown)}; choose from {','.join(SETUPS)}")
     if not args.rlms_python:
         print("baseline skipped: no `rlms` here (uv sync --frozen --group bench)")
     with RedisServer() as redis_server:

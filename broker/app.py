@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -54,7 +55,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
         replica_id = uuid.uuid4().hex[:12]
         store = Store(redis, settings, replica_id)
         subscriber_store = Store(subscriber, settings, replica_id)
-        waiters, signals = Waiters(), WorkSignals()
+        waiters, signals = Waiters(), WorkSignals(settings.work_recheck_s)
         listener = Listener(subscriber_store, waiters, signals)
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.state.broker = BrokerContext(
@@ -85,6 +86,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
 
     routes = [
         Route("/tenants", routes_tenancy.create_tenant, methods=["POST"]),
+        Route("/tenants/self", routes_tenancy.tenant_self, methods=["GET"]),
         Route("/sessions", routes_tenancy.create_session, methods=["POST"]),
         Route("/sessions/{session_id}", routes_tenancy.delete_session, methods=["DELETE"]),
         Route("/enqueue", routes_queue.enqueue, methods=["POST"]),
@@ -95,7 +97,11 @@ def create_app(settings: BrokerSettings) -> Starlette:
         Route("/health", routes_ops.health, methods=["GET"]),
         Route("/health/live", routes_ops.live, methods=["GET"]),
         Route("/metrics", routes_ops.metrics, methods=["GET"]),
-        Route("/openapi.json", routes_ops.openapi(openapi_json(settings)), methods=["GET"]),
+        Route(
+            "/openapi.json",
+            routes_ops.openapi(functools.partial(openapi_json, settings)),
+            methods=["GET"],
+        ),
     ]
     return Starlette(
         routes=routes,

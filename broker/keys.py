@@ -23,6 +23,7 @@ one slot and each Lua script touches a single slot.
     <p>:pollers                         zset   admin pollers' ids -> last /pending time
     channel <p>:work                    "<tenant id> <count> [<replica>]": new work of a tenant
     channel <p>:replies:<replica>       "<request id>\\n<result json>" for a waiting replica
+                                               (not the one whose /respond recorded it)
 
 Lifetimes: each key lives as long as what it serves. A request hash lives RLM_REQUEST_TTL_S
 while unanswered, RLM_RESULT_TTL_S once answered; its watchers set lives no longer than it

@@ -89,6 +89,15 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             errors=body_errors,
         ),
         _Operation(
+            "get",
+            "/tenants/self",
+            "tenant_self",
+            "Who a tenant token is: its tenant id (any other token is refused).",
+            ("tenant",),
+            ok={200: (p.TenantSelf,)},
+            errors=(401, 403, 500, 503),
+        ),
+        _Operation(
             "post",
             "/sessions",
             "create_session",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
@@ -78,11 +79,15 @@ async def metrics(request: Request) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def openapi(document: bytes) -> Handler:
-    """`GET /openapi.json`: `document` (from `broker.openapi`, built once at start)."""
+def openapi(build: Callable[[], bytes]) -> Handler:
+    """`GET /openapi.json`: the document `build` makes (`broker.openapi`), built on the first
+    request and kept: building it costs a broker's start-up ~50-300 ms nobody may need."""
+    built: list[bytes] = []
 
     @endpoint("openapi")
     async def serve(request: Request) -> Response:
-        return json_response(document)
+        if not built:
+            built.append(build())
+        return json_response(built[0])
 
     return serve

@@ -211,15 +211,35 @@ async def pending(request: Request) -> Response:
         full_scan = True
         due = ctx.poller_due(f"{poller.tenant_id}/{poller.name}", time.monotonic())
         seen = poller if due else None
+        # Nothing announced since a claim drained the queue: start by waiting, no claim. But
+        # every call claims at least once before it answers (a request enqueued on another
+        # replica whose announcement is still on its way is found), and claims at once while
+        # the subscription is down (announcements may be lost).
+        quiet_until = ctx.signals.quiet_until(tenant_id, time.monotonic())
+        if quiet_until is not None and (quiet_until >= deadline or not ctx.listener.connected):
+            quiet_until = None
         while True:
             woken = ctx.signals.join(tenant_id)
-            claimed = await _claim(ctx, principal, max_items, full_scan, seen)
+            started = time.monotonic()
+            skipped = quiet_until is not None
+            if quiet_until is not None:
+                claimed: list[Claimed] = []
+                next_claim = quiet_until
+                quiet_until = None
+                if seen is not None:
+                    await ctx.store.claim([], seen)  # only records the poller as seen
+            else:
+                mark = ctx.signals.mark()
+                claimed = await _claim(ctx, principal, max_items, full_scan, seen)
+                next_claim = time.monotonic() + settings.work_recheck_s
+                if len(claimed) < max_items:
+                    ctx.signals.drained(tenant_id, mark, started)
             seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
-            if claimed or remaining <= 0 or disconnected.done():
+            if claimed or (remaining <= 0 and not skipped) or disconnected.done():
                 ctx.signals.leave(tenant_id, woken, used=False)
                 break
-            sleep = min(remaining, settings.work_recheck_s)
+            sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
             await asyncio.wait(
                 [woken, disconnected], timeout=sleep, return_when=asyncio.FIRST_COMPLETED
             )
@@ -359,6 +379,7 @@ async def _record_answers(
 ) -> list[str]:
     statuses, by_tenant = _by_tenant(principal, [answer.id for answer in answers])
     now = time.time()
+    unresolved: list[tuple[str, str]] = []
     for tenant_id, indexes in by_tenant.items():
         records = [_result_record(answers[i]) for i in indexes]
         outcomes = await ctx.store.answer(tenant_id, records)
@@ -366,9 +387,19 @@ async def _record_answers(
             statuses[index] = outcome.status
             if outcome.enqueued_at is not None:
                 ctx.metrics.enqueue_to_respond.observe(max(0.0, now - outcome.enqueued_at))
-                # A waiter on this replica gets the answer now, not after a trip through
-                # Redis pub/sub (which still reaches waiters on other replicas).
+                # Waiters on this replica get the answer here: `answer.lua` publishes it
+                # only to the other replicas waiting for it.
                 ctx.waiters.resolve(record[0], record[2].encode())
+            elif outcome.status == "duplicate" and record[0] in ctx.waiters:
+                # A retried answer whose first try was recorded but never confirmed here
+                # (its reply lost): its local waiters were not resolved then.
+                unresolved.append((tenant_id, record[0]))
+    if unresolved:
+        for (_, request_id), result in zip(
+            unresolved, await ctx.store.read_many(unresolved), strict=True
+        ):
+            if result is not None:
+                ctx.waiters.resolve(request_id, result)
     return statuses
 
 

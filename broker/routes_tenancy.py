@@ -1,4 +1,5 @@
-"""Tenants and sessions: `POST /tenants`, `POST /sessions`, `DELETE /sessions/{id}`."""
+"""Tenants and sessions: `POST /tenants`, `GET /tenants/self`, `POST /sessions`,
+`DELETE /sessions/{id}`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ async def create_tenant(request: Request) -> Response:
     tenant_id, token = await ctx.store.create_tenant(body.name)
     logger.info("tenant created", extra={"tenant_id": tenant_id})
     return json_response(p.TenantCreated(tenant_id=tenant_id, token=token).model_dump_json(), 201)
+
+
+@endpoint("tenant_self")
+async def tenant_self(request: Request) -> Response:
+    """Who a tenant token is: its tenant id. Any other token is refused (403 for a session or
+    admin token, 401 for an unknown one), so a service taking tenant tokens as its own keys
+    (`rlm serve`) can tell them from the session tokens that sandboxed code holds."""
+    principal = await principal_of(request)
+    principal.require("tenant")
+    return json_response(p.TenantSelf(tenant_id=principal.tenant).model_dump_json())
 
 
 @endpoint("create_session")

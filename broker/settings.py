@@ -114,6 +114,18 @@ class BrokerSettings(BaseSettings):
     redis_max_connections: int = Field(
         32, ge=2, description="Redis connections per broker process for commands (bounded pool)."
     )
+    enqueue_coalesce_calls: int = Field(
+        64,
+        ge=1,
+        description="Most /enqueue calls of one tenant made in one event-loop tick that run as "
+        "one Redis script (1: one script per call).",
+    )
+    enqueue_coalesce_bytes: int = Field(
+        2**20,
+        ge=1,
+        description="Most request-body bytes in one such coalesced script (a larger call runs "
+        "alone).",
+    )
     work_recheck_s: float = Field(
         1.0, gt=0, description="A waiting /pending re-reads the queues at least this often."
     )

@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
 from broker.auth import hash_token, new_id, new_token
+from broker.batching import TickBatcher
 from broker.codec import optional_bytes, text
 from broker.keys import CONSUMER, GROUP, Keys
 from broker.scripts import Scripts
@@ -55,6 +56,15 @@ class StoredResult:
     session_id: str
     status: str
     result: bytes | None
+
+
+@dataclass(frozen=True)
+class _EnqueueCall:
+    """One /enqueue as `enqueue.lua` takes it (several run in one script)."""
+
+    session_id: str
+    items: Sequence[tuple[str, str]]
+    idempotency_key: str | None
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,11 @@ class Store:
         self.settings = settings
         self.replica_id = replica_id
         self.scripts = Scripts.register(redis)
+        self._enqueues: TickBatcher[str, _EnqueueCall, bytes | str | int] = TickBatcher(
+            self._enqueue_many,
+            max_calls=settings.enqueue_coalesce_calls,
+            max_weight=settings.enqueue_coalesce_bytes,
+        )
         self._replies_prefix = self.keys.reply_channel("")
         self._lease_ms = str(int(settings.lease_s * 1000))
         self._reap_ms = str(max(50, min(1000, int(settings.lease_s * 250))))
@@ -228,31 +243,11 @@ class Store:
 
         With an `idempotency_key` seen before in this session, nothing is stored: the ids
         accepted the first time come back instead (None: these items were accepted now).
+        The calls of one tenant made in the same event-loop tick run as one script.
         """
-        args: list[str | int | float] = [
-            self.keys.tenant_base(tenant_id),
-            tenant_id,
-            session_id,
-            self.replica_id,
-            time.time(),
-            self.settings.request_ttl_s,
-            self.settings.max_open_per_session,
-            self.keys.work_channel(),
-            len(items),
-            self.settings.idempotency_grace_s,
-            self.settings.tenant_max_in_flight,
-            self.settings.tenant_max_queued_bytes,
-        ]
-        for request_id, body in items:
-            args += [request_id, body]
-        keys = [
-            self.keys.session(tenant_id, session_id),
-            self.keys.session_open(tenant_id, session_id),
-            self.keys.stream(tenant_id),
-        ]
-        if idempotency_key is not None:
-            keys.append(self.keys.idempotency(tenant_id, session_id, idempotency_key))
-        reply = await self.scripts.enqueue(keys=keys, args=args)
+        call = _EnqueueCall(session_id, items, idempotency_key)
+        weight = sum(len(body) for _, body in items)
+        reply = await self._enqueues.submit(tenant_id, call, weight)
         if isinstance(reply, bytes | str):
             earlier: list[str] = json.loads(reply)
             return earlier
@@ -279,6 +274,37 @@ class Store:
                 QUOTA_RETRY_AFTER_S,
             )
         return None
+
+    async def _enqueue_many(
+        self, tenant_id: str, calls: list[_EnqueueCall]
+    ) -> list[bytes | str | int]:
+        """One `enqueue.lua` for `calls` of one tenant: a reply per call, in order."""
+        args: list[str | int | float] = [
+            self.keys.tenant_base(tenant_id),
+            tenant_id,
+            self.replica_id,
+            time.time(),
+            self.settings.request_ttl_s,
+            self.settings.max_open_per_session,
+            self.keys.work_channel(),
+            self.settings.idempotency_grace_s,
+            self.settings.tenant_max_in_flight,
+            self.settings.tenant_max_queued_bytes,
+            len(calls),
+        ]
+        keys = [self.keys.stream(tenant_id)]
+        for call in calls:
+            keys += [
+                self.keys.session(tenant_id, call.session_id),
+                self.keys.session_open(tenant_id, call.session_id),
+            ]
+            if call.idempotency_key is not None:
+                keys.append(self.keys.idempotency(tenant_id, call.session_id, call.idempotency_key))
+            args += [call.session_id, int(call.idempotency_key is not None), len(call.items)]
+            for request_id, body in call.items:
+                args += [request_id, body]
+        replies: list[bytes | str | int] = await self.scripts.enqueue(keys=keys, args=args)
+        return replies
 
     async def watch(self, tenant_id: str, request_id: str) -> StoredResult | None:
         """Read the request; while it is unanswered, this replica is added to its watchers
@@ -415,7 +441,10 @@ class Store:
     async def answer(
         self, tenant_id: str, answers: Sequence[tuple[str, str, str]]
     ) -> list[Accepted]:
-        """Record `(id, "done" | "error", result json)` answers; the first answer wins."""
+        """Record `(id, "done" | "error", result json)` answers; the first answer wins.
+
+        Waiters on other replicas are sent each accepted result; the caller resolves this
+        replica's own (nothing is published to it)."""
         args: list[str | int | float] = [
             self.keys.tenant_base(tenant_id),
             GROUP,
@@ -423,6 +452,7 @@ class Store:
             self.settings.result_ttl_s,
             time.time(),
             len(answers),
+            self.replica_id,
         ]
         for answer in answers:
             args += answer

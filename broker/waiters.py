@@ -3,7 +3,9 @@
 `Waiters`: `/enqueue` and `/requests/{id}` register a future per request id *before* the
 request is published; the reply listener resolves it with the result JSON.
 `WorkSignals`: a waiting `/pending` sleeps on its tenant's event (or, for admin, the
-all-tenants event); the listener sets them when Redis announces new work.
+all-tenants event); the listener sets them when Redis announces new work. It also counts the
+announcements, so that a long-poll can tell that nothing was announced since a claim that
+drained the queue, and wait without claiming (no empty claim script).
 """
 
 from __future__ import annotations
@@ -11,6 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from dataclasses import dataclass
+
+#: Tenants whose announcements one replica tracks before it forgets them all (and, to stay
+#: safe, every drained mark with them): bounds memory whatever the number of tenants.
+_MAX_TRACKED = 100_000
+
+
+@dataclass(frozen=True)
+class _Drained:
+    clock: int
+    """the announcement clock when the claim that drained the queue began"""
+    at: float
+    """when it began (monotonic)"""
 
 
 class Waiters:
@@ -21,6 +36,9 @@ class Waiters:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._futures.values())
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._futures
 
     def register(self, request_id: str) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -53,13 +71,54 @@ class WorkSignals:
     an announcement of n requests wakes n of them, and a waiter that was woken but leaves
     without claiming passes its wake-up on (`leave`). Admin long-polls (all tenants) wait
     on one shared event instead; they are few.
+
+    Announcements also tick a clock. A claim takes `mark()` before it starts and, when it
+    leaves its queue empty, records `drained(scope, mark, now)`; a long-poll that starts
+    within `recheck_s` of that, with nothing announced for its scope since the mark, needs
+    no claim (`quiet_until`). Work that arrives unannounced (an expired lease to deliver
+    again) is still found by the periodic re-claim, at most `recheck_s` after the last
+    claim; after a lost subscription `notify_all` forgets every mark.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recheck_s: float = 1.0) -> None:
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
         self._any = asyncio.Event()
         #: tenants announced since an admin drain last looked; admin draining serves these first
         self.ready: set[str] = set()
+        self._recheck_s = recheck_s
+        self._clock = 0
+        self._announced: dict[str, int] = {}  # tenant -> clock of its last announcement
+        self._announced_any = 0
+        self._reset = 0  # clock of the last `notify_all`: marks before it are void
+        self._drained: dict[str | None, _Drained] = {}  # scope (None: admin) -> last drain
+
+    def waiting(self, tenant_id: str) -> int:
+        """How many long-polls of the tenant are parked, waiting for its work."""
+        return sum(not future.done() for future in self._waiting.get(tenant_id, ()))
+
+    def mark(self) -> int:
+        """The announcement clock; take it before a claim starts."""
+        return self._clock
+
+    def drained(self, scope: str | None, mark: int, started_at: float) -> None:
+        """A claim for `scope` (a tenant, None: all) that began at `mark` and monotonic
+        `started_at` left its queue empty."""
+        if len(self._drained) >= _MAX_TRACKED and scope not in self._drained:
+            self._drained.clear()
+        self._drained[scope] = _Drained(mark, started_at)
+
+    def quiet_until(self, scope: str | None, now: float) -> float | None:
+        """When a claim for `scope` is next due (monotonic) if it may be skipped now:
+        nothing was announced for it since a claim drained its queue less than `recheck_s`
+        ago. None: claim now."""
+        drained = self._drained.get(scope)
+        if drained is None or drained.clock < self._reset:
+            return None
+        last = self._announced_any if scope is None else self._announced.get(scope, 0)
+        due = drained.at + self._recheck_s
+        if last > drained.clock or now >= due:
+            return None
+        return due
 
     def join(self, tenant_id: str | None) -> asyncio.Future[None]:
         """A future that is woken by new work; take it *before* reading the queue."""
@@ -99,6 +158,12 @@ class WorkSignals:
                 del self._waiting[tenant_id]
 
     def notify(self, tenant_id: str, count: int = 1) -> None:
+        self._clock += 1
+        if len(self._announced) >= _MAX_TRACKED and tenant_id not in self._announced:
+            # Forgetting announcements would make old marks look current: void them too.
+            self._announced.clear()
+            self._reset = self._clock
+        self._announced[tenant_id] = self._announced_any = self._clock
         self.ready.add(tenant_id)
         self._wake(tenant_id, count)
         self._any.set()
@@ -106,6 +171,9 @@ class WorkSignals:
 
     def notify_all(self) -> None:
         """After a reconnect: wake everyone, since announcements may have been lost."""
+        self._clock += 1
+        self._reset = self._clock
+        self._drained.clear()
         for tenant_id in list(self._waiting):
             self._wake(tenant_id, len(self._waiting[tenant_id]))
         self._any.set()

@@ -80,6 +80,12 @@ class TenantCreated(WireModel):
     token: str
 
 
+class TenantSelf(WireModel):
+    """`GET /tenants/self`: the tenant a tenant token belongs to."""
+
+    tenant_id: str
+
+
 class CreateSession(WireModel):
     ttl_s: int | None = Field(
         None, gt=0, description="Token lifetime; at most the broker's RLM_MAX_SESSION_TTL_S."

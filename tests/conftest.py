@@ -46,11 +46,12 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def broker_factory(redis_url: str) -> Iterator[Callable[..., BrokerServer]]:
-    """Starts real brokers (uvicorn in a thread) on the test's Redis; settings as keywords."""
+    """Starts real brokers (uvicorn in a thread) on the test's Redis; settings as keywords
+    (`server_class`: a `BrokerServer` subclass to start instead)."""
     started: list[BrokerServer] = []
 
-    def start(**overrides: Any) -> BrokerServer:
-        server = BrokerServer(redis_url, **overrides)
+    def start(server_class: type[BrokerServer] = BrokerServer, **overrides: Any) -> BrokerServer:
+        server = server_class(redis_url, **overrides)
         server.start()
         started.append(server)
         return server

@@ -60,6 +60,23 @@ async def test_each_scope_is_refused_outside_its_endpoints(broker_server: Broker
             assert still_b.id == queued_b.id
 
 
+async def test_tenants_self_names_a_tenant_tokens_tenant_only(broker_server: BrokerServer) -> None:
+    url, admin_token = broker_server.url, broker_server.admin_token
+    async with tenant_and_session(url, admin_token, name="who") as (tenant, session):
+        async with httpx2.AsyncClient(base_url=url) as http:
+
+            async def whoami(token: str) -> httpx2.Response:
+                headers = {"Authorization": f"Bearer {token}"}
+                return await http.get("/tenants/self", headers=headers)
+
+            mine = await whoami(tenant.token)
+            assert mine.status_code == 200 and mine.json() == {"tenant_id": tenant.tenant_id}
+            # The session token (sandboxed code holds it) and the admin token are no tenant.
+            assert (await whoami(session.token)).status_code == 403
+            assert (await whoami(admin_token)).status_code == 403
+            assert (await whoami("rlm_t_made-up")).status_code == 401
+
+
 async def test_a_session_reads_only_its_own_requests(broker_server: BrokerServer) -> None:
     async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, one):
         other = await tenant.client.create_session()

@@ -1,5 +1,6 @@
 -- Shared by answer.lua, claim.lua, close.lua and extend.lua: record a request's final result once,
--- acknowledge its stream entry, and push the result to every waiting replica.
+-- acknowledge its stream entry, and push the result to every waiting replica but `skip` (the
+-- replica that answered: it resolves its own waiters itself; nil: push to all).
 -- Returns false when the request is unknown, 'duplicate' when it already has a result,
 -- else its enqueued_at.
 -- Takes `size` bytes off the tenant's queued bytes (enqueue.lua counted them up); never
@@ -11,7 +12,8 @@ local function release_bytes(base, size)
   end
 end
 
-local function finish(base, stream, group, replies_prefix, id, status, result, result_ttl, now)
+local function finish(base, stream, group, replies_prefix, id, status, result, result_ttl, now,
+                      skip)
   local req = base .. 'req:' .. id
   local fields = redis.call('HMGET', req, 'status', 'entry', 'session', 'enqueued_at', 'idem')
   if not fields[1] then
@@ -29,7 +31,9 @@ local function finish(base, stream, group, replies_prefix, id, status, result, r
   redis.call('SREM', base .. 'session:' .. fields[3] .. ':open', id)
   local watchers = req .. ':w'
   for _, replica in ipairs(redis.call('SMEMBERS', watchers)) do
-    redis.call('PUBLISH', replies_prefix .. replica, id .. '\n' .. result)
+    if replica ~= skip then
+      redis.call('PUBLISH', replies_prefix .. replica, id .. '\n' .. result)
+    end
   end
   redis.call('DEL', watchers)
   local idem = fields[5]
