@@ -9,13 +9,16 @@ they are retried only when the runtime refused them with 429/503.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic_core
 
 from rlm_wire import runtime_models as p
-from rlm_wire.api_client import ApiClient, RetrySchedule
+from rlm_wire.api_client import ApiClient, RetrySchedule, error_from_reply
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError
 from rlm_wire.transport import HttpxTransport, TransportFactory
 
@@ -71,11 +74,12 @@ class RuntimeClient(ApiClient):
             idempotent=False,
         )
 
-    async def load_context(self, session_id: str, context: p.Context) -> None:
-        """Bind `context` in the session's interpreter (a raw JSON body; tens of MB are fine)."""
+    async def load_context(self, session_id: str, context: p.Context, index: int = 0) -> None:
+        """Bind `context_<index>` in the session's interpreter (index 0 is also `context`; a
+        raw JSON body; tens of MB are fine)."""
         content = pydantic_core.to_json(context)
         timeout = self._timeout_s + len(content) / 10_000_000
-        path = f"/sessions/{session_id}/context"
+        path = f"/sessions/{session_id}/context?index={index}"
         await self._send("PUT", path, body=content, timeout_s=timeout)
 
     async def list_vars(self, session_id: str) -> list[p.VarInfo]:
@@ -103,6 +107,38 @@ class RuntimeClient(ApiClient):
             idempotent=False,
         )
 
+    async def execute_with_contexts(
+        self, body: p.StatelessExecuteRequest, contents: Mapping[str, bytes]
+    ) -> p.StatelessExecuteResult:
+        """`execute_stateless` for a body whose `contexts` reference hashes of `contents`
+        (sha256 -> the bytes uploaded under it): a replica that holds one of them no longer
+        (never had it, or evicted it) answers 409 `context_unknown` before running anything,
+        so they are uploaded again and the call is tried once more."""
+        try:
+            return await self.execute_stateless(body)
+        except ServiceResponseError as exc:
+            if exc.status != 409 or exc.code != ErrorCode.CONTEXT_UNKNOWN:
+                raise
+        # A miss is rare (eviction, or a replica new to this run): upload every reference.
+        for ref in body.contexts or ():
+            await self.put_context(ref.sha256, contents[ref.sha256])
+        return await self.execute_stateless(body)
+
+    # --- the content-addressed context cache ------------------------------------------------
+
+    async def put_context(self, sha256: str, content: bytes) -> None:
+        """Upload a context under the sha256 of `content` (`context_content` makes both); safe
+        to repeat, so it is retried like a read."""
+        timeout = self._timeout_s + len(content) / 10_000_000
+        await self._send("PUT", f"/contexts/{sha256}", body=content, timeout_s=timeout)
+
+    async def has_context(self, sha256: str) -> bool:
+        """Whether the replica that answers holds the context of this hash."""
+        reply = await self._send("HEAD", f"/contexts/{sha256}", check=False)
+        if reply.status not in (200, 404):
+            raise error_from_reply(reply)
+        return reply.status == 200
+
     # --- monitoring ---------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
@@ -114,3 +150,10 @@ class RuntimeClient(ApiClient):
 
     def _execution_timeout(self, timeout_s: float | None) -> float:
         return (timeout_s or self._default_execute_s) + self._execute_slack_s
+
+
+def context_content(context: p.Context) -> tuple[bytes, str]:
+    """A context's upload body (compact JSON) and its name in the runtime's cache (the
+    sha256 of those bytes). Tens of MB take tens of milliseconds: call it in a thread."""
+    content = pydantic_core.to_json(context)
+    return content, hashlib.sha256(content).hexdigest()

@@ -6,12 +6,16 @@ request body with them (unknown fields are refused).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 #: What may be bound as `context`: a JSON string, array or object.
 Context = str | list[Any] | dict[str, Any]
+#: Indexes a context may be bound at (`context_0` ... ): `rlm_repl.MAX_CONTEXTS`.
+MAX_CONTEXT_INDEXES = 256
+#: A context's name in the runtime's cache: the lowercase hex sha256 of its JSON bytes.
+CONTEXT_HASH_PATTERN = r"^[0-9a-f]{64}$"
 
 
 class _Model(BaseModel):
@@ -108,15 +112,51 @@ class ExecutionResult(_Model):
     )
 
 
+class ContextRef(_Model):
+    """A context the runtime holds by content hash (`PUT /contexts/{sha256}`), bound by index."""
+
+    index: int = Field(
+        0, ge=0, lt=MAX_CONTEXT_INDEXES, description="Bound as `context_<index>` (0: `context`)."
+    )
+    sha256: str = Field(
+        pattern=CONTEXT_HASH_PATTERN,
+        description="Lowercase hex sha256 of the context's JSON bytes, as uploaded.",
+    )
+    fresh: bool = Field(
+        False,
+        description="Bind it anew even where the snapshot already holds this index (the "
+        "context of that index was replaced since the snapshot was taken).",
+    )
+
+
 class StatelessExecuteRequest(_Model):
     """`POST /execute`: code plus the namespace blob of an earlier call (remote placement)."""
 
     code: str
     snapshot: str | None = Field(None, description="Base64 blob from an earlier response.")
-    context: Context | None = Field(None, description="Loaded as `context` before the code.")
+    context: Context | None = Field(
+        None,
+        description="Loaded as `context` before the code, and kept in the returned snapshot "
+        "(the inline form; `contexts` sends a context once).",
+    )
+    contexts: list[ContextRef] | None = Field(
+        None,
+        max_length=MAX_CONTEXT_INDEXES,
+        description="Contexts by hash, bound before the code and left out of the returned "
+        "snapshot; a hash the replica does not hold answers 409 context_unknown.",
+    )
     broker: BrokerAccess | None = None
     limits: Limits = Limits()
     state: dict[str, JsonValue] | None = None
+
+    @model_validator(mode="after")
+    def _one_context_form(self) -> Self:
+        if self.context is not None and self.contexts is not None:
+            raise ValueError("give `context` or `contexts`, not both")
+        indexes = [ref.index for ref in self.contexts or ()]
+        if len(set(indexes)) != len(indexes):
+            raise ValueError("each context index may be referenced once")
+        return self
 
 
 class StatelessExecuteResult(_Model):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 from pydantic import JsonValue
 
@@ -18,9 +17,7 @@ from host_poller.environments.errors import EnvironmentStateError, ExecutionEnvi
 from host_poller.settings import HostSettings
 from rlm_wire.errors import WireError
 from rlm_wire.runtime_client import RuntimeClient
-from rlm_wire.runtime_models import BrokerAccess, ExecutionResult
-
-Context = str | list[str] | dict[str, Any]
+from rlm_wire.runtime_models import BrokerAccess, Context, ExecutionResult
 
 
 class SandboxRuntimeError(ExecutionEnvironmentError):
@@ -68,7 +65,8 @@ class RuntimeEnvironment(Environment):
         self._client: RuntimeClient | None = None
         self._spec: EnvironmentSpec | None = None
         self._state: dict[str, JsonValue] = {}
-        self._context: Context | None = None
+        self._contexts: dict[int, Context] = {}
+        """What was loaded, by index: loaded again when the sandbox's state is lost."""
 
     async def start(self, spec: EnvironmentSpec) -> None:
         if self._client is not None:

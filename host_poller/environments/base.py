@@ -13,12 +13,12 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import JsonValue
 
 from host_poller.environments.errors import UnknownEnvironmentError
-from rlm_wire.runtime_models import ExecutionResult, Limits
+from rlm_wire.runtime_models import Context, ExecutionResult, Limits
 
 if TYPE_CHECKING:
     from host_poller.settings import HostSettings
@@ -52,8 +52,9 @@ class Environment(abc.ABC):
         """Open the session; the REPL functions use `spec` to reach the broker."""
 
     @abc.abstractmethod
-    async def load_context(self, context: str | list[str] | dict[str, Any]) -> None:
-        """Bind `context` in the session; never inlined into code."""
+    async def load_context(self, context: Context, index: int = 0) -> None:
+        """Bind `context_<index>` in the session (index 0 is also `context`); never inlined
+        into code. Loading an index again replaces that context."""
 
     @abc.abstractmethod
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:

@@ -46,11 +46,10 @@ from host_poller.environments._relay import BrokerRelay
 from host_poller.environments.base import Environment, EnvironmentSpec, register_environment
 from host_poller.environments.errors import EnvironmentStateError, ExecutionEnvironmentError
 from host_poller.settings import HostSettings
-from rlm_wire.runtime_models import ExecutionError, ExecutionResult
+from rlm_wire.runtime_models import Context, ExecutionError, ExecutionResult
 
 logger = logging.getLogger(__name__)
 
-Context = str | list[str] | dict[str, Any]
 
 #: What every child's PATH is: the host's PATH may name directories the sandbox has not.
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -371,7 +370,8 @@ class CommandEnvironment(Environment):
         self._relay: BrokerRelay | None = None
         self._tmpdir: str | None = None
         self._state: dict[str, JsonValue] = {}
-        self._context: Context | None = None
+        self._contexts: dict[int, Context] = {}
+        """What was loaded, by index: a new process gets them all."""
         self._lock = asyncio.Lock()
 
     async def start(self, spec: EnvironmentSpec) -> None:
@@ -441,11 +441,11 @@ class CommandEnvironment(Environment):
         except OSError as exc:
             raise CommandProcessError(f"could not start {self._argv[0]}: {exc}") from exc
         repl = _ReplProcess(process, settings.command_max_line_bytes)
-        first: dict[str, Any] = {"state": self._state}
-        if self._context is not None:
-            first["context"] = self._context
+        first: list[dict[str, Any]] = [{"state": self._state}]
+        first += [{"context": c, "context_index": i} for i, c in self._contexts.items()]
         try:
-            await repl.request(first, settings.command_start_timeout_s)
+            for request in first:
+                await repl.request(request, settings.command_start_timeout_s)
         except _Lost as exc:
             repl.kill()
             await repl.aclose()
@@ -462,14 +462,15 @@ class CommandEnvironment(Environment):
             raise EnvironmentStateError("command environment is not started (or closed)")
         return self._spec
 
-    async def load_context(self, context: Context) -> None:
+    async def load_context(self, context: Context, index: int = 0) -> None:
         self._started()
         async with self._lock:
-            self._context = context
+            self._contexts[index] = context
             if self._process is not None and self._process.alive:
                 try:
                     await self._process.request(
-                        {"context": context}, self._settings.command_start_timeout_s
+                        {"context": context, "context_index": index},
+                        self._settings.command_start_timeout_s,
                     )
                 except _Lost as exc:
                     await self._discard_process()

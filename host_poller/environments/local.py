@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any
 
 from pydantic import JsonValue
 
@@ -23,7 +22,7 @@ from host_poller.environments.base import Environment, EnvironmentSpec, register
 from host_poller.environments.errors import EnvironmentStateError
 from host_poller.settings import HostSettings
 from rlm_repl import DEFAULT_OUTPUT_MAX_BYTES, HttpTransport, Repl
-from rlm_wire.runtime_models import ExecutionResult
+from rlm_wire.runtime_models import Context, ExecutionResult
 
 
 class LocalEnvironment(Environment):
@@ -67,9 +66,9 @@ class LocalEnvironment(Environment):
             raise EnvironmentStateError("local environment is not started (or closed)")
         return self._repl, self._executor
 
-    async def load_context(self, context: str | list[str] | dict[str, Any]) -> None:
+    async def load_context(self, context: Context, index: int = 0) -> None:
         repl, _ = self._started()
-        repl.load_context(context)
+        repl.load_context(context, index)
 
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
         repl, executor = self._started()

@@ -8,7 +8,6 @@ The broker session token goes to the runtime, never into the sandbox. If the run
 from __future__ import annotations
 
 from host_poller.environments._runtime import (
-    Context,
     RuntimeEnvironment,
     SandboxRuntimeError,
     broker_access,
@@ -19,7 +18,7 @@ from host_poller.environments.base import EnvironmentSpec, register_environment
 from host_poller.environments.errors import EnvironmentStateError
 from host_poller.settings import HostSettings
 from rlm_wire.runtime_client import RuntimeClient
-from rlm_wire.runtime_models import CreateSession, ExecutionResult
+from rlm_wire.runtime_models import Context, CreateSession, ExecutionResult
 
 __all__ = ["PyodideEnvironment", "SandboxRuntimeError", "broker_access", "runtime_client"]
 
@@ -50,18 +49,19 @@ class PyodideEnvironment(RuntimeEnvironment):
             raise EnvironmentStateError("pyodide environment is not started (or closed)")
         return client, self._session_id
 
-    async def load_context(self, context: Context) -> None:
+    async def load_context(self, context: Context, index: int = 0) -> None:
         client, session_id = self._session()
         with translated("could not load the context"):
-            await client.load_context(session_id, context)
-        self._context = context
+            await client.load_context(session_id, context, index)
+        self._contexts[index] = context
 
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
         client, session_id = self._session()
         with translated("execution failed in the runtime"):
             result = await client.execute(session_id, code, timeout_s=self._timeout(timeout_s))
-            if result.state_lost and self._context is not None:
-                await client.load_context(session_id, self._context)
+            if result.state_lost:
+                for index, context in self._contexts.items():
+                    await client.load_context(session_id, context, index)
         return self._keep_state(result)
 
 

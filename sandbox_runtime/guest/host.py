@@ -51,6 +51,8 @@ class PipeTransport:
             "batched": len(calls) > 1,
             "state": first.get("state"),
         }
+        if "tool" in first["params"]:  # call_tool: the host-side tool it runs
+            call["tool"] = first["params"]["tool"]
         reply = json.loads(self._host.call(json.dumps({"op": "llm_call", "call": call})))
         if reply.get("interrupted"):
             self._host.clear_interrupt()

@@ -5,6 +5,11 @@ in cells, which pickle finds in `__main__`), the source of the functions and cla
 at the top level of cells (re-run on restore, before the data is unpickled), and imported
 modules (re-imported by name). What is dropped, by name (reported back): values pickle cannot
 carry, such as JS proxies, lambdas, generators, open files, nested functions.
+
+Contexts: a dump without contexts (the stateless path, whose contexts live in the runtime's
+cache) leaves out `context` and `context_<n>` while they are the very objects loaded at that
+index; a name the code rebound to something else is kept like any variable. The blob records
+which names it left out, and `bind_context(..., rebind=True)` fills exactly those again.
 """
 
 from __future__ import annotations
@@ -27,13 +32,42 @@ def _is_cell_definition(value: object) -> bool:
     return isinstance(value, type) and value.__module__ == "__main__"
 
 
-def dump(session: Session) -> tuple[bytes, list[str]]:
-    """Pickle the user namespace; returns the bytes and the names that had to be dropped."""
+def context_names(index: int) -> tuple[str, ...]:
+    """The names the context of `index` is bound to (`rlm_repl.Repl.load_context`)."""
+    return (f"context_{index}", "context") if index == 0 else (f"context_{index}",)
+
+
+def bind_context(session: Session, value: Any, index: int, *, rebind: bool = False) -> None:
+    """Load `value` as the context of `index`. With `rebind` (just after `load` of a blob
+    dumped without contexts) bind it only where the blob left it out: a name the code had
+    rebound keeps the code's value, and an index the blob already holds is left alone."""
+    if rebind and index in session.context_holes:
+        for name in session.context_holes.pop(index):
+            session.ns[name] = value
+    elif not (rebind and index in session.contexts):
+        session.repl.load_context(value, index)
+    session.contexts[index] = value
+
+
+def _loaded_names(session: Session) -> dict[int, list[str]]:
+    """Index -> the names still bound to the very context object loaded at that index."""
+    return {
+        index: [name for name in context_names(index) if session.ns.get(name) is loaded]
+        for index, loaded in session.contexts.items()
+    }
+
+
+def dump(session: Session, *, contexts: bool = True) -> tuple[bytes, list[str]]:
+    """Pickle the user namespace; returns the bytes and the names that had to be dropped.
+
+    `contexts=False` leaves out the loaded contexts (see the module's docstring)."""
+    loaded = _loaded_names(session)
+    left_out = set() if contexts else {name for names in loaded.values() for name in names}
     modules: dict[str, str] = {}
     definitions: list[tuple[str, str]] = []
     candidates: dict[str, Any] = {}
     for name, value in list(session.ns.items()):
-        if not rlm_repl.is_user_name(name):
+        if not rlm_repl.is_user_name(name) or name in left_out:
             continue
         if isinstance(value, types.ModuleType):
             modules[name] = value.__name__
@@ -51,6 +85,8 @@ def dump(session: Session) -> tuple[bytes, list[str]]:
             "data": data,
             "skipped": skipped,
             "cells": session.repl.cells,
+            "contexts": loaded,
+            "contexts_kept": contexts,
         },
         protocol=pickle.HIGHEST_PROTOCOL,
     )
@@ -82,6 +118,8 @@ def load(session: Session, blob: bytes) -> list[str]:
         raise ValueError("not a namespace snapshot of this format version")
     session.repl.reset()
     session.definitions.clear()
+    session.contexts.clear()
+    session.context_holes.clear()
     session.repl.cells = int(outer.get("cells", 0))
     failed: list[str] = list(outer.get("skipped", []))
     for name, module_name in outer["modules"].items():
@@ -95,7 +133,21 @@ def load(session: Session, blob: bytes) -> list[str]:
     failed.extend(name for name, _ in _define(session, pending))
     session.repl.bind_functions()
     session.repl.snapshot_state()  # the restored `state` is the last valid one from now on
+    _restore_contexts(session, outer.get("contexts", {}), bool(outer.get("contexts_kept", True)))
     return failed
+
+
+def _restore_contexts(session: Session, loaded: dict[int, list[str]], kept: bool) -> None:
+    """Which objects are the loaded contexts again (kept in the blob), or which names wait
+    for them (left out: `bind_context(..., rebind=True)` fills them)."""
+    for index, names in loaded.items():
+        if not kept:
+            session.context_holes[index] = list(names)
+        elif names:
+            session.contexts[index] = session.ns.get(names[0])
+        else:
+            # Loaded once, rebound since by the code: nothing is it any more.
+            session.contexts[index] = object()
 
 
 def _define(session: Session, definitions: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -139,7 +139,9 @@ def _memory(current: Session) -> int:
 
 def set_context(current: Session, header: dict[str, Any], data: bytes) -> Reply:
     text = data.decode("utf-8")
-    current.repl.load_context(text if header.get("kind") == "str" else json.loads(text))
+    index = header.get("index", 0)
+    value = text if header.get("kind") == "str" else json.loads(text)
+    namespace.bind_context(current, value, index, rebind=bool(header.get("rebind")))
     return {"op": "ok", "memory_bytes": _memory(current)}, None
 
 
@@ -156,14 +158,17 @@ def list_vars(current: Session, _: dict[str, Any], __: bytes) -> Reply:
     return {"op": "vars", "variables": current.repl.variables()}, None
 
 
-def snapshot(current: Session, _: dict[str, Any], __: bytes) -> Reply:
-    blob, skipped = namespace.dump(current)
+def snapshot(current: Session, header: dict[str, Any], __: bytes) -> Reply:
+    blob, skipped = namespace.dump(current, contexts=bool(header.get("contexts", True)))
     return {"op": "snapshot", "skipped": skipped}, blob
 
 
 def restore(current: Session, _: dict[str, Any], data: bytes) -> Reply:
     failed = namespace.load(current, data)
-    return {"op": "restored", "skipped": failed, "memory_bytes": _memory(current)}, None
+    # The indexes whose contexts the blob left out: the supervisor must bind them again.
+    waiting = sorted(current.context_holes)
+    reply = {"op": "restored", "skipped": failed, "contexts": waiting}
+    return {**reply, "memory_bytes": _memory(current)}, None
 
 
 def ping(current: Session, _: dict[str, Any], __: bytes) -> Reply:

@@ -36,6 +36,11 @@ class Session:
         )
         # name -> source of its latest top-level def/class, in definition order.
         self.definitions: dict[str, str] = {}
+        # index -> the context object loaded at that index (what `namespace.dump` may leave
+        # out, by identity), and index -> the names a snapshot restored without its contexts
+        # left for that index's context (filled when the context is bound again).
+        self.contexts: dict[int, Any] = {}
+        self.context_holes: dict[int, list[str]] = {}
 
     @property
     def ns(self) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rlm_repl import MAX_CONTEXTS
 from rlm_wire import runtime_models as p
 from rlm_wire.bodies import read_body, read_model
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.responses import error_response, exception_handlers, json_response
+from sandbox_runtime.service.context_cache import check_hash
 from sandbox_runtime.service.runtime import Runtime
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import WorkerSettings
@@ -90,6 +92,18 @@ def _host_name(header: str) -> str:
     return name.rstrip(".")
 
 
+def _context_index(request: Request) -> int:
+    """The `index` query parameter of a context upload: which `context_<n>` it binds."""
+    raw = request.query_params.get("index", "0")
+    if not raw.isdigit() or int(raw) >= MAX_CONTEXTS:
+        raise ApiError(
+            400,
+            ErrorCode.BAD_REQUEST,
+            f"index must be an integer from 0 to {MAX_CONTEXTS - 1}",
+        )
+    return int(raw)
+
+
 def allowed_hosts(settings: RuntimeSettings) -> tuple[str, ...]:
     """Loopback names, the listening address (the URL `rlm up` hands out) and the configured
     names. A wildcard address such as 0.0.0.0 is among them: a browser page reaching it sends
@@ -138,7 +152,8 @@ def create_app(
             raise ApiError(
                 422, "invalid_body", "the context must be a JSON string, array or object"
             )
-        await runtime.sessions.load_context(request.path_params["session_id"], context)
+        index = _context_index(request)
+        await runtime.sessions.load_context(request.path_params["session_id"], context, index)
         return Response(status_code=204)
 
     async def get_vars(request: Request) -> Response:
@@ -166,6 +181,18 @@ def create_app(
             request, p.StatelessExecuteRequest, settings.max_stateless_body_bytes
         )
         return json_response(await runtime.stateless.execute(body))
+
+    async def put_cached_context(request: Request) -> Response:
+        authorize(request)
+        name = check_hash(request.path_params["sha256"])
+        content = await read_body(request, settings.max_context_bytes)
+        created = await runtime.contexts.put(name, content)
+        return Response(status_code=201 if created else 204)
+
+    async def head_cached_context(request: Request) -> Response:
+        authorize(request)
+        held = check_hash(request.path_params["sha256"]) in runtime.contexts
+        return Response(status_code=200 if held else 404)
 
     async def health(request: Request) -> Response:
         data = runtime.health()
@@ -195,6 +222,8 @@ def create_app(
             Route(f"{session_path}/vars", get_vars, methods=["GET"]),
             Route(f"{session_path}/hibernate", hibernate, methods=["POST"]),
             Route("/execute", execute_stateless, methods=["POST"]),
+            Route("/contexts/{sha256:str}", put_cached_context, methods=["PUT"]),
+            Route("/contexts/{sha256:str}", head_cached_context, methods=["HEAD"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

@@ -1,4 +1,5 @@
-"""The bridge of one session: carries the sandbox's llm_query / rlm_query calls to the broker.
+"""The bridge of one session: carries the sandbox's llm_query / rlm_query / call_tool calls to
+the broker.
 
 The sandbox process holds no token and no network; its calls come out through the worker's
 pipe as `LLMCall`s, and this bridge enqueues them with the session's broker token through
@@ -18,7 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from rlm_repl import RetryPolicy, batch_slices
 from rlm_wire import broker_models as bp
@@ -86,6 +87,10 @@ class BrokerBridge:
                 f"(max_depth {self._access.max_depth}); use llm_query"
             )
             return [_error(ErrorCode.MAX_DEPTH, message) for _ in call.prompts]
+        is_tool = call.kind == "tool"
+        if is_tool != (call.tool is not None) or (is_tool and len(call.prompts) != 1):
+            message = "a tool call names one tool and carries one prompt (its arguments)"
+            return [_error(ErrorCode.INVALID_REQUEST, message) for _ in call.prompts]
         try:
             requests = [self._request(self._access, call, p) for p in call.prompts]
         except ValidationError as exc:
@@ -132,11 +137,10 @@ class BrokerBridge:
     def _request(
         self, access: BrokerAccess, call: LLMCall, prompt: str | list[dict[str, str]]
     ) -> bp.LLMRequest:
-        fields: dict[str, Any] = {
-            "model": call.model,
-            "depth": access.depth + 1,
-            "params": {"kind": call.kind},
-        }
+        params: dict[str, JsonValue] = {"kind": call.kind}
+        if call.tool is not None:
+            params["tool"] = call.tool  # the host's poller runs the run's tool of that name
+        fields: dict[str, Any] = {"model": call.model, "depth": access.depth + 1, "params": params}
         if call.kind == "rlm" and call.state is not None:
             fields["state"] = call.state
         if isinstance(prompt, str):

@@ -143,14 +143,14 @@ class SessionManager:
             self._metrics.observe_execution(result, time.perf_counter() - started)
             return result
 
-    async def load_context(self, session_id: str, context: Context) -> None:
+    async def load_context(self, session_id: str, context: Context, index: int = 0) -> None:
         session = self._get(session_id)
         async with session.lock:
             self._check_open(session)
             session.touch()
             process = await self._live_process(session)
             try:
-                await process.set_context(context)
+                await process.set_context(context, index)
             except SandboxError as exc:
                 raise await self._control_failed(
                     session, process, "loading the context", exc

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from sandbox_runtime.service.context_cache import ContextCache
 from sandbox_runtime.service.layers import report_isolation
 from sandbox_runtime.service.manager import SessionManager
 from sandbox_runtime.service.metrics import Metrics
@@ -41,7 +42,12 @@ class Runtime:
             settings.hibernation_dir or worker_settings.cache_dir / "hibernation",
         )
         self.sessions = SessionManager(settings, self.pool, self.store, self.metrics)
-        self.stateless = StatelessExecutor(settings, self.pool, self.metrics)
+        self.contexts = ContextCache(
+            max_bytes=settings.context_cache_bytes,
+            max_entries=settings.context_cache_entries,
+            metrics=self.metrics,
+        )
+        self.stateless = StatelessExecutor(settings, self.pool, self.metrics, self.contexts)
         self.started_at = time.time()
         self.isolation = report_isolation(worker_settings)
         self._register_gauges()

@@ -135,7 +135,19 @@ class RuntimeSettings(BaseSettings):
         8 * _MiB, ge=1024, description="Largest request body, except contexts and snapshots."
     )
     max_context_bytes: int = Field(
-        128 * _MiB, ge=1024, description="Largest body of PUT /sessions/{id}/context."
+        128 * _MiB,
+        ge=1024,
+        description="Largest body of PUT /sessions/{id}/context and of PUT /contexts/{sha256}.",
+    )
+    context_cache_bytes: int = Field(
+        512 * _MiB,
+        ge=1024,
+        description="Contexts held by content hash for POST /execute (the remote placement "
+        "sends each once), in total bytes; past it the least recently used are dropped (a "
+        "call naming a dropped one gets 409 context_unknown and the client uploads it again).",
+    )
+    context_cache_entries: int = Field(
+        1024, ge=1, description="Contexts held by content hash, at most (least recently used go)."
     )
     max_stateless_body_bytes: int = Field(
         128 * _MiB, ge=1024, description="Largest body of POST /execute (snapshot + context)."

@@ -3,6 +3,12 @@
 The namespace travels with the call: the request's base64 blob (if any) is restored into a
 sandbox, the code runs, the namespace is snapshotted into the response, and the sandbox is
 killed. Any replica can serve the next call.
+
+Contexts do not travel: the call names them by content hash (`contexts`), this replica's
+`ContextCache` holds their bytes (uploaded once by `PUT /contexts/{sha256}`), they are bound
+before the code runs and left out of the returned blob. A hash the replica does not hold is
+answered 409 `context_unknown` before any sandbox is taken. (The inline `context` field is
+still served: it is loaded and kept in the blob, as before the cache.)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from rlm_wire.runtime_models import (
 )
 from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
 from sandbox_runtime.service.bridge import make_bridge
+from sandbox_runtime.service.context_cache import CachedContext, ContextCache
 from sandbox_runtime.service.execution import execute_bounded
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool, quiet_kill
@@ -32,10 +39,13 @@ from sandbox_runtime.worker import blob as blob_format
 class StatelessExecutor:
     """Runs one `StatelessExecuteRequest` on a sandbox of its own."""
 
-    def __init__(self, settings: RuntimeSettings, pool: WarmPool, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: RuntimeSettings, pool: WarmPool, metrics: Metrics, contexts: ContextCache
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._metrics = metrics
+        self._contexts = contexts
         self.running = 0
 
     async def execute(self, request: StatelessExecuteRequest) -> StatelessExecuteResult:
@@ -44,6 +54,9 @@ class StatelessExecutor:
         blob = _decode(request.snapshot) if request.snapshot else None
         if blob is not None:
             await self._check_snapshot(blob)
+        refs = request.contexts or []
+        # Held from here, so an eviction while the code runs cannot take them away.
+        contents = self._contexts.resolve(ref.sha256 for ref in refs)
         self.running += 1
         started = time.perf_counter()
         bridge = make_bridge(request.broker, self._settings, self._metrics)
@@ -54,6 +67,7 @@ class StatelessExecutor:
                 process = await self._pool.acquire(limits.memory_bytes)
             try:
                 process.bridge = bridge
+                await self._bind_contexts(process, request, contents, restored=blob is not None)
                 result, snapshot = await self._run(process, request, limits)
                 result = result.model_copy(update={"sub_calls": bridge.take_sub_calls()})
             finally:
@@ -80,6 +94,37 @@ class StatelessExecutor:
                 ErrorCode.SNAPSHOT_TOO_LARGE,
                 f"the snapshot decompresses past {limit} bytes (RLM_SANDBOX_MAX_SNAPSHOT_BYTES)",
             )
+
+    async def _bind_contexts(
+        self,
+        process: SandboxProcess,
+        request: StatelessExecuteRequest,
+        contents: list[CachedContext],
+        *,
+        restored: bool,
+    ) -> None:
+        """Bind the referenced contexts; after a restore, where its blob left them out."""
+        refs = request.contexts or []
+        missing = set(process.contexts_to_bind if restored else ()) - {r.index for r in refs}
+        if missing:
+            raise ApiError(
+                400,
+                ErrorCode.BAD_SNAPSHOT,
+                f"the snapshot was taken without its context(s) of index {sorted(missing)}: "
+                "name them in `contexts`",
+            )
+        try:
+            for ref, content in zip(refs, contents, strict=True):
+                await process.set_context_bytes(
+                    content.payload,
+                    ref.index,
+                    kind=content.kind,
+                    rebind=restored and not ref.fresh,
+                )
+        except SandboxGuestError as exc:
+            raise ApiError(400, exc.type, f"the sandbox refused a context: {exc.message}") from exc
+        except SandboxError as exc:
+            raise ApiError(503, ErrorCode.UNAVAILABLE, f"the sandbox failed: {exc}") from exc
 
     async def _run(
         self,
@@ -110,7 +155,7 @@ class StatelessExecutor:
             self._metrics.restarts.inc()
             return result.model_copy(update={"state_lost": True}), request.snapshot or ""
         try:
-            blob = await process.snapshot_namespace()
+            blob = await process.snapshot_namespace(contexts=request.contexts is None)
         except SandboxError as exc:
             raise ApiError(
                 503, ErrorCode.UNAVAILABLE, f"the namespace could not be saved: {exc}"

@@ -1,5 +1,5 @@
-"""What crosses the bridge (an llm_query / rlm_query call from sandboxed code, and its
-answers), and the bounds an execution result from a sandbox must keep."""
+"""What crosses the bridge (an llm_query / rlm_query / call_tool call from sandboxed code,
+and its answers), and the bounds an execution result from a sandbox must keep."""
 
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ _FINAL_META_CHARS = 1024
 
 
 class LLMCall(BaseModel):
-    """One call made by sandboxed code; `prompts` has one entry unless `batched`."""
+    """One call made by sandboxed code; `prompts` has one entry unless `batched`.
+
+    A "tool" call (`call_tool`) names its host-side tool in `tool`; its one prompt is the
+    arguments as JSON text."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["llm", "rlm"]
+    kind: Literal["llm", "rlm", "tool"]
     prompts: list[str | list[dict[str, str]]]
     model: str | None = None
     batched: bool = False
     state: dict[str, JsonValue] | None = None  # the guest's `state` at call time (rlm calls)
+    tool: str | None = None  # the host-side tool a "tool" call runs
 
 
 class LLMCallResult(BaseModel):

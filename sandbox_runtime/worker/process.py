@@ -11,7 +11,7 @@ import signal
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -55,6 +55,8 @@ class SandboxProcess:
         self.bridge = None
         self.memory_limit = memory_limit
         self.last_skipped: list[str] = []
+        #: Indexes whose contexts the last restored blob left out (bind them again).
+        self.contexts_to_bind: list[int] = []
         self._launched = launched
         self._process = launched.process
         self._lock = asyncio.Lock()
@@ -267,13 +269,15 @@ class SandboxProcess:
                 return self._lost_result("SandboxProtocolError", str(exc), started)
             return self._result(frame, interrupted, timeout_s, output_bytes, started)
 
-    async def set_context(self, context: str | list[Any] | dict[str, Any]) -> None:
-        """Bind `context` in the sandbox; the data travels as one frame, never as code."""
+    async def set_context(self, context: str | list[Any] | dict[str, Any], index: int = 0) -> None:
+        """Bind `context_<index>` in the sandbox (index 0 is also `context`); the data travels
+        as one frame, never as code."""
         if isinstance(context, str):
-            await self._control({"op": "set_context", "kind": "str"}, context.encode("utf-8"))
+            header = {"op": "set_context", "kind": "str", "index": index}
+            await self._control(header, context.encode("utf-8"))
             return
         payload = await asyncio.to_thread(_json_bytes, context)
-        await self._control({"op": "set_context", "kind": "json"}, payload)
+        await self._control({"op": "set_context", "kind": "json", "index": index}, payload)
 
     async def set_state(self, state: dict[str, Any]) -> None:
         """Replace the shared `state` dict (JSON values, within settings.state_bytes)."""
@@ -293,9 +297,20 @@ class SandboxProcess:
         except ValidationError as exc:
             raise SandboxProtocolError(f"malformed variable list: {exc}") from exc
 
-    async def snapshot_namespace(self) -> bytes:
-        """The compressed namespace blob; the process keeps running."""
-        frame = await self._control({"op": "snapshot"})
+    async def set_context_bytes(
+        self, payload: bytes, index: int, *, kind: Literal["str", "json"], rebind: bool
+    ) -> None:
+        """`set_context` from bytes as they are (the runtime's context cache holds them): a
+        string's UTF-8 text (`kind` "str") or JSON. `rebind` after `load_namespace` of a blob
+        taken with `contexts=False`: the context goes only where that blob left it out, never
+        over a name the code rebound."""
+        header = {"op": "set_context", "kind": kind, "index": index, "rebind": rebind}
+        await self._control(header, payload)
+
+    async def snapshot_namespace(self, *, contexts: bool = True) -> bytes:
+        """The compressed namespace blob; the process keeps running. `contexts=False` leaves
+        out the loaded contexts (still the objects loaded) for `set_context_json` to bind."""
+        frame = await self._control({"op": "snapshot", "contexts": contexts})
         self.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
         if self.last_skipped:
             logger.info(
@@ -319,6 +334,10 @@ class SandboxProcess:
     async def _load_raw_namespace(self, raw: bytes) -> None:
         frame = await self._control({"op": "restore"}, raw)
         self.last_skipped = [str(n) for n in frame.header.get("skipped", [])]
+        waiting = frame.header.get("contexts", [])
+        if not isinstance(waiting, list) or not all(type(i) is int for i in waiting):
+            raise SandboxProtocolError("restore reply with a malformed list of contexts")
+        self.contexts_to_bind = waiting
 
     async def hibernate(self) -> bytes:
         """The compressed namespace blob, then the process exits."""
