@@ -1,7 +1,8 @@
 """The REPL that model code sees, in one standard-library-only file: every environment runs it.
 
 The functions: `context`, `llm_query`, `llm_query_batched`, `rlm_query`, `rlm_query_batched`,
-`SHOW_VARS`, `FINAL`, `FINAL_VAR`, the `answer` dict and the shared `state` dict. They sit on
+`SHOW_VARS`, `FINAL`, `FINAL_VAR`, `call_tool` (the run's host-side tools, carried like
+`llm_query`), the `answer` dict and the shared `state` dict. They sit on
 a small transport (`send(calls) -> results`): `HttpTransport` reaches the broker with a
 session token (the "local" environment, and this file as a script); the Pyodide sandbox loads
 this same file and gives it a pipe to its supervisor (`sandbox_runtime/guest`).
@@ -14,7 +15,7 @@ As a script, in any CPython sandbox (container, Modal, E2B, Daytona):
 
 `--serve` keeps one namespace for many executions: each stdin line is a request,
 `{"code": str, "timeout_s"?: float, "output_bytes"?: int}` or `{"context"?: ...,
-"state"?: {...}}`, and each gets one stdout line: the execution's result
+"context_index"?: int, "state"?: {...}}`, and each gets one stdout line: the execution's result
 (`ExecutionResult`'s fields), `{"ok": true}`, or `{"protocol_error": "..."}` for a malformed
 or oversized request; EOF ends it. The protocol runs on private copies of fds 0 and 1:
 model code reads /dev/null and prints to stderr.
@@ -61,6 +62,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "API_NAMES",
+    "MAX_CONTEXTS",
     "RETRYABLE_STATUSES",
     "BrokerResponseError",
     "BrokerUnavailableError",
@@ -90,6 +92,8 @@ DEFAULT_OUTPUT_MAX_BYTES = 1 << 20
 MAX_TRACEBACK_CHARS = 20_000
 MAX_MESSAGE_CHARS = 4_000
 CELL_PREFIX = "<cell-"
+#: Contexts a session can hold: `context_0` ... `context_{MAX_CONTEXTS - 1}`.
+MAX_CONTEXTS = 256
 
 #: What the REPL binds in every namespace: never a user variable (not listed, not kept).
 API_NAMES = frozenset(
@@ -103,6 +107,7 @@ API_NAMES = frozenset(
         "FINAL_VAR",
         "LLMQueryError",
         "StateError",
+        "call_tool",
     }
 )
 
@@ -633,6 +638,7 @@ class Repl:
                 "FINAL_VAR": self.final_var,
                 "LLMQueryError": LLMQueryError,
                 "StateError": StateError,
+                "call_tool": self.call_tool,
             }
         )
 
@@ -654,6 +660,28 @@ class Repl:
     def rlm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
         """Sub-RLMs in parallel, each from the same `state`; changes merge in prompt order."""
         return self._rlm(_prompt_list(prompts), model, True)
+
+    def call_tool(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """A host-side tool of the run, by name: its (JSON) result, or LLMQueryError.
+
+        The arguments travel as JSON (TypeError here if they are not JSON values); the tool
+        runs on the host, where the RLM runs, never in this sandbox."""
+        if not isinstance(name, str):
+            raise TypeError("call_tool: the tool's name must be a str")
+        try:
+            arguments = json.dumps({"args": list(args), "kwargs": kwargs}, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"tool {name!r}: arguments must be JSON values ({exc})") from None
+        call = {
+            "prompt": arguments,
+            "depth": self.depth + 1,
+            "params": {"kind": "tool", "tool": name},
+        }
+        text = self._answers(self._send([call]), False)[0]
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise LLMQueryError("tool_failed", f"tool {name!r} answered with no JSON") from None
 
     def _rlm(self, prompts: list[Any], model: str | None, batched: bool) -> list[str]:
         calls = [self._call(p, model, "rlm") for p in prompts]
@@ -756,7 +784,10 @@ class Repl:
         return name_or_value
 
     def variables(self) -> list[dict[str, Any]]:
-        """The model's variables (modules left out): name, type, size and a short preview."""
+        """The model's variables (modules left out): name, type, size and a short preview.
+
+        `context_0` is left out while it is `context` itself (one context, listed once)."""
+        context = self.namespace.get("context")
         return [
             {
                 "name": name,
@@ -765,7 +796,9 @@ class Repl:
                 "preview": _preview.repr(value)[:200],
             }
             for name, value in list(self.namespace.items())
-            if is_user_name(name) and not isinstance(value, types.ModuleType)
+            if is_user_name(name)
+            and not isinstance(value, types.ModuleType)
+            and not (name == "context_0" and value is context)
         ]
 
     def show_vars(self) -> str:
@@ -784,9 +817,17 @@ class Repl:
 
     # running code --------------------------------------------------------------------------
 
-    def load_context(self, value: Any) -> None:
-        """Bind `context` (str, list of str, or dict) without passing it through code."""
-        self.namespace["context"] = value
+    def load_context(self, value: Any, index: int = 0) -> None:
+        """Bind `context_<index>` (str, list of str, or dict) without passing it through code.
+
+        `context` is `context_0`, as in the official RLM library: a conversation's later
+        turns add `context_1`, `context_2`, ... and the first stays where code expects it.
+        """
+        if not isinstance(index, int) or not 0 <= index < MAX_CONTEXTS:
+            raise ValueError(f"a context index is an int from 0 to {MAX_CONTEXTS - 1}")
+        self.namespace[f"context_{index}"] = value
+        if index == 0:
+            self.namespace["context"] = value
 
     def set_state(self, state: Any) -> None:
         """Replace `state` (a dict of JSON values within the bound; else StateError)."""
@@ -1104,7 +1145,7 @@ def _async_raise(thread_id: int, exc: type[BaseException] | None) -> None:
 # --- serve mode: one namespace, JSON lines ---------------------------------------------
 
 DEFAULT_SERVE_LINE_BYTES = 64 << 20
-_SERVE_KEYS = frozenset({"code", "timeout_s", "output_bytes", "context", "state"})
+_SERVE_KEYS = frozenset({"code", "timeout_s", "output_bytes", "context", "context_index", "state"})
 _CODE_KEYS = frozenset({"code", "timeout_s", "output_bytes"})
 
 
@@ -1155,7 +1196,7 @@ def _serve_one(repl: Repl, line: bytes, default_timeout_s: float | None) -> dict
     if not isinstance(request, dict) or not request or set(request) - _SERVE_KEYS:
         return {
             "protocol_error": "a request is a JSON object holding `code` (with `timeout_s`, "
-            "`output_bytes`), or `context` and/or `state`"
+            "`output_bytes`), or `context` (with `context_index`) and/or `state`"
         }
     if "code" in request:
         code, timeout_s = request["code"], request.get("timeout_s", default_timeout_s)
@@ -1175,7 +1216,10 @@ def _serve_one(repl: Repl, line: bytes, default_timeout_s: float | None) -> dict
         except StateError as exc:
             return {"protocol_error": str(exc)}
     if "context" in request:
-        repl.load_context(request["context"])
+        try:
+            repl.load_context(request["context"], request.get("context_index", 0))
+        except ValueError as exc:
+            return {"protocol_error": str(exc)}
     return {"ok": True}
 
 

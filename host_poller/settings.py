@@ -92,6 +92,20 @@ class HostSettings(BaseSettings):
     state_max_bytes: int = Field(
         1_000_000, ge=1024, description="Bound on the shared `state` dict as JSON."
     )
+    tool_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Bound on one call of a host-side tool (`RLM(tools=...)`); past it the "
+        "sandboxed caller gets LLMQueryError tool_failed (a sync tool's thread runs on).",
+    )
+    tool_max_result_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=16 << 20,
+        description="Bound on a host-side tool's result as JSON (UTF-8); a larger one is a "
+        "tool_failed error, not a truncated value.",
+    )
     broker_timeout_s: float = Field(
         30.0, gt=0, description="Timeout of each broker HTTP call (long-polls add their wait)."
     )

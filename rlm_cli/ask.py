@@ -23,13 +23,14 @@ from host_poller.llm.types import LLMClient
 from host_poller.rlm.api import RLM, RunHooks
 from host_poller.rlm.budget import Budget, RunBudgets
 from host_poller.rlm.errors import RLMError
-from host_poller.rlm.types import RLMResult
+from host_poller.rlm.types import Contexts, RLMResult
 from host_poller.settings import HostSettings
 from rlm_cli import loop
 from rlm_cli.checks import check_llm_keys, sandbox_worker_settings
 from rlm_cli.env_file import RunningStack, running_stack
 from rlm_cli.logs import logs_written_to
 from rlm_cli.settings import cli_settings, load_settings
+from rlm_repl import MAX_CONTEXTS
 
 
 @dataclass
@@ -282,9 +283,12 @@ async def _ask(
 @click.argument("question")
 @click.option(
     "--context",
-    "context_path",
+    "context_paths",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="File holding the context (.json: a str, list of str or dict; else text).",
+    multiple=True,
+    help="File holding the context (.json: a str, list of str or dict; else text). Given "
+    "several times, each file is a context of its own: context_0 (also `context`), "
+    "context_1, ...",
 )
 @click.option("--environment", help="pyodide, remote, command or local (RLM_ENVIRONMENT).")
 @click.option("--max-depth", type=int, help="Recursion depth (RLM_MAX_DEPTH).")
@@ -292,6 +296,11 @@ async def _ask(
 @click.option("--max-sub-calls", type=int, help="Budget: sub-calls of the whole run.")
 @click.option("--max-tokens", type=int, help="Budget: tokens of the whole run.")
 @click.option("--max-cost", type=float, help="Budget: USD of the whole run.")
+@click.option(
+    "--max-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Budget: wall-clock seconds of the whole run (the run stops with what it has).",
+)
 @click.option(
     "--model",
     help="Root model at the provider of OPENAI_BASE_URL / OPENAI_API_KEY (RLM_MODEL).",
@@ -307,13 +316,14 @@ async def _ask(
 @click.option("--no-progress", is_flag=True, help="No live status line on stderr.")
 def ask(
     question: str,
-    context_path: Path | None,
+    context_paths: tuple[Path, ...],
     environment: str | None,
     max_depth: int | None,
     max_iterations: int | None,
     max_sub_calls: int | None,
     max_tokens: int | None,
     max_cost: float | None,
+    max_seconds: float | None,
     model: str | None,
     sub_model: str | None,
     scenario: str | None,
@@ -329,11 +339,19 @@ def ask(
     if max_iterations is not None:
         updates["max_iterations"] = max_iterations
     settings = load_settings(HostSettings).model_copy(update=updates)
-    budget = Budget(max_sub_calls=max_sub_calls, max_tokens=max_tokens, max_cost_usd=max_cost)
+    budget = Budget(
+        max_sub_calls=max_sub_calls,
+        max_tokens=max_tokens,
+        max_cost_usd=max_cost,
+        max_seconds=max_seconds,
+    )
     # Bound to this stderr: during the run sys.stderr is rich's proxy, and the local
     # environment's capture wraps it again; a console following sys.stderr would loop.
     console = Console(file=sys.stderr)
-    context = load_context(context_path)
+    if len(context_paths) > MAX_CONTEXTS:
+        raise click.UsageError(f"--context: at most {MAX_CONTEXTS} files")
+    loaded = [load_context(path) for path in context_paths] or [load_context(None)]
+    context: Any = Contexts(*loaded) if len(loaded) > 1 else loaded[0]
     llm_settings = load_settings(LLMSettings, model=model, sub_model=sub_model)
     if llm_settings.is_configured:
         if scenario is not None:

@@ -7,21 +7,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from host_poller.llm.errors import LLMConfigError
-from host_poller.llm.profiles import LLMSettings
 from rlm_cli.settings import load_settings
 from rlm_wire.serving import ListenError, PortInUseError, listen_socket
-from sandbox_runtime.service.serve import SETUP
 
 if TYPE_CHECKING:
+    # `host_poller.llm` imports the openai SDK (~1 s): `rlm broker` and `rlm sandbox` check
+    # their ports here and never need it.
+    from host_poller.llm.profiles import LLMSettings
     from sandbox_runtime.worker import WorkerSettings
 
 
 def sandbox_worker_settings() -> WorkerSettings:
     """The sandbox worker settings, once Deno is seen to run and Pyodide to be installed: for
     a command that is about to run sandboxes."""
+    # Imported here: the sandbox runtime's service costs ~0.1 s to import, and most commands
+    # (`rlm ask` on the local environment among them) never start it.
     from sandbox_runtime.errors import SandboxStartError
-    from sandbox_runtime.service.serve import check_prerequisites
+    from sandbox_runtime.service.serve import SETUP, check_prerequisites
     from sandbox_runtime.worker import WorkerSettings
 
     try:
@@ -41,6 +43,8 @@ def sandbox_worker_settings() -> WorkerSettings:
 
 def check_llm_keys(llm_settings: LLMSettings) -> None:
     """Every configured LLM profile's API key variable is set."""
+    from host_poller.llm.errors import LLMConfigError
+
     try:
         llm_settings.check_api_keys()
     except LLMConfigError as exc:

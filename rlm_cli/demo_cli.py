@@ -36,3 +36,6 @@ def demo(tenants: int, words: int) -> None:
         )
     if not all(o.correct for o in outcomes):
         raise SystemExit(1)
+
+
+commands: list[click.Command] = [demo]

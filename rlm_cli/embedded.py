@@ -62,6 +62,8 @@ class SubRLMComponent(StackComponent):
     """Gives the stack's poller sub-RLMs (run with `settings`) and the run budgets."""
 
     name = "sub_rlm"
+    # host_settings_for reads the runtime's URL when the stack runs one.
+    needs = ("broker", "llm", "sandbox")
 
     def __init__(
         self,

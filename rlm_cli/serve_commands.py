@@ -144,8 +144,13 @@ def serve(
 async def _serve_on_broker(settings: ServeSettings, host: HostSettings, llm: LLMSettings) -> None:
     from host_poller.service import RLMService, create_app
 
-    if host.tenant_token is None:
-        raise click.UsageError("RLM_BROKER_URL is set: set RLM_TENANT_TOKEN too")
+    # Static keys (and an open service) run as the service's own tenant; with tenant tokens
+    # only, every run is opened with its caller's token.
+    if host.tenant_token is None and (settings.static_keys() or not settings.tenant_tokens):
+        raise click.UsageError(
+            "RLM_BROKER_URL is set: set RLM_TENANT_TOKEN too (or serve tenant tokens only: "
+            "RLM_SERVE_TENANT_TOKENS=true without RLM_SERVE_API_KEYS)"
+        )
     ledger = _open_ledger(None)
     try:
         config = uvicorn_config(

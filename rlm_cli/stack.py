@@ -4,8 +4,10 @@
     -> admin token + one tenant -> scripted LLM (unless a provider is configured) -> poller
 
 Used by `rlm up`, `rlm ask` (with no broker configured) and tests. The parts are a list of
-`StackComponent`s started in order and stopped in reverse, so another component (the sandbox
-runtime) joins by being added to the list. `LocalStack` is an async context manager.
+`StackComponent`s, each started as soon as the earlier ones it `needs` have started (Redis,
+the scripted LLM and the sandbox runtime at once; by default a component needs every one
+before it) and stopped once the ones that need it have stopped, so another component (the
+sandbox runtime) joins by being added to the list. `LocalStack` is an async context manager.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class StackComponent(abc.ABC):
     """One part of the stack: reads what earlier parts set on the stack, adds its own."""
 
     name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...] | None] = None
+    """Names of the components before it in the list whose start this one waits for (those
+    that set what it reads on the stack); None: every one before it."""
 
     @abc.abstractmethod
     async def start(self, stack: LocalStack) -> None: ...
@@ -111,25 +116,65 @@ class LocalStack:
         raise KeyError(name)
 
     async def start(self) -> LocalStack:
+        """Start every component, each once those it needs have started: the parts that wait
+        on other processes (Redis, the sandbox runtime's first sandboxes) overlap.
+
+        When one fails, those still waiting do not start, those starting are let finish (a
+        start cut short could leave a process behind), and every started one is stopped."""
+        started = {id(c): asyncio.Event() for c in self.components}
+        starting: set[int] = set()
+        done: set[int] = set()
+
+        async def start_one(index: int, component: StackComponent) -> None:
+            for earlier in self.components[:index]:
+                if component.needs is None or earlier.name in component.needs:
+                    await started[id(earlier)].wait()
+            starting.add(id(component))
+            await component.start(self)
+            done.add(id(component))
+            started[id(component)].set()
+            logger.debug("stack component started", extra={"component": component.name})
+
+        tasks = {
+            id(c): asyncio.create_task(start_one(i, c), name=f"stack-start-{c.name}")
+            for i, c in enumerate(self.components)
+        }
         try:
-            for component in self.components:
-                await component.start(self)
-                self._started.append(component)
-                logger.debug("stack component started", extra={"component": component.name})
-        except BaseException:
+            await _all_or_first_error(list(tasks.values()))
+        except BaseException as exc:
+            cut_short = not isinstance(exc, Exception)  # cancelled, interrupted: as before
+            for key, task in tasks.items():
+                if cut_short or key not in starting:
+                    task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            # In list order, as `stop` expects, whatever order they started in.
+            self._started = [c for c in self.components if id(c) in done]
             await self.stop()
             raise
+        self._started = list(self.components)
         return self
 
     async def stop(self) -> None:
-        while self._started:
-            component = self._started.pop()
+        """Stop every started component once those that need it have stopped: the poller
+        first, then (at once) the broker, the LLM and the sandbox runtime, Redis last."""
+        started = list(self._started)
+        stopped = {id(c): asyncio.Event() for c in started}
+
+        async def stop_one(index: int, component: StackComponent) -> None:
+            for later in started[index + 1 :]:
+                if later.needs is None or component.name in later.needs:
+                    await stopped[id(later)].wait()
             try:
                 await component.stop()
             except Exception:  # stop the others whatever one of them does
                 logger.exception(
                     "stack component failed to stop", extra={"component": component.name}
                 )
+            finally:
+                self._started.remove(component)  # a second `stop` (after a cancel) skips it
+                stopped[id(component)].set()
+
+        await asyncio.gather(*(stop_one(i, c) for i, c in reversed(list(enumerate(started)))))
 
     async def __aenter__(self) -> LocalStack:
         return await self.start()
@@ -177,6 +222,15 @@ class LocalStack:
         return BrokerClient(self.broker_url, self.tenant_token, **kwargs)
 
 
+async def _all_or_first_error(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for all of `tasks`; the first failure is raised at once (the others still run)."""
+    pending: set[asyncio.Task[None]] = set(tasks)
+    while pending:
+        finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        for task in finished:
+            task.result()
+
+
 # --- the components -------------------------------------------------------------------------
 
 
@@ -184,6 +238,7 @@ class RedisComponent(StackComponent):
     """A Redis for the broker: the configured one, else an embedded server."""
 
     name = "redis"
+    needs = ()
 
     def __init__(self) -> None:
         self._server: RedisServer | None = None
@@ -224,6 +279,7 @@ class BrokerComponent(ServiceComponent):
     """The broker on uvicorn, with a fresh admin token."""
 
     name = "broker"
+    needs = ("redis",)
 
     async def start(self, stack: LocalStack) -> None:
         from broker.app import create_app
@@ -246,6 +302,7 @@ class TenantComponent(StackComponent):
     """Creates the stack's tenant with the admin token."""
 
     name = "tenant"
+    needs = ("broker",)
 
     async def start(self, stack: LocalStack) -> None:
         async with stack.admin_client(timeout_s=10.0) as admin:
@@ -261,6 +318,7 @@ class ScriptedLLMComponent(StackComponent):
     """The configured LLM profiles; without any, the scripted LLM on a free port."""
 
     name = "llm"
+    needs = ()
 
     def __init__(self) -> None:
         self._server: Any = None
@@ -295,6 +353,7 @@ class PollerComponent(StackComponent):
     """A poller with the admin token, so it answers every tenant of this stack."""
 
     name = "poller"
+    needs = ("broker", "llm", "sub_rlm")
 
     def __init__(
         self, *, budgets: BudgetLookup | None = None, sub_rlm: SubRLMRunner | None = None
@@ -336,10 +395,17 @@ class PollerComponent(StackComponent):
 # --- the sandbox runtime (`rlm sandbox`, for the pyodide and remote environments) -------------
 
 
+#: Warm sandboxes of the stack's runtime unless RLM_SANDBOX_POOL_SIZE says otherwise: one user's
+#: stack needs one at a time (a run's root session), and each costs ~200 MiB idle (the
+#: standalone runtime keeps 2; docs/performance.md, "Memory").
+STACK_POOL_SIZE = 1
+
+
 class SandboxRuntimeComponent(ServiceComponent):
     """The sandbox runtime on uvicorn with a fresh bearer token (RLM_SANDBOX_* settings)."""
 
     name = "sandbox"
+    needs = ()
 
     async def start(self, stack: LocalStack) -> None:
         from sandbox_runtime.service.app import create_app
@@ -347,13 +413,15 @@ class SandboxRuntimeComponent(ServiceComponent):
         from sandbox_runtime.service.settings import RuntimeSettings
 
         token = secrets.token_urlsafe(32)
-        settings = RuntimeSettings().model_copy(
-            update={
-                "host": stack.config.host,
-                "port": stack.config.sandbox_port,
-                "token": SecretStr(token),
-            }
-        )
+        base = RuntimeSettings()
+        updates: dict[str, Any] = {
+            "host": stack.config.host,
+            "port": stack.config.sandbox_port,
+            "token": SecretStr(token),
+        }
+        if "pool_size" not in base.model_fields_set:
+            updates["pool_size"] = STACK_POOL_SIZE
+        settings = base.model_copy(update=updates)
         config = runtime_config(create_app(settings), settings)
         stack.runtime_url = await self._serve(stack, config)
         stack.runtime_token = token
@@ -401,7 +469,10 @@ def _embedded_redis(stack: LocalStack) -> RedisServer:
 def describe(stack: LocalStack, env_file: Path | None) -> list[str]:
     """What `rlm up` prints: the URLs and how to use them; never a token."""
     lines = ["rlm stack is up"]
-    lines += [f"  {name:<8} {url}" for name, url in stack.urls.items()]
+    # In list order: the components start concurrently, so `urls` fills in any order.
+    order = {c.name: index for index, c in enumerate(stack.components)}
+    urls = sorted(stack.urls.items(), key=lambda item: order.get(item[0], len(order)))
+    lines += [f"  {name:<8} {url}" for name, url in urls]
     if stack.scripted_llm:
         lines.append(
             f"  the LLM is the scripted one (scenario {stack.config.scenario!r}); "

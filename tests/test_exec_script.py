@@ -189,7 +189,7 @@ async def test_an_unreachable_broker_is_retried_then_raises(tmp_path: Path) -> N
     env = {
         "RLM_BROKER_URL": f"http://127.0.0.1:{free_port()}",
         "RLM_SESSION_TOKEN": "t",
-        "RLM_BROKER_RETRIES": "2",
+        "RLM_BROKER_RETRY_DEADLINE_S": "1.5",
     }
     code = "try:\n    llm_query('x')\nexcept LLMQueryError as e:\n    print(type(e).__name__)"
     done = await run_script(["-c", code], env, tmp_path)
@@ -207,7 +207,7 @@ async def test_the_broker_coming_back_during_retries_is_used(
     env = {
         "RLM_BROKER_URL": f"http://127.0.0.1:{port}",
         "RLM_SESSION_TOKEN": token,
-        "RLM_BROKER_RETRIES": "30",
+        "RLM_BROKER_RETRY_DEADLINE_S": "30",
     }
     code = (
         "try:\n    print(llm_query('x'))\nexcept LLMQueryError as e:\n    print(type(e).__name__)"

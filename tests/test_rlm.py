@@ -17,7 +17,7 @@ from fake_llm import load_scenario
 from host_poller.llm.profiles import LLMSettings
 from host_poller.llm.types import LLMClient
 from host_poller.poller.settings import PollerSettings
-from host_poller.rlm import RLM, Budget, RunBudgets, RunHooks, read_trajectory
+from host_poller.rlm import RLM, Budget, RLMConfigError, RunBudgets, RunHooks, read_trajectory
 from host_poller.settings import HostSettings
 from rlm_cli import RLM as EmbeddedRLM
 from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
@@ -469,6 +469,21 @@ def test_the_blocking_one_liner(standard_provider: HostSettings) -> None:
         make_text("whale", 5), "How often is the word 'whale' used?"
     )
     assert result.answer == "5"
+
+
+def test_the_blocking_conversation_keeps_its_stack_and_repl(
+    standard_provider: HostSettings,
+) -> None:
+    # The count_words scenario counts over `context`; each question runs on the same REPL
+    # and the one embedded stack the conversation started (and stops at the end).
+    rlm = EmbeddedRLM(settings=standard_provider)
+    with rlm.conversation() as chat:
+        first = chat.ask("How often is the word 'whale' used?", context=make_text("whale", 4))
+        again = chat.ask("How often is the word 'whale' used?")
+    assert (first.answer, again.answer) == ("4", "4")
+    assert first.run_id == again.run_id
+    with pytest.raises(RLMConfigError, match=r"with rlm\.conversation"):
+        rlm.conversation().ask("q", context="ctx")
 
 
 async def test_no_llm_at_all_says_what_to_set(

@@ -67,6 +67,60 @@ def test_rlm_ask_prints_the_answer_alone_and_reports_the_run_on_stderr(
     assert "tokens" in summary
 
 
+SLOW_ROOT = {
+    "name": "slow-root",
+    "rules": [
+        {
+            "name": "two-contexts",
+            "match": {"system": "`context_1`: a str of 5 characters", "user": "Which is longer"},
+            "reply": {"kind": "code", "code": ["FINAL(f'{len(context_0)} vs {len(context_1)}')"]},
+        },
+        {
+            # Each turn's code takes a while and never finishes: only a budget ends the run.
+            "name": "slow",
+            "match": {"system": "You are the root of a Recursive Language Model"},
+            "reply": {"kind": "code", "code": ["import time", "time.sleep(0.2)", "print('x')"]},
+        },
+    ],
+}
+
+
+def _ask_slow_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str, *args: str
+) -> Result:
+    monkeypatch.delenv("RLM_BROKER_URL", raising=False)
+    monkeypatch.setenv("RLM_REDIS_URL", redis_url)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slow.json").write_text(json.dumps(SLOW_ROOT))
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "b.txt").write_text("defgh")
+    argv = ["--log-level", "WARNING", "ask", "--environment", "local", "--scenario",
+            str(tmp_path / "slow.json"), "--json", *args]  # fmt: skip
+    return CliRunner().invoke(cli, argv)
+
+
+def test_rlm_ask_max_seconds_stops_the_run_on_its_time_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    options = ("--context", "a.txt", "--max-seconds", "0.5", "--max-iterations", "200")
+    result = _ask_slow_root(tmp_path, monkeypatch, redis_url, *options, "Anything?")
+    assert result.exit_code == 2, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["answer"], payload["stop_reason"]) == (None, "budget_time")
+    assert "time budget of 0.5 s spent" in payload["stop_detail"]
+    bad = _ask_slow_root(tmp_path, monkeypatch, redis_url, "--max-seconds", "0", "Anything?")
+    assert bad.exit_code == 2 and "--max-seconds" in bad.output
+
+
+def test_rlm_ask_with_several_context_files_binds_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    files = ("--context", "a.txt", "--context", "b.txt")
+    result = _ask_slow_root(tmp_path, monkeypatch, redis_url, *files, "Which is longer?")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["answer"] == "3 vs 5"
+
+
 @pytest.mark.parametrize(
     ("terminal", "level", "fmt", "expected"),
     [

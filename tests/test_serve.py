@@ -250,7 +250,12 @@ def test_models_lists_rlm_and_each_profile(served: Served) -> None:
 def test_health_needs_no_key(served: Served) -> None:
     answer = httpx2.get(f"{served.url}/health", timeout=10)
     assert answer.status_code == 200
-    assert answer.json() == {"status": "ok", "runs_in_flight": 0, "concurrency": 4}
+    assert answer.json() == {
+        "status": "ok",
+        "runs_in_flight": 0,
+        "concurrency": 4,
+        "conversations_open": 0,
+    }
 
 
 # --- refusals: OpenAI-style error JSON --------------------------------------------------------

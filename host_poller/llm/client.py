@@ -29,6 +29,7 @@ from host_poller.llm.pricing import cost_usd
 from host_poller.llm.profiles import RESERVED_PARAMS, Profile
 from host_poller.llm.types import Completion, Message, Usage
 from rlm_wire.tracing import child_of
+from rlm_wire.transport import tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class OpenAIChatClient:
                 profile.timeout_s, connect=min(profile.timeout_s, _CONNECT_TIMEOUT_S)
             ),
             max_retries=profile.max_retries,
+            # The SDK's own client, on the process's one TLS context (loading the CA bundle
+            # per client cost ~50 ms of start-up each).
+            http_client=openai.DefaultAsyncHttpxClient(verify=tls_context()),
         )
 
     def __repr__(self) -> str:

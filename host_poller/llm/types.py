@@ -29,6 +29,17 @@ class Usage:
             calls=self.calls + other.calls,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        """What was spent since `other` (an earlier reading of the same total)."""
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(
+            input_tokens=self.input_tokens - other.input_tokens,
+            output_tokens=self.output_tokens - other.output_tokens,
+            cost_usd=self.cost_usd - other.cost_usd,
+            calls=self.calls - other.calls,
+        )
+
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens

@@ -56,7 +56,8 @@ def call_context(request: PendingRequest) -> CallContext:
         run_started_at=info.run_started_at,
         request_id=request.id,
         traceparent=info.traceparent,
-        estimated_tokens=estimate_tokens(request),
+        # A tool call spends no tokens: it holds none of the run's token budget.
+        estimated_tokens=0 if kind == "tool" else estimate_tokens(request),
     )
 
 
@@ -130,6 +131,8 @@ class RequestHandler:
                 code=ErrorCode.SUB_RLM_UNAVAILABLE,
             )
         budget = self._budget(call)
+        if call.kind == "tool":
+            return await self._tool(request, call, budget)
         if budget is None:
             answer, _, _ = await self._work(request, call)
             return answer
@@ -167,6 +170,31 @@ class RequestHandler:
             )  # fmt: skip
         answer = Answer(id=request.id, response=completion.text, usage=_wire(completion.usage))
         return answer, completion.usage, completion.model
+
+    async def _tool(
+        self, request: PendingRequest, call: CallContext, budget: RunBudget | None
+    ) -> Answer:
+        """A host-side tool of the call's run: only a run living in this process has its
+        tools (on its tracker, found for the call's own tenant); no LLM call, no tokens, but
+        one sub-call of the run (admitted, and charged with no usage)."""
+        tools = budget.tools if budget is not None else None
+        if budget is None or tools is None:
+            raise RequestFailed(
+                "host-side tools run only in the process of their RLM (the embedded stack of "
+                "`rlm ask` or the Python API, `rlm serve`); this poller does not hold the run",
+                code=ErrorCode.TOOL_UNAVAILABLE,
+            )
+        name = (request.params or {}).get("tool")
+        if not isinstance(name, str):
+            raise RequestFailed("a tool call must name its tool", code=ErrorCode.INVALID_REQUEST)
+        budget.admit(call)
+        started = time.perf_counter()
+        try:
+            response = await tools.call(name, request.prompt or "")
+        finally:
+            budget.charge(call, Usage(), model=f"tool:{name[:64]}",
+                          latency_s=time.perf_counter() - started)  # fmt: skip
+        return Answer(id=request.id, response=response, usage=_wire(Usage()))
 
     def _budget(self, call: CallContext) -> RunBudget | None:
         if self.budgets is None or call.run_id is None:

@@ -1,4 +1,4 @@
-"""The plug points of the poller's request handler: run budgets and sub-RLMs.
+"""The plug points of the poller's request handler: run budgets (and tools) and sub-RLMs.
 
 The RLM loop (`host_poller.rlm`) provides both; the poller depends only on these small
 protocols, so it runs (plain completions, no budgets) without them.
@@ -28,7 +28,7 @@ class CallContext:
     max_depth: int | None
     """The run's max_depth; None when the session's metadata does not say (no sub-RLMs)."""
     kind: str
-    """"llm" (plain completion) or "rlm" (rlm_query)."""
+    """"llm" (plain completion), "rlm" (rlm_query) or "tool" (a host-side tool)."""
     budget: RunBudgetInfo | None = field(default=None, compare=False)
     """The run's `Budget` as the session's metadata carries it (None: not said)."""
     run_started_at: float | None = None
@@ -46,8 +46,21 @@ class CallContext:
         return self.kind == "rlm" and self.max_depth is not None and self.depth < self.max_depth
 
 
+class HostTools(Protocol):
+    """The host-side tools of one run (`host_poller.rlm.tools.Toolbox`)."""
+
+    async def call(self, name: str, arguments: str) -> str:
+        """Run tool `name` on its JSON arguments; its JSON result, else `RequestFailed`."""
+        ...
+
+
 class RunBudget(Protocol):
     """The budgets of one run; raises `host_poller.poller.errors.BudgetExceeded` when spent."""
+
+    @property
+    def tools(self) -> HostTools | None:
+        """The run's host-side tools, when the run lives in this process (else None)."""
+        ...
 
     def admit(self, call: CallContext) -> None:
         """Refuse the call if the run has no budget left for it."""

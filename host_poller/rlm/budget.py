@@ -34,13 +34,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from host_poller.llm.types import Usage
 from host_poller.poller.errors import BudgetExceeded
 from host_poller.poller.hooks import CallContext
 from host_poller.rlm.trajectory import TrajectoryWriter
 from rlm_wire.run_info import RunBudgetInfo
+
+if TYPE_CHECKING:
+    from host_poller.rlm.tools import Toolbox
 
 #: The model name under which sub-calls answered in another process are counted (the
 #: broker's answer does not say which model gave it).
@@ -137,6 +140,9 @@ class RunTracker:
         """Set once a sub-call was refused: the run stops after the current execution."""
         self.tenant_id: str | None = None
         """The tenant whose run this is (None: not known yet; see `RunBudgets`)."""
+        self.tools: Toolbox | None = None
+        """The run's host-side tools (`RLM(tools=...)`), set by the RLM that opened the run;
+        None on a tracker adopted from another process's run (its tools are not here)."""
 
     # the poller's side ---------------------------------------------------------------------
 

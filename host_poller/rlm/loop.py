@@ -26,8 +26,9 @@ from host_poller.rlm import prompts
 from host_poller.rlm.budget import RunTracker, StopReason, describe_stop
 from host_poller.rlm.errors import RLMRunError
 from host_poller.rlm.parsing import code_blocks, final_tag
+from host_poller.rlm.tools import install as install_tools
 from host_poller.rlm.trajectory import TrajectoryWriter
-from host_poller.rlm.types import CodeRun, Iteration
+from host_poller.rlm.types import CodeRun, Iteration, Turn
 from host_poller.settings import HostSettings
 from rlm_wire.runtime_models import ExecutionResult
 
@@ -90,6 +91,7 @@ class _Loop:
     def __init__(self, ctx: LoopContext, query: str) -> None:
         self.ctx = ctx
         self.query = query
+        """This turn's query."""
         self.iterations: list[Iteration] = []
         self.root_usage = Usage()
         self._last_error: tuple[str, str] | None = None
@@ -145,6 +147,10 @@ class _Loop:
         result = await ctx.env.execute(code, timeout_s=ctx.settings.execution_timeout_s)
         # Sub-calls answered by a poller in another process are counted here, once each.
         ctx.tracker.charge_reported(ctx.session_id, ctx.depth + 1, result.sub_calls)
+        if result.state_lost and ctx.tracker.tools:
+            # The sandbox restarted empty (its environment loads the context again): the
+            # tool functions are defined again too.
+            await install_tools(ctx.env, ctx.tracker.tools, ctx.settings.execution_timeout_s)
         return result
 
     async def final_from_tag(self, reply: str) -> tuple[dict[str, Any] | None, CodeRun | None]:
@@ -170,22 +176,33 @@ class _Loop:
             root_usage=self.root_usage,
         )
 
-    async def run(self, context: str | list[str] | dict[str, Any]) -> LoopOutcome:
+    def first_messages(self, turn: Turn) -> list[Message]:
+        """The system prompt, a conversation's earlier turns, and this turn's query."""
         ctx = self.ctx
         limit = ctx.settings.output_max_chars
-        messages: list[Message] = [
-            {
-                "role": "system",
-                "content": prompts.system_prompt(
-                    context,
-                    depth=ctx.depth,
-                    max_depth=ctx.max_depth,
-                    output_chars=limit,
-                    custom=ctx.system_prompt,
-                ),
-            },
-            {"role": "user", "content": prompts.first_prompt(self.query)},
+        system = prompts.system_prompt(
+            turn.contexts[0],
+            depth=ctx.depth,
+            max_depth=ctx.max_depth,
+            output_chars=limit,
+            custom=ctx.system_prompt,
+            more_contexts=turn.contexts[1:],
+            tools=ctx.tracker.tools.listing() if ctx.tracker.tools else None,
+        )
+        if not turn.history:
+            first = prompts.first_prompt(self.query)
+        else:
+            first = prompts.follow_up_prompt(self.query, len(turn.history) + 1, turn.new_contexts)
+        return [
+            {"role": "system", "content": system},
+            *prompts.earlier_turn_messages(turn.history, limit),
+            {"role": "user", "content": first},
         ]
+
+    async def run(self, turn: Turn) -> LoopOutcome:
+        ctx = self.ctx
+        limit = ctx.settings.output_max_chars
+        messages = self.first_messages(turn)
         for index in range(ctx.max_iterations):
             spent = ctx.tracker.exhausted()
             if spent is not None:
@@ -272,12 +289,10 @@ def _iteration_fields(iteration: Iteration, tracker: RunTracker) -> dict[str, An
     }
 
 
-async def run_loop(
-    ctx: LoopContext, context: str | list[str] | dict[str, Any], query: str
-) -> LoopOutcome:
-    """Drive one session's loop to its end; the environment must hold `context` already."""
+async def run_loop(ctx: LoopContext, turn: Turn) -> LoopOutcome:
+    """Drive one turn's loop to its end; the environment must hold the turn's contexts."""
     started = time.perf_counter()
-    outcome = await _Loop(ctx, query).run(context)
+    outcome = await _Loop(ctx, turn.query).run(turn)
     logger.info(
         "rlm loop ended",
         extra={

@@ -7,10 +7,11 @@ sub-RLM). Keep both when editing.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from host_poller.llm.types import Message
+from host_poller.rlm.types import Context
 from rlm_wire.runtime_models import ExecutionResult
 
 _MAX_LISTED_CHUNKS = 20
@@ -50,10 +51,21 @@ the name of a variable you defined; any other name raises NameError),
 Do not finish before you have actually looked at the context."""
 
 
-def describe_context(context: str | list[str] | dict[str, Any]) -> str:
+def describe_context(context: Context) -> str:
     """Type, total length and chunk lengths of `context`, for the system prompt."""
     if isinstance(context, str):
         return f"a str of {len(context):,} characters."
+    if isinstance(context, list) and context and isinstance(context[0], dict):
+        messages = [m for m in context if isinstance(m, dict)]
+        lengths = [len(m["content"]) for m in messages]
+        roles = ", ".join(f"{r}: {n}" for r, n in Counter(m["role"] for m in messages).items())
+        listed = ", ".join(f"{n:,}" for n in lengths[:_MAX_LISTED_CHUNKS])
+        more = f", ... ({len(lengths) - _MAX_LISTED_CHUNKS} more)" if len(lengths) > 20 else ""
+        return (
+            f"a list of {len(messages)} chat messages ({roles}), each a dict with 'role' and "
+            f"'content'; {sum(lengths):,} characters of content in all; content lengths: "
+            f"[{listed}{more}]."
+        )
     if isinstance(context, list):
         lengths = [len(str(item)) for item in context]
         listed = ", ".join(f"{n:,}" for n in lengths[:_MAX_LISTED_CHUNKS])
@@ -72,37 +84,83 @@ def describe_context(context: str | list[str] | dict[str, Any]) -> str:
     )
 
 
+def describe_contexts(context: Context, more: Sequence[Context] = ()) -> str:
+    """`context` described, then one line per further context (`context_1`, ...)."""
+    if not more:
+        return describe_context(context)
+    lines = [f"(also `context_0`) {describe_context(context)}"]
+    for index, extra in enumerate(more[:_MAX_LISTED_CHUNKS], start=1):
+        lines.append(f"- `context_{index}`: {describe_context(extra)}")
+    if len(more) > _MAX_LISTED_CHUNKS:
+        lines.append(
+            f"- ... and {len(more) - _MAX_LISTED_CHUNKS} more, up to `context_{len(more)}`"
+        )
+    return "\n".join(lines)
+
+
 def system_prompt(
-    context: str | list[str] | dict[str, Any],
+    context: Context,
     *,
     depth: int,
     max_depth: int,
     output_chars: int,
     custom: str | None = None,
+    more_contexts: Sequence[Context] = (),
+    tools: str | None = None,
 ) -> str:
     """The root's instructions: the built-in ones, or `custom` with its `{context_info}` and
-    `{depth}` filled in (only those: other braces in it stay as written)."""
+    `{depth}` filled in (only those: other braces in it stay as written). `more_contexts` are
+    bound as `context_1`, `context_2`, ... next to `context`. `tools` (the run's host-side
+    tools, `host_poller.rlm.tools.Toolbox.listing`) ends the prompt, or fills `{tools}` in a
+    custom one that has it."""
+    context_info = describe_contexts(context, more_contexts)
     if custom is not None:
-        filled = custom.replace("{context_info}", describe_context(context))
-        return filled.replace("{depth}", str(depth))
+        filled = custom.replace("{context_info}", context_info)
+        filled = filled.replace("{depth}", str(depth))
+        if "{tools}" in filled:
+            return filled.replace("{tools}", tools or "")
+        return f"{filled}\n\n{tools}" if tools else filled
     recursive = depth + 1 < max_depth
     rlm_note = (
         ""
         if recursive
         else '. Not at this depth: here they raise LLMQueryError (code "max_depth"); use llm_query'
     )
-    return _SYSTEM.format(
+    text = _SYSTEM.format(
         depth=depth,
-        context_info=describe_context(context),
+        context_info=context_info,
         rlm_note=rlm_note,
         output_chars=f"{output_chars:,}",
     )
+    return f"{text}\n\n{tools}" if tools else text
 
 
 def first_prompt(query: str) -> str:
     return (
         f'The query: "{query}"\n\n'
         "You have not looked at the context yet. Start by exploring it in a ```repl block. "
+        "Your next action:"
+    )
+
+
+def earlier_turn_messages(history: Sequence[tuple[str, str | None]], limit: int) -> list[Message]:
+    """A conversation's earlier turns, as the root sees them: each query and its answer."""
+    messages: list[Message] = []
+    for number, (query, answer) in enumerate(history, start=1):
+        said = truncate(answer, limit) if answer is not None else "(no answer was found)"
+        messages.append({"role": "user", "content": f'Query {number}: "{query}"'})
+        messages.append({"role": "assistant", "content": f"Answer to query {number}: {said}"})
+    return messages
+
+
+def follow_up_prompt(query: str, turn: int, new_contexts: Sequence[int]) -> str:
+    """The first prompt of a conversation's later turn: the REPL still holds its variables."""
+    added = ", ".join(f"`context_{i}`" for i in new_contexts)
+    news = f" This turn added {added} (described above)." if added else ""
+    return (
+        f'The query: "{query}"\n\n'
+        f"This is query {turn} of a conversation on the same REPL: the variables you defined "
+        f"for the earlier queries are still there (SHOW_VARS() lists them).{news} "
         "Your next action:"
     )
 

@@ -10,6 +10,52 @@ from host_poller.llm.types import Usage
 from host_poller.rlm.budget import StopReason
 from rlm_wire.runtime_models import ExecutionResult
 
+#: What an RLM answers over: a str, a list of str chunks, a message list (dicts of "role"
+#: and "content"), or a dict with str keys.
+Context = str | list[str] | list[dict[str, str]] | dict[str, Any]
+
+
+def context_chars(*contexts: Context) -> int:
+    """Characters over every part of `contexts` (a message's: its content; a dict's values:
+    their text), as runs and services bound and report them."""
+    total = 0
+    for context in contexts:
+        if isinstance(context, str):
+            total += len(context)
+        elif isinstance(context, list):
+            total += sum(len(c) if isinstance(c, str) else len(c["content"]) for c in context)
+        else:
+            total += sum(len(str(v)) for v in context.values())
+    return total
+
+
+class Contexts(tuple[Context, ...]):
+    """Several contexts for one run, bound as `context_0` (also `context`), `context_1`, ...
+
+    `RLM(...).completion(Contexts(report, notes), "compare them")`: unlike a list (the chunks
+    of one context), each is a context of its own, described to the model on its own.
+    """
+
+    def __new__(cls, *contexts: Context) -> Contexts:
+        if not contexts:
+            raise ValueError("Contexts needs at least one context")
+        return super().__new__(cls, contexts)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What one loop answers: its query, the contexts the REPL holds, the earlier turns.
+
+    `contexts[i]` is bound as `context_<i>` (and `contexts[0]` as `context`). A conversation's
+    later turns run on the same REPL: `history` holds the earlier (query, answer) pairs and
+    `new_contexts` the indices this turn added.
+    """
+
+    query: str
+    contexts: tuple[Context, ...]
+    history: tuple[tuple[str, str | None], ...] = ()
+    new_contexts: tuple[int, ...] = ()
+
 
 @dataclass(frozen=True)
 class CodeRun:

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
-from host_poller.service import routes, routes_runs
+from host_poller.service import routes, routes_conversations, routes_runs
+from host_poller.service.conversations import ConversationRegistry
 from host_poller.service.errors import exception_handlers
 from host_poller.service.runner import RLMService
 from host_poller.service.runs import RunRegistry
@@ -31,11 +32,13 @@ def create_app(service: RLMService, viewer: ViewerSettings | None = None) -> Sta
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.rlm_service = service
         app.state.rlm_runs = runs = RunRegistry(service)
-        if not service.settings.keys():
+        app.state.rlm_conversations = conversations = ConversationRegistry(service)
+        if service.settings.is_open():
             logger.warning("rlm serve runs without API keys (RLM_SERVE_API_KEYS): loopback only")
         try:
             yield
         finally:
+            await conversations.aclose()
             await runs.aclose()
             await service.aclose()
 
@@ -47,6 +50,22 @@ def create_app(service: RLMService, viewer: ViewerSettings | None = None) -> Sta
             Route("/v1/runs/{run_id}", routes_runs.get_run, methods=["GET"]),
             Route("/v1/runs/{run_id}/events", routes_runs.run_events, methods=["GET"]),
             Route("/v1/runs/{run_id}/cancel", routes_runs.cancel_run, methods=["POST"]),
+            Route("/v1/conversations", routes_conversations.create_conversation, methods=["POST"]),
+            Route(
+                "/v1/conversations/{conversation_id}",
+                routes_conversations.get_conversation,
+                methods=["GET"],
+            ),
+            Route(
+                "/v1/conversations/{conversation_id}",
+                routes_conversations.delete_conversation,
+                methods=["DELETE"],
+            ),
+            Route(
+                "/v1/conversations/{conversation_id}/messages",
+                routes_conversations.ask,
+                methods=["POST"],
+            ),
             Route("/health", routes.health, methods=["GET"]),
             Mount("/view", app=create_viewer(service.host.trajectory_dir, viewer)),
         ],

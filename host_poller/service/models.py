@@ -14,7 +14,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from host_poller.llm.types import Usage
-from host_poller.rlm.types import RLMResult
+from host_poller.rlm.types import Context, RLMResult
+
+
+class ContextMessage(BaseModel):
+    """One message of a message-list context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str
+
+
+#: A context in a body: a string, chunks, a message list, or an object.
+ContextBody = str | list[str] | list[ContextMessage] | dict[str, JsonValue]
+
+
+def context_value(body: ContextBody) -> Context:
+    """A body's context as the RLM takes it (message models as plain dicts)."""
+    if isinstance(body, list) and body and isinstance(body[0], ContextMessage):
+        return [m.model_dump() for m in body if isinstance(m, ContextMessage)]
+    return body  # type: ignore[return-value]  # str, list[str] or dict: as they are
 
 
 class TextPart(BaseModel):
@@ -85,7 +105,28 @@ class RunRequest(RunOptions):
 
     model: str = Field("rlm", min_length=1, max_length=256)
     query: str = Field(min_length=1)
-    context: str | list[str] | dict[str, JsonValue]
+    context: ContextBody
+
+
+class ConversationRequest(RunOptions):
+    """`POST /v1/conversations`: a conversation's model and bounds (for all its questions),
+    and optionally the context its first question is asked over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("rlm", min_length=1, max_length=256)
+    context: ContextBody | None = None
+
+
+class QuestionRequest(BaseModel):
+    """`POST /v1/conversations/{id}/messages`: a question, with contexts of its own if any."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1)
+    context: ContextBody | None = None
+    """Bound at the next index (`context_1`, ...); the first question needs one (here or at
+    the conversation's creation)."""
 
 
 class ChatRequest(RunOptions):
@@ -98,8 +139,12 @@ class ChatRequest(RunOptions):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1)
     tools: list[JsonValue] | None = None
-    context: str | list[str] | dict[str, JsonValue] | None = None
+    context: ContextBody | None = None
     """The context the RLM answers over; None: the messages before the query."""
+    conversation: str | None = Field(None, min_length=1, max_length=64)
+    """An open conversation (`POST /v1/conversations`): the last user message is its next
+    question, on its REPL; the messages before are not re-read (the conversation keeps its
+    own history), and `context`, if any, is added to it."""
 
     @field_validator("tools")
     @classmethod
@@ -108,18 +153,26 @@ class ChatRequest(RunOptions):
             raise ValueError("rlm serve does not call tools: send the request without `tools`")
         return value
 
-    def query_and_context(self) -> tuple[str, str | list[str] | dict[str, JsonValue]]:
-        """The last user message is the query; the context is `context`, else the messages
-        before it (their text: one message's as a string, several as a list)."""
+    def _last_user(self) -> int:
         users = [i for i, m in enumerate(self.messages) if m.role == "user"]
         if not users:
             raise ValueError("messages need a user message: the last one is the query")
-        last = users[-1]
-        query = self.messages[last].text
+        return users[-1]
+
+    def query(self) -> str:
+        """The last user message's text (ValueError when there is none, or it is empty)."""
+        query = self.messages[self._last_user()].text
         if not query.strip():
             raise ValueError("the last user message (the query) is empty")
+        return query
+
+    def query_and_context(self) -> tuple[str, Context]:
+        """The last user message is the query; the context is `context`, else the messages
+        before it (their text: one message's as a string, several as a list)."""
+        last = self._last_user()
+        query = self.query()
         if self.context is not None:
-            return query, self.context
+            return query, context_value(self.context)
         before = [m.text for m in self.messages[:last] if m.text]
         if not before:
             raise ValueError(
@@ -127,15 +180,6 @@ class ChatRequest(RunOptions):
                 "or as messages before the query"
             )
         return query, before[0] if len(before) == 1 else before
-
-
-def context_chars(context: str | list[str] | dict[str, Any]) -> int:
-    """The context's size as the service bounds it (a dict's values as their JSON text)."""
-    if isinstance(context, str):
-        return len(context)
-    if isinstance(context, list):
-        return sum(len(part) for part in context)
-    return sum(len(str(value)) for value in context.values())
 
 
 def wire_usage(usage: Usage) -> dict[str, Any]:

@@ -1,18 +1,23 @@
-"""The routes of `rlm serve`: chat completions, the model list, health."""
+"""The routes of `rlm serve`: chat completions (of a run, or of a conversation's next
+question), the model list, health."""
 
 from __future__ import annotations
 
-import hmac
 import uuid
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from host_poller.service.models import ChatRequest, completion_body
+from host_poller.rlm.loop import EventHook
+from host_poller.rlm.types import RLMResult
+from host_poller.service.auth import Caller
+from host_poller.service.conversations import ConversationRegistry
+from host_poller.service.models import ChatRequest, completion_body, context_value
 from host_poller.service.runner import RLMService
-from host_poller.service.streaming import Once, RunStream, stream_run
+from host_poller.service.streaming import Once, RunCall, RunStream, stream_run
 from rlm_wire.bodies import describe, read_body
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
@@ -25,45 +30,56 @@ def _service(request: Request) -> RLMService:
     return service
 
 
-def authenticate(request: Request) -> str:
-    """The bearer key, which must be one of RLM_SERVE_API_KEYS (none configured: open, on
-    loopback only, and every caller is "")."""
-    keys = _service(request).settings.keys()
-    if not keys:
-        return ""
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    given = given.strip()
-    # Compare with every key, each in constant time, so timing tells nothing of them.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given.encode(), key.encode())
-    if scheme.lower() != "bearer" or not given or not matched:
-        raise ApiError(
-            401,
-            ErrorCode.UNAUTHORIZED,
-            "missing or unknown API key: send `Authorization: Bearer <key>` with a key of "
-            "RLM_SERVE_API_KEYS",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return given
+async def authenticate(request: Request) -> Caller:
+    """Who calls: a static key's holder or a broker tenant (`host_poller.service.auth`);
+    401 for any other key."""
+    return await _service(request).auth.caller(request.headers.get("authorization"))
 
 
 async def chat_completions(request: Request) -> Response:
-    authenticate(request)
+    caller = await authenticate(request)
     service = _service(request)
     chat = await read_request(request, ChatRequest)
-    plan = service.plan(chat).traced(request.headers.get("traceparent"))
+    if chat.conversation is not None:
+        model, run = _next_question(request, chat, caller)
+    else:
+        plan = service.plan(chat).traced(request.headers.get("traceparent")).for_caller(caller)
+        model = plan.model
+
+        def run(on_event: EventHook | None) -> Awaitable[RLMResult]:
+            return service.run(plan, on_event)
+
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not chat.stream:
         with service.slot():
-            result = await service.run(plan)
-        return JSONResponse(completion_body(completion_id, plan.model, result))
+            result = await run(None)
+        return JSONResponse(completion_body(completion_id, model, result))
     service.acquire()  # held until the run is over: the stream releases it
     release = Once(service.release)
     include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-    body = stream_run(service, plan, completion_id, include_usage=include_usage, release=release)
+    body = stream_run(
+        service, model, run, completion_id, include_usage=include_usage, release=release
+    )
     return RunStream(body, release)
+
+
+def _next_question(request: Request, chat: ChatRequest, caller: Caller) -> tuple[str, RunCall]:
+    """The last user message as the next question of the request's conversation."""
+    registry: ConversationRegistry = request.app.state.rlm_conversations
+    served = registry.get(chat.conversation or "", caller)
+    try:
+        query = chat.query()
+    except ValueError as exc:
+        raise ApiError(400, ErrorCode.BAD_REQUEST, str(exc)) from exc
+    context = context_value(chat.context) if chat.context is not None else None
+    if context is None and not served.turns:
+        context = served.plan.context  # the conversation's own, given at its creation
+    registry.service.check_question(query, context)
+
+    def run(on_event: EventHook | None) -> Awaitable[RLMResult]:
+        return registry.ask(served, query, context, on_event)
+
+    return served.plan.model, run
 
 
 async def read_request(request: Request, model: type[ModelT]) -> ModelT:
@@ -82,7 +98,7 @@ async def read_request(request: Request, model: type[ModelT]) -> ModelT:
 
 
 async def models(request: Request) -> Response:
-    authenticate(request)
+    await authenticate(request)
     service = _service(request)
     return JSONResponse(
         {
@@ -101,6 +117,7 @@ async def health(request: Request) -> Response:
         {
             "status": "ok",
             "runs_in_flight": service.in_flight,
+            "conversations_open": len(request.app.state.rlm_conversations),
             "concurrency": service.settings.concurrency,
         }
     )

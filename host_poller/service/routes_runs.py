@@ -33,26 +33,27 @@ def _runs(request: Request) -> RunRegistry:
     return registry
 
 
-def _run(request: Request) -> Run:
-    key = authenticate(request)
-    return _runs(request).get(request.path_params["run_id"], key)
+async def _run(request: Request) -> Run:
+    """The run of the path, if the caller started it (404 otherwise, for every caller)."""
+    caller = await authenticate(request)
+    return _runs(request).get(request.path_params["run_id"], caller)
 
 
 async def create_run(request: Request) -> Response:
-    key = authenticate(request)
+    caller = await authenticate(request)
     registry = _runs(request)
     body = await read_request(request, RunRequest)
     plan = registry.service.plan_run(body).traced(request.headers.get("traceparent"))
-    run = registry.start(plan, key)
+    run = registry.start(plan.for_caller(caller), caller)
     return JSONResponse(run.to_json(), status_code=202)
 
 
 async def get_run(request: Request) -> Response:
-    return JSONResponse(_run(request).to_json())
+    return JSONResponse((await _run(request)).to_json())
 
 
 async def cancel_run(request: Request) -> Response:
-    run = _run(request)
+    run = await _run(request)
     _runs(request).cancel(run)
     if run.task is not None and not run.task.done():
         await asyncio.wait([run.task], timeout=_CANCEL_WAIT_S)
@@ -60,7 +61,7 @@ async def cancel_run(request: Request) -> Response:
 
 
 async def run_events(request: Request) -> Response:
-    run = _run(request)
+    run = await _run(request)
     heartbeat = _runs(request).service.settings.heartbeat_s
     return StreamingResponse(
         _follow(run, heartbeat), media_type="text/event-stream", headers=_STREAM_HEADERS

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import SecretStr
 
 from host_poller.llm.client import build_client
 from host_poller.llm.errors import LLMConfigError
@@ -24,13 +26,15 @@ from host_poller.rlm.api import RLM, RunHooks
 from host_poller.rlm.budget import Budget, RunBudgets
 from host_poller.rlm.errors import RLMConfigError, RLMRunError
 from host_poller.rlm.loop import EventHook
-from host_poller.rlm.types import RLMResult
+from host_poller.rlm.types import Context, RLMResult, context_chars
+from host_poller.service.auth import Authenticator, Caller
 from host_poller.service.models import (
     ChatRequest,
+    ConversationRequest,
     RunBudget,
     RunOptions,
     RunRequest,
-    context_chars,
+    context_value,
 )
 from host_poller.service.settings import ServeSettings
 from host_poller.settings import HostSettings
@@ -57,13 +61,20 @@ class RunPlan:
     root_params: dict[str, Any] | None = None
     traceparent: str | None = None
     """The caller's W3C trace context: the run is a span of it (else a trace of its own)."""
+    tenant_token: SecretStr | None = None
+    """The token the run is opened with at the broker: the calling tenant's (None: the
+    service's own, RLM_TENANT_TOKEN)."""
 
     def traced(self, traceparent: str | None) -> RunPlan:
         return dataclasses.replace(self, traceparent=traceparent)
 
+    def for_caller(self, caller: Caller) -> RunPlan:
+        """The plan as the caller's run: a tenant's runs are opened with its token."""
+        return dataclasses.replace(self, tenant_token=caller.tenant_token)
+
 
 class RLMService:
-    """What the routes call: `plan` a request, hold a `slot`, `run` the plan."""
+    """What the routes call: `auth` the caller, `plan` a request, hold a `slot`, `run` it."""
 
     def __init__(
         self,
@@ -81,6 +92,8 @@ class RLMService:
         self.host = host
         self.llm = llm
         self.budgets = budgets if budgets is not None else RunBudgets()
+        # Tenant tokens are checked at the broker the runs go to (the stack's, when embedded).
+        self.auth = Authenticator(settings, host.broker_url, timeout_s=host.broker_timeout_s)
         self.ledger = ledger
         self._factory = client_factory
         self._clients: dict[str, LLMClient] = {}
@@ -131,18 +144,22 @@ class RLMService:
     def plan_run(self, request: RunRequest) -> RunPlan:
         """`plan` for the native run API."""
         profile = self.profile_for(request.model)
-        return self._plan(request, profile, request.query, request.context)
+        return self._plan(request, profile, request.query, context_value(request.context))
+
+    def plan_conversation(self, request: ConversationRequest) -> RunPlan:
+        """`plan` for a conversation: its model and bounds, and the first question's context
+        if the request brings it (the plan's query is unused: each question brings its own)."""
+        profile = self.profile_for(request.model)
+        context = context_value(request.context) if request.context is not None else None
+        return self._plan(request, profile, "", context)
+
+    def check_question(self, query: str, context: Context | None) -> None:
+        """A conversation's question within RLM_SERVE_MAX_CONTEXT_CHARS (413 past it)."""
+        self._check_size(query, context)
 
     def _plan(self, request: RunOptions, profile: Profile, query: str, context: Any) -> RunPlan:
         s = self.settings
-        size = context_chars(context) + len(query)
-        if size > s.max_context_chars:
-            raise ApiError(
-                413,
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"context and query of {size} characters exceed the limit of "
-                f"{s.max_context_chars} (RLM_SERVE_MAX_CONTEXT_CHARS)",
-            )
+        self._check_size(query, context)
         max_iterations = _capped(
             "max_iterations", request.max_iterations, self.host.max_iterations, s.max_iterations
         )
@@ -172,6 +189,16 @@ class RLMService:
             root_params=request.root_params(),
         )
 
+    def _check_size(self, query: str, context: Context | None) -> None:
+        size = (context_chars(context) if context is not None else 0) + len(query)
+        if size > self.settings.max_context_chars:
+            raise ApiError(
+                413,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"context and query of {size} characters exceed the limit of "
+                f"{self.settings.max_context_chars} (RLM_SERVE_MAX_CONTEXT_CHARS)",
+            )
+
     def acquire(self) -> None:
         """Take one of `concurrency` run slots; 429 (with Retry-After) when all are taken."""
         if self.in_flight >= self.settings.concurrency:
@@ -198,22 +225,37 @@ class RLMService:
 
     # --- running --------------------------------------------------------------------------
 
-    async def run(self, plan: RunPlan, on_event: EventHook | None = None) -> RLMResult:
-        """Run `plan` to its end; an `ApiError` (502, 504) when the run breaks or times out."""
-        rlm = RLM(
+    def rlm_for(self, plan: RunPlan, on_event: EventHook | None = None) -> RLM:
+        """The RLM that runs `plan` (as its caller's tenant), reporting to `on_event`."""
+        host = self.host
+        if plan.tenant_token is not None:
+            host = host.model_copy(update={"tenant_token": plan.tenant_token})
+        return RLM(
             model=self.client(plan.profile),
             environment=self.host.environment,
             max_depth=plan.max_depth,
             max_iterations=plan.max_iterations,
             budget=plan.budget,
-            settings=self.host,
+            settings=host,
             hooks=RunHooks(budgets=self.budgets, ledger=self.ledger, on_event=on_event),
             root_params=plan.root_params,
         )
+
+    async def run(self, plan: RunPlan, on_event: EventHook | None = None) -> RLMResult:
+        """Run `plan` to its end; an `ApiError` (502, 504) when the run breaks or times out."""
+        rlm = self.rlm_for(plan, on_event)
+        async with self.bounded():
+            result = await rlm.acompletion(plan.context, plan.query, traceparent=plan.traceparent)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def bounded(self) -> AsyncIterator[None]:
+        """One run (or a conversation's turn) within RLM_SERVE_RUN_TIMEOUT_S, its failures as
+        `ApiError`s: 504 past the time, 400 for a bad choice, 502 when the run breaks."""
         timeout = self.settings.run_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                return await rlm.acompletion(plan.context, plan.query, traceparent=plan.traceparent)
+                yield
         except TimeoutError as exc:
             raise ApiError(
                 504,
@@ -227,6 +269,7 @@ class RLMService:
             raise ApiError(502, ErrorCode.RUN_FAILED, str(exc)) from exc
 
     async def aclose(self) -> None:
+        await self.auth.aclose()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()

@@ -2,16 +2,15 @@
 
 A `RunRegistry` keeps each run's status, its progress events (the trajectory's, as they
 happen: iterations, sub-calls, the end) and its result or error, in memory. Every run
-belongs to the API key that started it: another key gets 404 for it. Finished runs are
-forgotten after `RLM_SERVE_RUN_TTL_S`, and at most `RLM_SERVE_MAX_RUNS` are kept (a new run
-past that is 429 while they all still go). A run holds one of the service's run slots until
-it ends, like a chat completion.
+belongs to the key that started it (a static key or a tenant token, `service.auth`): any
+other key gets 404 for it. Finished runs are forgotten after `RLM_SERVE_RUN_TTL_S`, and at
+most `RLM_SERVE_MAX_RUNS` are kept (a new run past that is 429 while they all still go). A
+run holds one of the service's run slots until it ends, like a chat completion.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from host_poller.rlm.types import RLMResult
+from host_poller.service.auth import Caller
 from host_poller.service.errors import error_body
 from host_poller.service.models import run_summary, wire_usage
 from host_poller.service.runner import RLMService, RunPlan
@@ -31,11 +31,6 @@ Status = Literal["running", "succeeded", "failed", "cancelled"]
 
 #: Events kept per run (the oldest are dropped past it; `dropped_events` counts them).
 MAX_EVENTS = 10_000
-
-
-def owner_of(key: str) -> str:
-    """What a run records of the key that started it (never the key)."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass
@@ -94,8 +89,8 @@ class RunRegistry:
         self.service = service
         self._runs: dict[str, Run] = {}
 
-    def start(self, plan: RunPlan, key: str) -> Run:
-        """Start `plan` in the background for the holder of `key`; 429 when full."""
+    def start(self, plan: RunPlan, caller: Caller) -> Run:
+        """Start `plan` in the background for `caller`; 429 when full."""
         self._forget_expired()
         if len(self._runs) >= self.service.settings.max_runs:
             raise ApiError(
@@ -105,7 +100,7 @@ class RunRegistry:
                 headers={"Retry-After": "1"},
             )
         self.service.acquire()
-        run = Run(id=f"run-{uuid.uuid4().hex}", owner=owner_of(key), model=plan.model,
+        run = Run(id=f"run-{uuid.uuid4().hex}", owner=caller.owner, model=plan.model,
                   created=time.time())  # fmt: skip
         self._runs[run.id] = run
         run.task = asyncio.create_task(self._drive(run, plan), name=f"rlm-serve-{run.id}")
@@ -131,10 +126,10 @@ class RunRegistry:
             body = error_body(500, ErrorCode.INTERNAL_ERROR, "internal error (logged)")
             run.finish("failed", error=body["error"])
 
-    def get(self, run_id: str, key: str) -> Run:
-        """The run, if the holder of `key` started it; else 404 (which runs exist is not told)."""
+    def get(self, run_id: str, caller: Caller) -> Run:
+        """The run, if `caller` started it; else 404 (which runs exist is not told)."""
         run = self._runs.get(run_id)
-        if run is None or run.owner != owner_of(key):
+        if run is None or run.owner != caller.owner:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no run {run_id!r}")
         return run
 

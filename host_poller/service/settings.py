@@ -26,7 +26,37 @@ class ServeSettings(BaseSettings):
     api_keys: SecretStr | None = Field(
         None,
         description="Comma-separated bearer keys applications call `rlm serve` with (never a "
-        "provider's key). Unset: no authentication, allowed only on a loopback host.",
+        "provider's key); their runs are RLM_TENANT_TOKEN's tenant's. Unset (and no "
+        "RLM_SERVE_API_KEY, no RLM_SERVE_TENANT_TOKENS): no authentication, allowed only on a "
+        "loopback host.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="One static bearer key (single-tenant use): the same as a one-key "
+        "RLM_SERVE_API_KEYS; both may be set.",
+    )
+    tenant_tokens: bool = Field(
+        False,
+        description="Accept the broker's tenant tokens as bearer keys (checked at the broker): "
+        "a run is then opened with that token, so its sessions, quotas, metering and budgets "
+        "are the tenant's, and only that token reads it. A key is then always required.",
+    )
+    tenant_cache_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How long the broker's verdict on a tenant token (accepted or refused) is "
+        "trusted: a revoked token keeps working at most this long.",
+    )
+    tenant_cache_entries: int = Field(
+        10_000, ge=1, le=1_000_000, description="Verdicts on tenant tokens kept (oldest dropped)."
+    )
+    tenant_checks_per_s: float = Field(
+        10.0,
+        gt=0,
+        le=10_000,
+        description="Tenant-token checks sent to the broker per second (bursts of as many); a "
+        "key not yet known past it is refused with 429, so unknown keys cannot flood the broker.",
     )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond)."
@@ -70,6 +100,23 @@ class ServeSettings(BaseSettings):
     run_ttl_s: float = Field(
         3600.0, gt=0, description="How long a finished run of /v1/runs stays readable."
     )
+    max_conversations: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Conversations (/v1/conversations) open at once; each holds a sandbox "
+        "session and a broker session (429 past it).",
+    )
+    max_turns: int = Field(
+        100, ge=1, le=10_000, description="Questions in one conversation (409 past it)."
+    )
+    conversation_idle_s: float = Field(
+        900.0,
+        gt=0,
+        le=86_400,
+        description="A conversation without a question for this long is closed (its REPL "
+        "and broker session end).",
+    )
     allow_local_environment: bool = Field(
         False,
         description="Let runs use RLM_ENVIRONMENT=local: model code then runs in this process, "
@@ -84,11 +131,16 @@ class ServeSettings(BaseSettings):
         "while the run works, so proxies keep the connection.",
     )
 
-    def keys(self) -> tuple[str, ...]:
-        """The accepted bearer keys (empty: no authentication)."""
-        if self.api_keys is None:
-            return ()
-        return tuple(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+    def static_keys(self) -> tuple[str, ...]:
+        """The static bearer keys (RLM_SERVE_API_KEYS and RLM_SERVE_API_KEY)."""
+        listed = self.api_keys.get_secret_value().split(",") if self.api_keys is not None else []
+        if self.api_key is not None:
+            listed.append(self.api_key.get_secret_value())
+        return tuple(dict.fromkeys(k.strip() for k in listed if k.strip()))
+
+    def is_open(self) -> bool:
+        """No key is asked of callers (no static key, no tenant tokens): loopback only."""
+        return not self.static_keys() and not self.tenant_tokens
 
     def check(self, environment: str) -> None:
         """Raise ValueError when the settings cannot be served safely (runs in `environment`)."""
@@ -99,10 +151,10 @@ class ServeSettings(BaseSettings):
                 "pyodide or remote, or set RLM_SERVE_ALLOW_LOCAL_ENVIRONMENT=true for "
                 "applications trusted with the key"
             )
-        if not self.keys() and not _is_loopback(self.host):
+        if self.is_open() and not _is_loopback(self.host):
             raise ValueError(
                 f"rlm serve on {self.host} would answer anyone: set RLM_SERVE_API_KEYS "
-                "(comma-separated keys), or listen on 127.0.0.1"
+                "(comma-separated keys) or RLM_SERVE_TENANT_TOKENS=true, or listen on 127.0.0.1"
             )
 
 

@@ -15,16 +15,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from host_poller.rlm.loop import EventHook
 from host_poller.rlm.types import RLMResult
 from host_poller.service.errors import error_body
 from host_poller.service.models import chunk_body, finish_reason, run_summary
-from host_poller.service.runner import RLMService, RunPlan
+from host_poller.service.runner import RLMService
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 
@@ -81,20 +82,26 @@ class RunStream(StreamingResponse):
             self._release()
 
 
+#: Runs the answer of a streamed request, reporting progress to the hook it is given.
+RunCall = Callable[[EventHook | None], Awaitable[RLMResult]]
+
+
 def stream_run(
     service: RLMService,
-    plan: RunPlan,
+    model: str,
+    run: RunCall,
     completion_id: str,
     *,
     include_usage: bool,
     release: Once,
 ) -> AsyncIterator[str]:
-    """The SSE body of one streamed run; `release` frees its concurrency slot as soon as the
-    run is over (`RunStream` makes sure of it when the body never ran)."""
+    """The SSE body of one streamed run (or conversation turn) of `model`; `release` frees
+    its concurrency slot as soon as the run is over (`RunStream` makes sure of it when the
+    body never ran)."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any] | None, **extra: Any) -> str:
-        return _data(chunk_body(completion_id, plan.model, created, delta, **extra))
+        return _data(chunk_body(completion_id, model, created, delta, **extra))
 
     async def events() -> AsyncIterator[str]:
         progress: asyncio.Queue[str] = asyncio.Queue()
@@ -105,7 +112,7 @@ def stream_run(
                 # Events may come from the environment's thread: hand them to the loop.
                 loop.call_soon_threadsafe(progress.put_nowait, _comment(event, fields))
 
-        task = asyncio.create_task(service.run(plan, on_event), name=f"rlm-serve-{completion_id}")
+        task = asyncio.create_task(_awaited(run(on_event)), name=f"rlm-serve-{completion_id}")
 
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -157,6 +164,10 @@ def stream_run(
             release()
 
     return events()
+
+
+async def _awaited(answer: Awaitable[RLMResult]) -> RLMResult:
+    return await answer
 
 
 def _answer_chunks(chunk: Callable[..., str], result: RLMResult) -> list[str]:

@@ -30,8 +30,8 @@ class ScriptedStack:
     budgets: RunBudgets
 
     def rlm(self, **options: Any) -> RLM:
-        """An RLM on this stack (local environment, depth 2 unless `options` say otherwise)."""
-        defaults: dict[str, Any] = {"environment": "local", "max_depth": 2}
+        """An RLM on this stack (its environment, depth 2 unless `options` say otherwise)."""
+        defaults: dict[str, Any] = {"environment": self.settings.environment, "max_depth": 2}
         return RLM(
             model=self.client,
             settings=self.settings,
@@ -52,13 +52,15 @@ async def scripted_stack(
     scenario: dict[str, Any],
     *,
     root_prices: tuple[float, float] | None = None,
+    environment: str = "local",
 ) -> AsyncIterator[ScriptedStack]:
     """Redis (at `redis_url`), broker, poller with sub-RLMs and the scripted LLM playing
-    `scenario`; trajectories under `directory / "trajectories"`. `root_prices` (input,
+    `scenario` (and the sandbox runtime for `environment` pyodide or remote); trajectories
+    under `directory / "trajectories"`. `root_prices` (input,
     output USD per million tokens) gives the root model a cost."""
     path = directory / f"{scenario['name']}.json"
     path.write_text(json.dumps(scenario))
-    host = HostSettings(environment="local", trajectory_dir=directory / "trajectories")
+    host = HostSettings(environment=environment, trajectory_dir=directory / "trajectories")
     budgets = RunBudgets()
     config = StackConfig(
         redis_url=redis_url,

@@ -1,0 +1,355 @@
+"""`rlm ask`'s start-up, end to end and broken down: `python bench/startup.py [--reps N]`.
+
+End to end: `rlm ask --scenario count_words` (the scripted LLM on an embedded stack: Redis,
+broker, tenant, LLM, poller and, for `pyodide`, the sandbox runtime) over a small context,
+each repetition a fresh process in a fresh directory, with environment `local` and
+`pyodide`; the median wall time from spawn to exit, with /proc/loadavg.
+
+Baseline, when /tmp/rlms_venv has the official library (PyPI `rlms`): the same run shape in a
+fresh process (`RLM.completion` with its local REPL: one root turn that splits the context,
+counts with `llm_query_batched` and sets its `answer`), the model scripted in-process (a
+`BaseLM` that answers at once), so without the openai SDK; and the same plus
+`import rlm.clients.openai`, what its start-up costs with a real provider.
+
+Breakdown, in a fresh process of the project: interpreter, imports of `rlm ask`'s module
+(and the heaviest packages from `python -X importtime`), each stack component's start,
+the run itself (one session, two root turns, eight sub-calls) and the stack's stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = ROOT / ".venv" / "bin" / "python"
+RLM = ROOT / ".venv" / "bin" / "rlm"
+RLMS_PYTHON = Path("/tmp/rlms_venv/bin/python")
+QUESTION = "How often is the word 'fox' used?"
+CONTEXT = "the quick brown fox jumps over the lazy dog\n" * 600  # ~26 kB, 7 chunks
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[0]
+
+
+def environ() -> dict[str, str]:
+    """The user's environment minus anything that points `rlm ask` at another stack; bytecode
+    is written, as an installed package has it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["RLM_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+def timed(argv: Sequence[str], *, cwd: Path, stdin: str | None = None) -> float:
+    """Wall seconds from spawn to exit; a failure stops the bench with its stderr."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env=environ(), capture_output=True, text=True, input=stdin)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall
+
+
+def median_of(reps: int, argv: Sequence[str], *, stdin: str | None = None) -> tuple[float, str]:
+    """(median wall seconds over `reps` fresh processes after one warm-up, load before)."""
+    before = load()
+    walls = []
+    for index in range(reps + 1):
+        with tempfile.TemporaryDirectory(prefix="rlm-startup-") as tmp:
+            (Path(tmp) / "ctx.txt").write_text(CONTEXT)
+            wall = timed(argv, cwd=Path(tmp), stdin=stdin)
+        if index:  # the first one writes bytecode and warms the page cache
+            walls.append(wall)
+    return statistics.median(walls), before
+
+
+def row(label: str, seconds: float, loadavg: str, note: str = "") -> None:
+    print(f"{label:<52} {seconds * 1000:8.0f} ms   load {loadavg}  {note}", flush=True)
+
+
+# The same command as the code before issue 13's start-up work ran it: every command module
+# imported to find `ask`, the stack's components started one after another, 2 warm sandboxes,
+# no freeze at exit.
+BEFORE = r"""
+import atexit, gc, os, sys
+os.environ.setdefault("RLM_SANDBOX_POOL_SIZE", "2")
+from rlm_cli import embedded, main, stack
+atexit.unregister(gc.freeze)
+for module in main._COMMAND_MODULES:
+    main._commands_of(module)
+for component in (*stack.StackComponent.__subclasses__(), embedded.SubRLMComponent,
+                  stack.BrokerComponent, stack.SandboxRuntimeComponent):
+    component.needs = None
+sys.argv[0] = "rlm"
+main.cli()
+"""
+
+
+# --- the official library, in a fresh process -----------------------------------------------
+
+OFFICIAL = r'''
+import re, sys, time
+start = time.perf_counter()
+if sys.argv[1] == "openai":
+    import rlm.clients.openai
+import rlm.core.rlm as core
+from rlm.clients.base_lm import BaseLM
+from rlm.core.types import ModelUsageSummary, UsageSummary
+
+CODE = """```repl
+text = context if isinstance(context, str) else "\\n".join(map(str, context))
+import re
+chunks, current, size = [], [], 0
+for piece in re.split(r"(\\s+)", text):
+    current.append(piece)
+    size += len(piece)
+    if size >= 4000 and piece.isspace():
+        chunks.append("".join(current))
+        current, size = [], 0
+if "".join(current).strip():
+    chunks.append("".join(current))
+ask = "Count occurrences of the word 'fox' in the text below. Reply with the integer only."
+prompts = [ask + "\\n" + c for c in chunks]
+total = sum(int(a.strip()) for a in llm_query_batched(prompts))
+answer["content"] = str(total)
+answer["ready"] = True
+```"""
+
+
+class Scripted(BaseLM):
+    def completion(self, prompt):
+        if isinstance(prompt, str):
+            return str(len(re.findall(r"\bfox\b", prompt.split("\n", 1)[1])))
+        return CODE
+
+    async def acompletion(self, prompt):
+        return self.completion(prompt)
+
+    def get_usage_summary(self):
+        return UsageSummary(model_usage_summaries={})
+
+    def get_last_usage(self):
+        return ModelUsageSummary(total_calls=1, total_input_tokens=0, total_output_tokens=0)
+
+
+core.get_client = lambda backend, kwargs: Scripted("scripted")
+result = core.RLM(backend="openai", environment="local").completion(
+    sys.stdin.read(), root_prompt="How often is the word 'fox' used?"
+)
+assert result.response.strip() == "600", result.response
+'''
+
+
+# --- the breakdown, in a fresh process of the project ---------------------------------------
+
+BREAKDOWN = r"""
+import asyncio, json, sys, time
+t0 = time.perf_counter()
+import rlm_cli.ask
+t_import = time.perf_counter()
+from host_poller.rlm.api import RLM
+from host_poller.rlm.budget import RunBudgets
+from host_poller.settings import HostSettings
+from rlm_cli import loop
+from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
+from rlm_cli.stack import LocalStack, StackConfig
+
+phases = {"import rlm_cli.ask": t_import - t0}
+
+
+def timing(component):
+    start = component.start
+
+    async def timed_start(stack):
+        began = time.perf_counter()
+        await start(stack)
+        phases[f"  component {component.name}"] = time.perf_counter() - began
+
+    component.start = timed_start
+    return component
+
+
+async def main():
+    settings = HostSettings(environment=sys.argv[1])
+    budgets = RunBudgets()
+    components = [timing(c) for c in rlm_stack_components(settings, budgets=budgets)]
+    began = time.perf_counter()
+    stack = await LocalStack(StackConfig(scenario="count_words"), components).start()
+    phases["stack start (all components)"] = time.perf_counter() - began
+    try:
+        began = time.perf_counter()
+        client = root_client(stack)
+        rlm = RLM(model=client, settings=host_settings_for(stack, settings))
+        result = await rlm.acompletion(sys.stdin.read(), "How often is the word 'fox' used?")
+        assert result.answer == "600", result.answer
+        phases["the run (first session, 2 turns, 7 sub-calls)"] = time.perf_counter() - began
+        await client.aclose()
+    finally:
+        began = time.perf_counter()
+        await stack.stop()
+        phases["stack stop"] = time.perf_counter() - began
+
+loop.run(main())
+phases["total in process"] = time.perf_counter() - t0
+print(json.dumps(phases))
+"""
+
+
+def breakdown(environment: str, reps: int) -> None:
+    runs: list[dict[str, float]] = []
+    before = load()
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory(prefix="rlm-startup-") as tmp:
+            done = subprocess.run(
+                [str(PYTHON), "-c", BREAKDOWN, environment],
+                cwd=tmp, env=environ(), capture_output=True, text=True, input=CONTEXT,
+            )  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"breakdown failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for phase in runs[0]:
+        row(f"  {environment}: {phase}", statistics.median(r[phase] for r in runs), before)
+
+
+def heaviest_imports(module: str, count: int) -> None:
+    """The packages that cost most when `module` is imported (`-X importtime`, cumulative)."""
+    done = subprocess.run(
+        [str(PYTHON), "-X", "importtime", "-c", f"import {module}"],
+        env=environ(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    tops: dict[str, int] = {}
+    for line in done.stderr.splitlines():
+        found = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
+        if found and found.group(3).split(".")[0] != module.split(".")[0]:
+            top = found.group(3).split(".")[0]
+            tops[top] = max(tops.get(top, 0), int(found.group(1)))
+    ranked = sorted(tops.items(), key=lambda item: -item[1])[:count]
+    print(f"  heaviest imports under {module} (cumulative, one run, load {load()}): "
+          + ", ".join(f"{name} {us / 1000:.0f} ms" for name, us in ranked))  # fmt: skip
+
+
+# --- memory of the idle `rlm up` stack ------------------------------------------------------
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """smaps_rollup fields of one process, in KiB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        out[name] = int(rest.split()[0])
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").iterdir():
+            children = (task / "children").read_text().split()
+            queue.extend(int(child) for child in children)
+    return found
+
+
+def idle_stack_memory(pool_size: int, settle_s: float) -> None:
+    """PSS and RSS of each process of an idle `rlm up` (environment pyodide), once its warm
+    pool holds `pool_size` sandboxes and `settle_s` passed."""
+    with tempfile.TemporaryDirectory(prefix="rlm-up-") as tmp:
+        env = environ() | {
+            "RLM_ENVIRONMENT": "pyodide",
+            "RLM_REDIS_DIR": f"{tmp}/redis",
+            "RLM_SANDBOX_POOL_SIZE": str(pool_size),
+        }
+        argv = [str(RLM), "up", "--port", "0", "--sandbox-port", "0", "--llm-port", "0",
+                "--env-file", f"{tmp}/stack.env"]  # fmt: skip
+        up = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                pids = descendants(up.pid)
+                denos = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "deno"]
+                if Path(f"{tmp}/stack.env").exists() and len(denos) >= pool_size:
+                    break
+                time.sleep(0.2)
+            else:
+                raise SystemExit("rlm up did not fill its pool within 120 s")
+            time.sleep(settle_s)
+            total_pss = total_rss = 0.0
+            print(f"idle `rlm up` (pyodide), warm pool {pool_size}, load {load()}:")
+            for pid in descendants(up.pid):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                m = memory_kib(pid)
+                total_pss += m["Pss"] / 1024
+                total_rss += m["Rss"] / 1024
+                print(f"  {name:<16} pid {pid:>7}  PSS {m['Pss'] / 1024:7.1f} MiB  "
+                      f"RSS {m['Rss'] / 1024:7.1f} MiB")  # fmt: skip
+            print(f"  total            PSS {total_pss:7.1f} MiB  RSS {total_rss:7.1f} MiB")
+        finally:
+            up.terminate()
+            up.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--reps", type=int, default=5, help="fresh processes per figure")
+    parser.add_argument("--environments", default="local,pyodide")
+    parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument(
+        "--before", action="store_true", help="also the start-up as it was (emulated)"
+    )
+    parser.add_argument(
+        "--memory", default="", help="only the idle `rlm up` stack's memory, for these pool sizes"
+    )
+    args = parser.parse_args()
+    if args.memory:
+        for size in args.memory.split(","):
+            idle_stack_memory(int(size), settle_s=3.0)
+        return
+    environments = args.environments.split(",")
+    print(f"median of {args.reps} fresh processes each (after one warm-up); machine: "
+          f"{os.cpu_count()} cores")  # fmt: skip
+    for environment in environments:
+        argv = [str(RLM), "ask", "--scenario", "count_words", "--environment", environment,
+                "--context", "ctx.txt", "--no-progress", QUESTION]  # fmt: skip
+        seconds, loadavg = median_of(args.reps, argv)
+        row(f"rlm ask, {environment}, end to end", seconds, loadavg)
+        if args.before:
+            seconds, loadavg = median_of(args.reps, [str(PYTHON), "-c", BEFORE, *argv[1:]])
+            row(f"  the same as before issue 13's start-up work ({environment})", seconds, loadavg)
+    if RLMS_PYTHON.exists():
+        for variant in ("scripted", "openai"):
+            argv = [str(RLMS_PYTHON), "-c", OFFICIAL, variant]
+            seconds, loadavg = median_of(args.reps, argv, stdin=CONTEXT)
+            note = "(+ import of its openai client)" if variant == "openai" else ""
+            row(f"official rlms, local REPL, {variant} LM", seconds, loadavg, note)
+    else:
+        print(f"official library: skipped, no {RLMS_PYTHON} (a venv with `rlms==0.1.3`)")
+    if args.no_breakdown:
+        return
+    print("breakdown:")
+    for label, argv in (
+        ("interpreter (python -c pass)", [str(PYTHON), "-c", "pass"]),
+        ("python -c 'import rlm_cli.main'", [str(PYTHON), "-c", "import rlm_cli.main"]),
+        ("python -c 'import rlm_cli.ask'", [str(PYTHON), "-c", "import rlm_cli.ask"]),
+        ("rlm --help (every command module)", [str(RLM), "--help"]),
+    ):
+        seconds, loadavg = median_of(args.reps, argv)
+        row(f"  {label}", seconds, loadavg)
+    heaviest_imports("rlm_cli.ask", 8)
+    for environment in environments:
+        breakdown(environment, args.reps)
+
+
+if __name__ == "__main__":
+    main()
