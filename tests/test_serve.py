@@ -557,7 +557,9 @@ def test_a_client_that_goes_away_frees_its_run_slot(endless_served: Served) -> N
     with httpx2.stream(
         "POST", f"{endless_served.url}/v1/chat/completions", json=body, headers=headers, timeout=30
     ) as streamed:
-        next(line for line in streamed.iter_lines() if line)  # the run has its slot
+        # The iterator is kept: a dropped one would close the response (the client gone).
+        lines = streamed.iter_lines()
+        next(line for line in lines if line)  # the run has its slot
         assert httpx2.get(health, timeout=10).json()["runs_in_flight"] == 1
     # The connection is closed: the service notices, cancels the run, frees the slot.
     deadline = time.monotonic() + 30
