@@ -60,6 +60,8 @@ class ErrorCode(StrEnum):
     """503: a dependency (Redis, a sandbox) is down; retry."""
     CONVERSATION_BUSY = "conversation_busy"
     """409: a question to an `rlm serve` conversation while its previous one still runs."""
+    CONVERSATION_CLOSED = "conversation_closed"
+    """409: the `rlm serve` conversation was closed (DELETE) while this question ran."""
     CONVERSATION_FULL = "conversation_full"
     """409: an `rlm serve` conversation has had its RLM_SERVE_MAX_TURNS questions."""
     MODEL_NOT_FOUND = "model_not_found"

@@ -8,8 +8,10 @@ that kept the first question's variables can answer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,7 +19,7 @@ import openai
 import pytest
 
 from tests.test_rlm import make_text
-from tests.test_serve import API_KEY, OTHER_KEY, QUESTION, Served, start_serve
+from tests.test_serve import API_KEY, OTHER_KEY, QUESTION, Served, _slow_serve, start_serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -140,3 +142,26 @@ def test_health_counts_open_conversations(served: Served) -> None:
             messages=[{"role": "user", "content": "x"}],
             extra_body={"conversation": conversation},
         )
+
+
+@pytest.fixture
+def endless(tmp_path: Path) -> Iterator[Served]:
+    """A root that never finishes: a question runs until something ends it."""
+    yield from _slow_serve(tmp_path, 600)
+
+
+def test_closing_a_conversation_ends_the_question_it_runs(endless: Served) -> None:
+    conversation = _open(endless, {"context": "c"})
+    path = f"/v1/conversations/{conversation}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        asking = pool.submit(_call, endless, "POST", f"{path}/messages", {"query": "q"})
+        deadline = time.monotonic() + 60
+        while httpx2.get(f"{endless.url}/health").json()["runs_in_flight"] != 1:
+            assert time.monotonic() < deadline and not asking.done(), "the question never ran"
+            time.sleep(0.1)
+        assert _call(endless, "DELETE", path).status_code == 204
+        answer = asking.result(timeout=60)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "conversation_closed"
+    health = httpx2.get(f"{endless.url}/health").json()
+    assert (health["runs_in_flight"], health["conversations_open"]) == (0, 0)

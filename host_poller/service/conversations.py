@@ -31,6 +31,11 @@ from rlm_wire.errors import ApiError
 logger = logging.getLogger(__name__)
 
 
+def _cancelled(task: asyncio.Task[Any] | None) -> bool:
+    """Whether `task` itself is being cancelled (not merely awaiting a cancelled one)."""
+    return task is not None and task.cancelling() > 0
+
+
 class EventRelay:
     """A conversation's progress hook: passes events to the question running now (a
     stream's listener), if any; the conversation's RLM is built with it once."""
@@ -56,7 +61,12 @@ class ServedConversation:
     last_used: float
     relay: EventRelay
     turns: list[dict[str, Any]] = field(default_factory=list)
-    busy: bool = False
+    running: asyncio.Task[RLMResult] | None = None
+    """The question running now, if any (closing the conversation cancels it)."""
+
+    @property
+    def busy(self) -> bool:
+        return self.running is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,12 +160,25 @@ class ConversationRegistry:
                 f"this conversation has had its {settings.max_turns} questions "
                 "(RLM_SERVE_MAX_TURNS): start a new one",
             )
-        served.busy, served.relay.listener = True, on_event
+        served.relay.listener = on_event
+        served.running = running = asyncio.create_task(
+            served.chat.aask(query, context=context), name=f"rlm-serve-{served.id}"
+        )
         try:
             async with self.service.bounded():
-                result = await served.chat.aask(query, context=context)
+                try:
+                    result = await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    if not running.cancelled() or _cancelled(asyncio.current_task()):
+                        running.cancel()  # the caller went away: the question goes too
+                        raise
+                    raise ApiError(
+                        409,
+                        ErrorCode.CONVERSATION_CLOSED,
+                        "the conversation was closed while this question ran",
+                    ) from None
         finally:
-            served.busy, served.relay.listener = False, None
+            served.running, served.relay.listener = None, None
             served.last_used = self._clock()
         served.turns.append(turn_record(query, result))
         return result
@@ -164,6 +187,8 @@ class ConversationRegistry:
         """End its REPL and broker session; it is gone for every caller."""
         if self._open.pop(served.id, None) is None:
             return
+        if served.running is not None:
+            served.running.cancel()  # its asker answers 409 conversation_closed
         try:
             await served.chat.aclose()
         except Exception:
