@@ -128,10 +128,10 @@ class RLM:
     ) -> RLMResult:
         """Run to the answer (or a budget's end); raises `RLMRunError` if the run breaks.
 
-        `context` is a str, a list of str chunks, a dict with str keys, or `Contexts(...)` of
-        several (bound as `context_0`, `context_1`, ...). With no broker (`RLM_BROKER_URL`
-        unset) the run gets an embedded stack of its own, or the one of an enclosing
-        `async with rlm:` block. The run is a trace of its own, or a span of `traceparent`
+        `context` is a str, a list of str chunks, a message list, a dict with str keys, or
+        `Contexts(...)` of several (bound as `context_0`, `context_1`, ...). With no broker
+        (`RLM_BROKER_URL` unset) the run gets an embedded stack of its own, or the one of an
+        enclosing `async with rlm:` block. The run is a trace of its own, or a span of `traceparent`
         (W3C trace context, e.g. from the caller's request)."""
         contexts = validate_contexts(context)
         trace = child_of(traceparent)
@@ -139,9 +139,9 @@ class RLM:
             return await self._run(settings, contexts, query, trace)
 
     def conversation(self, *, traceparent: str | None = None) -> Conversation:
-        """Several questions on one REPL: `with rlm.conversation() as chat: chat.ask(ctx, q)`
-        (or `async with` and `await chat.aask(...)`); variables and contexts stay between
-        questions, and the budget spans them all."""
+        """Several questions on one REPL: `with rlm.conversation() as chat:
+        chat.ask(query, context=book)` (or `async with` and `await chat.aask(...)`);
+        variables and contexts stay between questions, and the budget spans them all."""
         return Conversation(self, traceparent=traceparent)
 
     @contextlib.asynccontextmanager
