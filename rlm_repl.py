@@ -78,6 +78,7 @@ __all__ = [
     "build_namespace",
     "changed_keys",
     "describe_error",
+    "is_message",
     "is_user_name",
     "merge_state",
     "protocol_streams",
@@ -712,7 +713,7 @@ class Repl:
         call: dict[str, Any] = {"depth": self.depth + 1, "params": {"kind": kind}}
         if isinstance(prompt, str):
             call["prompt"] = prompt
-        elif isinstance(prompt, list) and all(_is_message(m) for m in prompt):
+        elif isinstance(prompt, list) and all(is_message(m) for m in prompt):
             call["messages"] = [{"role": m["role"], "content": m["content"]} for m in prompt]
         else:
             raise TypeError("a prompt is a str or a list of {'role': str, 'content': str} dicts")
@@ -923,7 +924,8 @@ def _prompt_list(prompts: Any) -> list[Any]:
     raise TypeError("prompts must be a list of prompts")
 
 
-def _is_message(message: Any) -> bool:
+def is_message(message: Any) -> bool:
+    """A chat message: a dict with a str `role` and a str `content`."""
     return (
         isinstance(message, dict)
         and isinstance(message.get("role"), str)

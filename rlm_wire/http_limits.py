@@ -133,10 +133,6 @@ class ConnectionGate:
             else:
                 del self._by_client[client]
 
-    def held_by(self, client: str) -> int:
-        """Connections `client` holds now."""
-        return self._by_client.get(client, 0)
-
     def _refuse(self, which: str) -> bool:
         self._refused += 1
         now = time.monotonic()

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from rlm_wire.errors import ServiceUnreachable
-from rlm_wire.transport import KEPT_HEADERS, Reply
+from rlm_wire.transport import KEPT_HEADERS, Reply, tls_context
 
 #: Largest response head and body accepted (our answers are a few KB to a few MB).
 MAX_HEAD_BYTES = 64 * 1024
@@ -64,7 +63,7 @@ class KeepAliveLink:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._tls = tls_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
         default_port = self._port == (443 if self._tls else 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"

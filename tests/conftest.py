@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,3 +70,44 @@ def broker_factory(redis_url: str) -> Iterator[Callable[..., BrokerServer]]:
 def broker_server(broker_factory: Callable[..., BrokerServer]) -> BrokerServer:
     """A running broker with default settings: `.url`, `.admin_token`, `.settings`."""
     return broker_factory()
+
+
+#: `poller_process(broker_url, admin_token, llm_base_url, **RLM_vars)` -> the child.
+PollerStarter = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def poller_process(tmp_path: Path) -> Iterator[PollerStarter]:
+    """Starts `rlm poller` children (admin token, sub-calls to the scripted LLM at
+    `llm_base_url`, no sub-RLMs), each logging to `tmp_path`; kills (and first wakes, if a
+    test stopped it) any still running at the end."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        broker_url: str, admin_token: str, llm_base_url: str, **env: str
+    ) -> subprocess.Popen[bytes]:
+        profile = {"name": "sub", "base_url": llm_base_url, "model": "fake-sub", "max_retries": 0}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")} | {
+            "RLM_BROKER_URL": broker_url,
+            "RLM_ADMIN_TOKEN": admin_token,
+            "RLM_LLM_PROFILES": json.dumps([profile]),
+            "RLM_POLLER_WAIT_S": "1",
+            "RLM_POLLER_SUB_RLMS": "false",
+            "RLM_LOG_LEVEL": "INFO",
+            **env,
+        }
+        log = (tmp_path / f"poller-{len(children)}.log").open("wb")
+        rlm = Path(sys.executable).with_name("rlm")
+        child = subprocess.Popen(
+            [str(rlm), "poller"], env=environ, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait(timeout=10)

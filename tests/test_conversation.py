@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from host_poller.rlm import Contexts, RLMConfigError
+from host_poller.rlm import Budget, Contexts, RLMConfigError
 from host_poller.rlm.trajectory import read_trajectory
 from tests.support.runs import scripted_stack
 
@@ -108,6 +108,18 @@ async def test_a_conversation_keeps_the_repl_and_adds_contexts(
     assert events.count("turn_end") == 3
     run_end = next(e for e in read_trajectory(first.trajectory_path) if e["event"] == "run_end")
     assert run_end["usage"]["calls"] == 3 and run_end["turns"] == 3
+
+
+async def test_a_conversations_budget_spans_its_questions(redis_url: str, tmp_path: Path) -> None:
+    # One token: the first question's one root call spends it (the check is before each
+    # turn), so the second question starts with the budget already spent.
+    async with scripted_stack(redis_url, tmp_path, SCENARIO) as run:
+        async with run.rlm(budget=Budget(max_tokens=1)).conversation() as chat:
+            first = await chat.aask("How many whales?", context=BOOK)
+            second = await chat.aask("And ships?", context=LOG)
+    assert (first.answer, first.stop_reason) == ("3", "final")
+    assert (second.answer, second.stop_reason) == (None, "budget_tokens")
+    assert second.usage.calls == 0
 
 
 async def test_a_conversation_refuses_a_first_question_without_context(

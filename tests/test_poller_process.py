@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,39 +31,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def poller_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Starts `rlm poller` children; kills any still running at the end."""
-    children: list[subprocess.Popen[bytes]] = []
-
-    def start(broker: BrokerServer, llm_base_url: str, **env: str) -> subprocess.Popen[bytes]:
-        profile = {"name": "sub", "base_url": llm_base_url, "model": "fake-sub", "max_retries": 0}
-        environ = {
-            k: v for k, v in os.environ.items() if not k.startswith("RLM_")
-        } | {
-            "RLM_BROKER_URL": broker.url,
-            "RLM_ADMIN_TOKEN": broker.admin_token,
-            "RLM_LLM_PROFILES": json.dumps([profile]),
-            "RLM_POLLER_WAIT_S": "2",
-            "RLM_LOG_LEVEL": "INFO",
-            **env,
-        }  # fmt: skip
-        log = (tmp_path / f"poller-{len(children)}.log").open("wb")
-        rlm = Path(sys.executable).with_name("rlm")
-        child = subprocess.Popen(
-            [str(rlm), "poller"], env=environ, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
-
-
 def log_events(path: Path) -> list[str]:
     return [
         json.loads(line)["event"] for line in path.read_text().splitlines() if line.startswith("{")
@@ -83,7 +47,7 @@ async def test_killed_poller_request_answered_by_another(
         FakeLLMServer(echo_scenario()) as fast,
     ):
         _, session = await open_tenant_session(broker.url, broker.admin_token, META)
-        child = poller_process(broker, slow.base_url)
+        child = poller_process(broker.url, broker.admin_token, slow.base_url, RLM_POLLER_WAIT_S="2")
         ids = await enqueue_all(session, ["orphan"], depth=1)
         await wait_until(lambda: slow.stats()["in_flight"] == 1, timeout_s=30)
         child.send_signal(signal.SIGKILL)
@@ -107,7 +71,9 @@ async def test_sigterm_finishes_in_flight_calls(
 ) -> None:
     with FakeLLMServer(echo_scenario({"delay_s": 1.0})) as fake:
         _, session = await open_tenant_session(broker_server.url, broker_server.admin_token, META)
-        child = poller_process(broker_server, fake.base_url)
+        child = poller_process(
+            broker_server.url, broker_server.admin_token, fake.base_url, RLM_POLLER_WAIT_S="2"
+        )
         try:
             ids = await enqueue_all(session, ["finish me", "and me"], depth=1)
             await wait_until(lambda: fake.stats()["in_flight"] == 2, timeout_s=30)

@@ -271,3 +271,13 @@ def test_the_connection_budget_stays_below_the_descriptor_limit() -> None:
     roomy = HttpLimits(max_connections=10**7, fd_reserve=100)
     assert connection_budget(roomy) == soft - 100
     assert connection_budget(HttpLimits(max_connections=10)) == 10
+
+
+def test_the_wires_context_bound_is_the_repls() -> None:
+    # rlm_wire may not import the REPL, so the runtime's wire carries its own copy of the
+    # bound on context indexes: the two must agree, or a context the host may load would be
+    # refused by the runtime (or the other way round).
+    from rlm_repl import MAX_CONTEXTS
+    from rlm_wire.runtime_models import MAX_CONTEXT_INDEXES
+
+    assert MAX_CONTEXT_INDEXES == MAX_CONTEXTS

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import ssl
 import urllib.parse
 from typing import Any
+
+from rlm_wire.transport import tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class BrokerRelay:
             raise ValueError(f"the relay needs an http(s) broker URL, got {broker_url!r}")
         self._host = parsed.hostname
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self._tls = ssl.create_default_context() if parsed.scheme == "https" else None
+        self._tls = tls_context() if parsed.scheme == "https" else None
         self.socket_path = socket_path
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s

@@ -131,18 +131,16 @@ class RequestHandler:
                 code=ErrorCode.SUB_RLM_UNAVAILABLE,
             )
         budget = self._budget(call)
-        if call.kind == "tool":
-            return await self._tool(request, call, budget)
         if budget is None:
-            answer, _, _ = await self._work(request, call)
+            answer, _, _ = await self._work(request, call, None)
             return answer
         budget.admit(call)
         started = time.perf_counter()
         try:
-            answer, usage, model = await self._work(request, call)
+            answer, usage, model = await self._work(request, call, budget)
         except BaseException:
             # Admitted calls are always charged, so the run's in-flight count stays right.
-            budget.charge(call, Usage(), model=request.model,
+            budget.charge(call, Usage(), model=_charged_model(request, call),
                           latency_s=time.perf_counter() - started)  # fmt: skip
             raise
         # A sub-RLM's own LLM calls are charged by the RLM loop; `charge` only logs this one.
@@ -150,9 +148,13 @@ class RequestHandler:
         return answer
 
     async def _work(
-        self, request: PendingRequest, call: CallContext
+        self, request: PendingRequest, call: CallContext, budget: RunBudget | None
     ) -> tuple[Answer, Usage, str | None]:
-        """The answer, its usage, and the model that gave it."""
+        """The answer, its usage, and the model that gave it (a tool: `tool:<name>`)."""
+        if call.kind == "tool":
+            response = await _tool_call(request, budget)
+            answer = Answer(id=request.id, response=response, usage=_wire(Usage()))
+            return answer, Usage(), _charged_model(request, call)
         if call.wants_sub_rlm and self.sub_rlm is not None:
             result = await self.sub_rlm(request, call)
             answer = Answer(
@@ -171,35 +173,36 @@ class RequestHandler:
         answer = Answer(id=request.id, response=completion.text, usage=_wire(completion.usage))
         return answer, completion.usage, completion.model
 
-    async def _tool(
-        self, request: PendingRequest, call: CallContext, budget: RunBudget | None
-    ) -> Answer:
-        """A host-side tool of the call's run: only a run living in this process has its
-        tools (on its tracker, found for the call's own tenant); no LLM call, no tokens, but
-        one sub-call of the run (admitted, and charged with no usage)."""
-        tools = budget.tools if budget is not None else None
-        if budget is None or tools is None:
-            raise RequestFailed(
-                "host-side tools run only in the process of their RLM (the embedded stack of "
-                "`rlm ask` or the Python API, `rlm serve`); this poller does not hold the run",
-                code=ErrorCode.TOOL_UNAVAILABLE,
-            )
-        name = (request.params or {}).get("tool")
-        if not isinstance(name, str):
-            raise RequestFailed("a tool call must name its tool", code=ErrorCode.INVALID_REQUEST)
-        budget.admit(call)
-        started = time.perf_counter()
-        try:
-            response = await tools.call(name, request.prompt or "")
-        finally:
-            budget.charge(call, Usage(), model=f"tool:{name[:64]}",
-                          latency_s=time.perf_counter() - started)  # fmt: skip
-        return Answer(id=request.id, response=response, usage=_wire(Usage()))
-
     def _budget(self, call: CallContext) -> RunBudget | None:
         if self.budgets is None or call.run_id is None:
             return None
         return self.budgets.for_call(call)
+
+
+async def _tool_call(request: PendingRequest, budget: RunBudget | None) -> str:
+    """A host-side tool of the call's run: only a run living in this process has its tools
+    (on its tracker, found for the call's own tenant); no LLM call, no tokens, but one
+    sub-call of the run (admitted and charged like any)."""
+    tools = budget.tools if budget is not None else None
+    if tools is None:
+        raise RequestFailed(
+            "host-side tools run only in the process of their RLM (the embedded stack of "
+            "`rlm ask` or the Python API, `rlm serve`); this poller does not hold the run",
+            code=ErrorCode.TOOL_UNAVAILABLE,
+        )
+    name = (request.params or {}).get("tool")
+    if not isinstance(name, str):
+        raise RequestFailed("a tool call must name its tool", code=ErrorCode.INVALID_REQUEST)
+    return await tools.call(name, request.prompt or "")
+
+
+def _charged_model(request: PendingRequest, call: CallContext) -> str | None:
+    """What a call is charged to in the run's record: a tool's `tool:<name>`, else the
+    model it asked for."""
+    if call.kind != "tool":
+        return request.model
+    name = (request.params or {}).get("tool")
+    return f"tool:{name[:64] if isinstance(name, str) else '?'}"
 
 
 def _sub_model(request: PendingRequest) -> str | None:

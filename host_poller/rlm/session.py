@@ -26,7 +26,7 @@ from host_poller.rlm.tools import install as install_tools
 from host_poller.rlm.trajectory import TrajectoryWriter
 from host_poller.rlm.types import Context, Contexts, Turn
 from host_poller.settings import HostSettings
-from rlm_repl import MAX_CONTEXTS
+from rlm_repl import MAX_CONTEXTS, is_message
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import WireError
 from rlm_wire.run_info import RunInfo
@@ -77,15 +77,6 @@ class SessionOutcome:
     loop: LoopOutcome
     final_state: dict[str, JsonValue]
     session_id: str
-
-
-def is_message(value: Any) -> bool:
-    """A chat message: a dict with a str `role` and a str `content`."""
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("role"), str)
-        and isinstance(value.get("content"), str)
-    )
 
 
 def validate_contexts(context: Any) -> tuple[Context, ...]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from host_poller.rlm.conversation import Conversation
 from host_poller.rlm.loop import EventHook
-from host_poller.rlm.types import RLMResult
+from host_poller.rlm.types import Context, RLMResult
 from host_poller.service.auth import Caller
 from host_poller.service.models import run_summary, wire_usage
 from host_poller.service.runner import RLMService, RunPlan
@@ -136,6 +136,17 @@ class ConversationRegistry:
         if served is None or served.owner != caller.owner:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no open conversation {conversation_id!r}")
         return served
+
+    def question_context(
+        self, served: ServedConversation, query: str, context: Context | None
+    ) -> Context | None:
+        """What a question is asked over: its own context, else (the first question) the one
+        given at the conversation's creation; 413 past RLM_SERVE_MAX_CONTEXT_CHARS. Checked
+        before the question runs (a streamed one included)."""
+        if context is None and not served.turns:
+            context = served.plan.context
+        self.service.check_question(query, context)
+        return context
 
     async def ask(
         self,

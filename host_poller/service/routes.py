@@ -71,10 +71,8 @@ def _next_question(request: Request, chat: ChatRequest, caller: Caller) -> tuple
         query = chat.query()
     except ValueError as exc:
         raise ApiError(400, ErrorCode.BAD_REQUEST, str(exc)) from exc
-    context = context_value(chat.context) if chat.context is not None else None
-    if context is None and not served.turns:
-        context = served.plan.context  # the conversation's own, given at its creation
-    registry.service.check_question(query, context)
+    given = context_value(chat.context) if chat.context is not None else None
+    context = registry.question_context(served, query, given)
 
     def run(on_event: EventHook | None) -> Awaitable[RLMResult]:
         return registry.ask(served, query, context, on_event)

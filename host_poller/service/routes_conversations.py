@@ -55,10 +55,8 @@ async def ask(request: Request) -> Response:
     served, _ = await _conversation(request)
     registry = registry_of(request)
     body = await read_request(request, QuestionRequest)
-    context = context_value(body.context) if body.context is not None else None
-    if context is None and not served.turns:
-        context = served.plan.context  # the conversation's own, given at its creation
-    registry.service.check_question(body.query, context)
+    given = context_value(body.context) if body.context is not None else None
+    context = registry.question_context(served, body.query, given)
     with registry.service.slot():
         result = await registry.ask(served, body.query, context)
     return JSONResponse(answer_body(served, result))

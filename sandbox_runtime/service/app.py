@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rlm_repl import MAX_CONTEXTS
 from rlm_wire import runtime_models as p
 from rlm_wire.bodies import read_body, read_model
 from rlm_wire.codes import ErrorCode
@@ -95,11 +94,11 @@ def _host_name(header: str) -> str:
 def _context_index(request: Request) -> int:
     """The `index` query parameter of a context upload: which `context_<n>` it binds."""
     raw = request.query_params.get("index", "0")
-    if not raw.isdigit() or int(raw) >= MAX_CONTEXTS:
+    if not raw.isdigit() or int(raw) >= p.MAX_CONTEXT_INDEXES:
         raise ApiError(
             400,
             ErrorCode.BAD_REQUEST,
-            f"index must be an integer from 0 to {MAX_CONTEXTS - 1}",
+            f"index must be an integer from 0 to {p.MAX_CONTEXT_INDEXES - 1}",
         )
     return int(raw)
 

@@ -8,13 +8,8 @@ scripted LLM's own count of the calls it served. Nothing is asserted on wall tim
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -24,6 +19,7 @@ from broker.redis_server import free_port
 from fake_llm import FakeLLMServer, Scenario
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import RequestResult
+from tests.conftest import PollerStarter
 from tests.support.brokers import tenant_and_session
 from tests.support.servers import BrokerProcess, BrokerServer, wait_until
 from tests.test_poller import META, enqueue_all, poller_of, poller_settings, running
@@ -36,8 +32,6 @@ LEASE_S = 2.0
 #: Most seconds to wait for every answer (a lost request would otherwise wait forever).
 _RESULTS_BOUND_S = 45.0
 
-PollerStarter = Callable[..., subprocess.Popen[bytes]]
-
 
 def tagged_scenario(tag: str, delay_s: float = 0.0) -> Scenario:
     """Answers `<tag>: <prompt>`, so a result tells which poller's LLM gave it."""
@@ -49,44 +43,6 @@ def tagged_scenario(tag: str, delay_s: float = 0.0) -> Scenario:
     if delay_s:
         rule["faults"] = {"delay_s": delay_s}
     return Scenario.model_validate({"name": tag, "rules": [rule]})
-
-
-@pytest.fixture
-def poller_process(tmp_path: Path) -> Iterator[PollerStarter]:
-    """Starts `rlm poller` children (admin token); kills any still running at the end."""
-    children: list[subprocess.Popen[bytes]] = []
-
-    def start(broker_url: str, admin_token: str, llm: FakeLLMServer, **env: str) -> Any:
-        profile = {"name": "sub", "base_url": llm.base_url, "model": "fake-sub",
-                   "max_retries": 0}  # fmt: skip
-        environ = {
-            k: v for k, v in os.environ.items() if not k.startswith("RLM_")
-        } | {
-            "RLM_BROKER_URL": broker_url,
-            "RLM_ADMIN_TOKEN": admin_token,
-            "RLM_LLM_PROFILES": json.dumps([profile]),
-            "RLM_POLLER_WAIT_S": "1",
-            "RLM_POLLER_SUB_RLMS": "false",
-            "RLM_POLLER_BACKOFF_INITIAL_S": "0.05",
-            "RLM_POLLER_BACKOFF_MAX_S": "0.5",
-            "RLM_LOG_LEVEL": "INFO",
-            **env,
-        }  # fmt: skip
-        log = (tmp_path / f"poller-{len(children)}.log").open("wb")
-        rlm = Path(sys.executable).with_name("rlm")
-        child = subprocess.Popen(
-            [str(rlm), "poller"], env=environ, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGCONT)
-            child.kill()
-            child.wait(timeout=10)
 
 
 async def all_results(session: BrokerClient, ids: list[str]) -> list[RequestResult]:
@@ -143,7 +99,7 @@ async def test_a_poller_paused_past_its_leases_starts_no_call_after_the_answers(
         ):
             # Four requests held, one running at a time: three wait for a slot.
             child = poller_process(
-                broker.url, broker.admin_token, slow,
+                broker.url, broker.admin_token, slow.base_url,
                 RLM_POLLER_CONCURRENCY="4", RLM_POLLER_TENANT_CONCURRENCY="1",
                 RLM_POLLER_METRICS_PORT=str(metrics_port),
             )  # fmt: skip
@@ -197,8 +153,8 @@ async def test_a_killed_poller_loses_nothing_and_pays_twice_only_its_calls_in_fl
             session,
         ):
             env = {"RLM_POLLER_CONCURRENCY": "4", "RLM_POLLER_TENANT_CONCURRENCY": "4"}
-            victim = poller_process(broker.url, broker.admin_token, llm_a, **env)
-            survivor = poller_process(broker.url, broker.admin_token, llm_b, **env)
+            victim = poller_process(broker.url, broker.admin_token, llm_a.base_url, **env)
+            survivor = poller_process(broker.url, broker.admin_token, llm_b.base_url, **env)
             ids = await enqueue_all(session.client, prompts, depth=1)
             await wait_until(lambda: calls(llm_a) >= 5 and llm_a.stats()["in_flight"] > 0,
                              timeout_s=30)  # fmt: skip
@@ -238,7 +194,7 @@ async def test_a_poller_fails_over_to_the_next_broker_when_one_is_killed(
                 session,
             ):
                 child = poller_process(
-                    f"{first.url},{second.url}", first.admin_token, llm,
+                    f"{first.url},{second.url}", first.admin_token, llm.base_url,
                     RLM_POLLER_CONCURRENCY="8", RLM_POLLER_TENANT_CONCURRENCY="8",
                 )  # fmt: skip
                 ids = await enqueue_all(session.client, prompts, depth=1)
