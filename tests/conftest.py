@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import pytest
 import redis
 
 from broker.redis_server import RedisServer
+from rlm_wire import broker_models as bp
+from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer
 
 
@@ -111,3 +114,20 @@ def poller_process(tmp_path: Path) -> Iterator[PollerStarter]:
             child.send_signal(signal.SIGCONT)
             child.kill()
             child.wait(timeout=10)
+
+
+@pytest.fixture
+async def broker_session(
+    broker_server: BrokerServer,
+) -> AsyncIterator[tuple[str, list[bp.PendingRequest]]]:
+    """A broker session token, with a poller answering `echo:<prompt>` (the requests it
+    answered are kept in the list)."""
+    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
+        seen: list[bp.PendingRequest] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(echo_answers(tenant.client, seen, stop))
+        try:
+            yield bs.token, seen
+        finally:
+            stop.set()
+            await task

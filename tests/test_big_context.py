@@ -58,11 +58,6 @@ def big_context() -> str:
     return text
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.parametrize("environment", ["local", "command", "pyodide", "remote"])
 async def test_a_35_mb_context_answers(
     redis_url: str, tmp_path: Path, big_context: str, environment: str

@@ -63,11 +63,6 @@ SCENARIO: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_one_run_over_several_contexts(redis_url: str, tmp_path: Path) -> None:
     async with scripted_stack(redis_url, tmp_path, SCENARIO) as run:
         result = await run.rlm().acompletion(Contexts(BOOK, LOG), "Compare")

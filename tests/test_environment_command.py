@@ -38,7 +38,6 @@ from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_clien
 from rlm_cli.stack import LocalStack, StackConfig
 from rlm_wire import broker_models as bp
 from rlm_wire.runtime_models import Limits
-from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer
 
 pytestmark = pytest.mark.anyio
@@ -56,22 +55,6 @@ def require_bwrap_and_numpy() -> None:
         pytest.fail(
             "numpy is missing from the venv: uv pip install --python .venv/bin/python numpy"
         )
-
-
-@pytest.fixture
-async def broker_session(
-    broker_server: BrokerServer,
-) -> AsyncIterator[tuple[str, list[bp.PendingRequest]]]:
-    """A broker session token, with a poller answering `echo:<prompt>`."""
-    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
-        seen: list[bp.PendingRequest] = []
-        stop = asyncio.Event()
-        task = asyncio.create_task(echo_answers(tenant.client, seen, stop))
-        try:
-            yield bs.token, seen
-        finally:
-            stop.set()
-            await task
 
 
 @asynccontextmanager

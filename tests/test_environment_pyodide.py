@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from rlm_wire import broker_models as bp
 from rlm_wire.runtime_models import Limits
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
-from tests.support.brokers import echo_answers, tenant_and_session
 from tests.support.servers import BrokerServer
 
 pytestmark = pytest.mark.anyio
@@ -40,22 +38,6 @@ def runtime_url() -> Iterator[str]:
 
 def _settings(runtime_url: str, **updates: Any) -> HostSettings:
     return HostSettings(runtime_url=runtime_url, runtime_token=SecretStr(TOKEN), **updates)
-
-
-@pytest.fixture
-async def broker_session(
-    broker_server: BrokerServer,
-) -> AsyncIterator[tuple[str, list[bp.PendingRequest]]]:
-    """A broker session token, with a poller answering `echo:<prompt>` (requests are kept)."""
-    async with tenant_and_session(broker_server.url, broker_server.admin_token) as (tenant, bs):
-        seen: list[bp.PendingRequest] = []
-        stop = asyncio.Event()
-        task = asyncio.create_task(echo_answers(tenant.client, seen, stop))
-        try:
-            yield bs.token, seen
-        finally:
-            stop.set()
-            await task
 
 
 def _spec(broker_server: BrokerServer, token: str, **updates: Any) -> EnvironmentSpec:

@@ -15,11 +15,6 @@ from host_poller.llm import Usage, UsageLedger
 from rlm_cli.host_commands import usage as usage_command
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def one_call(i: int) -> Usage:
     # Costs are multiples of 1/1024: binary-exact, so any summing order gives the same float.
     return Usage(input_tokens=i, output_tokens=2 * i, cost_usd=i / 1024, calls=1)

@@ -27,11 +27,6 @@ from host_poller.llm import (
 SECRET = "sk-test-0123456789-very-secret"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def server(reply: Mapping[str, object], faults: Mapping[str, object] | None = None,
            **extra: object) -> FakeLLMServer:  # fmt: skip
     rule: dict[str, object] = {"name": "r", "reply": reply}

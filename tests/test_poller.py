@@ -137,11 +137,6 @@ async def drain_once(settings: PollerSettings, base_url: str, **kwargs: Any) -> 
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def fake_llm() -> Iterator[Callable[..., FakeLLMServer]]:
     started: list[FakeLLMServer] = []
 

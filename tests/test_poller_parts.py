@@ -25,11 +25,6 @@ from tests.support.servers import BrokerServer
 from tests.test_poller import META, enqueue_all, llm_profile, open_tenant_session, results
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(("max_items", "batches"), [(64, 1), (4, 3)])
 async def test_answers_finished_together_share_one_post(

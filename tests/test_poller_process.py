@@ -26,11 +26,6 @@ from tests.test_poller import (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def log_events(path: Path) -> list[str]:
     return [
         json.loads(line)["event"] for line in path.read_text().splitlines() if line.startswith("{")

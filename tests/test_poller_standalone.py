@@ -37,11 +37,6 @@ from tests.test_rlm import make_text
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class PollerProcess:
     """`rlm poller` as a child process with only the admin token and the scripted profiles."""
 

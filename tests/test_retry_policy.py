@@ -46,11 +46,6 @@ pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(deadline_s=5.0, initial_s=0.005, max_pause_s=0.02)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --- the policy on its own -------------------------------------------------------------------
 
 

@@ -33,11 +33,6 @@ from rlm_wire.http_limits import HttpLimits, connection_budget, raise_fd_limit
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Item(BaseModel):
     name: str
     count: int = 1

@@ -56,11 +56,6 @@ SCENARIO: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class TenantServe:
     """The service on its stack: call it with `request`, make tenants with `tenant`."""

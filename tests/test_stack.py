@@ -37,11 +37,6 @@ COUNT_PROMPT = (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(autouse=True)
 def _no_rlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):

@@ -36,11 +36,6 @@ SCENARIO: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_the_custom_prompt_gets_the_context_and_depth_and_keeps_other_braces() -> None:
     text = system_prompt("hello world", depth=0, max_depth=2, output_chars=100, custom=CUSTOM)
     assert text.startswith("You are a careful auditor. The data: a str of 11 characters")

@@ -69,11 +69,6 @@ def _scenario(name: str, code: list[str]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def runtime_url() -> Iterator[str]:
     with warm_runtime() as url:

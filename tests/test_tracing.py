@@ -49,11 +49,6 @@ SCENARIO: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_a_child_span_keeps_the_trace_and_its_flags() -> None:
     parent = new_traceparent()
     assert is_valid(parent) and parent.endswith("-01")

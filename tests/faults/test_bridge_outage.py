@@ -30,11 +30,6 @@ WORKERS = 4
 OUTAGE_S = 3.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_broker_killed_and_restarted_loses_and_repeats_no_llm_query(
     redis_url: str,
 ) -> None:

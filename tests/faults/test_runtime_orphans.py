@@ -53,11 +53,6 @@ SCENARIO: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _start_runtime(port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
     env |= {"RLM_SANDBOX_TOKEN": RUNTIME_TOKEN, "RLM_LOG_LEVEL": "WARNING"}

@@ -19,11 +19,6 @@ from tests.test_serve_tenants import STATIC_KEY, TenantServe, tenant_serve
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _assert_not_found(answer: httpx2.Response, run_id: str) -> None:
     assert answer.status_code == 404, answer.text
     error = answer.json()["error"]

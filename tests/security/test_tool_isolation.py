@@ -35,11 +35,6 @@ FORGE_ONLY = [
 ]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def runtime_url() -> Iterator[str]:
     with warm_runtime() as url:
