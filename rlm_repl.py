@@ -111,6 +111,10 @@ API_NAMES = frozenset(
         "call_tool",
     }
 )
+#: How a host-side tool's REPL function ends its docstring (`host_poller.rlm.tools`): SHOW_VARS
+#: leaves such functions out. In the docstring because a hibernated sandbox keeps a function
+#: as its source, which a mark set after the `def` would not survive.
+TOOL_DOC_MARK = "Runs on the host (a host-side tool)."
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -565,6 +569,13 @@ def is_user_name(name: str) -> bool:
     return not (name.startswith("__") and name.endswith("__")) and name not in API_NAMES
 
 
+def _is_tool_function(value: Any) -> bool:
+    # A plain function's own __doc__: never an attribute lookup that model code could hook.
+    return isinstance(value, types.FunctionType) and str(value.__doc__ or "").endswith(
+        TOOL_DOC_MARK
+    )
+
+
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 _preview = reprlib.Repr()
 _preview.maxstring = _preview.maxother = 120
@@ -799,6 +810,7 @@ class Repl:
             for name, value in list(self.namespace.items())
             if is_user_name(name)
             and not isinstance(value, types.ModuleType)
+            and not _is_tool_function(value)
             and not (name == "context_0" and value is context)
         ]
 

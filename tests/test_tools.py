@@ -226,9 +226,13 @@ CALLS = [
     "hits = search('whale', k=2)",
     "counted = count_letters(text='ab1c')",
     "try:\n    broken(7)\nexcept LLMQueryError as exc:\n    failure = exc.code + '|' + exc.message",
-    "FINAL(f\"{hits}|{counted['letters']}|{failure}\")",
+    "shown = [n for n in ('search', 'count_letters', 'hits') if f'{n}: ' in SHOW_VARS()]",
+    "FINAL(f\"{hits}|{counted['letters']}|{failure}|{shown}\")",
 ]
-EXPECTED = "['whale-0', 'whale-1']|3|tool_failed|tool 'broken' raised ValueError: no such page: 7"
+EXPECTED = (
+    "['whale-0', 'whale-1']|3|tool_failed|tool 'broken' raised ValueError: no such page: 7"
+    "|['hits']"  # SHOW_VARS lists the model's variables, not the tools' functions
+)
 
 
 async def _run_the_tools(

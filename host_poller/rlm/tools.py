@@ -36,7 +36,7 @@ from host_poller.environments.base import Environment
 from host_poller.environments.errors import ExecutionEnvironmentError
 from host_poller.poller.errors import RequestFailed
 from host_poller.rlm.errors import RLMConfigError
-from rlm_repl import API_NAMES
+from rlm_repl import API_NAMES, TOOL_DOC_MARK
 from rlm_wire.codes import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Toolbox:
 def _wrapper_source(tool: Tool) -> str:
     # Only a checked identifier and repr() literals go into the source: nothing of the
     # tool's text can become code.
-    doc = f"{tool.name}{tool.signature}\n\n{tool.doc}\n\nRuns on the host (a host-side tool)."
+    doc = f"{tool.name}{tool.signature}\n\n{tool.doc}\n\n{TOOL_DOC_MARK}"
     return (
         f"def {tool.name}(*args, **kwargs):\n"
         f"    {doc!r}\n"
