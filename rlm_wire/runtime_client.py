@@ -119,9 +119,13 @@ class RuntimeClient(ApiClient):
         except ServiceResponseError as exc:
             if exc.status != 409 or exc.code != ErrorCode.CONTEXT_UNKNOWN:
                 raise
-        # A miss is rare (eviction, or a replica new to this run): upload every reference.
-        for ref in body.contexts or ():
-            await self.put_context(ref.sha256, contents[ref.sha256])
+        # A miss is rare (eviction, or a replica new to this run): upload only what the
+        # replica lacks. Every HEAD comes first: it marks a held context recently used, so
+        # the uploads that follow evict others before it.
+        names = dict.fromkeys(ref.sha256 for ref in body.contexts or ())
+        missing = [name for name in names if not await self.has_context(name)]
+        for name in missing:
+            await self.put_context(name, contents[name])
         return await self.execute_stateless(body)
 
     # --- the content-addressed context cache ------------------------------------------------
@@ -133,7 +137,8 @@ class RuntimeClient(ApiClient):
         await self._send("PUT", f"/contexts/{sha256}", body=content, timeout_s=timeout)
 
     async def has_context(self, sha256: str) -> bool:
-        """Whether the replica that answers holds the context of this hash."""
+        """Whether the replica that answers holds the context of this hash (a yes marks it
+        recently used there)."""
         reply = await self._send("HEAD", f"/contexts/{sha256}", check=False)
         if reply.status not in (200, 404):
             raise error_from_reply(reply)

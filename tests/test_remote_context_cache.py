@@ -141,6 +141,42 @@ async def test_an_evicted_context_is_uploaded_again_transparently(tiny_cache_url
         await env.aclose()
 
 
+class _CountingClient(RuntimeClient):
+    """The real client, noting which contexts it uploads."""
+
+    uploaded: list[str]
+
+    async def put_context(self, sha256: str, content: bytes) -> None:
+        self.uploaded.append(sha256)
+        await super().put_context(sha256, content)
+
+
+async def test_after_a_miss_only_the_contexts_the_replica_lacks_are_uploaded_again() -> None:
+    with _runtime(context_cache_entries=2) as runtime:
+        async with _CountingClient(runtime.url, TOKEN) as client:
+            client.uploaded = []
+            (first, first_sha), (second, second_sha) = map(context_content, ["one", "two"])
+            contents = {first_sha: first, second_sha: second}
+            for sha256, content in contents.items():
+                await client.put_context(sha256, content)
+            body = p.StatelessExecuteRequest(
+                code="print(context_0, context_1)",
+                contexts=[
+                    p.ContextRef(index=0, sha256=first_sha),
+                    p.ContextRef(index=1, sha256=second_sha),
+                ],
+            )
+            first_run = (await client.execute_with_contexts(body, contents)).result
+            assert first_run.stdout == "one two\n", first_run.error
+            # A third context evicts the least recently used of the two: "one".
+            third, third_sha = context_content("three")
+            await client.put_context(third_sha, third)
+            client.uploaded.clear()
+            again = (await client.execute_with_contexts(body, contents)).result
+            assert again.stdout == "one two\n", again.error
+            assert client.uploaded == [first_sha]
+
+
 async def test_uploads_are_checked_against_their_hash(client: RuntimeClient) -> None:
     content, digest = context_content({"k": [1, 2]})
     with pytest.raises(ServiceResponseError) as info:

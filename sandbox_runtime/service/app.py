@@ -190,7 +190,7 @@ def create_app(
 
     async def head_cached_context(request: Request) -> Response:
         authorize(request)
-        held = check_hash(request.path_params["sha256"]) in runtime.contexts
+        held = runtime.contexts.touch(check_hash(request.path_params["sha256"]))
         return Response(status_code=200 if held else 404)
 
     async def health(request: Request) -> Response:

@@ -110,6 +110,15 @@ class ContextCache:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def touch(self, name: str) -> bool:
+        """Whether `name` is held, marking it recently used if so: a client asks before it
+        uploads what a call lacks, and what it was told is held must not be what the upload
+        then evicts."""
+        if name not in self._entries:
+            return False
+        self._entries.move_to_end(name)
+        return True
+
     async def put(self, name: str, content: bytes) -> bool:
         """Store `content` under `name` after `verify`; False if it was held already."""
         if len(content) > self.max_bytes:
