@@ -1,7 +1,8 @@
-"""The broker's Starlette application: routes, and the lifespan that opens Redis.
+"""The broker's application: routes, and the lifespan that opens Redis.
 
 `create_app(settings)` is all a server needs; `rlm broker` serves it with uvicorn
-(uvloop + httptools, one worker per process: scale with replicas over one Redis).
+(uvloop + httptools, one worker per process: scale with replicas over one Redis). The three
+calls of a round trip are served as raw ASGI (`broker.hot_routes`), the rest by Starlette.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from broker import routes_ops, routes_queue, routes_tenancy
 from broker.auth import Authenticator
 from broker.context import BrokerContext
+from broker.hot_routes import BrokerApp
 from broker.listener import Listener
 from broker.metrics import Metrics
 from broker.openapi import openapi_json
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 _SUBSCRIBE_TIMEOUT_S = 5.0
 
 
-def create_app(settings: BrokerSettings) -> Starlette:
+def create_app(settings: BrokerSettings) -> BrokerApp:
     if settings.redis_url is None:
         raise ValueError("create_app needs settings.redis_url (rlm broker starts one if unset)")
     redis_url = settings.redis_url
@@ -89,10 +91,7 @@ def create_app(settings: BrokerSettings) -> Starlette:
         Route("/tenants/self", routes_tenancy.tenant_self, methods=["GET"]),
         Route("/sessions", routes_tenancy.create_session, methods=["POST"]),
         Route("/sessions/{session_id}", routes_tenancy.delete_session, methods=["DELETE"]),
-        Route("/enqueue", routes_queue.enqueue, methods=["POST"]),
         Route("/requests/{request_id}", routes_queue.get_request, methods=["GET"]),
-        Route("/pending", routes_queue.pending, methods=["GET"]),
-        Route("/respond", routes_queue.respond, methods=["POST"]),
         Route("/leases/extend", routes_queue.extend_leases, methods=["POST"]),
         Route("/health", routes_ops.health, methods=["GET"]),
         Route("/health/live", routes_ops.live, methods=["GET"]),
@@ -103,9 +102,10 @@ def create_app(settings: BrokerSettings) -> Starlette:
             methods=["GET"],
         ),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         # Endpoints answer their own errors (`broker.handling`); this covers the rest.
         exception_handlers=exception_handlers(logger),
     )
+    return BrokerApp(app)

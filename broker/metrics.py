@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: `requests` children by (endpoint, status): `labels()` costs a lock and a tuple
+        #: of strings on every answer otherwise.
+        self._answers: dict[tuple[str, int], Counter] = {}
         self.requests = Counter(
             "rlm_broker_http_requests",
             "HTTP requests by endpoint and status code.",
@@ -70,6 +73,13 @@ class Metrics:
             "HTTP calls of this replica waiting for an answer.",
             registry=self.registry,
         )
+
+    def count(self, endpoint: str, status: int) -> None:
+        """One answer of `endpoint` with `status`, in `rlm_broker_http_requests_total`."""
+        child = self._answers.get((endpoint, status))
+        if child is None:
+            child = self._answers[endpoint, status] = self.requests.labels(endpoint, str(status))
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

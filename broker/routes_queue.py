@@ -1,7 +1,12 @@
 """The queue: `/enqueue`, `/requests/{id}`, `/pending`, `/respond`, `/leases/extend`.
 
 Waiting never holds a Redis connection: a waiting call parks on a future (answers) or an
-event (new work) that the replica's one subscription resolves.
+event (new work) that the replica's one subscription resolves. A held `/enqueue` or
+`/pending` also watches its client: one that hangs up leaves no waiter behind.
+
+`enqueue`, `pending` and `respond` (one llm_query round trip) are served as raw ASGI
+(`broker.hot_routes`): they take the replica's context and an `AsgiRequest` and return an
+`Answer`; the other two are Starlette endpoints.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from starlette.responses import Response
 
 from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
-from broker.handling import endpoint
+from broker.handling import endpoint, lean_endpoint
 from broker.keys import tenant_of_request
 from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
+from rlm_wire.asgi import Answer, AsgiRequest, json_answer, until_disconnect
 from rlm_wire.bodies import query_float, query_int, read_json, validate
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
@@ -48,10 +54,9 @@ def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | 
 # --- the sandbox side --------------------------------------------------------------------
 
 
-@endpoint("enqueue")
-async def enqueue(request: Request) -> Response:
-    ctx = context_of(request)
-    principal = await principal_of(request)
+@lean_endpoint("enqueue")
+async def enqueue(ctx: BrokerContext, request: AsgiRequest) -> Answer:
+    principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     principal.require("session")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     data = await read_json(request, ctx.settings.max_body_bytes)
@@ -63,6 +68,7 @@ async def enqueue(request: Request) -> Response:
     ids = [f"{tenant_id}.{secrets.token_hex(10)}" for _ in items]
     # Register before publishing, so that an instant answer finds its waiter.
     futures = [ctx.waiters.register(request_id) for request_id in ids]
+    disconnected: asyncio.Future[None] | None = None
     try:
         earlier = await ctx.store.enqueue(
             tenant_id,
@@ -78,19 +84,25 @@ async def enqueue(request: Request) -> Response:
             ctx.signals.notify(tenant_id, len(items))
         else:
             ids, futures = await _rewait(ctx, tenant_id, ids, futures, earlier)
-        results = await _await_results(ctx, ids, futures, wait_s)
+        if wait_s > 0 and not all(f.done() for f in futures):
+            # A caller that hangs up stops the wait: its waiters go at once, not after `wait`
+            # (its requests stay queued; a retry with its Idempotency-Key finds them).
+            disconnected = asyncio.ensure_future(until_disconnect(request.receive))
+        results = await _await_results(ctx, ids, futures, wait_s, disconnected)
     finally:
+        if disconnected is not None:
+            disconnected.cancel()
         for request_id, future in zip(ids, futures, strict=True):
             ctx.waiters.discard(request_id, future)
     all_done = all(r is not None for r in results)
     bodies = [r if r is not None else _pending(rid) for rid, r in zip(ids, results, strict=True)]
     status = 200 if all_done else 202
     if is_batch:
-        return json_response(b'{"results":[' + b",".join(bodies) + b"]}", status)
-    return json_response(bodies[0], status)
+        return Answer(status, b'{"results":[' + b",".join(bodies) + b"]}")
+    return Answer(status, bodies[0])
 
 
-def _idempotency_key(request: Request) -> str | None:
+def _idempotency_key(request: AsgiRequest) -> str | None:
     """The `Idempotency-Key` header: a retried POST with it enqueues nothing twice."""
     key = request.headers.get("idempotency-key")
     if key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable()):
@@ -174,10 +186,21 @@ async def get_request(request: Request) -> Response:
 
 
 async def _await_results(
-    ctx: BrokerContext, ids: Sequence[str], futures: Sequence[asyncio.Future[bytes]], wait_s: float
+    ctx: BrokerContext,
+    ids: Sequence[str],
+    futures: Sequence[asyncio.Future[bytes]],
+    wait_s: float,
+    disconnected: asyncio.Future[None] | None = None,
 ) -> list[bytes | None]:
-    if wait_s > 0:
+    """The results that arrive within `wait_s` (None: still pending); the wait ends early
+    when every one has, or when `disconnected` is done."""
+    if wait_s > 0 and disconnected is None:
         await asyncio.wait(futures, timeout=wait_s)
+    elif wait_s > 0 and disconnected is not None:
+        settled = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        await asyncio.wait(
+            [settled, disconnected], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
     results = [f.result() if f.done() else None for f in futures]
     if wait_s > 0 and any(r is None for r in results) and not ctx.listener.connected:
         # The subscription is down: an answer may have landed without a notification.
@@ -195,17 +218,16 @@ def _pending(request_id: str) -> bytes:
 # --- the host side -----------------------------------------------------------------------
 
 
-@endpoint("pending")
-async def pending(request: Request) -> Response:
-    ctx = context_of(request)
-    principal = await principal_of(request)
+@lean_endpoint("pending")
+async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
+    principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     principal.require("tenant", "admin")
     settings = ctx.settings
     max_items = query_int(request, "max", settings.default_pending_max, settings.max_pending_batch)
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
     poller = PollerSeen(principal.tenant_id, _poller_name(request, principal))
     deadline = time.monotonic() + wait_s
-    disconnected = asyncio.ensure_future(_until_disconnect(request))
+    disconnected = asyncio.ensure_future(until_disconnect(request.receive))
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
         full_scan = True
@@ -252,22 +274,15 @@ async def pending(request: Request) -> Response:
             claimed = []
     finally:
         disconnected.cancel()
-    return json_response(_pending_body(ctx, claimed))
+    return Answer(200, _pending_body(ctx, claimed))
 
 
-def _poller_name(request: Request, principal: Principal) -> str:
+def _poller_name(request: AsgiRequest, principal: Principal) -> str:
     """The `X-RLM-Poller` name (printable ASCII, at most 100 characters), else the token's."""
     name = request.headers.get("x-rlm-poller", "")
     if 0 < len(name) <= 100 and name.isascii() and name.isprintable():
         return name
     return principal.token_hash[:16]
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _claim(
@@ -351,10 +366,9 @@ def _pending_body(ctx: BrokerContext, claimed: Sequence[Claimed]) -> bytes:
     return b'{"requests":[' + b",".join(entries) + b"]}"
 
 
-@endpoint("respond")
-async def respond(request: Request) -> Response:
-    ctx = context_of(request)
-    principal = await principal_of(request)
+@lean_endpoint("respond")
+async def respond(ctx: BrokerContext, request: AsgiRequest) -> Answer:
+    principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     principal.require("tenant", "admin")
     data = await read_json(request, ctx.settings.max_body_bytes)
     batch = _batch_of(data, "responses", p.AnswerBatch, ctx.settings.max_respond_batch)
@@ -363,7 +377,7 @@ async def respond(request: Request) -> Response:
     statuses = await _record_answers(ctx, principal, answers)
     if is_batch:
         results = [{"id": a.id, "status": s} for a, s in zip(answers, statuses, strict=True)]
-        return json_response({"results": results})
+        return json_answer({"results": results})
     status = statuses[0]
     if status == "not_found":
         raise ApiError(
@@ -371,7 +385,7 @@ async def respond(request: Request) -> Response:
         )
     if status == "forbidden":
         raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another tenant")
-    return json_response({"id": answers[0].id, "status": status})
+    return json_answer({"id": answers[0].id, "status": status})
 
 
 async def _record_answers(

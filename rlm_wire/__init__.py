@@ -7,8 +7,9 @@ and none imports another service.
   `ServiceUnreachable` / `ServiceResponseError` for clients).
 - `rlm_wire.broker_models`, `rlm_wire.runtime_models`: the wire models of the broker and of
   the sandbox runtime.
-- `rlm_wire.bodies`, `rlm_wire.responses`, `rlm_wire.serving`: server plumbing (bounded
-  request bodies, JSON answers and the error table, uvicorn).
+- `rlm_wire.bodies`, `rlm_wire.responses`, `rlm_wire.serving`, `rlm_wire.asgi`: server
+  plumbing (bounded request bodies, JSON answers and the error table, uvicorn, hot routes
+  served as raw ASGI).
 - `rlm_wire.api_client`, `rlm_wire.broker_client`, `rlm_wire.runtime_client`,
   `rlm_wire.link`: the clients.
 """

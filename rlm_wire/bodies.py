@@ -8,11 +8,12 @@ the model.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
@@ -23,6 +24,19 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _MAX_FIELD_ERRORS = 10
 #: Longest whole number a query value may spell (Python refuses to parse past 4300 digits).
 _MAX_INT_DIGITS = 18
+
+
+class Request(Protocol):
+    """What these helpers read of a request: a Starlette `Request`, or the lean
+    `rlm_wire.asgi.AsgiRequest` (whose `stream` raises the same `ClientDisconnect`)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def query_params(self) -> Mapping[str, str]: ...
+
+    def stream(self) -> AsyncIterator[bytes]: ...
 
 
 class ClientDisconnected(ApiError):

@@ -31,13 +31,23 @@ def json_response(body: bytes | str | BaseModel | object, status: int = 200) -> 
     elif isinstance(body, bytes | str):
         content = body
     else:
-        content = json.dumps(body, separators=(",", ":"))
+        content = json_bytes(body)
     return Response(content, status_code=status, media_type="application/json")
+
+
+def json_bytes(body: object) -> bytes:
+    """`body` as compact JSON, as every JSON answer encodes it."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The error body every endpoint answers with: `{"error": {"code", "message"}}`."""
+    return json_bytes({"error": {"code": code, "message": message}})
 
 
 def error_response(status: int, code: str, message: str) -> Response:
     """The error body every endpoint answers with."""
-    return json_response({"error": {"code": code, "message": message}}, status)
+    return json_response(error_body(code, message), status)
 
 
 def api_error_response(exc: ApiError) -> Response:
