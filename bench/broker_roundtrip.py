@@ -14,8 +14,17 @@ measures, for each concurrency (waiters each doing enqueue -> answer -> enqueue 
     generator's process): what the broker alone allows;
   - baseline: the official RLM library (PyPI `rlms`): its broker script and its poller with
     its LM handler, unmodified, as plain local processes (bench/rlms_baseline.py);
-  - floor: one bare HTTP request to the broker (`/health/live`) + one Redis PING, serially.
-For each: p50, p99, round trips/s, CPU per round trip of the broker, Redis and the poller
+  - openai: `rlm poller` itself (its own process, default settings) calling an instant
+    OpenAI-compatible server in its own process (`rlm fake-llm`, one rule answering "ok",
+    no delay) through the openai SDK, as the product does (host_poller.llm), for a priced
+    model (`--openai-model`, default gpt-4o-mini: its cost is counted as a deployment's);
+    `--before-tree DIR` (a copy of an older tree, e.g. `git archive HEAD`) runs its poller
+    too, in alternating rounds (`--rounds`), and prints the medians of both;
+  - floor: one bare HTTP request to the broker (`/health/live`) + one Redis PING, serially;
+  - raw floor: the same over plain sockets (asyncio streams, no client library): the floor
+    of issue 13's openai target.
+For each: p50, p99, round trips/s, CPU per round trip of the broker, Redis, the poller and
+the LLM server (openai setups)
 (utime + stime of each process from /proc/<pid>/stat), with /proc/loadavg at that moment,
 and the Redis commands per round trip (`INFO commandstats` before and after, over the round
 trips: scripts, PUBLISH, ...). `--setups` picks some of the setups (e.g. `floor,product`).
@@ -57,7 +66,15 @@ PROMPT = "What is 2+2?"
 BENCH = Path(__file__).resolve().parent
 #: What `--setups` may pick: the floor, the minimal poller, the shipped poller, the shipped
 #: poller on httpx2 and on the stdlib loop, the official library.
-SETUPS = ("floor", "ceiling", "product", "httpx", "asyncio", "rlms")
+SETUPS = ("floor", "raw-floor", "ceiling", "product", "httpx", "asyncio", "openai", "rlms")
+#: The scripted LLM of the `openai` setup: "ok" to any conversation, at once.
+INSTANT_SCENARIO = {
+    "name": "instant",
+    "rules": [{"name": "ok", "reply": {"kind": "text", "text": "ok"}}],
+}
+OPENAI = "openai (rlm poller + SDK)"
+OPENAI_BEFORE = "openai, before tree"
+RAW_FLOOR = "raw floor (socket + PING)"
 
 Call = Callable[[], Awaitable[object]]
 
@@ -163,6 +180,40 @@ async def measure(
 # --- the setups --------------------------------------------------------------------------
 
 
+class RawFloor:
+    """One bare `GET /health/live` and one Redis PING on plain sockets: no client library."""
+
+    def __init__(self, port: int, redis_port: int) -> None:
+        self._ports = (port, redis_port)
+        self._http: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._redis: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def call(self) -> None:
+        if self._http is None or self._redis is None:
+            self._http = await asyncio.open_connection(HOST, self._ports[0])
+            self._redis = await asyncio.open_connection(HOST, self._ports[1])
+        reader, writer = self._http
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected answer {head!r}")
+        reader, writer = self._redis
+        writer.write(b"PING\r\n")
+        if await reader.readline() != b"+PONG\r\n":
+            raise RuntimeError("Redis did not answer PONG")
+
+    async def close(self) -> None:
+        for pair in (self._http, self._redis):
+            if pair is not None:
+                pair[1].close()
+
+
 def our_round_trip(port: int, session_token: str) -> Callable[[], Call]:
     def make() -> Call:
         connection = RawConnection(port, session_token)
@@ -224,6 +275,37 @@ def spawn_poller(port: int, token: str, transport: str, loop: str) -> subprocess
     return subprocess.Popen([sys.executable, __file__, "--serve-poller", loop], env=env)
 
 
+def spawn_fake_llm(port: int, scenario: Path) -> subprocess.Popen[bytes]:
+    """`rlm fake-llm` in its own process (uvloop, as the command runs it); its uvicorn logs
+    at info, so its output is dropped (a server that does not start fails `wait_ready`)."""
+    rlm = str(Path(sys.executable).with_name("rlm"))
+    argv = [rlm, "fake-llm", "--scenario", str(scenario), "--port", str(port)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def spawn_rlm_poller(
+    port: int, token: str, llm_port: int, model: str, tree: Path | None
+) -> subprocess.Popen[bytes]:
+    """`rlm poller` as shipped (default settings), its LLM the instant server; with `tree`,
+    the poller's code comes from that tree (PYTHONPATH before this tree's editable install)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RLM_", "OPENAI_")) and key != "PYTHONPATH"
+    }
+    env |= {
+        "RLM_BROKER_URL": f"http://{HOST}:{port}",
+        "RLM_TENANT_TOKEN": token,
+        "OPENAI_BASE_URL": f"http://{HOST}:{llm_port}/v1",
+        "RLM_MODEL": model,
+        "RLM_LOG_LEVEL": "WARNING",
+    }
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    rlm = str(Path(sys.executable).with_name("rlm"))
+    return subprocess.Popen([rlm, "poller"], env=env)
+
+
 def start(argv: list[str], cwd: str, *, quiet: bool = False) -> subprocess.Popen[bytes]:
     # Flask logs every request line to stderr: the bench keeps that cost, not the noise.
     return subprocess.Popen(argv, cwd=cwd, stderr=subprocess.DEVNULL if quiet else None)
@@ -283,6 +365,44 @@ async def wait_ready(port: int, path: str) -> None:
     raise RuntimeError(f"nothing answered {path} on port {port}")
 
 
+async def run_openai(
+    port: int,
+    tokens: tuple[str, str],
+    ours: Mapping[str, int],
+    client: aioredis.Redis,
+    args: argparse.Namespace,
+) -> list[Row]:
+    """The shipped `rlm poller` through the openai SDK; alternating with `--before-tree`.
+
+    `tokens`: the tenant's (the poller's) and a session's (the waiters')."""
+    trees: list[tuple[str, Path | None]] = [(OPENAI, None)]
+    if args.before_tree is not None:
+        trees.append((OPENAI_BEFORE, args.before_tree))
+    rows: list[Row] = []
+    llm_port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        scenario = Path(workdir) / "instant.json"
+        scenario.write_text(json.dumps(INSTANT_SCENARIO))
+        llm = spawn_fake_llm(llm_port, scenario)
+        try:
+            await wait_ready(llm_port, "/v1/models")
+            round_trip = our_round_trip(port, tokens[1])
+            for index in range(args.rounds):
+                # Alternate which tree goes first: load drifts fall on both alike.
+                for name, tree in trees if index % 2 == 0 else trees[::-1]:
+                    poller = spawn_rlm_poller(port, tokens[0], llm_port, args.openai_model, tree)
+                    try:
+                        pids = {**ours, "poller": poller.pid, "llm": llm.pid}
+                        rows += await measure(
+                            name, round_trip, args.levels, args.seconds, pids, client
+                        )
+                    finally:
+                        stop_process(poller)
+        finally:
+            stop_process(llm)
+    return rows
+
+
 async def run(
     port: int, redis: RedisServer, broker_pid: int, args: argparse.Namespace
 ) -> list[Row]:
@@ -313,6 +433,17 @@ async def run(
                 return call
 
             rows += await measure("floor (HTTP + PING)", floor, [1], seconds, ours, client)
+
+        if "raw-floor" in setups:
+            raw_floors: list[RawFloor] = []
+
+            def raw_floor() -> Call:
+                raw_floors.append(RawFloor(port, redis.port))
+                return raw_floors[-1].call
+
+            rows += await measure(RAW_FLOOR, raw_floor, [1], seconds, ours, client)
+            for one in raw_floors:
+                await one.close()
 
         round_trip = our_round_trip(port, session["token"])
         if "ceiling" in setups:
@@ -346,6 +477,9 @@ async def run(
                 rows += await measure(setup, round_trip, some, seconds, pids, client)
             finally:
                 stop_process(process)
+        if "openai" in setups:
+            tokens = (tenant["token"], session["token"])
+            rows += await run_openai(port, tokens, ours, client, args)
     finally:
         await client.aclose()
 
@@ -357,7 +491,7 @@ async def run(
 def report(rows: list[Row]) -> None:
     print(
         f"{'setup':<26} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'rt/s':>6} "
-        f"{'broker':>7} {'redis':>6} {'poller':>7} {'b+r':>6}  load (1/5/15 min)"
+        f"{'broker':>7} {'redis':>6} {'poller':>7} {'llm':>6} {'b+r':>6}  load (1/5/15 min)"
     )
     print(f"{'':<55}(CPU ms per round trip)")
     for row in rows:
@@ -366,7 +500,7 @@ def report(rows: list[Row]) -> None:
         print(
             f"{row.setup:<26} {row.level:>3} {row.p50 * 1000:>8.3f} {row.p99 * 1000:>8.2f} "
             f"{row.rate:>6.0f} {cpu.get('broker', '-'):>7} {cpu.get('redis', '-'):>6} "
-            f"{cpu.get('poller', '-'):>7} {both:>6.3f}  {row.load}"
+            f"{cpu.get('poller', '-'):>7} {cpu.get('llm', '-'):>6} {both:>6.3f}  {row.load}"
         )
     print("\nRedis commands per round trip (INFO commandstats; `all` counts those run inside")
     print("scripts too, e.g. each script's PUBLISH):")
@@ -420,6 +554,41 @@ def report(rows: list[Row]) -> None:
             f"  product at c=64: {row.rate:.0f} rt/s (target >= 3000), broker + Redis "
             f"{both:.3f} ms CPU/rt (target < 0.35)"
         )
+    report_openai(rows)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def report_openai(rows: list[Row]) -> None:
+    """Medians over the rounds of the openai setups, and issue 13's ratios against the raw
+    floor of the same run."""
+    rounds: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        if row.setup in (OPENAI, OPENAI_BEFORE):
+            rounds.setdefault((row.setup, row.level), []).append(row)
+    if not rounds:
+        return
+    floors = [row.p50 for row in rows if row.setup == RAW_FLOOR]
+    print("\nopenai setups, medians over rounds (CPU ms per round trip):")
+    print(f"  {'setup':<26} {'c':>3} {'n':>2} {'p50 ms':>8} {'rt/s':>6} {'poller':>7} {'llm':>6}")
+    for (setup, level), some in rounds.items():
+        print(
+            f"  {setup:<26} {level:>3} {len(some):>2} "
+            f"{median([r.p50 for r in some]) * 1000:>8.3f} {median([r.rate for r in some]):>6.0f} "
+            f"{median([r.cpu['poller'] for r in some]) * 1000:>7.3f} "
+            f"{median([r.cpu['llm'] for r in some]) * 1000:>6.3f}"
+        )
+    for setup in (OPENAI, OPENAI_BEFORE):
+        if floors and (setup, 1) in rounds:
+            ratio = median([r.p50 for r in rounds[(setup, 1)]]) / median(floors)
+            print(f"  {setup} c=1 p50 / raw floor p50: {ratio:6.2f}x  (target <= 17x)")
+        if (setup, 64) in rounds:
+            cpu = median([r.cpu["poller"] for r in rounds[(setup, 64)]]) * 1000
+            print(f"  {setup} poller CPU/rt at c=64: {cpu:.3f} ms  (target < 1.3 ms)")
 
 
 def main() -> None:
@@ -435,6 +604,20 @@ def main() -> None:
         "--setups",
         default=",".join(SETUPS),
         help=f"which setups, comma-separated (default: all of {','.join(SETUPS)})",
+    )
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="a copy of an older tree: the openai setup runs its poller too, alternating",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of the openai setup(s), alternating"
+    )
+    parser.add_argument(
+        "--openai-model",
+        default="gpt-4o-mini",
+        help="model name the openai setup asks for: a priced one (genai-prices) as a "
+        "deployment's, or an unknown one to leave pricing out",
     )
     parser.add_argument("--serve-poller", choices=["uvloop", "asyncio"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -3,6 +3,13 @@
 Retries are the SDK's own (`max_retries`, backoff with jitter, Retry-After honoured); this
 module adds none. It bounds concurrency, times each call, prices it, and maps the SDK's
 errors onto `host_poller.llm.errors` with the API key redacted.
+
+The call goes through the SDK's generic `post` (its documented way to send a request body
+as is): its auth, retries, timeouts and error mapping, without the typed layers this client
+does not need. `chat.completions.create` walked every message through the SDK's parameter
+transform and `parse()` built the whole `ChatCompletion` model: ~20 % of the CPU of a call
+(py-spy, docs/performance.md). The answer is read here instead (`host_poller.llm.completion`),
+only the fields used, each checked.
 """
 
 from __future__ import annotations
@@ -11,12 +18,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import httpx2
-import openai
 from pydantic import SecretStr
 
+from host_poller.llm.completion import ChatAnswer, read_answer
 from host_poller.llm.errors import (
     LLMConnectionError,
     LLMError,
@@ -31,12 +37,23 @@ from host_poller.llm.types import Completion, Message, Usage
 from rlm_wire.tracing import child_of
 from rlm_wire.transport import tls_context
 
+if TYPE_CHECKING:
+    import openai
+
 logger = logging.getLogger(__name__)
 
 # Cap on the connect phase: a dead host should fail fast even with a long read timeout.
 _CONNECT_TIMEOUT_S = 10.0
 # Without an API key the SDK refuses to start; local servers ignore the header.
 _NO_KEY = "no-key"
+#: Keyword arguments of the SDK's request methods (not request fields) that `params` may
+#: hold, as `openai.RequestOptions` keys: a call's traceparent comes as `extra_headers`.
+_SDK_OPTIONS = {
+    "extra_headers": "headers",
+    "extra_query": "params",
+    "extra_body": "extra_json",
+    "timeout": "timeout",
+}
 
 
 def _estimate_tokens(text: str) -> int:
@@ -51,6 +68,29 @@ class OpenAIChatClient:
         self.model = profile.model
         self._secret = api_key.get_secret_value() if api_key is not None else None
         self._semaphore = asyncio.Semaphore(profile.concurrency)
+        # Imported here, not at module level: the SDK imports every one of its types (~0.7 s),
+        # and this module's other names (`traced`) are on paths that build no client.
+        import httpx2
+        import openai
+
+        from host_poller.llm.transport import LinkTransport, uses_link
+
+        if uses_link(profile):
+            # The SDK over the project's keep-alive link (host_poller.llm.transport); the
+            # choice was made from the proxy variables already, so httpx2 reads none.
+            transport = LinkTransport(profile.base_url, max_connections=profile.concurrency)
+            http_client = openai.DefaultAsyncHttpxClient(transport=transport, trust_env=False)
+        else:
+            # The SDK's own client, on the process's one TLS context (loading the CA bundle
+            # per client cost ~50 ms of start-up each); no more connections than calls in
+            # flight (the semaphore), so each request's pool scan stays short.
+            http_client = openai.DefaultAsyncHttpxClient(
+                verify=tls_context(),
+                limits=httpx2.Limits(
+                    max_connections=profile.concurrency,
+                    max_keepalive_connections=profile.concurrency,
+                ),
+            )
         self._openai = openai.AsyncOpenAI(
             base_url=profile.base_url,
             api_key=self._secret or _NO_KEY,
@@ -58,10 +98,10 @@ class OpenAIChatClient:
                 profile.timeout_s, connect=min(profile.timeout_s, _CONNECT_TIMEOUT_S)
             ),
             max_retries=profile.max_retries,
-            # The SDK's own client, on the process's one TLS context (loading the CA bundle
-            # per client cost ~50 ms of start-up each).
-            http_client=openai.DefaultAsyncHttpxClient(verify=tls_context()),
+            http_client=http_client,
         )
+        # The SDK's answer as it came, with its attempt count (`retries_taken`).
+        self._raw_answer: type[openai.AsyncAPIResponse[object]] = openai.AsyncAPIResponse[object]
 
     def __repr__(self) -> str:
         return f"OpenAIChatClient(profile={self.profile.name!r}, model={self.model!r})"
@@ -72,6 +112,8 @@ class OpenAIChatClient:
         """One chat completion; raises an `LLMError` leaf once the SDK's retries are spent.
 
         `params` (extra request fields) go over the profile's own `params`."""
+        import openai  # loaded by __init__ already: a sys.modules lookup
+
         extra = {**self.profile.params, **(params or {})}
         profile_headers = self.profile.params.get("extra_headers")
         if params and "extra_headers" in params and isinstance(profile_headers, dict):
@@ -80,38 +122,41 @@ class OpenAIChatClient:
         reserved = RESERVED_PARAMS.intersection(extra)
         if reserved:
             raise ValueError(f"params may not set {sorted(reserved)}")
+        # What `chat.completions.create(**fields)` sends: the request fields as the body, the
+        # SDK's own keywords as its request options.
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages)}
+        options: dict[str, Any] = {}
+        for key, value in extra.items():
+            if key in _SDK_OPTIONS:
+                options[_SDK_OPTIONS[key]] = value
+            else:
+                body[key] = value
         async with self._semaphore:
             started = time.perf_counter()
             try:
-                raw = await self._openai.chat.completions.with_raw_response.create(
-                    model=self.model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    **extra,
+                raw = await self._openai.post(
+                    "/chat/completions",
+                    cast_to=self._raw_answer,
+                    body=body,
+                    options=cast("openai.RequestOptions", options),
                 )
-                response = raw.parse()
+                content = await raw.read()
             except openai.OpenAIError as exc:
                 raise self._translate(exc) from exc
             latency = time.perf_counter() - started
-        return self._completion(response, messages, latency, raw.retries_taken + 1)
+        answer = read_answer(content, model=self.model)
+        return self._completion(answer, messages, latency, raw.retries_taken + 1)
 
     def _completion(
         self,
-        response: Any,
+        answer: ChatAnswer,
         messages: Sequence[Message],
         latency: float,
         attempts: int,
     ) -> Completion:
-        choices = getattr(response, "choices", None)
-        if not choices:
-            raise LLMResponseError("response has no choices", model=self.model)
-        text = choices[0].message.content
-        if not isinstance(text, str) or not text.strip():
-            raise LLMResponseError(
-                f"empty completion (finish_reason={choices[0].finish_reason})", model=self.model
-            )
-        if response.usage is not None:
-            input_tokens = int(response.usage.prompt_tokens)
-            output_tokens = int(response.usage.completion_tokens)
+        text = answer.text
+        if answer.usage is not None:
+            input_tokens, output_tokens = answer.usage
         else:
             # Some servers omit usage; budgets still need a number, so estimate it.
             input_tokens = sum(_estimate_tokens(m.get("content", "")) for m in messages)
@@ -157,6 +202,8 @@ class OpenAIChatClient:
             exc.body = None  # type: ignore[attr-defined]
 
     def _translate(self, exc: openai.OpenAIError) -> LLMError:
+        import openai
+
         self._scrub(exc)
         message = self._redact(str(getattr(exc, "message", None) or exc))
         model = self.model

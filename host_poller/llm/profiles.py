@@ -17,7 +17,7 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -76,6 +76,14 @@ class Profile(BaseModel):
         default=4, ge=0, description="Retries by the openai SDK on 429, 5xx, timeouts."
     )
     concurrency: int = Field(default=16, ge=1, description="Calls in flight at once per client.")
+    http_transport: Literal["auto", "httpx", "link"] = Field(
+        default="auto",
+        description="What carries the openai SDK's requests: `httpx` its own httpx2 client "
+        "(proxy variables, every answer header); `link` the project's lean keep-alive "
+        "HTTP/1.1 transport (about half the CPU per call; no proxies, of the answer headers "
+        "only Retry-After, connects bounded by timeout_s); `auto` link for a plain-http "
+        "endpoint no proxy variable covers (a local server), else httpx.",
+    )
     params: dict[str, JsonValue] = Field(
         default_factory=dict,
         description="Extra request fields sent with every call of this profile: sampling "
