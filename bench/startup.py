@@ -3,13 +3,21 @@
 End to end: `rlm ask --scenario count_words` (the scripted LLM on an embedded stack: Redis,
 broker, tenant, LLM, poller and, for `pyodide`, the sandbox runtime) over a small context,
 each repetition a fresh process in a fresh directory, with environment `local` and
-`pyodide`; the median wall time from spawn to exit, with /proc/loadavg.
+`pyodide`; the median wall time from spawn to exit, with /proc/loadavg; and under it the
+start-up that issue 13's target names ("process + embedded stack"): from spawn to the stack
+ready, i.e. before the run (the `embedded stack:` line `rlm ask` writes to stderr then).
+For the official library the same row is from spawn to its model's first call.
 
 Baseline, when /tmp/rlms_venv has the official library (PyPI `rlms`): the same run shape in a
 fresh process (`RLM.completion` with its local REPL: one root turn that splits the context,
 counts with `llm_query_batched` and sets its `answer`), the model scripted in-process (a
 `BaseLM` that answers at once), so without the openai SDK; and the same plus
 `import rlm.clients.openai`, what its start-up costs with a real provider.
+
+`--variants`: only `rlm ask` against itself with each of its start-up measures turned off
+(no collections during the imports, the lean transport for the stack's own clients, and
+both with the SDK imported up front: the code before them),
+interleaved round by round, with each process's CPU.
 
 Breakdown, in a fresh process of the project: interpreter, imports of `rlm ask`'s module
 (and the heaviest packages from `python -X importtime`), each stack component's start,
@@ -27,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,31 +59,124 @@ def environ() -> dict[str, str]:
     return env
 
 
-def timed(argv: Sequence[str], *, cwd: Path, stdin: str | None = None) -> float:
-    """Wall seconds from spawn to exit; a failure stops the bench with its stderr."""
+# The line each side writes to stderr once it is ready to run: `rlm ask` once its embedded
+# stack has started (before the session, the run's first step), the official library's
+# scripted model on its first call (its LM handler and REPL are up, the run begins).
+READY_LINES = ("embedded stack:", "official: first LM call")
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall: float
+    """Seconds from spawn to exit."""
+    ready: float | None
+    """Seconds from spawn to the first READY_LINES line; None: none was written."""
+    cpu: float
+    """User + system seconds of the process and of the children it waited for (Redis)."""
+
+
+def timed(argv: Sequence[str], *, cwd: Path, stdin: str | None = None) -> Timing:
+    """One fresh process of `argv`; a failure stops the bench with its stderr."""
     start = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, env=environ(), capture_output=True, text=True, input=stdin)
+    child = subprocess.Popen(
+        argv, cwd=cwd, env=environ(), text=True,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stderr is not None
+    if stdin is not None:
+        assert child.stdin is not None
+        child.stdin.write(stdin)
+        child.stdin.close()
+    ready: float | None = None
+    lines: list[str] = []
+    for line in child.stderr:  # line-buffered on the child's side: read as written
+        if ready is None and line.startswith(READY_LINES):
+            ready = time.perf_counter() - start
+        lines.append(line)
+    _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{argv[:3]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall
+    child.returncode = returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed ({returncode}):\n{''.join(lines)[-3000:]}")
+    return Timing(wall, ready, usage.ru_utime + usage.ru_stime)
 
 
-def median_of(reps: int, argv: Sequence[str], *, stdin: str | None = None) -> tuple[float, str]:
-    """(median wall seconds over `reps` fresh processes after one warm-up, load before)."""
+def median_of(
+    reps: int, argv: Sequence[str], *, stdin: str | None = None
+) -> tuple[float, float | None, str]:
+    """(median wall seconds over `reps` fresh processes after one warm-up, median seconds to
+    the ready line or None, load before)."""
     before = load()
-    walls = []
+    walls, readies = [], []
     for index in range(reps + 1):
         with tempfile.TemporaryDirectory(prefix="rlm-startup-") as tmp:
             (Path(tmp) / "ctx.txt").write_text(CONTEXT)
-            wall = timed(argv, cwd=Path(tmp), stdin=stdin)
+            timing = timed(argv, cwd=Path(tmp), stdin=stdin)
         if index:  # the first one writes bytecode and warms the page cache
-            walls.append(wall)
-    return statistics.median(walls), before
+            walls.append(timing.wall)
+            if timing.ready is not None:
+                readies.append(timing.ready)
+    return statistics.median(walls), statistics.median(readies) if readies else None, before
+
+
+# `rlm ask` with one of its start-up measures turned off, to see what each pays: the same
+# command, patched in its own process before `cli` runs.
+_GC_ON = "import click\nfrom rlm_cli import main\nmain._LazyGroup.main = click.Group.main\n"
+_HTTPX = (
+    "from rlm_cli import embedded, stack\nfrom rlm_wire.transport import HttpxTransport\n"
+    "stack.KeepAliveLink = embedded.KeepAliveLink = HttpxTransport\n"
+)
+VARIANTS = {
+    "with collections during the imports": _GC_ON,
+    "with httpx2 for the stack's own clients": _HTTPX,
+    "none of them, openai imported up front": f"import openai\n{_GC_ON}{_HTTPX}",
+}
+
+
+def variant_argv(patch: str, argv: Sequence[str]) -> list[str]:
+    code = (
+        f"import sys\n{patch}from rlm_cli.main import cli\nsys.argv[0] = 'rlm'\nsys.exit(cli())\n"
+    )
+    return [str(PYTHON), "-c", code, *argv[1:]]
+
+
+def interleaved(reps: int, commands: dict[str, list[str]]) -> None:
+    """Each command once per round, `reps` rounds after one warm-up round: on a busy machine
+    the load then moves every command alike. Medians and minimums of the wall times, and
+    the median CPU (which the load moves less)."""
+    timings: dict[str, list[Timing]] = {label: [] for label in commands}
+    loads = []
+    for index in range(reps + 1):
+        for label, argv in commands.items():
+            loads.append(float(load()))
+            with tempfile.TemporaryDirectory(prefix="rlm-startup-") as tmp:
+                (Path(tmp) / "ctx.txt").write_text(CONTEXT)
+                timing = timed(argv, cwd=Path(tmp))
+            if index:
+                timings[label].append(timing)
+    print(f"  interleaved, {reps} rounds, load {min(loads):.2f}-{max(loads):.2f}: end to end "
+          "median / min, to stack ready median / min, CPU median")  # fmt: skip
+    for label, runs in timings.items():
+        walls = [t.wall for t in runs]
+        readies = [t.ready if t.ready is not None else float("nan") for t in runs]
+        figures = [statistics.median(walls), min(walls), statistics.median(readies),
+                   min(readies), statistics.median(t.cpu for t in runs)]  # fmt: skip
+        ms = [f"{x * 1000:6.0f}" for x in figures]
+        print(f"    {label:<40} {ms[0]} / {ms[1]} ms   {ms[2]} / {ms[3]} ms   {ms[4]} ms",
+              flush=True)  # fmt: skip
 
 
 def row(label: str, seconds: float, loadavg: str, note: str = "") -> None:
     print(f"{label:<52} {seconds * 1000:8.0f} ms   load {loadavg}  {note}", flush=True)
+
+
+def rows(label: str, ready_label: str, measured: tuple[float, float | None, str]) -> None:
+    """The end-to-end row and, when the ready line was seen, the start-up row under it."""
+    seconds, ready, loadavg = measured
+    row(label, seconds, loadavg)
+    if ready is not None:
+        row(f"  {ready_label}", ready, loadavg)
 
 
 # The same command as the code before issue 13's start-up work ran it: every command module
@@ -128,6 +230,9 @@ answer["ready"] = True
 
 class Scripted(BaseLM):
     def completion(self, prompt):
+        if not getattr(Scripted, "seen", False):
+            Scripted.seen = True
+            print("official: first LM call", file=sys.stderr, flush=True)
         if isinstance(prompt, str):
             return str(len(re.findall(r"\bfox\b", prompt.split("\n", 1)[1])))
         return CODE
@@ -186,6 +291,7 @@ async def main():
     began = time.perf_counter()
     stack = await LocalStack(StackConfig(scenario="count_words"), components).start()
     phases["stack start (all components)"] = time.perf_counter() - began
+    phases["process + embedded stack (interpreter start not included)"] = time.perf_counter() - t0
     try:
         began = time.perf_counter()
         client = root_client(stack)
@@ -306,6 +412,11 @@ def main() -> None:
     parser.add_argument("--environments", default="local,pyodide")
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="only `rlm ask` against itself with each start-up measure off, interleaved",
+    )
+    parser.add_argument(
         "--before", action="store_true", help="also the start-up as it was (emulated)"
     )
     parser.add_argument(
@@ -317,22 +428,39 @@ def main() -> None:
             idle_stack_memory(int(size), settle_s=3.0)
         return
     environments = args.environments.split(",")
+    if args.variants:
+        for environment in environments:
+            argv = [str(RLM), "ask", "--scenario", "count_words", "--environment", environment,
+                    "--context", "ctx.txt", "--no-progress", QUESTION]  # fmt: skip
+            commands = {f"rlm ask, {environment}": variant_argv("", argv)}
+            commands.update({name: variant_argv(p, argv) for name, p in VARIANTS.items()})
+            interleaved(args.reps, commands)
+        return
     print(f"median of {args.reps} fresh processes each (after one warm-up); machine: "
           f"{os.cpu_count()} cores")  # fmt: skip
     for environment in environments:
         argv = [str(RLM), "ask", "--scenario", "count_words", "--environment", environment,
                 "--context", "ctx.txt", "--no-progress", QUESTION]  # fmt: skip
-        seconds, loadavg = median_of(args.reps, argv)
-        row(f"rlm ask, {environment}, end to end", seconds, loadavg)
+        rows(
+            f"rlm ask, {environment}, end to end",
+            "process + embedded stack (spawn -> stack ready)",
+            median_of(args.reps, argv),
+        )
         if args.before:
-            seconds, loadavg = median_of(args.reps, [str(PYTHON), "-c", BEFORE, *argv[1:]])
-            row(f"  the same as before issue 13's start-up work ({environment})", seconds, loadavg)
+            rows(
+                f"  the same as before issue 13's start-up work ({environment})",
+                "  process + embedded stack, before",
+                median_of(args.reps, [str(PYTHON), "-c", BEFORE, *argv[1:]]),
+            )
     if RLMS_PYTHON.exists():
         for variant in ("scripted", "openai"):
             argv = [str(RLMS_PYTHON), "-c", OFFICIAL, variant]
-            seconds, loadavg = median_of(args.reps, argv, stdin=CONTEXT)
-            note = "(+ import of its openai client)" if variant == "openai" else ""
-            row(f"official rlms, local REPL, {variant} LM", seconds, loadavg, note)
+            rows(
+                f"official rlms, local REPL, {variant} LM"
+                + (" (+ its openai client)" if variant == "openai" else ""),
+                "start-up (spawn -> first LM call)",
+                median_of(args.reps, argv, stdin=CONTEXT),
+            )
     else:
         print(f"official library: skipped, no {RLMS_PYTHON} (a venv with `rlms==0.1.3`)")
     if args.no_breakdown:
@@ -344,7 +472,7 @@ def main() -> None:
         ("python -c 'import rlm_cli.ask'", [str(PYTHON), "-c", "import rlm_cli.ask"]),
         ("rlm --help (every command module)", [str(RLM), "--help"]),
     ):
-        seconds, loadavg = median_of(args.reps, argv)
+        seconds, _, loadavg = median_of(args.reps, argv)
         row(f"  {label}", seconds, loadavg)
     heaviest_imports("rlm_cli.ask", 8)
     for environment in environments:

@@ -11,6 +11,7 @@ import atexit
 import gc
 import importlib
 import sys
+from typing import Any
 
 import click
 
@@ -68,6 +69,17 @@ def _commands_of(module_name: str) -> dict[str, click.Command]:
 class _LazyGroup(click.Group):
     """A group whose subcommands are looked up in the component modules on first use."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # No collections while the command's module is imported (click does it before the
+        # group's callback): they would only walk the ~1 M objects the imports make, all
+        # alive until exit, ~10 % of `rlm ask`'s import time. `cli` freezes them and turns
+        # collections back on.
+        gc.disable()
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            gc.enable()
+
     def _all_commands(self) -> dict[str, click.Command]:
         found: dict[str, click.Command] = {}
         for module_name in _COMMAND_MODULES:
@@ -101,6 +113,10 @@ class _LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
     """rlm-broker: run Recursive Language Models with sandboxed code and a Redis-backed broker."""
+    # What the imports made stays in the permanent generation: collections from now on walk
+    # only what the command makes (the few cycles left by the imports are kept, not freed).
+    gc.freeze()
+    gc.enable()
     settings = load_settings(CliSettings, log_level=log_level, log_format=log_format)
     ctx.obj = settings
     level, fmt = settings.log_output(terminal=sys.stderr.isatty())

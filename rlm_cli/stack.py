@@ -37,6 +37,7 @@ from host_poller.poller.poller import Poller
 from host_poller.poller.settings import PollerSettings
 from rlm_cli.env_file import make_way_for_env_file, write_env_file
 from rlm_wire.broker_client import BrokerClient
+from rlm_wire.link import KeepAliveLink
 from rlm_wire.serving import LoopServer, uvicorn_config
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,9 @@ class TenantComponent(StackComponent):
     needs = ("broker",)
 
     async def start(self, stack: LocalStack) -> None:
-        async with stack.admin_client(timeout_s=10.0) as admin:
+        # The lean transport: the broker is on loopback, and an httpx2 client would load the
+        # CA bundle and import httpcore2 (~0.1 s each) before the stack is ready.
+        async with stack.admin_client(timeout_s=10.0, transport=KeepAliveLink) as admin:
             created = await admin.create_tenant(stack.config.tenant_name)
         stack.tenant_id = created.tenant_id
         stack.tenant_token = created.token

@@ -4,13 +4,19 @@ local stack starts the components that do not need each other at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
+import json
 import logging
+import os
 import subprocess
 import sys
+import types
+from typing import ClassVar
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from rlm_cli.main import _COMMAND_MODULES, COMMAND_HOMES, cli
 from rlm_cli.stack import (
@@ -48,6 +54,98 @@ def test_running_a_command_imports_neither_other_commands_nor_unneeded_component
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+class _ProbeModule(types.ModuleType):
+    """A command module that records whether collections ran while it was looked at."""
+
+    seen: ClassVar[dict[str, object]] = {}
+
+    @property
+    def commands(self) -> list[click.Command]:
+        self.seen["gc while imported"] = gc.isenabled()
+
+        @click.command("probe")
+        def probe() -> None:
+            self.seen["gc while running"] = gc.isenabled()
+
+        return [probe]
+
+
+def test_collections_are_off_only_while_the_command_module_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "rlm_cli_probe_commands", _ProbeModule("probe"))
+    monkeypatch.setitem(COMMAND_HOMES, "probe", "rlm_cli_probe_commands")
+    try:
+        result = CliRunner().invoke(cli, ["--log-format", "console", "probe"])
+    finally:
+        gc.unfreeze()  # `cli` froze this test process's objects: give them back
+    assert result.exit_code == 0, result.output
+    assert _ProbeModule.seen == {"gc while imported": False, "gc while running": True}
+    assert gc.isenabled()
+
+
+def _modules_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
+    """Which modules under `prefixes` a fresh interpreter holds after running `statement`."""
+    probe = (
+        f"import json, sys\n{statement}\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {prefixes!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    found: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_rlm_ask_imports_the_openai_sdk_only_to_build_a_client() -> None:
+    # Importing the SDK is ~0.7 s of `rlm ask`'s start-up: it is imported in a thread while the
+    # stack starts, so the command's module itself must not import it.
+    assert _modules_after("import rlm_cli.ask, rlm_cli.embedded", ("openai",)) == []
+    assert _modules_after("from host_poller.llm import LLMSettings, LLMError", ("openai",)) == []
+    built = (
+        "from host_poller.llm import Profile, build_client\n"
+        "build_client(Profile(name='p', model='m', base_url='http://127.0.0.1:9/v1'))"
+    )
+    assert "openai" in _modules_after(built, ("openai",))
+
+
+def test_the_embedded_stack_starts_without_what_only_the_run_needs(redis_url: str) -> None:
+    # The SDK (0.7 s of imports) and the CA bundle wait for the run's first LLM client.
+    probe = (
+        "import json, sys\n"
+        "from rlm_cli import loop\n"
+        "from rlm_cli.embedded import rlm_stack_components\n"
+        "from rlm_cli.stack import LocalStack, StackConfig\n"
+        "from rlm_wire.transport import tls_context\n"
+        "async def main():\n"
+        "    async with LocalStack(StackConfig(scenario='count_words'), rlm_stack_components()):\n"
+        "        found = [m for m in sys.modules if m.split('.')[0] in ('openai', 'httpcore2')]\n"
+        "        return sorted(found), tls_context.cache_info().currsize\n"
+        "print(json.dumps(loop.run(main())))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
+    env |= {"RLM_REDIS_URL": redis_url, "RLM_LOG_LEVEL": "WARNING"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=90, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
+
+
+def test_the_llm_package_still_exports_its_public_names() -> None:
+    import host_poller.llm as llm
+    from host_poller.llm.client import build_client
+    from host_poller.llm.profiles import LLMSettings
+
+    assert llm.build_client is build_client
+    assert llm.LLMSettings is LLMSettings
+    assert set(llm.__all__) <= set(dir(llm))
+    for name in llm.__all__:
+        assert getattr(llm, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        llm.nothing  # noqa: B018  # the lookup is the test
 
 
 class _Gate(StackComponent):
