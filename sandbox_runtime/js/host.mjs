@@ -8,6 +8,8 @@
 // needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
 // the pipes, and write access to the output pipe only.
 
+import { loadFromSnapshot } from "./snapshot_restore.mjs";
+
 const config = JSON.parse(Deno.args[0]);
 const input = Deno.openSync(`/dev/fd/${config.fd_in}`, { read: true });
 const output = Deno.openSync(`/dev/fd/${config.fd_out}`, { write: true });
@@ -78,15 +80,18 @@ function loadGuest(pyodide) {
 const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
 const quiet = () => {};
 const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
-if (config.snapshot_path) options._loadSnapshot = Deno.readFileSync(config.snapshot_path);
+let snapshot = null;
+if (config.snapshot_path) snapshot = Deno.readFileSync(config.snapshot_path);
 if (config.snapshot_in_pipe) {
   // Confined (bwrap), the snapshot file is not visible: its bytes are the first frame.
   const frame = readFrame();
   if (frame === null) Deno.exit(EXIT_PROTOCOL);
-  options._loadSnapshot = frame.payload;
+  snapshot = frame.payload;
 }
 if (config.make_snapshot) options._makeSnapshot = true;
-const pyodide = await loadPyodide(options);
+const pyodide = snapshot
+  ? await loadFromSnapshot(loadPyodide, options, snapshot)
+  : await loadPyodide(options);
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);
 pyodide.setStderr(discard);
