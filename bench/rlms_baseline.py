@@ -1,17 +1,25 @@
-"""The official RLM library's broker pattern, as shipped, for bench/broker_roundtrip.py.
+"""The official RLM library, as shipped, for bench/broker_roundtrip.py and bench/rlm_overhead.py.
 
 Runs under an interpreter that has the PyPI package `rlms` (and Flask, which its sandbox
 image installs): `uv sync --frozen --group bench`, or any venv with `rlms==0.1.3 flask`.
 
     python bench/rlms_baseline.py broker PORT     # its broker script (Flask), on PORT
     python bench/rlms_baseline.py poller PORT     # its host-side poller + LM handler
+    python bench/rlms_baseline.py run LLM_URL CONTEXT_FILE QUERY   # one whole RLM run
 
-Both are the library's own code, unmodified, started as plain local processes instead of
-inside a cloud sandbox: the broker is `rlm.environments.prime_repl._BROKER_SCRIPT` (the
-port-parameterised copy of the Modal one), read from the installed source; the poller is
-`PrimeREPL._poll_broker` with `_handle_llm_request`, forwarding each request to the
-library's `LMHandler` socket server, whose client answers at once. The cloud SDK the module
-imports (`prime_sandboxes`) is replaced by an empty placeholder: no sandbox is created.
+The broker and the poller are the library's own code, unmodified, started as plain local
+processes instead of inside a cloud sandbox: the broker is
+`rlm.environments.prime_repl._BROKER_SCRIPT` (the port-parameterised copy of the Modal one),
+read from the installed source; the poller is `PrimeREPL._poll_broker` with
+`_handle_llm_request`, forwarding each request to the library's `LMHandler` socket server,
+whose client answers at once. The cloud SDK the module imports (`prime_sandboxes`) is
+replaced by an empty placeholder: no sandbox is created.
+
+`run` is one whole run of the library's `RLM` with its in-process `LocalREPL`: the root and
+every sub-call go to the scripted LLM at LLM_URL (its own process) through the library's
+openai client (its `LMHandler` runs a batch 16 prompts at once); the context is read and its
+modules are imported before the clock starts; the wall and CPU time of `RLM.completion` are
+printed as one JSON line.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import signal
 import sys
 import textwrap
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -102,14 +112,35 @@ def run_poller(port: int) -> None:
     handler.stop()
 
 
+def run_rlm(llm_url: str, context_file: str, query: str) -> None:
+    rlm_core: Any = importlib.import_module("rlm")
+    # Imported before the clock, as the other side's are: its start-up is measured apart
+    # (bench/startup.py); the client objects themselves are built by the run, as shipped.
+    importlib.import_module("rlm.clients.openai")
+    context = Path(context_file).read_text()
+    rlm = rlm_core.RLM(
+        backend="openai",
+        backend_kwargs={"model_name": "fake-root", "base_url": llm_url, "api_key": "bench"},
+        environment="local",
+        max_iterations=5,
+    )
+    started, cpu = time.perf_counter(), time.process_time()
+    result = rlm.completion(context, root_prompt=query)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    row = {"wall_s": round(wall, 4), "cpu_s": round(cpu, 4)}
+    print(json.dumps({**row, "answer": str(result.response).strip()}))
+
+
 def main() -> None:
-    mode, port = sys.argv[1], int(sys.argv[2])
+    mode = sys.argv[1]
     if mode == "broker":
-        run_broker(port)
+        run_broker(int(sys.argv[2]))
     elif mode == "poller":
-        run_poller(port)
+        run_poller(int(sys.argv[2]))
+    elif mode == "run":
+        run_rlm(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
-        raise SystemExit(f"unknown mode {mode!r}: broker or poller")
+        raise SystemExit(f"unknown mode {mode!r}: broker, poller or run")
 
 
 if __name__ == "__main__":

@@ -334,3 +334,32 @@ async def test_restore_refuses_bad_blobs(anyio_backend: str) -> None:
         await SandboxProcess.restore(SETTINGS, b"junk")
     with pytest.raises(SandboxGuestError):
         await SandboxProcess.restore(SETTINGS, blob.pack(b"not a pickle", 6))
+
+
+def _v8_flags(pid: int) -> list[str]:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    flags = next(arg for arg in argv if arg.startswith("--v8-flags="))
+    return flags.removeprefix("--v8-flags=").split(",")
+
+
+@pytest.mark.parametrize("budget", [13_000_000, 50_000_000])
+async def test_wasm_tiering_budget_reaches_v8(budget: int, anyio_backend: str) -> None:
+    # RLM_SANDBOX_WASM_TIERING_BUDGET: how soon V8 recompiles hot CPython (WebAssembly)
+    # functions on background threads (13,000,000 is V8's own).
+    settings = SETTINGS.model_copy(update={"wasm_tiering_budget": budget})
+    process = await SandboxProcess.spawn(settings)
+    try:
+        flags = _v8_flags(process.pid)
+        assert f"--wasm-tiering-budget={budget}" in flags
+        assert any(flag.startswith("--wasm-max-mem-pages=") for flag in flags)
+        process.bridge = RecordingBridge()
+        assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"
+    finally:
+        await process.kill()
+
+
+def test_wasm_tiering_budget_is_bounded() -> None:
+    with pytest.raises(ValueError, match="wasm_tiering_budget"):
+        WorkerSettings(wasm_tiering_budget=0)
+    with pytest.raises(ValueError, match="wasm_tiering_budget"):
+        WorkerSettings(wasm_tiering_budget=2**31)

@@ -116,6 +116,10 @@ def deno_argv(
         "state_bytes": settings.state_bytes,
     }
     pages = max(1, memory_bytes // WASM_PAGE)
+    v8_flags = [
+        f"--wasm-max-mem-pages={pages}",
+        f"--wasm-tiering-budget={settings.wasm_tiering_budget}",
+    ]
     return [
         str(settings.deno_path),
         "run",
@@ -131,7 +135,7 @@ def deno_argv(
         "--deny-run",
         "--deny-ffi",
         "--deny-sys",
-        f"--v8-flags=--wasm-max-mem-pages={pages}",
+        f"--v8-flags={','.join(v8_flags)}",
         str(HOST_SCRIPT),
         json.dumps(config),
     ]

@@ -49,6 +49,16 @@ class WorkerSettings(BaseSettings):
         le=4 * 2**30,
         description="Default bound on a sandbox's WebAssembly memory (V8 --wasm-max-mem-pages).",
     )
+    wasm_tiering_budget: int = Field(
+        2_000_000_000,
+        ge=1,
+        le=2**31 - 1,
+        description="V8 --wasm-tiering-budget of each sandbox: roughly how many bytes of "
+        "WebAssembly a function runs before V8 recompiles it with its optimizing compiler (on "
+        "background threads). V8's own, 13000000, makes a fresh sandbox spend ~1.5 s of CPU "
+        "compiling what its start-up ran, while its first executions mostly wait on llm_query; "
+        "the default leaves optimizing to code that runs hot for real (docs/performance.md).",
+    )
     grace_s: float = Field(
         2.0, gt=0, description="After a timeout's interrupt, how long before the process is killed."
     )
