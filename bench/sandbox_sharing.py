@@ -11,8 +11,9 @@ Two ways to hold N live sessions, measured in one run:
   its own WebAssembly memory) and imports the guest as `host.mjs` does. V8 may share what is
   per process: the compiled WebAssembly module of identical bytes, the Deno binary, malloc.
 
-For each, with glibc's allocator as shipped and with `--malloc tuned` (one arena, big blocks
-mapped and given back: `GLIBC_TUNABLES`, set in the sandbox's environment), it prints the
+For each, with glibc's allocator left to its defaults (`--malloc default`) and with the
+product's `RLM_SANDBOX_MALLOC_TUNABLES` (`tuned`: one arena, big blocks mapped and given
+back, set as `GLIBC_TUNABLES` in the sandbox's environment), it prints the
 start time of each session, then PSS per session (the Deno processes' PSS from
 /proc/<pid>/smaps_rollup, divided by N) once idle (one trivial statement run) and once
 loaded (`bench/sandbox_worker.py`'s LOAD_SESSION run in every session; "load ms" is its wall
@@ -43,12 +44,10 @@ from sandbox_runtime.worker import SandboxProcess, WorkerSettings, launcher
 from sandbox_runtime.worker.confinement import Wrapped, wrap
 from sandbox_runtime.worker.snapshot_cache import ensure_snapshot
 
-#: glibc malloc tuned for a process that must give memory back: one arena (V8's background
-#: compile threads otherwise keep one each, full of freed zone memory), blocks of 64 KiB and
-#: more mapped on their own (freed at once), the heap's top trimmed past 64 KiB.
-TUNED_MALLOC = (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=65536"
-)
+#: glibc malloc as the product tunes it (RLM_SANDBOX_MALLOC_TUNABLES' default): one arena
+#: (V8's background compile threads otherwise keep one each, full of freed zone memory),
+#: blocks of 64 KiB and more mapped on their own (freed at once), the top trimmed past 64 KiB.
+TUNED_MALLOC = WorkerSettings.model_fields["malloc_tunables"].default
 
 #: The one-process host: reads JSON lines on stdin ({"op": "start"} starts one more session,
 #: {"op": "run", "code": ...} runs code in every session, {"op": "exit"}), answers one JSON
@@ -143,7 +142,8 @@ class Variant:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"GLIBC_TUNABLES": TUNED_MALLOC} if self.malloc == "tuned" else {}
+        # Empty: glibc's defaults (the product sets the variable from its settings).
+        return {"GLIBC_TUNABLES": TUNED_MALLOC if self.malloc == "tuned" else ""}
 
     def argv(self, argv: list[str]) -> list[str]:
         if not self.v8_flags:
@@ -161,8 +161,8 @@ def launched_as(variant: Variant) -> Iterator[None]:
     """The product's launcher, with `variant`'s environment and V8 flags (restored after)."""
     env, argv = launcher.scrubbed_env, launcher.deno_argv
 
-    def scrubbed_env(wrapped: Wrapped) -> dict[str, str]:
-        return {**env(wrapped), **variant.env}
+    def scrubbed_env(wrapped: Wrapped, settings: WorkerSettings) -> dict[str, str]:
+        return {**env(wrapped, settings), **variant.env}
 
     def deno_argv(*args: Any, **kwargs: Any) -> list[str]:
         return variant.argv(argv(*args, **kwargs))
@@ -230,7 +230,7 @@ class WorkersProcess:
             *variant.argv(argv),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env={**launcher.scrubbed_env(wrapped), **variant.env},
+            env={**launcher.scrubbed_env(wrapped, settings), **variant.env},
             cwd="/",
             pass_fds=wrapped.pass_fds,
             start_new_session=True,

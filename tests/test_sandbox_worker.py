@@ -358,6 +358,41 @@ async def test_wasm_tiering_budget_reaches_v8(budget: int, anyio_backend: str) -
         await process.kill()
 
 
+def _deno_environment(pid: int) -> dict[str, str]:
+    """The environment of the Deno process at or under `pid` (setpriv and bwrap wrap it)."""
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        argv = Path(f"/proc/{current}/cmdline").read_bytes().split(b"\0")
+        if Path(argv[0].decode()).name == "deno":
+            raw = Path(f"/proc/{current}/environ").read_bytes().split(b"\0")
+            return dict(item.decode().partition("=")[::2] for item in raw if item)
+        for task in Path(f"/proc/{current}/task").iterdir():
+            pending += [int(child) for child in (task / "children").read_text().split()]
+    raise AssertionError(f"no deno process under {pid}")
+
+
+@pytest.mark.parametrize("tunables", ["", "glibc.malloc.arena_max=2"])
+async def test_malloc_tunables_reach_the_deno_process(tunables: str, anyio_backend: str) -> None:
+    # RLM_SANDBOX_MALLOC_TUNABLES: glibc's allocator in the sandbox, tuned to give memory back
+    # (default) or left to its own defaults (empty).
+    settings = SETTINGS.model_copy(update={"malloc_tunables": tunables})
+    process = await SandboxProcess.spawn(settings)
+    try:
+        environment = _deno_environment(process.pid)
+        assert environment.get("GLIBC_TUNABLES") == (tunables or None)
+        process.bridge = RecordingBridge()
+        assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"
+    finally:
+        await process.kill()
+
+
+def test_malloc_tunables_are_only_tunable_names() -> None:
+    assert "arena_max=1" in WorkerSettings().malloc_tunables
+    with pytest.raises(ValueError, match="malloc_tunables"):
+        WorkerSettings(malloc_tunables="glibc.malloc.arena_max=1 LD_PRELOAD=/tmp/x.so")
+
+
 def test_wasm_tiering_budget_is_bounded() -> None:
     with pytest.raises(ValueError, match="wasm_tiering_budget"):
         WorkerSettings(wasm_tiering_budget=0)

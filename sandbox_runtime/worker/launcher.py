@@ -141,13 +141,15 @@ def deno_argv(
     ]
 
 
-def scrubbed_env(wrapped: Wrapped) -> dict[str, str]:
+def scrubbed_env(wrapped: Wrapped, settings: WorkerSettings) -> dict[str, str]:
     """PATH and what Deno itself needs; nothing of the supervisor's environment."""
     if not wrapped.confined:  # Deno's cache dir is then the host's
         Path(wrapped.env["DENO_DIR"]).mkdir(parents=True, exist_ok=True)
+    tunables = {"GLIBC_TUNABLES": settings.malloc_tunables} if settings.malloc_tunables else {}
     return {
         "PATH": "/usr/bin:/bin",
         **wrapped.env,
+        **tunables,
         "DENO_NO_UPDATE_CHECK": "1",
         "NO_COLOR": "1",
     }
@@ -223,7 +225,7 @@ async def launch(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=scrubbed_env(wrapped),
+            env=scrubbed_env(wrapped, settings),
             cwd="/",
             pass_fds=(*child_fds, *wrapped.pass_fds),
             start_new_session=True,

@@ -59,6 +59,16 @@ class WorkerSettings(BaseSettings):
         "compiling what its start-up ran, while its first executions mostly wait on llm_query; "
         "the default leaves optimizing to code that runs hot for real (docs/performance.md).",
     )
+    malloc_tunables: str = Field(
+        "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=65536"
+        ":glibc.malloc.mmap_threshold=65536",
+        pattern=r"^[A-Za-z0-9_.=:]*$",
+        max_length=512,
+        description="GLIBC_TUNABLES of each sandbox process (Deno's native allocations): one "
+        "malloc arena instead of one per thread, and freed memory given back to the kernel "
+        "sooner. glibc's defaults left ~30-50 MiB per loaded session allocated and unused "
+        "(docs/performance.md). Empty: glibc's own.",
+    )
     grace_s: float = Field(
         2.0, gt=0, description="After a timeout's interrupt, how long before the process is killed."
     )
