@@ -160,6 +160,7 @@ async def get_request(request: Request) -> Response:
         raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another tenant")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     future = ctx.waiters.register(request_id) if wait_s > 0 else None
+    disconnected: asyncio.Future[None] | None = None
     try:
         if future is not None:
             stored = await ctx.store.watch(tenant_id, request_id)
@@ -176,11 +177,15 @@ async def get_request(request: Request) -> Response:
         if stored.status != "pending" and stored.result is not None:
             return json_response(stored.result)
         if future is not None:
-            (result,) = await _await_results(ctx, [request_id], [future], wait_s)
+            # As a held /enqueue: a reader that hangs up ends the wait and its waiter.
+            disconnected = asyncio.ensure_future(until_disconnect(request.receive))
+            (result,) = await _await_results(ctx, [request_id], [future], wait_s, disconnected)
             if result is not None:
                 return json_response(result)
         return json_response(_pending(request_id), 202)
     finally:
+        if disconnected is not None:
+            disconnected.cancel()
         if future is not None:
             ctx.waiters.discard(request_id, future)
 

@@ -191,6 +191,32 @@ async def test_a_held_enqueue_whose_client_hangs_up_leaves_no_waiter(
         assert answered.json() == {"id": request["id"], "status": "accepted"}
 
 
+async def test_a_waiting_result_read_whose_client_hangs_up_leaves_no_waiter(
+    parties: tuple[InspectableBroker, Tenant, Session],
+) -> None:
+    """`GET /requests/{id}?wait=` (a Starlette route) ends its wait as the hot routes do."""
+    broker, tenant, session = parties
+    waiters = broker.context.waiters
+    async with httpx2.AsyncClient(base_url=broker.url) as raw:
+        queued = await raw.post(
+            "/enqueue?wait=0", json={"prompt": "read"}, headers=_auth(session.token)
+        )
+    request_id = queued.json()["id"]
+    writer = await _raw_call(
+        broker.url,
+        f"GET /requests/{request_id}?wait=60 HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {session.token}\r\n",
+    )
+    await wait_until(lambda: len(waiters) == 1)
+    await _hang_up(writer)
+    await wait_until(lambda: len(waiters) == 0)
+    async with httpx2.AsyncClient(base_url=broker.url, headers=_auth(tenant.token)) as raw:
+        (request,) = (await raw.get("/pending?wait=5")).json()["requests"]
+        await raw.post("/respond", json={"id": request["id"], "response": "kept"})
+        read = await raw.get(f"/requests/{request_id}?wait=5")
+    assert read.json()["response"] == "kept"
+
+
 async def test_a_long_poll_whose_client_hangs_up_leaves_no_waiter(
     parties: tuple[InspectableBroker, Tenant, Session],
 ) -> None:
