@@ -55,10 +55,10 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
         # The subscription blocks for as long as the broker runs: no socket timeout there.
         subscriber = Redis.from_url(redis_url, socket_connect_timeout=settings.redis_timeout_s)
         replica_id = uuid.uuid4().hex[:12]
-        store = Store(redis, settings, replica_id)
         subscriber_store = Store(subscriber, settings, replica_id)
         waiters, signals = Waiters(), WorkSignals(settings.work_recheck_s)
         listener = Listener(subscriber_store, waiters, signals)
+        store = Store(redis, settings, replica_id, listening=lambda: listener.connected)
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.state.broker = BrokerContext(
             settings=settings,

@@ -2,9 +2,10 @@
 
 It listens on the work channel (new requests: wake `/pending`) and on this replica's reply
 channel (answers: resolve `/enqueue` and `/requests` futures). It acts on no news this
-replica made itself: the replica wakes its own long-polls when it enqueues (the listener
-drops the echo of that announcement by its origin), and resolves its own waiters when it
-takes an answer (`answer.lua` publishes only to the other replicas). Pub/sub delivers at
+replica made itself: the replica wakes its own long-polls when it enqueues (`enqueue.lua`
+announces the work only while another replica listens, and the listener drops the echo of
+an announcement by its origin), and resolves its own waiters when it takes an answer
+(`answer.lua` publishes only to the other replicas). Pub/sub delivers at
 most once, so after any reconnect it re-reads the durable results of everything still
 waited on and wakes every poller (which also voids every "queue drained" mark of
 `WorkSignals`).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,11 +109,20 @@ def error_result(request_id: str, code: str, message: str) -> str:
 class Store:
     """Redis operations of one broker replica (`replica_id` names its reply channel)."""
 
-    def __init__(self, redis: Redis, settings: BrokerSettings, replica_id: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: BrokerSettings,
+        replica_id: str,
+        listening: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
         self.settings = settings
         self.replica_id = replica_id
+        #: Whether this replica's own subscription to the work channel is up (its listener
+        #: says): `enqueue.lua` announces work only when another replica listens.
+        self._listening = listening
         self.scripts = Scripts.register(redis)
         self._enqueues: TickBatcher[str, _EnqueueCall, bytes | str | int] = TickBatcher(
             self._enqueue_many,
@@ -291,6 +300,7 @@ class Store:
             self.settings.tenant_max_in_flight,
             self.settings.tenant_max_queued_bytes,
             len(calls),
+            int(self._listening()),
         ]
         keys = [self.keys.stream(tenant_id)]
         for call in calls:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -52,11 +53,13 @@ def inspectable_broker(
     return start
 
 
-async def script_calls(redis: aioredis.Redis) -> int:
+async def command_calls(redis: aioredis.Redis, *names: str) -> int:
     stats = await redis.info("commandstats")
-    return sum(
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
-    )
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)
+
+
+async def script_calls(redis: aioredis.Redis) -> int:
+    return await command_calls(redis, "evalsha", "eval")
 
 
 async def long_poll_parked(broker: InspectableBroker, tenant_id: str) -> None:
@@ -87,24 +90,29 @@ async def one_round_trip(
 async def test_a_round_trip_runs_three_scripts_and_no_empty_claim(
     inspectable_broker: Callable[..., InspectableBroker], redis_url: str
 ) -> None:
-    broker = inspectable_broker(work_recheck_s=RECHECK_S)
+    # Its own key prefix: no other test's broker listens on its work channel.
+    broker = inspectable_broker(work_recheck_s=RECHECK_S, key_prefix=f"alone-{uuid.uuid4().hex}")
     redis = aioredis.Redis.from_url(redis_url)
     try:
         async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
             poll = asyncio.create_task(tenant.client.pending(wait_s=LONG_POLL_S))
             await long_poll_parked(broker, tenant.tenant_id)
             poll = await one_round_trip(broker, tenant, session, poll)  # warm up
-            before = await script_calls(redis)
+            before = await script_calls(redis), await command_calls(redis, "publish")
             rounds = 5
             for _ in range(rounds):
                 poll = await one_round_trip(broker, tenant, session, poll)
-            calls = await script_calls(redis) - before
+            calls = await script_calls(redis) - before[0]
+            publishes = await command_calls(redis, "publish") - before[1]
             poll.cancel()
     finally:
         await redis.aclose()
     # enqueue + the claim that took it + the answer; the old broker ran 4 (an empty claim
     # each time a long-poll started).
     assert calls == 3 * rounds
+    # A lone replica announces no work (it wakes its own long-polls) and pushes no answer
+    # (it resolves its own waiters): the old one published each request's announcement.
+    assert publishes == 0
 
 
 async def test_a_long_poll_that_skipped_its_claim_still_finds_unannounced_work(

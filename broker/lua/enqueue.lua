@@ -7,7 +7,7 @@
 -- KEYS: tenant stream, then per call: session hash, session open set[, idempotency key]
 -- ARGV: tenant base, tenant id, replica id, now, request ttl, max open, work channel,
 --       idempotency grace s, tenant max in flight, tenant max queued bytes, number of calls,
---       then per call: session id, 1 | 0 (has an idempotency key), n, then n pairs of
+--       1 | 0 (this replica's own subscription to the work channel is up), then per call: session id, 1 | 0 (has an idempotency key), n, then n pairs of
 --       (request id, body json)
 -- The idempotency key is a hash {ids, open, grace}: it lives as long as its requests, then
 -- `grace` seconds more than their results, so that a late replay is told they expired.
@@ -18,6 +18,7 @@ local base, tenant, replica, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl, max_open, channel = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local idem_grace, max_in_flight, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local calls = tonumber(ARGV[11])
+local own_subscription = tonumber(ARGV[12])
 local usage = base .. 'usage'
 
 -- One call: its keys and its arguments from `first` (the first request id) on.
@@ -75,7 +76,7 @@ end
 
 local out = {}
 local accepted = 0
-local key, arg = 2, 12
+local key, arg = 2, 13
 for _ = 1, calls do
   local session_id, has_idem, n = ARGV[arg], ARGV[arg + 1] == '1', tonumber(ARGV[arg + 2])
   local idempotency = has_idem and KEYS[key + 2] or nil
@@ -87,7 +88,11 @@ for _ = 1, calls do
   key = key + (has_idem and 3 or 2)
   arg = arg + 3 + 2 * n
 end
-if accepted > 0 then
+-- Announced only if a replica other than this one listens (NUMSUB counts this one's own
+-- subscription while it is up): the replica wakes its own long-polls itself, and the
+-- message would only come back to it to be dropped. A replica that subscribes after this
+-- finds the work by its long-polls' periodic claim (RLM_WORK_RECHECK_S) and claims on start.
+if accepted > 0 and redis.call('PUBSUB', 'NUMSUB', channel)[2] > own_subscription then
   redis.call('PUBLISH', channel, tenant .. ' ' .. accepted .. ' ' .. replica)
 end
 return out
