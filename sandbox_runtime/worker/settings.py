@@ -60,8 +60,7 @@ class WorkerSettings(BaseSettings):
         "the default leaves optimizing to code that runs hot for real (docs/performance.md).",
     )
     malloc_tunables: str = Field(
-        "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=65536"
-        ":glibc.malloc.mmap_threshold=65536",
+        "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=65536",
         pattern=r"^[A-Za-z0-9_.=:]*$",
         max_length=512,
         description="GLIBC_TUNABLES of each sandbox process (Deno's native allocations): one "
