@@ -124,8 +124,8 @@ def median_of(
 # command, patched in its own process before `cli` runs.
 _GC_ON = "import click\nfrom rlm_cli import main\nmain._LazyGroup.main = click.Group.main\n"
 _HTTPX = (
-    "from rlm_cli import embedded, stack\nfrom rlm_wire.transport import HttpxTransport\n"
-    "stack.KeepAliveLink = embedded.KeepAliveLink = HttpxTransport\n"
+    "from rlm_cli import stack\nfrom rlm_wire.transport import HttpxTransport\n"
+    "stack.KeepAliveLink = HttpxTransport\n"
 )
 VARIANTS = {
     "with collections during the imports": _GC_ON,

@@ -28,7 +28,6 @@ from rlm_cli.stack import (
     default_components,
 )
 from rlm_wire.broker_client import BrokerClient
-from rlm_wire.link import KeepAliveLink
 
 
 def host_settings_for(
@@ -85,14 +84,9 @@ class SubRLMComponent(StackComponent):
         settings = host_settings_for(stack, self.settings)
         self._router = ModelRouter.from_settings(stack.llm_settings, build_client)
         # The stack's poller answers every tenant (admin token), so its sub-RLMs open their
-        # sessions for each request's own tenant; on the lean transport, like the poller's,
-        # the broker being on loopback (an httpx2 client loads the CA bundle at start).
-        self._broker = BrokerClient(
-            stack.broker_url,
-            stack.admin_token,
-            timeout_s=settings.broker_timeout_s,
-            retry=settings.retry_policy(),
-            transport=KeepAliveLink,
+        # sessions for each request's own tenant.
+        self._broker = stack.admin_client(
+            timeout_s=settings.broker_timeout_s, retry=settings.retry_policy()
         )
         # The stack's tenants are tenants: the same policy as a standalone poller's decides
         # what their session metadata may ask (never `local` unless the operator lists it).

@@ -217,10 +217,16 @@ class LocalStack:
         }
 
     def admin_client(self, **kwargs: Any) -> BrokerClient:
-        return BrokerClient(self.broker_url, self.admin_token, **kwargs)
+        return self._client(self.admin_token, kwargs)
 
     def tenant_client(self, **kwargs: Any) -> BrokerClient:
-        return BrokerClient(self.broker_url, self.tenant_token, **kwargs)
+        return self._client(self.tenant_token, kwargs)
+
+    def _client(self, token: str | None, kwargs: dict[str, Any]) -> BrokerClient:
+        # The stack's broker is on loopback: the lean transport, as its poller uses. An
+        # httpx2 client would import httpcore2 and load the CA bundle (~0.1 s each) at start.
+        kwargs.setdefault("transport", KeepAliveLink)
+        return BrokerClient(self.broker_url, token, **kwargs)
 
 
 async def _all_or_first_error(tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -306,9 +312,7 @@ class TenantComponent(StackComponent):
     needs = ("broker",)
 
     async def start(self, stack: LocalStack) -> None:
-        # The lean transport: the broker is on loopback, and an httpx2 client would load the
-        # CA bundle and import httpcore2 (~0.1 s each) before the stack is ready.
-        async with stack.admin_client(timeout_s=10.0, transport=KeepAliveLink) as admin:
+        async with stack.admin_client(timeout_s=10.0) as admin:
             created = await admin.create_tenant(stack.config.tenant_name)
         stack.tenant_id = created.tenant_id
         stack.tenant_token = created.token

@@ -43,7 +43,7 @@ def test_each_call_costs_what_genai_prices_says(
         got = cost_usd(model, input_tokens, output_tokens, profile)
         assert got == pytest.approx(genai(name, input_tokens, output_tokens, **where), rel=1e-9)
     # A flat price is kept after the first call; any other is asked of genai-prices each time.
-    assert ((model, base_url) in pricing._flat_rates) is flat
+    assert (pricing._flat_rates[model, base_url] is not None) is flat
 
 
 def test_a_profile_price_wins_and_an_unknown_model_is_free() -> None:

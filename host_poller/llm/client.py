@@ -102,6 +102,7 @@ class OpenAIChatClient:
         )
         # The SDK's answer as it came, with its attempt count (`retries_taken`).
         self._raw_answer: type[openai.AsyncAPIResponse[object]] = openai.AsyncAPIResponse[object]
+        self._sdk_error: type[openai.OpenAIError] = openai.OpenAIError
 
     def __repr__(self) -> str:
         return f"OpenAIChatClient(profile={self.profile.name!r}, model={self.model!r})"
@@ -112,8 +113,6 @@ class OpenAIChatClient:
         """One chat completion; raises an `LLMError` leaf once the SDK's retries are spent.
 
         `params` (extra request fields) go over the profile's own `params`."""
-        import openai  # loaded by __init__ already: a sys.modules lookup
-
         extra = {**self.profile.params, **(params or {})}
         profile_headers = self.profile.params.get("extra_headers")
         if params and "extra_headers" in params and isinstance(profile_headers, dict):
@@ -141,7 +140,7 @@ class OpenAIChatClient:
                     options=cast("openai.RequestOptions", options),
                 )
                 content = await raw.read()
-            except openai.OpenAIError as exc:
+            except self._sdk_error as exc:
                 raise self._translate(exc) from exc
             latency = time.perf_counter() - started
         answer = read_answer(content, model=self.model)

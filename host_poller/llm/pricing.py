@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 _unpriced_lock = threading.Lock()
 _unpriced: set[tuple[str, str | None]] = set()
-#: (model, base URL) -> USD per (input, output) token, for models of flat price.
-_flat_rates: dict[tuple[str, str | None], tuple[float, float]] = {}
+#: (model, base URL) -> USD per (input, output) token for a model of flat price, None for one
+#: found not to be (it asks genai-prices every call, without checking again).
+_flat_rates: dict[tuple[str, str | None], tuple[float, float] | None] = {}
 #: Token counts at which a flat price is checked against genai-prices (past any tier).
 _PROBE = (3_000_000, 2_000_000)
 
@@ -68,19 +69,24 @@ def _flat(calc: Any) -> tuple[float, float] | None:
 
 def _genai_price(model: str, input_tokens: int, output_tokens: int, base_url: str | None) -> float:
     key = (model, base_url)
+    known = key in _flat_rates
     rates = _flat_rates.get(key)
     if rates is not None:
         return input_tokens * rates[0] + output_tokens * rates[1]
     calc = _genai_calc(model, input_tokens, output_tokens, base_url)
     total = float(calc.total_price)
+    if known:
+        return total
     rates = _flat(calc)
     if rates is not None:
         # Kept only if it gives genai-prices' own totals, here and far past any tier.
         probe = float(_genai_calc(model, *_PROBE, base_url).total_price)
-        if math.isclose(
-            input_tokens * rates[0] + output_tokens * rates[1], total, rel_tol=1e-9
-        ) and math.isclose(_PROBE[0] * rates[0] + _PROBE[1] * rates[1], probe, rel_tol=1e-9):
-            _flat_rates[key] = rates
+        if not (
+            math.isclose(input_tokens * rates[0] + output_tokens * rates[1], total, rel_tol=1e-9)
+            and math.isclose(_PROBE[0] * rates[0] + _PROBE[1] * rates[1], probe, rel_tol=1e-9)
+        ):
+            rates = None
+    _flat_rates[key] = rates
     return total
 
 
