@@ -47,6 +47,9 @@ class ErrorCode(StrEnum):
     """499 (never read): the client hung up before its body arrived; not a server error."""
     TOO_MANY_SESSIONS = "too_many_sessions"
     """429: the sandbox runtime's sessions are all taken."""
+    SANDBOX_MEMORY_EXHAUSTED = "sandbox_memory_exhausted"
+    """503 (with Retry-After): one more sandbox does not fit in the runtime's memory budget
+    (RLM_SANDBOX_LIVE_MEMORY_BYTES) even after hibernating its idle sessions."""
     BAD_SNAPSHOT = "bad_snapshot"
     """400: a sandbox hibernation blob or state snapshot that cannot be read."""
     SNAPSHOT_TOO_LARGE = "snapshot_too_large"

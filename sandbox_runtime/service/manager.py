@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rlm_wire.codes import ErrorCode
@@ -109,6 +110,8 @@ class SessionManager:
             await quiet_kill(process)
             await session.bridge.aclose()
             raise
+        if session.state is not None or session.setup_code:
+            self._pool.memory.changed(process)
         self._sessions[session.id] = session
         self._metrics.sessions_created.inc()
         logger.info("session created", extra={"session_id": session.id, "pid": process.pid})
@@ -133,6 +136,7 @@ class SessionManager:
             result = result.model_copy(update={"sub_calls": session.bridge.take_sub_calls()})
             session.executions += 1
             session.touch()
+            self._pool.memory.changed(process)  # read again at the next reaper tick
             if not process.alive or result.state_lost:
                 await self._lost_process(session, process)
             if session.state_lost and not result.state_lost:
@@ -155,6 +159,7 @@ class SessionManager:
                 raise await self._control_failed(
                     session, process, "loading the context", exc
                 ) from exc
+            self._pool.memory.changed(process)
 
     async def list_vars(self, session_id: str) -> list[VarInfo]:
         session = self._get(session_id)
@@ -267,7 +272,7 @@ class SessionManager:
         self._metrics.restarts.inc()
         logger.warning("sandbox lost", extra={"session_id": session.id, "pid": process.pid})
 
-    async def _hibernate_locked(self, session: Session) -> bool:
+    async def _hibernate_locked(self, session: Session, reason: str = "idle") -> bool:
         process = session.process
         if process is None or session.closed:
             return False
@@ -295,6 +300,7 @@ class SessionManager:
             "session hibernated",
             extra={
                 "session_id": session.id,
+                "reason": reason,
                 "bytes": len(blob),
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },
@@ -311,6 +317,7 @@ class SessionManager:
             await quiet_kill(session.process)
         async with session.lock:
             session.process = None
+        self._pool.wake()  # its memory is free: the pool may refill
         await self._store.delete(session.id)
         await session.bridge.aclose()
         self._metrics.sessions_ended.labels(reason=reason).inc()
@@ -319,7 +326,8 @@ class SessionManager:
     # --- idle sessions -------------------------------------------------------------------------
 
     async def reap_once(self) -> None:
-        """End sessions idle past their TTL; hibernate live ones idle past `hibernate_after_s`."""
+        """End sessions idle past their TTL; hibernate live ones idle past `hibernate_after_s`;
+        then measure the sandboxes and bring them within the memory budget."""
         now = time.monotonic()
         for session in list(self._sessions.values()):
             if session.busy:
@@ -333,23 +341,66 @@ class SessionManager:
             ):
                 async with session.lock:
                     await self._hibernate_locked(session)
+        await self._fit_memory()
+
+    async def reclaim(self, enough: Callable[[], bool]) -> None:
+        """Hibernate least recently used idle sessions until `enough()` (the pool's hook for
+        a start-up that does not fit in the memory budget)."""
+        await self._hibernate_lru(enough, reason="memory")
+
+    async def _fit_memory(self) -> None:
+        """Measure the sandboxes; above the budget, end warm sandboxes, then hibernate least
+        recently used idle sessions, until under it. The pool refills if there is room.
+
+        The warm pool goes first: it holds no one's state (losing a warm sandbox costs a later
+        start-up; hibernating a session costs its next call a restore), and it is what grew
+        into the room a session then needed (sessions grow as they run, the pool refills
+        whenever one more sandbox fits)."""
+        memory = self._pool.memory
+        await memory.measure()
+
+        def within() -> bool:
+            return memory.total <= memory.budget.bytes
+
+        if not within():
+            await self._pool.shrink()
+        await self._hibernate_lru(within, reason="memory")
+        if not within():
+            logger.warning(
+                "sandboxes above the memory budget; none idle to hibernate",
+                extra={"bytes": memory.total, "budget": memory.budget.bytes},
+            )
+        self._pool.wake()
 
     async def _enforce_live_cap(self, keep: Session | None = None) -> None:
         """Hibernate the least recently used idle sessions beyond `max_live_sessions`."""
-        excess = self.live - self._settings.max_live_sessions
-        if excess <= 0:
+        await self._hibernate_lru(
+            lambda: self.live <= self._settings.max_live_sessions, keep=keep, reason="live_cap"
+        )
+
+    async def _hibernate_lru(
+        self, enough: Callable[[], bool], *, reason: str, keep: Session | None = None
+    ) -> None:
+        """Hibernate live idle sessions, least recently used first, until `enough()`.
+
+        A session executing is never chosen: `busy` is checked right before its lock is
+        taken, with no await between, so this never waits behind an execution.
+        """
+        if enough():
             return
         idle = sorted(
-            (
-                s
-                for s in self._sessions.values()
-                if s.process is not None and not s.busy and s is not keep
-            ),
+            (s for s in self._sessions.values() if s.process is not None and s is not keep),
             key=lambda s: s.last_used,
         )
-        for session in idle[:excess]:
+        for session in idle:
+            if enough():
+                return
+            if session.busy or session.process is None:
+                continue
             async with session.lock:
-                await self._hibernate_locked(session)
+                done = await self._hibernate_locked(session, reason)
+            if done and reason == "memory":
+                self._metrics.memory_hibernations.inc()
 
     async def _reap_loop(self) -> None:
         while True:

@@ -44,6 +44,16 @@ class Metrics:
         self.sessions_ended = Counter(
             "rlm_sandbox_sessions_ended", "Sessions ended, by reason.", ["reason"], registry=r
         )
+        self.memory_hibernations = Counter(
+            "rlm_sandbox_memory_hibernations",
+            "Idle sessions hibernated to keep the sandboxes within the memory budget.",
+            registry=r,
+        )
+        self.memory_refusals = Counter(
+            "rlm_sandbox_memory_refusals",
+            "Sandboxes refused (503 sandbox_memory_exhausted): no room in the memory budget.",
+            registry=r,
+        )
         self.llm_calls = Counter(
             "rlm_sandbox_llm_calls", "Prompts carried to the broker.", ["kind"], registry=r
         )

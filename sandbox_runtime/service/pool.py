@@ -5,6 +5,11 @@ semaphore sized to the core count: start-up is CPU-bound, and more at once only 
 slower. A caller waiting for a sandbox adds to the refill target, so waiters and refills share
 one queue and none starts a process of its own. A restore (a hibernated session, a stateless
 call with a snapshot) loads its blob into a sandbox from the pool instead of starting one.
+
+Every sandbox started here is counted in `memory` (its PSS is read once it is up). The pool
+refills only while one more sandbox fits in the memory budget, so its size is a ceiling the
+budget can lower; a caller that needs a start-up first gets room from `reclaim` (the session
+manager hibernates idle sessions), else 503 `sandbox_memory_exhausted`.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from sandbox_runtime.errors import SandboxBlobError, SandboxError, SandboxGuestError
+from sandbox_runtime.service.memory import MemoryBudget, SandboxMemory
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 
@@ -24,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Pause after a failed start-up, so a broken installation does not spin.
 _FAILURE_BACKOFF_S = 1.0
+
+#: Frees memory until the condition holds (or nothing more can be freed); see `WarmPool.reclaim`.
+Reclaim = Callable[[Callable[[], bool]], Awaitable[None]]
 
 
 class WarmPool:
@@ -38,6 +48,7 @@ class WarmPool:
         memory_bytes: int,
         metrics: Metrics,
         acquire_timeout_s: float = 60.0,
+        memory: SandboxMemory | None = None,
     ) -> None:
         self._worker_settings = worker_settings
         self.size = size
@@ -53,6 +64,14 @@ class WarmPool:
         self._refill_task: asyncio.Task[None] | None = None
         self._spawn_tasks: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
+        self.memory = memory or SandboxMemory(MemoryBudget.unlimited())
+        #: Set by the session manager: hibernates idle sessions until the condition holds.
+        self.reclaim: Reclaim | None = None
+        #: Start-ups outside the pool (another memory bound) in flight.
+        self._own_spawns = 0
+        #: Callers making room for a start-up: the pool's own refill waits meanwhile, so it
+        #: does not take the memory they free.
+        self._admitting = 0
 
     @property
     def idle(self) -> int:
@@ -62,6 +81,25 @@ class WarmPool:
     @property
     def spawning(self) -> int:
         return self._spawning
+
+    @property
+    def target(self) -> int:
+        """Warm sandboxes the pool aims at now: its size, or fewer while the budget is short."""
+        return max(0, min(self.size, self.idle + self.memory.room() - self._own_spawns))
+
+    def wake(self) -> None:
+        """Look again whether the pool can refill (memory was freed)."""
+        self._wake.set()
+
+    async def shrink(self) -> int:
+        """End warm sandboxes while the live ones hold more than the budget; how many."""
+        ended = 0
+        while not self._ready.empty() and self.memory.total > self.memory.budget.bytes:
+            await quiet_kill(self._ready.get_nowait())
+            ended += 1
+        if ended:
+            logger.info("warm pool shrunk to the memory budget", extra={"ended": ended})
+        return ended
 
     def start(self) -> None:
         """Start the refill task; it fills the pool at once."""
@@ -79,10 +117,19 @@ class WarmPool:
     async def acquire(self, memory_bytes: int | None = None) -> SandboxProcess:
         """A started sandbox, owned by the caller from now on (it must kill or close it).
 
-        Taking one from the pool wakes the refill (no caller needs to ask for it).
+        Taking one from the pool wakes the refill (no caller needs to ask for it). A caller
+        that needs a start-up (none ready or starting for it) must fit in the memory budget:
+        `reclaim` is asked to make room, else 503 `sandbox_memory_exhausted`.
         """
         if memory_bytes is not None and memory_bytes != self.memory_bytes:
-            return await self.spawn(memory_bytes)
+            await self._admit()
+            self._own_spawns += 1
+            try:
+                return await self.spawn(memory_bytes)
+            finally:
+                self._own_spawns -= 1
+        if self._waiters >= self._ready.qsize() + self._spawning:
+            await self._admit()
         self._waiters += 1
         self._wake.set()
         try:
@@ -115,7 +162,40 @@ class WarmPool:
                 ) from exc
             self._metrics.spawns.inc()
             self._metrics.spawn_seconds.observe(time.perf_counter() - started)
-            return process
+        try:
+            await self.memory.read(process)  # ~10-15 ms in a thread, off the create path
+        except BaseException:  # cancelled: the process must not outlive its handle
+            await quiet_kill(process)
+            raise
+        return process
+
+    def _fits_one_more(self) -> bool:
+        """One more sandbox fits besides the live ones and the start-ups in flight."""
+        return self.memory.fits(1 + self._spawning + self._own_spawns)
+
+    async def _admit(self) -> None:
+        """Room in the memory budget for one start-up, made by `reclaim` if need be."""
+        if self._fits_one_more():
+            return
+        if self.reclaim is not None:
+            self._admitting += 1
+            try:
+                await self.reclaim(self._fits_one_more)
+            finally:
+                self._admitting -= 1
+                self._wake.set()
+            if self._fits_one_more():
+                return
+        self._metrics.memory_refusals.inc()
+        budget = self.memory.budget
+        raise ApiError(
+            503,
+            ErrorCode.SANDBOX_MEMORY_EXHAUSTED,
+            f"no memory for another sandbox: the live ones hold {self.memory.total} bytes of "
+            f"the {budget.bytes}-byte budget (RLM_SANDBOX_LIVE_MEMORY_BYTES, {budget.source}) "
+            "and no idle session is left to hibernate; retry later",
+            headers={"Retry-After": str(self.memory.retry_after_s)},
+        )
 
     async def restore(self, blob: bytes, memory_bytes: int | None = None) -> SandboxProcess:
         """A sandbox holding the namespace of a hibernation (or stateless) blob.
@@ -149,6 +229,7 @@ class WarmPool:
         except BaseException:
             await quiet_kill(process)
             raise
+        self.memory.changed(process)  # it holds the namespace now: read it again
         return process
 
     def _give_back(self, process: SandboxProcess) -> None:
@@ -180,6 +261,11 @@ class WarmPool:
             self._wake.clear()
             missing = self.size + self._waiters - self._ready.qsize() - self._spawning
             for _ in range(max(0, missing)):
+                # A start-up a waiter needs was admitted already; the pool's own waits for
+                # room in the memory budget (`wake` when memory is freed).
+                for_waiter = self._waiters > self._ready.qsize() + self._spawning
+                if not for_waiter and (self._admitting or not self._fits_one_more()):
+                    break
                 self._spawning += 1
                 task = asyncio.create_task(self._spawn_one(), name="pool-spawn")
                 self._spawn_tasks.add(task)

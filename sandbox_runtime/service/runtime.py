@@ -9,6 +9,7 @@ from typing import Any
 from sandbox_runtime.service.context_cache import ContextCache
 from sandbox_runtime.service.layers import report_isolation
 from sandbox_runtime.service.manager import SessionManager
+from sandbox_runtime.service.memory import SandboxMemory, resolve_budget
 from sandbox_runtime.service.metrics import Metrics
 from sandbox_runtime.service.pool import WarmPool
 from sandbox_runtime.service.settings import RuntimeSettings
@@ -25,6 +26,10 @@ class Runtime:
     def __init__(self, settings: RuntimeSettings, worker_settings: WorkerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # Measured at the reaper's pace; "auto" is resolved here, once.
+        self.memory = SandboxMemory(
+            resolve_budget(settings.live_memory_bytes), interval_s=settings.reaper_interval_s
+        )
         self.pool = WarmPool(
             worker_settings,
             size=settings.pool_size,
@@ -32,6 +37,7 @@ class Runtime:
             memory_bytes=worker_settings.memory_bytes,
             metrics=self.metrics,
             acquire_timeout_s=worker_settings.start_timeout_s,
+            memory=self.memory,
         )
         self.store = HibernationStore(
             StoreLimits(
@@ -42,6 +48,8 @@ class Runtime:
             settings.hibernation_dir or worker_settings.cache_dir / "hibernation",
         )
         self.sessions = SessionManager(settings, self.pool, self.store, self.metrics)
+        # A start-up that does not fit in the memory budget hibernates idle sessions first.
+        self.pool.reclaim = self.sessions.reclaim
         self.contexts = ContextCache(
             max_bytes=settings.context_cache_bytes,
             max_entries=settings.context_cache_entries,
@@ -70,6 +78,26 @@ class Runtime:
             "Bytes of hibernation blobs held.",
             lambda: self.store.total_bytes,
         )
+        gauge(
+            "rlm_sandbox_memory_bytes",
+            "Measured PSS of the live sandboxes (sessions, warm pool, stateless calls).",
+            lambda: self.memory.total,
+        )
+        gauge(
+            "rlm_sandbox_memory_budget_bytes",
+            "Memory the live sandboxes may hold (RLM_SANDBOX_LIVE_MEMORY_BYTES, or auto).",
+            lambda: self.memory.budget.bytes,
+        )
+        gauge(
+            "rlm_sandbox_memory_sandbox_estimate_bytes",
+            "What one more sandbox is taken to cost: the median of recent readings.",
+            lambda: self.memory.estimate,
+        )
+        gauge(
+            "rlm_sandbox_pool_target",
+            "Warm sandboxes the pool aims at: its size, or fewer while the budget is short.",
+            lambda: self.pool.target,
+        )
 
     @property
     def busy(self) -> int:
@@ -78,9 +106,16 @@ class Runtime:
     async def start(self) -> None:
         self.pool.start()
         self.sessions.start()
+        budget = self.memory.budget
         logger.info(
             "sandbox runtime started",
-            extra={"pool_size": self.pool.size, "max_sessions": self.settings.max_sessions},
+            extra={
+                "pool_size": self.pool.size,
+                "max_sessions": self.settings.max_sessions,
+                "memory_budget_bytes": budget.bytes,
+                "memory_budget_source": budget.source,
+                "memory_limit_bytes": budget.limit_bytes,
+            },
         )
 
     async def aclose(self) -> None:
@@ -99,6 +134,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "pool": {
                 "size": self.pool.size,
+                "target": self.pool.target,
                 "idle": self.pool.idle,
                 "spawning": self.pool.spawning,
                 "last_error": self.pool.last_error,
@@ -115,6 +151,7 @@ class Runtime:
                 "hibernated_bytes": self.store.total_bytes,
                 "hibernated_spilled_bytes": self.store.disk_bytes,
             },
+            "memory": self.memory.as_dict(),
             "stateless_running": self.stateless.running,
             "restarts": self.sessions.restarts,
             "isolation": self.isolation.as_dict(),

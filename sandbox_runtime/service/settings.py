@@ -90,6 +90,16 @@ class RuntimeSettings(BaseSettings):
         description="Sessions holding a process at once; beyond it the least recently used "
         "idle session is hibernated early.",
     )
+    live_memory_bytes: int = Field(
+        0,
+        ge=0,
+        description="Memory the live sandboxes (sessions, warm pool, stateless calls) may "
+        "hold, by their measured PSS. Above it warm sandboxes are ended, then the least "
+        "recently used idle sessions hibernated; the warm pool refills only while one more "
+        "sandbox fits; a sandbox that cannot fit is refused with 503 sandbox_memory_exhausted. "
+        "0: 60 % of the memory the runtime may use (its cgroup's memory limit, else MemTotal); "
+        "/health says what it resolved to.",
+    )
 
     default_timeout_s: float = Field(60.0, gt=0, description="Wall clock per execution.")
     default_output_bytes: int = Field(
