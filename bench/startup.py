@@ -15,9 +15,13 @@ counts with `llm_query_batched` and sets its `answer`), the model scripted in-pr
 `import rlm.clients.openai`, what its start-up costs with a real provider.
 
 `--variants`: only `rlm ask` against itself with each of its start-up measures turned off
-(no collections during the imports, the lean transport for the stack's own clients, and
-both with the SDK imported up front: the code before them),
+(no collections during the imports, none during the stack's start, the lean transport for
+the stack's own clients, and all with the SDK imported up front: the code before them),
 interleaved round by round, with each process's CPU.
+
+`--trees A,B`: only `rlm ask` run from each source tree (e.g. `git archive HEAD` unpacked in
+/tmp/before, and this one), interleaved round by round: a change measured against the code
+before it on a shared machine.
 
 Breakdown, in a fresh process of the project: interpreter, imports of `rlm ask`'s module
 (and the heaviest packages from `python -X importtime`), each stack component's start,
@@ -123,14 +127,18 @@ def median_of(
 # `rlm ask` with one of its start-up measures turned off, to see what each pays: the same
 # command, patched in its own process before `cli` runs.
 _GC_ON = "import click\nfrom rlm_cli import main\nmain._LazyGroup.main = click.Group.main\n"
+_GC_STACK = (
+    "import contextlib\nfrom rlm_cli import ask\nask._collections_paused = contextlib.nullcontext\n"
+)
 _HTTPX = (
     "from rlm_cli import stack\nfrom rlm_wire.transport import HttpxTransport\n"
     "stack.KeepAliveLink = HttpxTransport\n"
 )
 VARIANTS = {
     "with collections during the imports": _GC_ON,
+    "with collections during the stack's start": _GC_STACK,
     "with httpx2 for the stack's own clients": _HTTPX,
-    "none of them, openai imported up front": f"import openai\n{_GC_ON}{_HTTPX}",
+    "none of them, openai imported up front": f"import openai\n{_GC_ON}{_GC_STACK}{_HTTPX}",
 }
 
 
@@ -139,6 +147,12 @@ def variant_argv(patch: str, argv: Sequence[str]) -> list[str]:
         f"import sys\n{patch}from rlm_cli.main import cli\nsys.argv[0] = 'rlm'\nsys.exit(cli())\n"
     )
     return [str(PYTHON), "-c", code, *argv[1:]]
+
+
+def tree_argv(tree: str, argv: Sequence[str]) -> list[str]:
+    """`argv` run from the source tree `tree` (a copy of the project, e.g. `git archive HEAD`
+    unpacked): PYTHONPATH puts it ahead of the editable install."""
+    return ["env", f"PYTHONPATH={Path(tree).resolve()}", *argv]
 
 
 def interleaved(reps: int, commands: dict[str, list[str]]) -> None:
@@ -163,7 +177,7 @@ def interleaved(reps: int, commands: dict[str, list[str]]) -> None:
         figures = [statistics.median(walls), min(walls), statistics.median(readies),
                    min(readies), statistics.median(t.cpu for t in runs)]  # fmt: skip
         ms = [f"{x * 1000:6.0f}" for x in figures]
-        print(f"    {label:<40} {ms[0]} / {ms[1]} ms   {ms[2]} / {ms[3]} ms   {ms[4]} ms",
+        print(f"    {label:<46} {ms[0]} / {ms[1]} ms   {ms[2]} / {ms[3]} ms   {ms[4]} ms",
               flush=True)  # fmt: skip
 
 
@@ -258,9 +272,16 @@ assert result.response.strip() == "600", result.response
 # --- the breakdown, in a fresh process of the project ---------------------------------------
 
 BREAKDOWN = r"""
-import asyncio, json, sys, time
+import asyncio, gc, json, sys, time
 t0 = time.perf_counter()
-import rlm_cli.ask
+gc.disable()  # as `rlm` imports a command's module
+import rlm_cli.main, rlm_cli.ask
+from rich.console import Console
+from rlm_cli.logs import configure_logging
+configure_logging("WARNING", "json")
+console = Console(file=sys.stderr)
+gc.freeze()
+gc.enable()
 t_import = time.perf_counter()
 from host_poller.rlm.api import RLM
 from host_poller.rlm.budget import RunBudgets
@@ -269,7 +290,7 @@ from rlm_cli import loop
 from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
 from rlm_cli.stack import LocalStack, StackConfig
 
-phases = {"import rlm_cli.ask": t_import - t0}
+phases = {"imports of `rlm ask`, logging": t_import - t0}
 
 
 def timing(component):
@@ -289,7 +310,8 @@ async def main():
     budgets = RunBudgets()
     components = [timing(c) for c in rlm_stack_components(settings, budgets=budgets)]
     began = time.perf_counter()
-    stack = await LocalStack(StackConfig(scenario="count_words"), components).start()
+    with rlm_cli.ask._collections_paused():  # as `rlm ask` starts its stack
+        stack = await LocalStack(StackConfig(scenario="count_words"), components).start()
     phases["stack start (all components)"] = time.perf_counter() - began
     phases["process + embedded stack (interpreter start not included)"] = time.perf_counter() - t0
     try:
@@ -420,6 +442,11 @@ def main() -> None:
         "--before", action="store_true", help="also the start-up as it was (emulated)"
     )
     parser.add_argument(
+        "--trees",
+        default="",
+        help="only `rlm ask` run from each of these source trees (comma-separated), interleaved",
+    )
+    parser.add_argument(
         "--memory", default="", help="only the idle `rlm up` stack's memory, for these pool sizes"
     )
     args = parser.parse_args()
@@ -428,6 +455,15 @@ def main() -> None:
             idle_stack_memory(int(size), settle_s=3.0)
         return
     environments = args.environments.split(",")
+    if args.trees:
+        for environment in environments:
+            argv = [str(RLM), "ask", "--scenario", "count_words", "--environment", environment,
+                    "--context", "ctx.txt", "--no-progress", QUESTION]  # fmt: skip
+            interleaved(
+                args.reps,
+                {f"{tree}, {environment}": tree_argv(tree, argv) for tree in args.trees.split(",")},
+            )
+        return
     if args.variants:
         for environment in environments:
             argv = [str(RLM), "ask", "--scenario", "count_words", "--environment", environment,

@@ -20,11 +20,12 @@ import functools
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
-
-import httpx2
+from typing import TYPE_CHECKING, Protocol
 
 from rlm_wire.errors import ServiceUnreachable
+
+if TYPE_CHECKING:
+    import httpx2
 
 #: The answer headers a client acts on (lower-case); transports keep only these.
 KEPT_HEADERS = frozenset({"retry-after", "content-type"})
@@ -74,6 +75,8 @@ class TransportFactory(Protocol):
 def tls_context() -> ssl.SSLContext:
     """One TLS context (httpx's default: verified, its CA bundle) for every client of the
     process: each client loading the CA bundle again cost ~50 ms of start-up."""
+    import httpx2  # on first use: the loopback clients (`KeepAliveLink`) need neither
+
     return httpx2.create_ssl_context()
 
 
@@ -88,9 +91,14 @@ class HttpxTransport:
         max_connections: int,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Imported here: `rlm ask`'s embedded stack talks over `KeepAliveLink` only, and
+        # httpx2 (~80 ms to import) stays off its start-up until a client of this kind is made.
+        import httpx2
+
         all_headers = {"Authorization": f"Bearer {token}"} if token else {}
         all_headers.update(headers or {})
-        self._http = httpx2.AsyncClient(
+        self._transport_error: type[httpx2.TransportError] = httpx2.TransportError
+        self._http: httpx2.AsyncClient = httpx2.AsyncClient(
             base_url=url.rstrip("/"),
             headers=all_headers,
             limits=httpx2.Limits(
@@ -115,7 +123,7 @@ class HttpxTransport:
             response = await self._http.request(
                 method, target, content=body, headers=sent_headers, timeout=timeout_s
             )
-        except httpx2.TransportError as exc:
+        except self._transport_error as exc:
             raise ServiceUnreachable(
                 f"{method} {_path(target)}: {type(exc).__name__}: {exc}"
             ) from exc

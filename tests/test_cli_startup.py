@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import types
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import click
 import pytest
@@ -86,6 +86,18 @@ def test_collections_are_off_only_while_the_command_module_is_imported(
     assert gc.isenabled()
 
 
+def test_rlm_freezes_what_its_common_imports_made() -> None:
+    # Collected, the ~100k objects of click's, pydantic's and the settings' imports would be
+    # walked by the first collection after them, all alive until exit.
+    probe = (
+        "import gc\nimport rlm_cli.main\nprint(gc.isenabled(), gc.get_freeze_count() > 50_000)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "True"]
+
+
 def _modules_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
     """Which modules under `prefixes` a fresh interpreter holds after running `statement`."""
     probe = (
@@ -100,8 +112,8 @@ def _modules_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
 
 
 def test_rlm_ask_imports_the_openai_sdk_only_to_build_a_client() -> None:
-    # Importing the SDK is ~0.7 s of `rlm ask`'s start-up: it is imported in a thread while the
-    # stack starts, so the command's module itself must not import it.
+    # Importing the SDK is ~0.7 s of `rlm ask`'s start-up: it is imported when the run builds
+    # its first LLM client, so neither the command's module nor the stack may import it.
     assert _modules_after("import rlm_cli.ask, rlm_cli.embedded", ("openai",)) == []
     assert _modules_after("from host_poller.llm import LLMSettings, LLMError", ("openai",)) == []
     built = (
@@ -112,16 +124,20 @@ def test_rlm_ask_imports_the_openai_sdk_only_to_build_a_client() -> None:
 
 
 def test_the_embedded_stack_starts_without_what_only_the_run_needs(redis_url: str) -> None:
-    # The SDK (0.7 s of imports) and the CA bundle wait for the run's first LLM client.
+    # The SDK (0.7 s of imports), httpx2 and the CA bundle wait for the run's first LLM
+    # client; JSON logs need neither structlog nor what it imports (rich, pygments).
     probe = (
         "import json, sys\n"
+        "from rlm_cli.logs import configure_logging\n"
+        "configure_logging('WARNING', 'json')\n"
         "from rlm_cli import loop\n"
         "from rlm_cli.embedded import rlm_stack_components\n"
         "from rlm_cli.stack import LocalStack, StackConfig\n"
         "from rlm_wire.transport import tls_context\n"
         "async def main():\n"
         "    async with LocalStack(StackConfig(scenario='count_words'), rlm_stack_components()):\n"
-        "        found = [m for m in sys.modules if m.split('.')[0] in ('openai', 'httpcore2')]\n"
+        "        found = [m for m in sys.modules if m.split('.')[0] in\n"
+        "                 ('openai', 'httpx2', 'httpcore2', 'structlog', 'rich', 'pygments')]\n"
         "        return sorted(found), tls_context.cache_info().currsize\n"
         "print(json.dumps(loop.run(main())))\n"
     )
@@ -134,18 +150,104 @@ def test_the_embedded_stack_starts_without_what_only_the_run_needs(redis_url: st
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], 0]
 
 
-def test_the_llm_package_still_exports_its_public_names() -> None:
-    import host_poller.llm as llm
-    from host_poller.llm.client import build_client
-    from host_poller.llm.profiles import LLMSettings
+def test_importing_rlm_ask_leaves_out_the_poller_and_the_console_renderers() -> None:
+    # The run needs the poller's errors and hooks, not the poller (the stack imports it when
+    # it starts one); rich is imported when the command prints, structlog for a console log
+    # line: `import structlog` imports rich and pygments (~0.1 s); httpx2 with the first
+    # client that is not a `KeepAliveLink`.
+    found = _modules_after(
+        "import rlm_cli.main, rlm_cli.ask",
+        ("host_poller", "rich", "structlog", "pygments", "httpx2"),
+    )
+    assert [m for m in found if m.split(".")[0] != "host_poller"] == []
+    assert "host_poller.poller.errors" in found
+    assert {"host_poller.poller.poller", "host_poller.poller.link"}.isdisjoint(found)
 
-    assert llm.build_client is build_client
-    assert llm.LLMSettings is LLMSettings
-    assert set(llm.__all__) <= set(dir(llm))
-    for name in llm.__all__:
-        assert getattr(llm, name) is not None
+
+def _json_log_lines(statements: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON lines a fresh `rlm` process logs after `statements`, and the structlog, rich
+    and pygments modules it imported."""
+    probe = (
+        "import json, logging, sys\n"
+        "from rlm_cli.logs import configure_logging\n"
+        "configure_logging('INFO', 'json')\n"
+        f"{statements}\n"
+        "found = [m for m in sys.modules if m.split('.')[0] in ('structlog', 'rich', 'pygments')]\n"
+        "print(json.dumps(sorted(found)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    found: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return lines, found
+
+
+def test_json_logs_are_one_object_a_line_without_structlog() -> None:
+    lines, found = _json_log_lines(
+        "log = logging.getLogger('rlm.test')\n"
+        "log.info('hello %s', 'there', extra={'run_id': 'r1', 'api_key': 'sk-1', 'n': 2})\n"
+        "log.debug('not at INFO')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    log.exception('failed', extra={'obj': object})"
+    )
+    assert found == []
+    hello, failed = lines
+    assert list(hello) == ["event", "level", "logger", "run_id", "api_key", "n", "timestamp"]
+    assert hello["event"] == "hello there" and hello["level"] == "info"
+    assert hello["logger"] == "rlm.test" and hello["run_id"] == "r1" and hello["n"] == 2
+    assert hello["api_key"] == "[redacted]"
+    assert hello["timestamp"].endswith("Z")
+    assert failed["level"] == "error" and failed["obj"] == "<class 'object'>"
+    assert failed["exception"].startswith("Traceback (most recent call last):")
+    assert failed["exception"].endswith("ValueError: boom")
+
+
+def test_console_logs_import_structlog_for_their_first_line() -> None:
+    probe = (
+        "import logging, sys\n"
+        "from rlm_cli.logs import configure_logging\n"
+        "configure_logging('WARNING', 'console')\n"
+        "before = 'structlog' in sys.modules\n"
+        "logging.getLogger('rlm.test').warning('careful', extra={'token': 't0k3n', 'n': 1})\n"
+        "print(before, 'structlog' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True"]
+    (line,) = done.stderr.splitlines()
+    assert "[warning  ] careful" in line and "[rlm.test]" in line
+    assert "n=1" in line and "token=[redacted]" in line and "t0k3n" not in line
+
+
+@pytest.mark.parametrize("package", ["host_poller.llm", "host_poller.poller", "rlm_wire"])
+def test_lazy_packages_still_export_their_public_names(package: str) -> None:
+    module = importlib.import_module(package)
+    assert set(module.__all__) <= set(dir(module))
+    for name in module.__all__:
+        value = getattr(module, name)
+        home = getattr(value, "__module__", None)
+        if home is not None and home.startswith(package):
+            # The very object its defining module holds, not a copy.
+            assert getattr(importlib.import_module(home), name) is value
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        llm.nothing  # noqa: B018  # the lookup is the test
+        module.nothing  # noqa: B018  # the lookup is the test
+
+
+def test_the_embedded_stack_starts_without_collections() -> None:
+    from rlm_cli import ask
+
+    frozen = gc.get_freeze_count()
+    try:
+        with ask._collections_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen  # what the start made is frozen
+    finally:
+        gc.unfreeze()  # give this test process's objects back
 
 
 class _Gate(StackComponent):
