@@ -10,6 +10,7 @@ so a request's budget covers every depth. With RLM_BROKER_URL it serves runs on 
 from __future__ import annotations
 
 import click
+from pydantic import SecretStr
 
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.profiles import HOW_TO_CONFIGURE, LLMSettings
@@ -53,8 +54,11 @@ class ServeComponent(ServiceComponent):
         if stack.llm_settings is None:
             raise RuntimeError("the serve component needs the llm component before it")
         self._ledger = _open_ledger(stack.config.poller_settings)
+        settings = self.settings
+        if settings.redis_url is None:  # the runs of /v1/runs are kept in the stack's Redis
+            settings = settings.model_copy(update={"redis_url": SecretStr(stack.redis_url)})
         service = RLMService(
-            self.settings,
+            settings,
             host_settings_for(stack, self.host),
             stack.llm_settings,
             budgets=self.budgets,

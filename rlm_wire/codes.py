@@ -73,6 +73,8 @@ class ErrorCode(StrEnum):
     """502: an RLM run of `rlm serve` broke off (its root model, broker or environment)."""
     RUN_TIMEOUT = "run_timeout"
     """504: an RLM run of `rlm serve` outlived RLM_SERVE_RUN_TIMEOUT_S."""
+    RUN_INTERRUPTED = "run_interrupted"
+    """A run of `rlm serve`'s run API whose service replica stopped before it ended (not re-run)."""
     HTTP_ERROR = "http_error"
     """Any other HTTP status Starlette raised itself."""
     INTERNAL_ERROR = "internal_error"

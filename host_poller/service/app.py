@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 from host_poller.service import routes, routes_conversations, routes_runs
 from host_poller.service.conversations import ConversationRegistry
 from host_poller.service.errors import exception_handlers
+from host_poller.service.run_store import MemoryRunStore, run_store_for
 from host_poller.service.runner import RLMService
 from host_poller.service.runs import RunRegistry
 from host_poller.viewer import ViewerSettings
@@ -31,7 +32,14 @@ def create_app(service: RLMService, viewer: ViewerSettings | None = None) -> Sta
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.rlm_service = service
-        app.state.rlm_runs = runs = RunRegistry(service)
+        store = run_store_for(service.settings)
+        if isinstance(store, MemoryRunStore):
+            logger.warning(
+                "runs of /v1/runs are kept in this process's memory (no RLM_SERVE_REDIS_URL): "
+                "they will not outlive a restart, and other replicas do not see them"
+            )
+        app.state.rlm_runs = runs = RunRegistry(service, store)
+        await runs.open()
         app.state.rlm_conversations = conversations = ConversationRegistry(service)
         if service.settings.is_open():
             logger.warning("rlm serve runs without API keys (RLM_SERVE_API_KEYS): loopback only")

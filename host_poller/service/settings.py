@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rlm_wire.serving import SERVE_PORT
@@ -94,11 +94,56 @@ class ServeSettings(BaseSettings):
         1000,
         ge=1,
         le=100_000,
-        description="Runs of the native run API (/v1/runs) kept in "
-        "memory, finished ones included (429 past it while none has expired).",
+        description="Runs of the native run API (/v1/runs) kept, finished ones included, "
+        "counted in the run store: in Redis, over every replica on it; in memory, this "
+        "process's (429 past it while none has expired).",
     )
     run_ttl_s: float = Field(
         3600.0, gt=0, description="How long a finished run of /v1/runs stays readable."
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis where the runs of /v1/runs are kept, so they outlive a restart "
+        "and every replica on it reads, follows and cancels any of them. Unset: on its own "
+        "stack, the stack's Redis; with RLM_BROKER_URL, this process's memory (a restart "
+        "forgets them).",
+    )
+    key_prefix: str = Field(
+        "rlm:serve:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of the run store's Redis keys (apart from the broker's).",
+    )
+    redis_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Timeout of each call to the run store's Redis."
+    )
+    lease_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="How often a replica renews its lease in the run store's Redis.",
+    )
+    lease_ttl_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A replica's lease lasts this long unless renewed (more than "
+        "RLM_SERVE_LEASE_INTERVAL_S): once it lapses (the replica crashed or was killed), its "
+        "running runs are reported failed, `run_interrupted`.",
+    )
+    max_answer_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest answer (with its usage, as JSON) a run of /v1/runs keeps; a run "
+        "whose answer is larger fails with `answer_too_large` (the trajectory has the answer).",
+    )
+    max_event_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest progress event of a run kept (JSON); a larger one is kept as a "
+        "stub with its name and size (its whole text is in the trajectory).",
     )
     max_conversations: int = Field(
         32,
@@ -130,6 +175,15 @@ class ServeSettings(BaseSettings):
         description="A streamed answer sends an SSE comment this often "
         "while the run works, so proxies keep the connection.",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlives_renewal(self) -> ServeSettings:
+        if self.lease_ttl_s <= self.lease_interval_s:
+            raise ValueError(
+                f"RLM_SERVE_LEASE_TTL_S ({self.lease_ttl_s:g}) must exceed "
+                f"RLM_SERVE_LEASE_INTERVAL_S ({self.lease_interval_s:g})"
+            )
+        return self
 
     def static_keys(self) -> tuple[str, ...]:
         """The static bearer keys (RLM_SERVE_API_KEYS and RLM_SERVE_API_KEY)."""
