@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -25,6 +25,7 @@ from broker.hot_routes import BrokerApp
 from broker.listener import Listener
 from broker.metrics import Metrics
 from broker.openapi import openapi_json
+from broker.redis_calls import LeanPool
 from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
@@ -44,7 +45,8 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = BlockingConnectionPool.from_url(
+        # A BlockingConnectionPool whose get and release are cheap (`broker.redis_calls`).
+        pool = LeanPool.from_url(
             redis_url,
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_timeout_s,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.typing import EncodableT
 
 from broker.auth import hash_token, new_id, new_token
@@ -132,6 +132,11 @@ class Store:
         self._replies_prefix = self.keys.reply_channel("")
         self._lease_ms = str(int(settings.lease_s * 1000))
         self._reap_ms = str(max(50, min(1000, int(settings.lease_s * 250))))
+        self._undeliverable = error_result(
+            "__ID__",
+            ErrorCode.UNDELIVERABLE,
+            f"no poller answered within {settings.max_attempts} deliveries",
+        )
         self._session_gone = error_result(
             "__ID__",
             ErrorCode.SESSION_EXPIRED,
@@ -348,15 +353,10 @@ class Store:
 
         `poller`, when given, is recorded as seen (for /health) in the same round trip.
         """
-        undeliverable = error_result(
-            "__ID__",
-            ErrorCode.UNDELIVERABLE,
-            f"no poller answered within {self.settings.max_attempts} deliveries",
-        )
         now = time.time()
         script = self.scripts.claim
-        calls: list[tuple[list[str], list[EncodableT]]] = [
-            (
+        commands: list[list[EncodableT]] = [
+            script.command(
                 [
                     self.keys.stream(tenant_id),
                     self.keys.reap_lock(tenant_id),
@@ -373,31 +373,24 @@ class Store:
                     self._reap_ms,
                     self._replies_prefix,
                     self.settings.result_ttl_s,
-                    undeliverable,
+                    self._undeliverable,
                     self._session_gone,
                 ],
             )
             for tenant_id, count in claims
         ]
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    # EVALSHA straight on the pipeline: redis-py sends SCRIPT EXISTS before
-                    # every pipeline holding a registered Script, one more Redis round trip
-                    # per /pending (measured: 1 per llm_query round trip).
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                if poller is not None:
-                    # Scoped by tenant and trimmed to the most recent few: a tenant naming a
-                    # new poller on every call cannot inflate /health's count.
-                    key = self.keys.pollers(poller.tenant_id)
-                    pipe.zadd(key, {poller.name: now})
-                    pipe.zremrangebyrank(key, 0, -self.settings.max_pollers_per_tenant - 1)
-                replies = await pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, NoScriptError) for r in replies[: len(calls)]):
-                break
-            # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, try once more.
-            # A NOSCRIPT claim changed nothing, and the poller bookkeeping is idempotent.
-            await self.redis.script_load(script.script)
+        if poller is not None:
+            # Scoped by tenant and trimmed to the most recent few: a tenant naming a new
+            # poller on every call cannot inflate /health's count. In the same write.
+            key = self.keys.pollers(poller.tenant_id)
+            commands.append(["ZADD", key, now, poller.name])
+            commands.append(["ZREMRANGEBYRANK", key, 0, -self.settings.max_pollers_per_tenant - 1])
+        if not commands:
+            return {}
+        # One write, one connection, no pipeline object: the claims (and the poller's record)
+        # go as they are; a claim that met NOSCRIPT (Redis lost its scripts) ran nothing and
+        # is sent again once the script is loaded.
+        replies = await script.run_many(commands)
         out: dict[str, list[Claimed]] = {}
         for (tenant_id, _), flat in zip(claims, replies[: len(claims)], strict=True):
             if isinstance(flat, ResponseError) and "NOGROUP" in str(flat):

@@ -2,8 +2,8 @@
 
 `Waiters`: `/enqueue` and `/requests/{id}` register a future per request id *before* the
 request is published; the reply listener resolves it with the result JSON.
-`WorkSignals`: a waiting `/pending` sleeps on its tenant's event (or, for admin, the
-all-tenants event); the listener sets them when Redis announces new work. It also counts the
+`WorkSignals`: a waiting `/pending` sleeps on a future of its tenant's (or, for admin, of all
+tenants); the listener wakes them when Redis announces new work. It also counts the
 announcements, so that a long-poll can tell that nothing was announced since a claim that
 drained the queue, and wait without claiming (no empty claim script).
 """
@@ -69,8 +69,8 @@ class WorkSignals:
     Waking every long-poll of a tenant for each request would have all but one of them
     claim nothing (a wasted Redis script per extra poller). So a tenant's waiters queue up,
     an announcement of n requests wakes n of them, and a waiter that was woken but leaves
-    without claiming passes its wake-up on (`leave`). Admin long-polls (all tenants) wait
-    on one shared event instead; they are few.
+    without claiming passes its wake-up on (`leave`). Admin long-polls (all tenants) are
+    all woken by every announcement instead; they are few.
 
     Announcements also tick a clock. A claim takes `mark()` before it starts and, when it
     leaves its queue empty, records `drained(scope, mark, now)`; a long-poll that starts
@@ -82,7 +82,8 @@ class WorkSignals:
 
     def __init__(self, recheck_s: float = 1.0) -> None:
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
-        self._any = asyncio.Event()
+        #: admin long-polls: every announcement wakes them all
+        self._waiting_any: set[asyncio.Future[None]] = set()
         #: tenants announced since an admin drain last looked; admin draining serves these first
         self.ready: set[str] = set()
         self._recheck_s = recheck_s
@@ -124,18 +125,7 @@ class WorkSignals:
         """A future that is woken by new work; take it *before* reading the queue."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if tenant_id is None:
-            any_event = self._any
-
-            async def on_any() -> None:
-                await any_event.wait()
-
-            def wake(_: object) -> None:
-                if not future.done():
-                    future.set_result(None)
-
-            task = asyncio.ensure_future(on_any())
-            task.add_done_callback(wake)
-            future.add_done_callback(lambda _: task.cancel())
+            self._waiting_any.add(future)
         else:
             self._waiting.setdefault(tenant_id, deque()).append(future)
         return future
@@ -144,6 +134,7 @@ class WorkSignals:
         """Stop waiting; a wake-up received but not `used` goes to the next waiter."""
         if tenant_id is None:
             future.cancel()
+            self._waiting_any.discard(future)
             return
         if future.done():
             if not used and not future.cancelled():
@@ -166,8 +157,7 @@ class WorkSignals:
         self._announced[tenant_id] = self._announced_any = self._clock
         self.ready.add(tenant_id)
         self._wake(tenant_id, count)
-        self._any.set()
-        self._any = asyncio.Event()
+        self._wake_any()
 
     def notify_all(self) -> None:
         """After a reconnect: wake everyone, since announcements may have been lost."""
@@ -176,8 +166,13 @@ class WorkSignals:
         self._drained.clear()
         for tenant_id in list(self._waiting):
             self._wake(tenant_id, len(self._waiting[tenant_id]))
-        self._any.set()
-        self._any = asyncio.Event()
+        self._wake_any()
+
+    def _wake_any(self) -> None:
+        waiting, self._waiting_any = self._waiting_any, set()
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
 
     def _wake(self, tenant_id: str, count: int) -> None:
         waiting = self._waiting.get(tenant_id)

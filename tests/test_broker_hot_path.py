@@ -301,7 +301,7 @@ async def test_enqueues_of_one_tick_run_as_one_script_each_with_its_own_outcome(
         def item(n: int) -> tuple[str, str]:
             return (f"{tenant_id}.{n:020x}", json.dumps({"prompt": f"p{n}"}))
 
-        await redis.script_load(store.scripts.enqueue.script)  # no NOSCRIPT retry below
+        await redis.script_load(store.scripts.enqueue.source)  # no NOSCRIPT retry below
         before = await script_calls(redis)
         outcomes = await asyncio.gather(
             store.enqueue(tenant_id, busy, [item(1)], "key-1"),
