@@ -426,6 +426,7 @@ REMOTE_GRAPH: set[Edge] = {
     ("serve", "broker", TCP, 8000),
     ("sandbox", "broker", TCP, 8000),
     ("broker", "redis", TCP, 6379),
+    ("serve", "serve-redis", TCP, 6379),
     ("poller", "sandbox", TCP, 8100),
     ("serve", "sandbox", TCP, 8100),
     ("poller", INTERNET, TCP, 443),
@@ -450,6 +451,7 @@ def test_the_network_policies_allow_exactly_the_intended_edges(overlay: str) -> 
     assert {to for src, to, *_ in graph if src == "sandbox"} <= {"broker", DNS}
     assert {src for src, to, *_ in graph if to == INTERNET} == {"poller", "serve"}
     assert {src for src, to, *_ in graph if to == "redis"} <= {"broker"}
+    assert {src for src, to, *_ in graph if to == "serve-redis"} == {"serve"}
 
 
 def test_the_evaluator_sees_a_widened_policy() -> None:
