@@ -30,6 +30,7 @@ from host_poller.service import RLMService, ServeSettings
 from host_poller.service.models import ChatRequest
 from host_poller.settings import HostSettings
 from rlm_wire.errors import ApiError
+from tests.support.sse import sse_events
 from tests.test_rlm import make_text
 
 API_KEY = "serve-test-key-1"
@@ -466,13 +467,7 @@ def test_a_full_service_is_429_and_a_run_past_its_time_is_504(slow_served: Serve
 
 
 def _sse_events(response: httpx2.Response) -> list[tuple[str, dict[str, Any]]]:
-    events, name = [], "message"
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
+    return sse_events(response.iter_lines())
 
 
 @pytest.mark.timeout(180)

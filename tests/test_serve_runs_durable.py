@@ -32,6 +32,7 @@ from host_poller.service import ServeSettings
 from host_poller.service.run_store import MAX_EVENTS, RedisRunStore, RunRecord, RunsFull
 from host_poller.service.runs import _encode, _outcome
 from tests.support.servers import wait_until
+from tests.support.sse import sse_events
 from tests.test_rlm import make_text
 
 API_KEY = "durable-runs-key-1"
@@ -144,13 +145,7 @@ class Replica:
         url = f"{self.url}/v1/runs/{run_id}/events"
         with httpx2.stream("GET", url, headers=headers, timeout=60) as response:
             assert response.status_code == 200
-            events, name = [], "message"
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    name = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line.removeprefix("data: "))))
-        return events
+            return sse_events(response.iter_lines())
 
     def wait_for_events(self, run_id: str, name: str) -> None:
         """Follows the run until it has an event `name` (read through this replica)."""
