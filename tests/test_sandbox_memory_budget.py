@@ -27,6 +27,8 @@ from sandbox_runtime.service.memory import (
     resolve_budget,
     tree_pss,
 )
+from sandbox_runtime.service.metrics import Metrics
+from sandbox_runtime.service.pool import WarmPool
 from sandbox_runtime.service.serve import BackgroundRuntime
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.worker import SandboxProcess
@@ -263,3 +265,33 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name}")
+
+
+async def test_a_pool_shrunk_for_memory_holds_back_until_a_session_frees_some() -> None:
+    # Sessions that grew into the pool's room: the pool ends its warm sandbox; without a
+    # hold it would start one again at once (room is back) and end it at the next tick.
+    memory = SandboxMemory(MemoryBudget(bytes=10 * 1024 * MiB, source="test"))
+    pool = WarmPool(
+        SETTINGS,
+        size=1,
+        max_concurrent_spawns=1,
+        memory_bytes=SETTINGS.memory_bytes,
+        metrics=Metrics(),
+        memory=memory,
+    )
+    pool.start()
+    try:
+        await pool.wait_ready(1)
+        roomy = memory.budget
+        memory.budget = MemoryBudget(bytes=memory.total - 1, source="test")  # over it
+        assert await pool.shrink() == 1
+        assert pool.idle == 0
+        memory.budget = roomy  # the room is back, as after a shrink
+        pool.wake()
+        await asyncio.sleep(0.2)  # the refill loop runs as soon as it is woken
+        assert (pool.idle, pool.spawning, pool.target) == (0, 0, 0)
+        pool.wake(freed=True)  # a session ended or was hibernated: memory really freed
+        await pool.wait_ready(1)
+        assert pool.target == 1
+    finally:
+        await pool.aclose()

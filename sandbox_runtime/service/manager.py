@@ -295,6 +295,8 @@ class SessionManager:
         session.has_blob = True
         session.process = None
         await process.aclose()
+        if reason != "memory":  # hibernated to make room: that room is not the pool's
+            self._pool.wake(freed=True)
         self._metrics.hibernations.inc()
         logger.info(
             "session hibernated",
@@ -317,7 +319,7 @@ class SessionManager:
             await quiet_kill(session.process)
         async with session.lock:
             session.process = None
-        self._pool.wake()  # its memory is free: the pool may refill
+        self._pool.wake(freed=True)  # its memory is free: the pool may refill
         await self._store.delete(session.id)
         await session.bridge.aclose()
         self._metrics.sessions_ended.labels(reason=reason).inc()

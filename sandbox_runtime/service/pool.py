@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 #: Pause after a failed start-up, so a broken installation does not spin.
 _FAILURE_BACKOFF_S = 1.0
+#: After warm sandboxes were ended for memory, the pool does not refill for this long unless a
+#: session frees memory first: sessions that grew into the room would otherwise have the pool
+#: start a sandbox (1-1.5 s of CPU) and end it again at every reaper tick.
+REFILL_HOLD_S = 30.0
 
 #: Frees memory until the condition holds (or nothing more can be freed); see `WarmPool.reclaim`.
 Reclaim = Callable[[Callable[[], bool]], Awaitable[None]]
@@ -72,6 +76,8 @@ class WarmPool:
         #: Callers making room for a start-up: the pool's own refill waits meanwhile, so it
         #: does not take the memory they free.
         self._admitting = 0
+        #: No refill before this (monotonic time): see REFILL_HOLD_S.
+        self._hold_until = 0.0
 
     @property
     def idle(self) -> int:
@@ -84,12 +90,21 @@ class WarmPool:
 
     @property
     def target(self) -> int:
-        """Warm sandboxes the pool aims at now: its size, or fewer while the budget is short."""
+        """Warm sandboxes the pool aims at now: its size, or fewer while the budget is short
+        (or while it holds back after a shrink)."""
+        if self._held():
+            return min(self.size, self.idle)
         return max(0, min(self.size, self.idle + self.memory.room() - self._own_spawns))
 
-    def wake(self) -> None:
-        """Look again whether the pool can refill (memory was freed)."""
+    def wake(self, *, freed: bool = False) -> None:
+        """Look again whether the pool can refill; `freed`: a session gave its memory back
+        (ended, hibernated), which lifts a hold after a shrink."""
+        if freed:
+            self._hold_until = 0.0
         self._wake.set()
+
+    def _held(self) -> bool:
+        return time.monotonic() < self._hold_until
 
     async def shrink(self) -> int:
         """End warm sandboxes while the live ones hold more than the budget; how many."""
@@ -98,6 +113,7 @@ class WarmPool:
             await quiet_kill(self._ready.get_nowait())
             ended += 1
         if ended:
+            self._hold_until = time.monotonic() + REFILL_HOLD_S
             logger.info("warm pool shrunk to the memory budget", extra={"ended": ended})
         return ended
 
@@ -262,9 +278,12 @@ class WarmPool:
             missing = self.size + self._waiters - self._ready.qsize() - self._spawning
             for _ in range(max(0, missing)):
                 # A start-up a waiter needs was admitted already; the pool's own waits for
-                # room in the memory budget (`wake` when memory is freed).
+                # room in the memory budget (`wake` when memory is freed) and, after a
+                # shrink, for a session to free some (or REFILL_HOLD_S).
                 for_waiter = self._waiters > self._ready.qsize() + self._spawning
-                if not for_waiter and (self._admitting or not self._fits_one_more()):
+                if not for_waiter and (
+                    self._admitting or self._held() or not self._fits_one_more()
+                ):
                     break
                 self._spawning += 1
                 task = asyncio.create_task(self._spawn_one(), name="pool-spawn")
