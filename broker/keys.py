@@ -13,8 +13,11 @@ one slot and each Lua script touches a single slot.
     <p>:{t}:session:<s>:idem:<sha256>   hash   ids (JSON) accepted under an Idempotency-Key,
                                                open (of them unanswered), grace (s)
     <p>:{t}:req:<id>                    hash   status, body, session, enqueued_at, entry,
-                                               attempt, result, idem (its key, if any)
-    <p>:{t}:req:<id>:w                  set    broker replicas waiting for this request's answer
+                                               attempt, size (of the body), origin (the
+                                               replica that enqueued it), result, idem (its
+                                               key, if any), watched (1: it has a set below)
+    <p>:{t}:req:<id>:w                  set    other broker replicas waiting for its answer
+                                               (GET /requests/{id}?wait=)
     <p>:{t}:reap                        string rate-limits re-delivery scans (PX)
     <p>:{t}:reap:cursor                 string where the last re-delivery scan stopped
     <p>:{t}:sessions                    zset   the tenant's sessions -> expires_at (quota)

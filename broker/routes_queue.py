@@ -28,7 +28,7 @@ from broker.handling import endpoint, lean_endpoint
 from broker.keys import tenant_of_request
 from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
-from rlm_wire.asgi import Answer, AsgiRequest, json_answer, until_disconnect
+from rlm_wire.asgi import Answer, AsgiRequest, Hold, json_answer
 from rlm_wire.bodies import query_float, query_int, read_json, validate
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
@@ -68,7 +68,9 @@ async def enqueue(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     ids = [f"{tenant_id}.{secrets.token_hex(10)}" for _ in items]
     # Register before publishing, so that an instant answer finds its waiter.
     futures = [ctx.waiters.register(request_id) for request_id in ids]
-    disconnected: asyncio.Future[None] | None = None
+    # A caller that hangs up stops the wait: its waiters go at once, not after `wait` (its
+    # requests stay queued; a retry with its Idempotency-Key finds them).
+    hold = Hold(request.receive)
     try:
         earlier = await ctx.store.enqueue(
             tenant_id,
@@ -84,14 +86,9 @@ async def enqueue(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             ctx.signals.notify(tenant_id, len(items))
         else:
             ids, futures = await _rewait(ctx, tenant_id, ids, futures, earlier)
-        if wait_s > 0 and not all(f.done() for f in futures):
-            # A caller that hangs up stops the wait: its waiters go at once, not after `wait`
-            # (its requests stay queued; a retry with its Idempotency-Key finds them).
-            disconnected = asyncio.ensure_future(until_disconnect(request.receive))
-        results = await _await_results(ctx, ids, futures, wait_s, disconnected)
+        results = await _await_results(ctx, ids, futures, wait_s, hold)
     finally:
-        if disconnected is not None:
-            disconnected.cancel()
+        hold.close()
         for request_id, future in zip(ids, futures, strict=True):
             ctx.waiters.discard(request_id, future)
     all_done = all(r is not None for r in results)
@@ -160,7 +157,7 @@ async def get_request(request: Request) -> Response:
         raise ApiError(403, ErrorCode.FORBIDDEN, "this request belongs to another tenant")
     wait_s = query_float(request, "wait", ctx.settings.default_wait_s, ctx.settings.max_wait_s)
     future = ctx.waiters.register(request_id) if wait_s > 0 else None
-    disconnected: asyncio.Future[None] | None = None
+    hold = Hold(request.receive)
     try:
         if future is not None:
             stored = await ctx.store.watch(tenant_id, request_id)
@@ -178,14 +175,12 @@ async def get_request(request: Request) -> Response:
             return json_response(stored.result)
         if future is not None:
             # As a held /enqueue: a reader that hangs up ends the wait and its waiter.
-            disconnected = asyncio.ensure_future(until_disconnect(request.receive))
-            (result,) = await _await_results(ctx, [request_id], [future], wait_s, disconnected)
+            (result,) = await _await_results(ctx, [request_id], [future], wait_s, hold)
             if result is not None:
                 return json_response(result)
         return json_response(_pending(request_id), 202)
     finally:
-        if disconnected is not None:
-            disconnected.cancel()
+        hold.close()
         if future is not None:
             ctx.waiters.discard(request_id, future)
 
@@ -195,17 +190,11 @@ async def _await_results(
     ids: Sequence[str],
     futures: Sequence[asyncio.Future[bytes]],
     wait_s: float,
-    disconnected: asyncio.Future[None] | None = None,
+    hold: Hold,
 ) -> list[bytes | None]:
     """The results that arrive within `wait_s` (None: still pending); the wait ends early
-    when every one has, or when `disconnected` is done."""
-    if wait_s > 0 and disconnected is None:
-        await asyncio.wait(futures, timeout=wait_s)
-    elif wait_s > 0 and disconnected is not None:
-        settled = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
-        await asyncio.wait(
-            [settled, disconnected], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-        )
+    when every one has, or when the client hangs up."""
+    await hold.wait(futures, wait_s)
     results = [f.result() if f.done() else None for f in futures]
     if wait_s > 0 and any(r is None for r in results) and not ctx.listener.connected:
         # The subscription is down: an answer may have landed without a notification.
@@ -232,7 +221,9 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
     poller = PollerSeen(principal.tenant_id, _poller_name(request, principal))
     deadline = time.monotonic() + wait_s
-    disconnected = asyncio.ensure_future(until_disconnect(request.receive))
+    # Watched from the start: a poller that leaves during a claim has its work handed back.
+    hold = Hold(request.receive)
+    hold.watch()
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
         full_scan = True
@@ -263,22 +254,20 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                     ctx.signals.drained(tenant_id, mark, started)
             seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
-            if claimed or (remaining <= 0 and not skipped) or disconnected.done():
+            if claimed or (remaining <= 0 and not skipped) or hold.hung_up:
                 ctx.signals.leave(tenant_id, woken, used=False)
                 break
             sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
-            await asyncio.wait(
-                [woken, disconnected], timeout=sleep, return_when=asyncio.FIRST_COMPLETED
-            )
+            await hold.wait([woken], sleep)  # at once when a claim is due now
             full_scan = not woken.done()  # a periodic re-check looks at every tenant
             # A wake-up is used by the claim at the top of the loop, unless the poller left.
-            ctx.signals.leave(tenant_id, woken, used=not disconnected.done())
-        if claimed and disconnected.done():
+            ctx.signals.leave(tenant_id, woken, used=not hold.hung_up)
+        if claimed and hold.hung_up:
             # The poller left while we waited: hand its requests straight back.
             await _release(ctx, claimed)
             claimed = []
     finally:
-        disconnected.cancel()
+        hold.close()
     return Answer(200, _pending_body(ctx, claimed))
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from broker.app import create_app
 from broker.settings import BrokerSettings
-from rlm_wire.asgi import AsgiRequest
+from rlm_wire.asgi import AsgiRequest, Hold
 from tests.support.brokers import Session, Tenant, tenant_and_session
 from tests.support.servers import BrokerServer, wait_until
 from tests.test_broker_hot_path import InspectableBroker
@@ -189,6 +189,124 @@ async def test_a_held_enqueue_whose_client_hangs_up_leaves_no_waiter(
         assert request["prompt"] == "left"
         answered = await raw.post("/respond", json={"id": request["id"], "response": "late"})
         assert answered.json() == {"id": request["id"], "status": "accepted"}
+
+
+async def test_a_held_batch_whose_client_hangs_up_leaves_no_waiter(
+    parties: tuple[InspectableBroker, Tenant, Session],
+) -> None:
+    """A batch waits for all of its results; its client's hang-up ends the wait of them all,
+    and the one already answered does not end it early."""
+    broker, tenant, session = parties
+    waiters = broker.context.waiters
+    writer = await _raw_call(
+        broker.url,
+        f"POST /enqueue?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {session.token}\r\n"
+        "Content-Type: application/json\r\n",
+        b'{"batch": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}',
+    )
+    await wait_until(lambda: len(waiters) == 3)
+    async with httpx2.AsyncClient(base_url=broker.url, headers=_auth(tenant.token)) as raw:
+        first, *_ = (await raw.get("/pending?wait=5&max=1")).json()["requests"]
+        await raw.post("/respond", json={"id": first["id"], "response": "one"})
+        await wait_until(lambda: len(waiters) == 2)  # still held for the other two
+        await _hang_up(writer)
+        await wait_until(lambda: len(waiters) == 0)
+
+
+async def test_a_held_batch_answers_when_its_last_result_arrives(
+    parties: tuple[InspectableBroker, Tenant, Session],
+) -> None:
+    broker, tenant, session = parties
+    async with httpx2.AsyncClient(base_url=broker.url, timeout=30) as raw:
+        held = asyncio.create_task(
+            raw.post(
+                "/enqueue?wait=30",
+                json={"batch": [{"prompt": "x"}, {"prompt": "y"}]},
+                headers=_auth(session.token),
+            )
+        )
+        answered = 0
+        while answered < 2:
+            polled = await raw.get("/pending?wait=5", headers=_auth(tenant.token))
+            for request in polled.json()["requests"]:
+                await raw.post(
+                    "/respond",
+                    json={"id": request["id"], "response": request["prompt"] * 2},
+                    headers=_auth(tenant.token),
+                )
+                answered += 1
+        reply = await held
+    assert reply.status_code == 200
+    assert [r["response"] for r in reply.json()["results"]] == ["xx", "yy"]
+
+
+class _Receive:
+    """An ASGI `receive` after the body was read: blocks until `leave()` (a hang-up)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.left = asyncio.Event()
+        self.fail = fail
+
+    def leave(self) -> None:
+        self.left.set()
+
+    async def __call__(self) -> dict[str, Any]:
+        await self.left.wait()
+        if self.fail:
+            raise OSError("the connection broke")
+        return {"type": "http.disconnect"}
+
+
+async def test_a_hold_ends_when_every_future_is_done_or_any_when_asked() -> None:
+    loop = asyncio.get_running_loop()
+    receive = _Receive()
+    hold = Hold(receive)
+    futures = [loop.create_future() for _ in range(3)]
+    for i, future in enumerate(futures):
+        loop.call_later(0.01 * (i + 1), future.set_result, i)
+    await hold.wait(futures, 60)
+    assert all(f.done() for f in futures) and not hold.hung_up
+    some = [loop.create_future(), loop.create_future()]
+    loop.call_soon(some[1].set_result, 1)
+    await hold.wait(some, 60, every=False)
+    assert some[1].done() and not some[0].done()
+    await hold.wait(some, 60, every=False)  # one is done already: at once
+    hold.close()
+
+
+async def test_a_hold_ends_at_its_timeout_and_at_a_hang_up() -> None:
+    loop = asyncio.get_running_loop()
+    receive = _Receive()
+    hold = Hold(receive)
+    never = loop.create_future()
+    await hold.wait([never], 0.01)
+    assert not never.done() and not hold.hung_up
+    loop.call_later(0.01, receive.leave)
+    await hold.wait([never], 60)
+    assert hold.hung_up
+    await hold.wait([never], 60)  # hung up: every later wait returns at once
+    hold.close()
+
+
+async def test_a_receive_that_fails_counts_as_a_hang_up() -> None:
+    receive = _Receive(fail=True)
+    hold = Hold(receive)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, receive.leave)
+    await hold.wait([loop.create_future()], 60)
+    assert hold.hung_up
+
+
+async def test_a_closed_hold_leaves_no_task_reading_receive() -> None:
+    receive = _Receive()
+    hold = Hold(receive)
+    hold.watch()
+    await asyncio.sleep(0)
+    readers = [t for t in asyncio.all_tasks() if "until_disconnect" in repr(t.get_coro())]
+    assert len(readers) == 1
+    hold.close()
+    await asyncio.sleep(0)
+    assert readers[0].cancelled()
 
 
 async def test_a_waiting_result_read_whose_client_hangs_up_leaves_no_waiter(

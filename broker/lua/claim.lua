@@ -39,7 +39,8 @@ local function take(entries)
     local fields = entry[2]
     local id = fields and fields[2]
     local req = id and (base .. 'req:' .. id)
-    local status = req and redis.call('HGET', req, 'status')
+    local data = req and redis.call('HMGET', req, 'status', 'body', 'session', 'enqueued_at')
+    local status = data and data[1]
     if status ~= 'pending' then
       if id and not status then
         -- the request expired unanswered: its body is gone, and its bytes with it
@@ -48,8 +49,7 @@ local function take(entries)
       redis.call('XACK', stream, group, entry[1])
       redis.call('XDEL', stream, entry[1])
     else
-      local data = redis.call('HMGET', req, 'body', 'session', 'enqueued_at')
-      local meta = session_metadata(data[2])
+      local meta = session_metadata(data[3])
       local attempt = redis.call('HINCRBY', req, 'attempt', 1)
       if not meta then
         local result = string.gsub(session_gone, '__ID__', id)
@@ -60,9 +60,9 @@ local function take(entries)
       else
         out[#out + 1] = id
         out[#out + 1] = attempt
-        out[#out + 1] = data[1]
         out[#out + 1] = data[2]
         out[#out + 1] = data[3]
+        out[#out + 1] = data[4]
         out[#out + 1] = meta
       end
     end

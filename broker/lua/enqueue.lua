@@ -1,6 +1,7 @@
 -- Accept the /enqueue calls of one tenant made in one event-loop tick, each atomically and
--- in order: per request a stream entry + request hash + watcher; then one announcement of
--- the tenant's new work. Per call the result is the count accepted, -1 when its session is
+-- in order: per request a stream entry + request hash (which names this replica as its
+-- `origin`, the first replica finish.lua notifies); then one announcement of the tenant's
+-- new work. Per call the result is the count accepted, -1 when its session is
 -- closed or expired, -2 when the session would exceed its open-request limit, -3 / -4 when
 -- the tenant would exceed its quota of requests in flight / of queued bytes, or, when its
 -- idempotency key was seen before, the JSON list of the request ids it accepted then.
@@ -21,6 +22,13 @@ local calls = tonumber(ARGV[11])
 local own_subscription = tonumber(ARGV[12])
 local usage = base .. 'usage'
 
+-- Read once per script and counted up here as calls are accepted (the calls of one tick
+-- often share a session): the stream's length, and per session whether it may enqueue and
+-- how many of its requests are open; its open set's lifetime is renewed once, at the end.
+local in_flight = nil
+local sessions = {}
+local renew = {}
+
 -- One call: its keys and its arguments from `first` (the first request id) on.
 local function enqueue(session, open_set, idempotency, session_id, n, first)
   if idempotency then
@@ -29,40 +37,56 @@ local function enqueue(session, open_set, idempotency, session_id, n, first)
       return earlier
     end
   end
-  local status = redis.call('HMGET', session, 'status', 'expires_at')
-  if status[1] ~= 'active' or tonumber(status[2]) <= tonumber(now) then
+  local known = sessions[session]
+  if known == nil then
+    local status = redis.call('HMGET', session, 'status', 'expires_at')
+    known = {active = status[1] == 'active' and tonumber(status[2]) > tonumber(now)}
+    sessions[session] = known
+  end
+  if not known.active then
     return -1
   end
-  if redis.call('SCARD', open_set) + n > max_open then
+  known.open = known.open or redis.call('SCARD', open_set)
+  if known.open + n > max_open then
     return -2
   end
-  if redis.call('XLEN', stream) + n > max_in_flight then
+  in_flight = in_flight or redis.call('XLEN', stream)
+  if in_flight + n > max_in_flight then
     return -3
   end
   local size = 0
   for i = 0, n - 1 do
     size = size + string.len(ARGV[first + 1 + 2 * i])
   end
-  if (tonumber(redis.call('HGET', usage, 'bytes')) or 0) + size > max_bytes then
+  -- Counted up first (the new total in one command) and given back when over the quota.
+  if redis.call('HINCRBY', usage, 'bytes', size) > max_bytes then
+    redis.call('HINCRBY', usage, 'bytes', -size)
     return -4
   end
-  redis.call('HINCRBY', usage, 'bytes', size)
   for i = 0, n - 1 do
     local id, body = ARGV[first + 2 * i], ARGV[first + 1 + 2 * i]
     local req = base .. 'req:' .. id
     local entry = redis.call('XADD', stream, '*', 'id', id, 'size', string.len(body))
-    redis.call('HSET', req, 'status', 'pending', 'body', body, 'session', session_id,
-      'enqueued_at', now, 'entry', entry, 'attempt', 0)
+    -- `size` spares finish.lua an HSTRLEN; `origin` a watchers set for the enqueuing replica
     if idempotency then
       -- finish.lua counts the key's requests down and then lets it expire with their results
-      redis.call('HSET', req, 'idem', idempotency)
+      redis.call('HSET', req, 'status', 'pending', 'body', body, 'session', session_id,
+        'enqueued_at', now, 'entry', entry, 'attempt', 0, 'size', string.len(body),
+        'origin', replica, 'idem', idempotency)
+    else
+      redis.call('HSET', req, 'status', 'pending', 'body', body, 'session', session_id,
+        'enqueued_at', now, 'entry', entry, 'attempt', 0, 'size', string.len(body),
+        'origin', replica)
     end
     redis.call('EXPIRE', req, ttl)
-    redis.call('SADD', req .. ':w', replica)
-    redis.call('EXPIRE', req .. ':w', ttl)
     redis.call('SADD', open_set, id)
   end
-  redis.call('EXPIRE', open_set, ttl)
+  if not known.renew then
+    known.renew = true
+    renew[#renew + 1] = open_set
+  end
+  known.open = known.open + n
+  in_flight = in_flight + n
   if idempotency then
     local ids = {}
     for i = 0, n - 1 do
@@ -87,6 +111,9 @@ for _ = 1, calls do
   out[#out + 1] = result
   key = key + (has_idem and 3 or 2)
   arg = arg + 3 + 2 * n
+end
+for _, open_set in ipairs(renew) do
+  redis.call('EXPIRE', open_set, ttl)
 end
 -- Announced only if a replica other than this one listens (NUMSUB counts this one's own
 -- subscription while it is up): the replica wakes its own long-polls itself, and the
