@@ -163,6 +163,15 @@ async def _raw_call(url: str, head: str, body: bytes = b"") -> asyncio.StreamWri
     return writer
 
 
+async def _held_enqueue(url: str, token: str, body: bytes) -> asyncio.StreamWriter:
+    """A `POST /enqueue?wait=60` sent and left waiting for its answer."""
+    head = (
+        f"POST /enqueue?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\n"
+    )
+    return await _raw_call(url, head, body)
+
+
 async def _hang_up(writer: asyncio.StreamWriter) -> None:
     writer.close()
     await writer.wait_closed()
@@ -174,12 +183,7 @@ async def test_a_held_enqueue_whose_client_hangs_up_leaves_no_waiter(
     """The old broker kept the waiter for the whole `wait` (60 s here)."""
     broker, tenant, session = parties
     waiters = broker.context.waiters
-    writer = await _raw_call(
-        broker.url,
-        f"POST /enqueue?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {session.token}\r\n"
-        "Content-Type: application/json\r\n",
-        b'{"prompt": "left"}',
-    )
+    writer = await _held_enqueue(broker.url, session.token, b'{"prompt": "left"}')
     await wait_until(lambda: len(waiters) == 1)
     await _hang_up(writer)
     await wait_until(lambda: len(waiters) == 0)
@@ -198,12 +202,8 @@ async def test_a_held_batch_whose_client_hangs_up_leaves_no_waiter(
     and the one already answered does not end it early."""
     broker, tenant, session = parties
     waiters = broker.context.waiters
-    writer = await _raw_call(
-        broker.url,
-        f"POST /enqueue?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {session.token}\r\n"
-        "Content-Type: application/json\r\n",
-        b'{"batch": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}',
-    )
+    batch = b'{"batch": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}'
+    writer = await _held_enqueue(broker.url, session.token, batch)
     await wait_until(lambda: len(waiters) == 3)
     async with httpx2.AsyncClient(base_url=broker.url, headers=_auth(tenant.token)) as raw:
         first, *_ = (await raw.get("/pending?wait=5&max=1")).json()["requests"]
