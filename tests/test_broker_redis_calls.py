@@ -40,6 +40,16 @@ async def _client_ids(redis_url: str) -> list[str]:
     return [str(c["id"]) for c in clients if int(c["id"]) != own]
 
 
+async def _kill_the_pools_connection(redis_url: str) -> None:
+    """The server closes the one connection the pool holds (as a Redis restart would)."""
+    (victim,) = await _client_ids(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.client_kill_filter(_id=victim)
+    finally:
+        await admin.aclose()
+
+
 async def test_replies_come_back_in_order_and_an_error_reply_is_only_its_own(
     pool: LeanPool,
 ) -> None:
@@ -69,12 +79,7 @@ async def test_a_connection_cut_under_a_call_fails_it_once_and_the_next_reconnec
 ) -> None:
     call = asyncio.ensure_future(execute(pool, "BLPOP", "q", 5))
     await asyncio.sleep(0.1)  # sent; Redis holds it
-    (victim,) = await _client_ids(redis_url)
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.client_kill_filter(_id=victim)
-    finally:
-        await admin.aclose()
+    await _kill_the_pools_connection(redis_url)
     # No retry (as the broker's client before): the call fails, its caller answers 503.
     with pytest.raises(RedisConnectionError):
         await call
@@ -86,12 +91,7 @@ async def test_an_idle_connection_the_server_closed_is_connected_again(
     pool: LeanPool, redis_url: str
 ) -> None:
     assert await execute(pool, "PING") == b"PONG"
-    (victim,) = await _client_ids(redis_url)
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.client_kill_filter(_id=victim)
-    finally:
-        await admin.aclose()
+    await _kill_the_pools_connection(redis_url)
     assert await execute(pool, "ECHO", "fresh") == b"fresh"
 
 
