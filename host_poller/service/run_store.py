@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from host_poller.service.errors import error_body
@@ -380,9 +380,16 @@ class RedisRunStore(RunStore):
         super().__init__(settings)
         self.keys = RunKeys(settings.key_prefix)
         timeout = settings.redis_timeout_s
-        self.redis: Redis = Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        # Bounded: each follower of a run's events holds a connection while it waits.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.redis_max_connections,
+            timeout=timeout,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        self.redis: Redis = Redis.from_pool(pool)
         self._add = self.redis.register_script(_ADD)
         self._interrupt = self.redis.register_script(_INTERRUPT)
         self._tasks: list[asyncio.Task[None]] = []

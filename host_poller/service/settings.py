@@ -117,6 +117,14 @@ class ServeSettings(BaseSettings):
     redis_timeout_s: float = Field(
         5.0, gt=0, le=60, description="Timeout of each call to the run store's Redis."
     )
+    redis_max_connections: int = Field(
+        64,
+        ge=4,
+        le=10_000,
+        description="Connections to the run store's Redis at once (a follower of a run's "
+        "events holds one while it waits); a call waits RLM_SERVE_REDIS_TIMEOUT_S for one, "
+        "then gets 503.",
+    )
     lease_interval_s: float = Field(
         5.0,
         gt=0,
