@@ -32,6 +32,7 @@ from rlm_wire import broker_models as bp
 from rlm_wire import runtime_models as p
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.runtime_client import RuntimeClient
+from sandbox_runtime.service.memory import process_pss
 from sandbox_runtime.worker import SandboxProcess, WorkerSettings
 from sandbox_runtime.worker.launcher import confinement_support
 
@@ -50,13 +51,6 @@ LLM_LOOP = (
     "    llm_query('hi')\n"
     "print((time.perf_counter() - _t) / {n})\n"
 )
-
-
-def pss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def ms(seconds: float) -> str:
@@ -238,7 +232,7 @@ async def memory_and_hibernation(
         await runtime.execute(session_id, setup)
     headers = {"Authorization": f"Bearer {RUNTIME_TOKEN}"}
     async with httpx2.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
-        pss = [pss_bytes((await http.get(f"/sessions/{i}")).json()["pid"]) for i in ids]
+        pss = [process_pss((await http.get(f"/sessions/{i}")).json()["pid"]) or 0 for i in ids]
         hibernate: list[float] = []
         for session_id in ids:
             started = time.perf_counter()

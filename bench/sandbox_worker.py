@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sandbox_runtime.service.memory import rollup_kib
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings
 
 ROUNDS = 200
@@ -39,12 +40,12 @@ summary = json.dumps({'n': len(index), 'mean': statistics.mean(r[0] for r in row
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """smaps_rollup fields of one process, in KiB (Pss, Pss_Anon, Private_*, Shared_*)."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, _, rest = line.partition(":")
-        out[name] = int(rest.split()[0])
-    return out
+    """smaps_rollup fields of one live process, in KiB (Pss, Pss_Anon, Private_*, Shared_*),
+    read as the runtime reads them (`sandbox_runtime.service.memory`)."""
+    fields = rollup_kib(pid)
+    if not fields:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return fields
 
 
 def loadavg() -> str:

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox_runtime.service.memory import descendants, rollup_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
 RLM = ROOT / ".venv" / "bin" / "rlm"
@@ -369,26 +371,6 @@ def heaviest_imports(module: str, count: int) -> None:
 # --- memory of the idle `rlm up` stack ------------------------------------------------------
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """smaps_rollup fields of one process, in KiB."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, _, rest = line.partition(":")
-        out[name] = int(rest.split()[0])
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").iterdir():
-            children = (task / "children").read_text().split()
-            queue.extend(int(child) for child in children)
-    return found
-
-
 def idle_stack_memory(pool_size: int, settle_s: float) -> None:
     """PSS and RSS of each process of an idle `rlm up` (environment pyodide), once its warm
     pool holds `pool_size` sandboxes and `settle_s` passed."""
@@ -405,7 +387,7 @@ def idle_stack_memory(pool_size: int, settle_s: float) -> None:
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                pids = descendants(up.pid)
+                pids = [up.pid, *descendants(up.pid, max_depth=8)]
                 denos = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "deno"]
                 if Path(f"{tmp}/stack.env").exists() and len(denos) >= pool_size:
                     break
@@ -415,9 +397,11 @@ def idle_stack_memory(pool_size: int, settle_s: float) -> None:
             time.sleep(settle_s)
             total_pss = total_rss = 0.0
             print(f"idle `rlm up` (pyodide), warm pool {pool_size}, load {load()}:")
-            for pid in descendants(up.pid):
+            for pid in [up.pid, *descendants(up.pid, max_depth=8)]:
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
-                m = memory_kib(pid)
+                m = rollup_kib(pid)
+                if not m:  # exited meanwhile
+                    continue
                 total_pss += m["Pss"] / 1024
                 total_rss += m["Rss"] / 1024
                 print(f"  {name:<16} pid {pid:>7}  PSS {m['Pss'] / 1024:7.1f} MiB  "

@@ -62,17 +62,28 @@ class Measurable(Protocol):
 # --- reading PSS -------------------------------------------------------------------------------
 
 
-def process_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """PSS of one process in bytes; None if it is gone (also when it exits while it is read)
-    or not ours to read."""
+def rollup_kib(pid: int, proc: Path = Path("/proc")) -> dict[str, int] | None:
+    """The fields of one process's `smaps_rollup` (`Pss`, `Pss_Anon`, `Private_Dirty`, ...),
+    in KiB; None if it is gone (also when it exits while it is read) or not ours to read.
+    A zombie's rollup has no fields."""
     try:
         text = (proc / str(pid) / "smaps_rollup").read_text()
     except OSError:  # ENOENT / ESRCH: it exited; EACCES: not ours to read
         return None
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * _KiB
-    return None  # a zombie's rollup is empty
+    fields: dict[str, int] = {}
+    for line in text.splitlines()[1:]:  # the first line names the (rolled up) mapping
+        name, _, rest = line.partition(":")
+        if value := rest.split():
+            fields[name] = int(value[0])
+    return fields
+
+
+def process_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """PSS of one process in bytes; None if it is gone, not ours to read, or a zombie."""
+    fields = rollup_kib(pid, proc)
+    if not fields or "Pss" not in fields:
+        return None
+    return fields["Pss"] * _KiB
 
 
 def _children(pid: int, proc: Path) -> list[int]:
@@ -90,25 +101,31 @@ def _children(pid: int, proc: Path) -> list[int]:
     return found
 
 
+def descendants(pid: int, proc: Path = Path("/proc"), max_depth: int = _MAX_DEPTH) -> list[int]:
+    """`pid`'s children, theirs, ... down `max_depth` generations (those that exit meanwhile
+    are simply not found)."""
+    found: list[int] = []
+    seen = {pid}
+    level = _children(pid, proc)
+    for _ in range(max_depth):
+        following: list[int] = []
+        for current in level:
+            if current not in seen:
+                seen.add(current)
+                found.append(current)
+                following.extend(_children(current, proc))
+        if not following:
+            break
+        level = following
+    return found
+
+
 def tree_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
     """PSS of `pid` and its descendants, in bytes; a descendant that exits meanwhile counts 0,
     and None says `pid` itself could not be read (gone)."""
     if (total := process_pss(pid, proc)) is None:
         return None
-    seen = {pid}
-    level = _children(pid, proc)
-    for _ in range(_MAX_DEPTH):
-        following: list[int] = []
-        for current in level:
-            if current in seen:
-                continue
-            seen.add(current)
-            total += process_pss(current, proc) or 0
-            following.extend(_children(current, proc))
-        if not following:
-            break
-        level = following
-    return total
+    return total + sum(process_pss(child, proc) or 0 for child in descendants(pid, proc))
 
 
 # --- the budget --------------------------------------------------------------------------------
