@@ -208,7 +208,7 @@ class WorkersProcess:
     ) -> WorkersProcess:
         host, copy = await asyncio.to_thread(prepare_directory, directory, snapshot)
         support = launcher.check_confinement(settings)
-        visible = [*launcher._visible(settings), directory]
+        visible = [*launcher.visible_paths(settings), directory]
         # The bounds the product gives one session, times the sessions the process holds.
         wrapped = wrap(settings, support, visible, memory_bytes=settings.memory_bytes * sessions)
         argv = launcher.deno_argv(

@@ -157,16 +157,16 @@ def scrubbed_env(wrapped: Wrapped, settings: WorkerSettings) -> dict[str, str]:
 
 def confinement_support(settings: WorkerSettings) -> confinement.Support:
     """What confines sandboxes started with `settings` here (probed once)."""
-    return confinement.support(settings, _visible(settings))
+    return confinement.support(settings, visible_paths(settings))
 
 
 def check_confinement(settings: WorkerSettings) -> confinement.Support:
     """`confinement_support`, or SandboxStartError when a required layer is missing and
     RLM_SANDBOX_ALLOW_WEAKER is not set."""
-    return confinement.check_allowed(settings, _visible(settings))
+    return confinement.check_allowed(settings, visible_paths(settings))
 
 
-def _visible(settings: WorkerSettings) -> list[Path]:
+def visible_paths(settings: WorkerSettings) -> list[Path]:
     """What the sandbox's mount namespace shows (read-only) besides Deno, its libraries and
     the snapshot."""
     return [settings.pyodide_dir, JS_DIR, GUEST_DIR, REPL_SCRIPT]
@@ -174,7 +174,7 @@ def _visible(settings: WorkerSettings) -> list[Path]:
 
 async def _wrap(settings: WorkerSettings, snapshot_path: Path | None, memory_bytes: int) -> Wrapped:
     # The first call probes the machine (runs bwrap once): off the event loop.
-    support = await asyncio.to_thread(confinement.check_allowed, settings, _visible(settings))
+    support = await asyncio.to_thread(confinement.check_allowed, settings, visible_paths(settings))
     if (
         support.mode != "bwrap"
         and settings.network_namespace == "require"
@@ -184,7 +184,7 @@ async def _wrap(settings: WorkerSettings, snapshot_path: Path | None, memory_byt
     return confinement.wrap(
         settings,
         support,
-        _visible(settings),
+        visible_paths(settings),
         memory_bytes=memory_bytes,
         snapshot_path=snapshot_path,
     )
