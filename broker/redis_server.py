@@ -13,6 +13,12 @@ Two modes:
   write the same file.
 - **throwaway** (no `data_dir`): persistence off, in a temporary directory removed at stop;
   for tests and one-shot runs whose data ends with the process.
+
+Either way the server ends with the process that started it (Linux: its parent-death signal
+is SIGTERM, so a durable one still flushes its file): its owner stops it last on a clean exit,
+and an owner killed by SIGKILL or the OOM killer must not leave it running, holding its port
+and its directory's lock, so that the next `rlm broker` / `rlm up` on that directory refuses
+to start.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
@@ -41,8 +51,60 @@ _LOCK_FILE = "rlm-redis.lock"
 _GRACEFUL_STOP_S = 10.0
 
 
+#: `PR_SET_PDEATHSIG` from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
 class RedisServerError(RuntimeError):
     """The embedded server could not be found or did not start."""
+
+
+def _spawn_tied_to_this_process(command: list[str], pass_fds: list[int]) -> subprocess.Popen[bytes]:
+    """Start `command` so that it gets SIGTERM when this process ends, however it ends.
+
+    The kernel sends the parent-death signal when the *thread* that forked the child ends,
+    not the process: a server started from a short-lived thread (`asyncio.to_thread`, a test's
+    thread) would be stopped with it. So every server is forked by one spawner thread that
+    lives until the interpreter exits.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlm-redis-spawner")
+    return _spawner.submit(_spawn, command, pass_fds).result()
+
+
+def _spawn(command: list[str], pass_fds: list[int]) -> subprocess.Popen[bytes]:
+    # A session of its own: a Ctrl+C in the terminal must not kill Redis before the broker
+    # that uses it has stopped (the owner stops it, last). `preexec_fn` is unsafe when the
+    # child needs a lock another thread held at the fork; ours makes one ctypes call, no lock.
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        pass_fds=pass_fds,
+        preexec_fn=_die_with(os.getpid()),
+    )
+
+
+def _die_with(owner_pid: int) -> Callable[[], None] | None:
+    """What the child runs before exec: ask for SIGTERM at its parent's death (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only here: ~3 ms, and only Linux has prctl
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != owner_pid:  # the owner died before the call above took effect
+            os._exit(1)
+
+    return in_child
 
 
 def find_redis_binary() -> Path:
@@ -133,16 +195,10 @@ class RedisServer:
             "10000",
             *self._persistence_args(),
         ]
-        # A session of its own: a Ctrl+C in the terminal must not kill Redis before the
-        # broker that uses it has stopped (the owner stops it, last).
-        # A durable server inherits the directory's lock: it stays locked while this server
-        # runs, even if the process that started it was killed.
-        self._process = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            pass_fds=[self._lock.fileno()] if self._lock is not None else [],
+        # A durable server inherits the directory's lock: the directory stays locked while
+        # this server runs, until it has flushed its file even if its owner was killed.
+        self._process = _spawn_tied_to_this_process(
+            command, [self._lock.fileno()] if self._lock is not None else []
         )
         self._wait_ready()
         return self
