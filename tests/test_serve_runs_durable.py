@@ -18,10 +18,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from broker.redis_server import RedisServer, free_port
@@ -29,7 +30,13 @@ from fake_llm import load_scenario
 from host_poller.llm.types import Usage
 from host_poller.rlm.types import RLMResult
 from host_poller.service import ServeSettings
-from host_poller.service.run_store import MAX_EVENTS, RedisRunStore, RunRecord, RunsFull
+from host_poller.service.run_store import (
+    MAX_EVENTS,
+    RedisRunStore,
+    RunKeys,
+    RunRecord,
+    RunsFull,
+)
 from host_poller.service.runs import _encode, _outcome
 from tests.support.servers import wait_until
 from tests.support.sse import sse_events
@@ -274,6 +281,53 @@ def test_runs_outlive_a_restart(redis_url: str, tmp_path: Path) -> None:
         assert (read.json()["status"], read.json()["answer"]) == ("succeeded", "3")
         assert replica.events(done) == before
         assert wait_for_status(replica, going, "cancelled")["id"] == going
+
+
+@pytest.mark.timeout(240)
+def test_a_run_that_ends_while_the_store_is_down_is_stored_ended_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """Before, the end was dropped with one log line: the run read as running until its
+    record's TTL (the run timeout and more), on every replica."""
+    store = RedisServer(port=free_port(), data_dir=tmp_path / "store").start()
+    try:
+        with running_replica(tmp_path / "a", store.url) as replica:
+            run_id = replica.start_run(ENDLESS, max_iterations=12)
+            replica.wait_for_events(run_id, "iteration")
+            store.kill()  # SIGKILL, as a crash: its file keeps the run as running
+
+            def ended_here() -> dict[str, Any] | None:
+                answer = replica.call("GET", f"/v1/runs/{run_id}")
+                if answer.status_code == 503:  # a running run is read from the store
+                    return None
+                assert answer.status_code == 200, answer.text
+                run: dict[str, Any] = answer.json()
+                return run if run["status"] != "running" else None
+
+            deadline = time.monotonic() + 60
+            while (ended := ended_here()) is None:
+                assert time.monotonic() < deadline, "the run never ended"
+                time.sleep(0.2)
+            store.start()  # the same port and file
+            # Read from the store itself, as every other replica reads it.
+            key = RunKeys(ServeSettings().key_prefix).run(run_id)
+            client = redis.Redis.from_url(store.url, decode_responses=True)
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    stored = RunRecord.from_fields(cast(Any, client.hgetall(key)))
+                    if stored.status != "running":
+                        break
+                    assert time.monotonic() < deadline, "the run's end was never stored"
+                    time.sleep(0.1)
+            finally:
+                client.close()
+            # All of it but the count of events: those of the outage were not stored.
+            assert {**stored.to_json(), "events": 0} == {**ended, "events": 0}
+            read = wait_for_status(replica, run_id, ended["status"])
+            assert {**read, "events": 0} == {**ended, "events": 0}
+    finally:
+        store.stop()
 
 
 # --- the stored form and its bounds (the store itself, on real Redis) ---------------------------

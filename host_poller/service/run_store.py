@@ -225,7 +225,8 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, record: RunRecord) -> None:
-        """Store an ended run, kept RLM_SERVE_RUN_TTL_S from now."""
+        """Store an ended run, kept RLM_SERVE_RUN_TTL_S from now; `ApiError` (503) while
+        the store is unreachable."""
 
     @abc.abstractmethod
     async def get(self, run_id: str) -> RunRecord | None:
@@ -359,12 +360,14 @@ def _ms(seconds: float) -> int:
 
 
 @contextlib.contextmanager
-def _reachable() -> Iterator[None]:
-    """A Redis failure, where a request meets it, as 503 (the run store is unreachable)."""
+def _reachable(*, quiet: bool = False) -> Iterator[None]:
+    """A Redis failure, where a request meets it, as 503 (the run store is unreachable);
+    `quiet` where the caller logs it (once, not at every retry)."""
     try:
         yield
     except RedisError as exc:
-        logger.warning("run store unreachable", extra={"error": type(exc).__name__})
+        if not quiet:
+            logger.warning("run store unreachable", extra={"error": type(exc).__name__})
         raise ApiError(
             503,
             ErrorCode.UNAVAILABLE,
@@ -489,13 +492,14 @@ class RedisRunStore(RunStore):
         ttl_ms = _ms(self.settings.run_ttl_s)
         fields = record.to_fields()
         del fields["events"]  # counted by `append`, which may have run past this copy
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.run(record.id), mapping=cast(dict[Any, Any], fields))
-            pipe.pexpire(self.keys.run(record.id), ttl_ms)
-            pipe.pexpire(self.keys.events(record.id), ttl_ms)
-            pipe.zadd(self.keys.index(), {record.id: time.time() + self.settings.run_ttl_s})
-            pipe.delete(self.keys.cancel(record.id))
-            await pipe.execute()
+        with _reachable(quiet=True):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.keys.run(record.id), mapping=cast(dict[Any, Any], fields))
+                pipe.pexpire(self.keys.run(record.id), ttl_ms)
+                pipe.pexpire(self.keys.events(record.id), ttl_ms)
+                pipe.zadd(self.keys.index(), {record.id: time.time() + self.settings.run_ttl_s})
+                pipe.delete(self.keys.cancel(record.id))
+                await pipe.execute()
 
     async def get(self, run_id: str) -> RunRecord | None:
         with _reachable():

@@ -7,6 +7,11 @@ it. Every run belongs to the key that started it (a static key or a tenant token
 `service.auth`): any other key gets 404 for it, on every replica. A run holds one of this
 replica's run slots until it ends, like a chat completion. When the service stops, its
 runs still going are cancelled and stored so.
+
+A run's end that the store cannot take (Redis down or restarting) is kept here and stored
+again every lease interval until it is taken: this replica reads the run as ended at once,
+the others read it as running meanwhile (the replica's lease is still renewed), never as
+running until the record's TTL.
 """
 
 from __future__ import annotations
@@ -118,8 +123,8 @@ class _Local:
 
     record: RunRecord
     task: asyncio.Task[None] | None = None
-    stored: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once its end is stored."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once its end is known here; it is in the store once the run leaves `_local`."""
 
 
 class RunRegistry:
@@ -130,6 +135,7 @@ class RunRegistry:
         self.store = store
         self._local: dict[str, _Local] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
 
     async def open(self) -> None:
         await self.store.open(self._cancel_local)
@@ -195,18 +201,46 @@ class RunRegistry:
         events: int | None = None,
     ) -> None:
         local.record = local.record.ended(status, result=result, error=error, events=events)
+        local.ended.set()
         try:
-            await self.store.finish(local.record)
-        except Exception:  # the top of a run's task; the record's TTL bounds what is left
-            logger.exception("run end not stored", extra={"id": local.record.id})
+            await self._store_end_until_taken(local.record)
         finally:
-            local.stored.set()
             self._local.pop(local.record.id, None)
+
+    async def _store_end_until_taken(self, record: RunRecord) -> None:
+        """Store `record`, again every lease interval while the store refuses it, until it
+        is taken, the service stops (one last try) or the record would have expired."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.store.running_ttl_s
+        failures = 0
+        while True:
+            try:
+                await self.store.finish(record)
+            except ApiError as exc:  # unreachable: kept and tried again
+                failures += 1
+                last = self._stopping.is_set() or loop.time() >= give_up_at
+                if failures == 1 or last:
+                    log = logger.error if last else logger.warning
+                    log("run end not stored" + ("" if last else "; retrying"),
+                        extra={"id": record.id, "error": exc.message})  # fmt: skip
+                if last:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stopping.wait(), self.service.settings.lease_interval_s
+                    )
+                continue
+            except Exception:  # a bug, not the store's reach: the record's TTL bounds it
+                logger.exception("run end not stored", extra={"id": record.id})
+                return
+            if failures:
+                logger.info("run end stored", extra={"id": record.id, "failures": failures})
+            return
 
     async def get(self, run_id: str, caller: Caller) -> RunRecord:
         """The run, if `caller` started it; else 404 (which runs exist is not told)."""
         local = self._local.get(run_id)
-        record = local.record if local is not None and local.stored.is_set() else None
+        record = local.record if local is not None and local.ended.is_set() else None
         if record is None:
             record = await self.store.get(run_id)
         if record is None or record.owner != caller.owner:
@@ -222,7 +256,7 @@ class RunRegistry:
         if local is not None:
             self._cancel_local(record.id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(local.stored.wait(), timeout=wait_s)
+                await asyncio.wait_for(local.ended.wait(), timeout=wait_s)
             return local.record
         # Another replica's run: it gets the cancel on the store's channel; its end is read
         # back from the store (a replica gone meanwhile: the run reads as interrupted).
@@ -242,9 +276,11 @@ class RunRegistry:
     async def aclose(self) -> None:
         """Cancel the runs still going (the service is stopping), store them so, and stop
         following the store."""
+        self._stopping.set()  # ends still being stored make one last try
         tasks = [r.task for r in self._local.values() if r.task is not None and not r.task.done()]
-        for task in tasks:
-            task.cancel()
+        for local in self._local.values():
+            if local.task is not None and not local.ended.is_set():
+                local.task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         if self._closing:
