@@ -11,6 +11,7 @@ import pytest
 
 from sandbox_runtime.errors import SandboxBlobError, SandboxCrashedError, SandboxGuestError
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings, blob
+from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
 from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
@@ -358,18 +359,33 @@ async def test_wasm_tiering_budget_reaches_v8(budget: int, anyio_backend: str) -
         await process.kill()
 
 
-def _deno_environment(pid: int) -> dict[str, str]:
-    """The environment of the Deno process at or under `pid` (setpriv and bwrap wrap it)."""
+def _deno_pid(pid: int) -> int:
+    """The Deno process at or under `pid` (setpriv and bwrap wrap it)."""
     pending = [pid]
     while pending:
         current = pending.pop()
         argv = Path(f"/proc/{current}/cmdline").read_bytes().split(b"\0")
         if Path(argv[0].decode()).name == "deno":
-            raw = Path(f"/proc/{current}/environ").read_bytes().split(b"\0")
-            return dict(item.decode().partition("=")[::2] for item in raw if item)
+            return current
         for task in Path(f"/proc/{current}/task").iterdir():
             pending += [int(child) for child in (task / "children").read_text().split()]
     raise AssertionError(f"no deno process under {pid}")
+
+
+def _deno_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{_deno_pid(pid)}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+def _deno_cache(pid: int) -> tuple[bool, bool, int]:
+    """Whether Deno's cache is the sandbox's own tmpfs, whether V8's code cache is off, and
+    the bytes that cache holds."""
+    deno = _deno_pid(pid)
+    argv = Path(f"/proc/{deno}/cmdline").read_bytes().split(b"\0")
+    own = _deno_environment(pid)["DENO_DIR"] == SANDBOX_DENO_DIR
+    files = Path(f"/proc/{deno}/root{SANDBOX_DENO_DIR}").rglob("*") if own else []
+    used = sum(f.lstat().st_blocks * 512 for f in files)  # (a symlink to deno is 0)
+    return own, b"--no-code-cache" in argv, used
 
 
 @pytest.mark.parametrize("tunables", ["", "glibc.malloc.arena_max=2"])
@@ -383,6 +399,21 @@ async def test_malloc_tunables_reach_the_deno_process(tunables: str, anyio_backe
         assert environment.get("GLIBC_TUNABLES") == (tunables or None)
         process.bridge = RecordingBridge()
         assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"
+    finally:
+        await process.kill()
+
+
+async def test_a_confined_sandbox_writes_no_code_cache_into_its_memory(anyio_backend: str) -> None:
+    """Its Deno cache is its own tmpfs, empty at every start: V8's code cache written there
+    (~3 MB of host memory per sandbox, outside its PSS) would never be read."""
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        process.bridge = RecordingBridge()
+        assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"
+        own_tmpfs, no_code_cache, used = _deno_cache(process.pid)
+        # Unconfined, the cache is the host's, shared by every sandbox, and kept.
+        assert no_code_cache is own_tmpfs
+        assert used < 1 << 20, f"{used} bytes in the sandbox's Deno cache"
     finally:
         await process.kill()
 
