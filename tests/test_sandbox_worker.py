@@ -343,15 +343,23 @@ def _v8_flags(pid: int) -> list[str]:
     return flags.removeprefix("--v8-flags=").split(",")
 
 
-@pytest.mark.parametrize("budget", [13_000_000, 50_000_000])
-async def test_wasm_tiering_budget_reaches_v8(budget: int, anyio_backend: str) -> None:
-    # RLM_SANDBOX_WASM_TIERING_BUDGET: how soon V8 recompiles hot CPython (WebAssembly)
-    # functions on background threads (13,000,000 is V8's own).
-    settings = SETTINGS.model_copy(update={"wasm_tiering_budget": budget})
-    process = await SandboxProcess.spawn(settings)
+@pytest.mark.parametrize(
+    ("optimize", "budget"), [(False, 0), (True, 13_000_000), (True, 50_000_000)]
+)
+async def test_the_wasm_compilers_settings_reach_v8(
+    optimize: bool, budget: int, anyio_backend: str
+) -> None:
+    # RLM_SANDBOX_WASM_OPTIMIZING_COMPILER: whether V8 may recompile hot CPython
+    # (WebAssembly) functions at all, off by default (memory); with it,
+    # RLM_SANDBOX_WASM_TIERING_BUDGET says how soon (13,000,000 is V8's own).
+    update = {"wasm_optimizing_compiler": optimize} | (
+        {"wasm_tiering_budget": budget} if budget else {}
+    )
+    process = await SandboxProcess.spawn(SETTINGS.model_copy(update=update))
     try:
         flags = _v8_flags(process.pid)
-        assert f"--wasm-tiering-budget={budget}" in flags
+        tiering = [f for f in flags if f.startswith(("--wasm-tiering-budget", "--liftoff-only"))]
+        assert tiering == ([f"--wasm-tiering-budget={budget}"] if optimize else ["--liftoff-only"])
         assert any(flag.startswith("--wasm-max-mem-pages=") for flag in flags)
         process.bridge = RecordingBridge()
         assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"

@@ -122,10 +122,11 @@ def deno_argv(
         "state_bytes": settings.state_bytes,
     }
     pages = max(1, memory_bytes // WASM_PAGE)
-    v8_flags = [
-        f"--wasm-max-mem-pages={pages}",
-        f"--wasm-tiering-budget={settings.wasm_tiering_budget}",
-    ]
+    v8_flags = [f"--wasm-max-mem-pages={pages}"]
+    if settings.wasm_optimizing_compiler:
+        v8_flags.append(f"--wasm-tiering-budget={settings.wasm_tiering_budget}")
+    else:
+        v8_flags.append("--liftoff-only")
     return [
         str(settings.deno_path),
         "run",

@@ -49,15 +49,24 @@ class WorkerSettings(BaseSettings):
         le=4 * 2**30,
         description="Default bound on a sandbox's WebAssembly memory (V8 --wasm-max-mem-pages).",
     )
+    wasm_optimizing_compiler: bool = Field(
+        False,
+        description="Whether V8 may recompile hot WebAssembly (CPython itself) with its "
+        "optimizing compiler, TurboFan. Off (V8 --liftoff-only): a loaded session costs ~35 "
+        "MiB less (~125 MiB PSS instead of ~160: compiling CPython's large functions leaves "
+        "their memory behind) and a compute-heavy cell ~7 % more CPU; on for sessions that "
+        "mostly compute, with RLM_SANDBOX_WASM_TIERING_BUDGET (docs/performance.md).",
+    )
     wasm_tiering_budget: int = Field(
         2_000_000_000,
         ge=1,
         le=2**31 - 1,
-        description="V8 --wasm-tiering-budget of each sandbox: roughly how many bytes of "
-        "WebAssembly a function runs before V8 recompiles it with its optimizing compiler (on "
-        "background threads). V8's own, 13000000, makes a fresh sandbox spend ~1.5 s of CPU "
-        "compiling what its start-up ran, while its first executions mostly wait on llm_query; "
-        "the default leaves optimizing to code that runs hot for real (docs/performance.md).",
+        description="With RLM_SANDBOX_WASM_OPTIMIZING_COMPILER, V8 --wasm-tiering-budget of "
+        "each sandbox: roughly how many bytes of WebAssembly a function runs before V8 "
+        "recompiles it with its optimizing compiler (on background threads). V8's own, "
+        "13000000, makes a fresh sandbox spend ~1.5 s of CPU compiling what its start-up ran, "
+        "while its first executions mostly wait on llm_query; the default leaves optimizing "
+        "to code that runs hot for real (docs/performance.md).",
     )
     malloc_tunables: str = Field(
         "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=65536",
