@@ -60,7 +60,13 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
         subscriber_store = Store(subscriber, settings, replica_id)
         waiters, signals = Waiters(), WorkSignals(settings.work_recheck_s)
         listener = Listener(subscriber_store, waiters, signals)
-        store = Store(redis, settings, replica_id, listening=lambda: listener.connected)
+        store = Store(
+            redis,
+            settings,
+            replica_id,
+            listening=lambda: listener.connected,
+            announce=signals.notify,
+        )
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.state.broker = BrokerContext(
             settings=settings,

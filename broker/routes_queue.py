@@ -81,10 +81,9 @@ async def enqueue(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             ],
             idempotency_key,
         )
-        if earlier is None:
-            # Pollers waiting on this replica wake now; other replicas hear it via Redis.
-            ctx.signals.notify(tenant_id, len(items))
-        else:
+        # Accepted now (None): the store handed the requests to long-polls parked here or
+        # woke them (`WorkSignals.notify`); other replicas hear of them via Redis.
+        if earlier is not None:
             ids, futures = await _rewait(ctx, tenant_id, ids, futures, earlier)
         results = await _await_results(ctx, ids, futures, wait_s, hold)
     finally:
@@ -258,10 +257,19 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                 ctx.signals.leave(tenant_id, woken, used=False)
                 break
             sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
-            await hold.wait([woken], sleep)  # at once when a claim is due now
+            if tenant_id is not None and sleep > 0 and settings.enqueue_handoff:
+                handed = await _wait_parked(ctx, tenant_id, max_items, woken, sleep, hold)
+                if handed:
+                    claimed = handed
+                    ctx.signals.leave(tenant_id, woken, used=False)
+                    break
+            else:
+                await hold.wait([woken], sleep)  # at once when a claim is due now
             full_scan = not woken.done()  # a periodic re-check looks at every tenant
             # A wake-up is used by the claim at the top of the loop, unless the poller left.
             ctx.signals.leave(tenant_id, woken, used=not hold.hung_up)
+            if hold.hung_up:
+                break  # nobody is left to take what a claim would lease
         if claimed and hold.hung_up:
             # The poller left while we waited: hand its requests straight back.
             await _release(ctx, claimed)
@@ -269,6 +277,36 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     finally:
         hold.close()
     return Answer(200, _pending_body(ctx, claimed))
+
+
+async def _wait_parked(
+    ctx: BrokerContext,
+    tenant_id: str,
+    max_items: int,
+    woken: asyncio.Future[None],
+    sleep: float,
+    hold: Hold,
+) -> list[Claimed]:
+    """Wait as `hold.wait([woken], sleep)`, parked where an enqueue on this replica may
+    hand new work straight to this long-poll (`broker.handoffs`); what it was handed."""
+    handoffs = ctx.store.handoffs
+    parked = handoffs.park(tenant_id, max_items, ctx.signals.mark(), time.monotonic())
+    try:
+        await hold.wait([woken, parked.future], sleep, every=False)
+        if handoffs.leave(parked, hold.hung_up):
+            # Reserved by an enqueue whose script runs now: its batch settles the future
+            # when it ends (within a Redis command's timeout), unless the client leaves.
+            await hold.wait([parked.future], ctx.settings.redis_timeout_s)
+            handoffs.leave(parked, hung_up=True)  # if still unsettled, it hands them back
+        if parked.future.cancelled() or not parked.future.done():
+            return []
+        handed = parked.future.result()
+    finally:
+        handoffs.abandon(parked)  # a no-op once settled (also when the handler is cancelled)
+    if handed and len(handed) < max_items:
+        # The hand-off drained the queue as of the moment this long-poll parked.
+        ctx.signals.drained(tenant_id, parked.mark, parked.since)
+    return handed
 
 
 def _poller_name(request: AsgiRequest, principal: Principal) -> str:

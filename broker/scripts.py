@@ -2,7 +2,8 @@
 
 Each script touches one tenant's keys only (one cluster slot). `finish.lua` is a shared
 function, prepended to the scripts that record results so that "first answer wins,
-acknowledge, notify waiters" is written once.
+acknowledge, notify waiters" is written once; `lease.lua` likewise leases work for
+`claim.lua` and for `enqueue.lua`'s hand-off to a parked long-poll.
 
 A call is one `EVALSHA` sent straight on a pooled connection (`broker.redis_calls`), not
 redis-py's `AsyncScript` (a pipeline check, a client's retry wrapper and pool bookkeeping
@@ -31,6 +32,12 @@ def _source(name: str) -> str:
 
 def _with_finish(name: str) -> str:
     return _source("finish") + "\n" + _source(name)
+
+
+def _with_lease(name: str) -> str:
+    """`name` after `finish.lua` and `lease.lua` (the leasing of claim.lua, which an enqueue
+    that hands its work off to a parked long-poll runs too)."""
+    return _with_finish("lease") + "\n" + _source(name)
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,8 @@ class Scripts:
     def register(cls, redis: Redis) -> Scripts:
         pool = redis.connection_pool
         return cls(
-            enqueue=Script(_source("enqueue"), pool),
-            claim=Script(_with_finish("claim"), pool),
+            enqueue=Script(_with_lease("enqueue"), pool),
+            claim=Script(_with_lease("claim"), pool),
             answer=Script(_with_finish("answer"), pool),
             release=Script(_source("release"), pool),
             extend=Script(_with_finish("extend"), pool),

@@ -126,6 +126,11 @@ class BrokerSettings(BaseSettings):
         description="Most request-body bytes in one such coalesced script (a larger call runs "
         "alone).",
     )
+    enqueue_handoff: bool = Field(
+        True,
+        description="An /enqueue leases its new work straight to a /pending long-poll parked "
+        "on the same replica, in its own script (no claim script by the woken long-poll).",
+    )
     work_recheck_s: float = Field(
         1.0, gt=0, description="A waiting /pending re-reads the queues at least this often."
     )

@@ -8,24 +8,28 @@ nothing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT
 
 from broker.auth import hash_token, new_id, new_token
 from broker.batching import TickBatcher
 from broker.codec import optional_bytes, text
+from broker.handoffs import Handoffs, Parked
 from broker.keys import CONSUMER, GROUP, Keys
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
 from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ApiError
 from rlm_wire.run_info import RunInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,21 @@ class PollerSeen:
 _RESULT_FIELDS = ["status", "session", "result"]
 
 
+def _claimed(flat: Sequence[Any]) -> list[Claimed]:
+    """The flat 6-tuples `lease.lua` returns."""
+    return [
+        Claimed(
+            id=flat[i].decode(),
+            attempt=int(flat[i + 1]),
+            body=flat[i + 2],
+            session_id=flat[i + 3].decode(),
+            enqueued_at=float(flat[i + 4]),
+            metadata=flat[i + 5],
+        )
+        for i in range(0, len(flat), 6)
+    ]
+
+
 def _stored(tenant_id: str, fields: Sequence[Any]) -> StoredResult | None:
     """A request's `_RESULT_FIELDS` as read from Redis; None when it does not exist."""
     status, session, result = fields
@@ -106,6 +125,10 @@ def error_result(request_id: str, code: str, message: str) -> str:
     )
 
 
+def _no_announcement(tenant_id: str, count: int) -> None:
+    """The default of `Store(announce=)`: nobody on this replica waits for work."""
+
+
 class Store:
     """Redis operations of one broker replica (`replica_id` names its reply channel)."""
 
@@ -115,6 +138,7 @@ class Store:
         settings: BrokerSettings,
         replica_id: str,
         listening: Callable[[], bool] = lambda: False,
+        announce: Callable[[str, int], None] = _no_announcement,
     ) -> None:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
@@ -123,6 +147,11 @@ class Store:
         #: Whether this replica's own subscription to the work channel is up (its listener
         #: says): `enqueue.lua` announces work only when another replica listens.
         self._listening = listening
+        #: Wakes this replica's long-polls for `count` new requests of a tenant (those of an
+        #: enqueue script that were not handed off): `WorkSignals.notify`.
+        self._announce = announce
+        #: This replica's long-polls parked for work, which an enqueue may hand it to.
+        self.handoffs = Handoffs()
         self.scripts = Scripts.register(redis)
         self._enqueues: TickBatcher[str, _EnqueueCall, bytes | str | int] = TickBatcher(
             self._enqueue_many,
@@ -292,7 +321,32 @@ class Store:
     async def _enqueue_many(
         self, tenant_id: str, calls: list[_EnqueueCall]
     ) -> list[bytes | str | int]:
-        """One `enqueue.lua` for `calls` of one tenant: a reply per call, in order."""
+        """One `enqueue.lua` for `calls` of one tenant: a reply per call, in order.
+
+        Long-polls of the tenant parked here are reserved before the script is sent (no
+        other batch can count them) and handed what it leased for them; the requests not
+        handed off are announced to this replica's long-polls (the script announces them to
+        the other replicas)."""
+        reserved: list[Parked] = []
+        if self.settings.enqueue_handoff:
+            reserved = self.handoffs.reserve(tenant_id, sum(len(c.items) for c in calls))
+        leased: list[Claimed] = []
+        try:
+            replies, fresh, leased = await self._run_enqueue(tenant_id, calls, reserved)
+        finally:
+            left = self.handoffs.settle(reserved, leased) if reserved else []
+        accepted = sum(r for r in replies if isinstance(r, int) and r > 0)
+        if accepted > fresh:
+            self._announce(tenant_id, accepted - fresh)
+        if left:
+            await self._hand_back(tenant_id, left)
+        return replies
+
+    async def _run_enqueue(
+        self, tenant_id: str, calls: list[_EnqueueCall], reserved: list[Parked]
+    ) -> tuple[list[bytes | str | int], int, list[Claimed]]:
+        """`enqueue.lua`: the per-call replies, and with `reserved` long-polls to hand off
+        to, how many never-delivered requests it leased for them and what it leased."""
         args: list[str | int | float] = [
             self.keys.tenant_base(tenant_id),
             tenant_id,
@@ -318,8 +372,38 @@ class Store:
             args += [call.session_id, int(call.idempotency_key is not None), len(call.items)]
             for request_id, body in call.items:
                 args += [request_id, body]
-        replies: list[bytes | str | int] = await self.scripts.enqueue(keys=keys, args=args)
-        return replies
+        if not reserved:
+            replies: list[Any] = await self.scripts.enqueue(keys=keys, args=args)
+            return replies, 0, []
+        keys += [self.keys.reap_lock(tenant_id), self.keys.reap_cursor(tenant_id)]
+        args += [
+            sum(parked.max_items for parked in reserved),
+            GROUP,
+            CONSUMER,
+            self._lease_ms,
+            self.settings.max_attempts,
+            self._reap_ms,
+            self._replies_prefix,
+            self.settings.result_ttl_s,
+            self._undeliverable,
+            self._session_gone,
+        ]
+        replies = await self.scripts.enqueue(keys=keys, args=args)
+        flat = replies.pop()
+        fresh = int(replies.pop())
+        return replies, fresh, _claimed(flat)
+
+    async def _hand_back(self, tenant_id: str, left: Sequence[Claimed]) -> None:
+        """Release what was leased for long-polls that left during their hand-off; the
+        enqueues themselves succeeded, so a failure here is logged, not raised (the leases
+        then expire and are delivered again after RLM_LEASE_S)."""
+        try:
+            await self.release(tenant_id, [item.id for item in left])
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "handing back leases failed; they are re-delivered when they expire",
+                extra={"error": f"{type(exc).__name__}: {exc}", "count": len(left)},
+            )
 
     async def watch(self, tenant_id: str, request_id: str) -> StoredResult | None:
         """Read the request; while it is unanswered, this replica is added to its watchers
@@ -397,17 +481,7 @@ class Store:
                 continue  # a tenant whose stream was deleted by hand: nothing to lease
             if isinstance(flat, Exception):
                 raise flat
-            out[tenant_id] = [
-                Claimed(
-                    id=flat[i].decode(),
-                    attempt=int(flat[i + 1]),
-                    body=flat[i + 2],
-                    session_id=flat[i + 3].decode(),
-                    enqueued_at=float(flat[i + 4]),
-                    metadata=flat[i + 5],
-                )
-                for i in range(0, len(flat), 6)
-            ]
+            out[tenant_id] = _claimed(flat)
         return out
 
     async def release(self, tenant_id: str, request_ids: Sequence[str]) -> None:

@@ -1,9 +1,9 @@
 """What one llm_query round trip costs the broker in Redis, counted on the real server.
 
 A round trip is enqueue -> a long-poll takes it -> respond -> the enqueue returns, and the
-poller's next long-poll starts. `INFO commandstats` counts the scripts it ran: enqueue, the
-claim that took the request, the answer; no empty claim when the next long-poll starts, since
-nothing was announced after the last claim emptied the queue.
+poller's next long-poll starts. `INFO commandstats` counts the scripts it ran: enqueue (which
+leases the request to the parked long-poll, `broker.handoffs`) and the answer; no empty claim
+when the next long-poll starts, since nothing was announced after the queue was emptied.
 """
 
 from __future__ import annotations
@@ -107,9 +107,10 @@ async def test_a_round_trip_runs_three_scripts_and_no_empty_claim(
             poll.cancel()
     finally:
         await redis.aclose()
-    # enqueue + the claim that took it + the answer; the old broker ran 4 (an empty claim
+    # enqueue (which leases the request straight to the parked long-poll) + the answer; 3
+    # before the hand-off (a claim by the woken long-poll), 4 before that (an empty claim
     # each time a long-poll started).
-    assert calls == 3 * rounds
+    assert calls == 2 * rounds
     # A lone replica announces no work (it wakes its own long-polls) and pushes no answer
     # (it resolves its own waiters): the old one published each request's announcement.
     assert publishes == 0

@@ -5,11 +5,19 @@
 -- closed or expired, -2 when the session would exceed its open-request limit, -3 / -4 when
 -- the tenant would exceed its quota of requests in flight / of queued bytes, or, when its
 -- idempotency key was seen before, the JSON list of the request ids it accepted then.
--- KEYS: tenant stream, then per call: session hash, session open set[, idempotency key]
+-- KEYS: tenant stream, then per call: session hash, session open set[, idempotency key];
+--       with a hand-off, then: reap lock, reap cursor
 -- ARGV: tenant base, tenant id, replica id, now, request ttl, max open, work channel,
 --       idempotency grace s, tenant max in flight, tenant max queued bytes, number of calls,
 --       1 | 0 (this replica's own subscription to the work channel is up), then per call: session id, 1 | 0 (has an idempotency key), n, then n pairs of
---       (request id, body json)
+--       (request id, body json); then, only for a hand-off: count, group, consumer,
+--       lease ms, max attempts, reap interval ms, replies prefix, result ttl, undeliverable
+--       result json, session expired result json (as claim.lua takes them)
+-- The hand-off: long-polls parked on this replica, reserved by the caller, take up to
+-- `count` requests leased here (lease.lua, as claim.lua would lease them) instead of a
+-- claim script of their own; the script then also returns, after the per-call results,
+-- how many never-delivered entries it leased and the flat 6-tuples leased. Only the
+-- accepted requests that were not leased are announced.
 -- The idempotency key is a hash {ids, open, grace}: it lives as long as its requests, then
 -- `grace` seconds more than their results, so that a late replay is told they expired.
 -- In flight = the stream's length (finish.lua deletes an answered request's entry); queued
@@ -115,11 +123,26 @@ end
 for _, open_set in ipairs(renew) do
   redis.call('EXPIRE', open_set, ttl)
 end
+local leased, fresh = nil, 0
+if arg <= #ARGV and accepted > 0 then
+  leased, fresh = lease({
+    stream = stream, reap_lock = KEYS[key], reap_cursor = KEYS[key + 1],
+    base = base, count = tonumber(ARGV[arg]), group = ARGV[arg + 1],
+    consumer = ARGV[arg + 2], lease_ms = ARGV[arg + 3], now = now,
+    max_attempts = tonumber(ARGV[arg + 4]), reap_ms = ARGV[arg + 5], replies = ARGV[arg + 6],
+    result_ttl = ARGV[arg + 7], undeliverable = ARGV[arg + 8], session_gone = ARGV[arg + 9],
+  })
+end
 -- Announced only if a replica other than this one listens (NUMSUB counts this one's own
 -- subscription while it is up): the replica wakes its own long-polls itself, and the
 -- message would only come back to it to be dropped. A replica that subscribes after this
 -- finds the work by its long-polls' periodic claim (RLM_WORK_RECHECK_S) and claims on start.
-if accepted > 0 and redis.call('PUBSUB', 'NUMSUB', channel)[2] > own_subscription then
-  redis.call('PUBLISH', channel, tenant .. ' ' .. accepted .. ' ' .. replica)
+local announce = accepted - fresh
+if announce > 0 and redis.call('PUBSUB', 'NUMSUB', channel)[2] > own_subscription then
+  redis.call('PUBLISH', channel, tenant .. ' ' .. announce .. ' ' .. replica)
+end
+if arg <= #ARGV then
+  out[#out + 1] = fresh
+  out[#out + 1] = leased or {}
 end
 return out

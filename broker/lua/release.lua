@@ -1,5 +1,7 @@
 -- Hand leased requests back at once (their poller went away before it got them) by making
--- their entries look idle for longer than any lease, and announce the work again.
+-- their entries look idle for longer than any lease, and announce the work again. The next
+-- lease (lease.lua: a claim, or an enqueue's hand-off) re-delivers them: the reap lock is
+-- lifted and the reap cursor reset, so that its scan starts at the oldest lease.
 -- KEYS: tenant stream
 -- ARGV: tenant base, group, consumer, idle ms, work channel, tenant id, then stream ids...
 -- Request ids are passed, their entries looked up here.
@@ -16,7 +18,7 @@ for i = 7, #ARGV do
 end
 if #entries > 0 then
   redis.call('XCLAIM', stream, group, consumer, 0, unpack(entries), 'IDLE', idle, 'JUSTID')
-  redis.call('DEL', base .. 'reap')
+  redis.call('DEL', base .. 'reap', base .. 'reap:cursor')
   redis.call('PUBLISH', channel, tenant .. ' ' .. #entries)
 end
 return #entries
