@@ -278,10 +278,10 @@ import asyncio, gc, json, sys, time
 t0 = time.perf_counter()
 gc.disable()  # as `rlm` imports a command's module
 import rlm_cli.main, rlm_cli.ask
-from rich.console import Console
 from rlm_cli.logs import configure_logging
+from rlm_cli.printer import printer_for
 configure_logging("WARNING", "json")
-console = Console(file=sys.stderr)
+console = printer_for(sys.stderr)  # as `rlm ask`: rich's console only on a terminal
 gc.freeze()
 gc.enable()
 t_import = time.perf_counter()

@@ -26,13 +26,13 @@ from rlm_cli import loop
 from rlm_cli.checks import check_llm_keys, sandbox_worker_settings
 from rlm_cli.env_file import RunningStack, running_stack
 from rlm_cli.logs import logs_written_to
+from rlm_cli.printer import Printer, printer_for
 from rlm_cli.settings import cli_settings, load_settings
 from rlm_repl import MAX_CONTEXTS
 
 if TYPE_CHECKING:
-    # rich is imported where it is used: its console when the command runs, the live status
-    # line only on a terminal (`import rlm_cli.ask` stays without rich; tests/test_cli_startup.py).
-    from rich.console import Console
+    # rich is imported only on a terminal (`rlm_cli.printer`): its console when the command
+    # runs, the live status line when it shows (tests/test_cli_startup.py).
     from rich.text import Text
 
     from rlm_cli.stack import LocalStack
@@ -115,7 +115,7 @@ async def _runner(
     *,
     env_file: Path,
     scenario: str | None,
-    console: Console,
+    console: Printer,
     budgets: RunBudgets,
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
     """Settings pointing at a broker with a poller: RLM_BROKER_URL's, else the stack of a
@@ -153,7 +153,7 @@ async def _runner(
 
 @contextlib.asynccontextmanager
 async def _on_running_stack(
-    stack: RunningStack, settings: HostSettings, llm_settings: LLMSettings, console: Console
+    stack: RunningStack, settings: HostSettings, llm_settings: LLMSettings, console: Printer
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
     """`settings` pointed at the stack of `rlm up`; its scripted LLM unless one is configured."""
     from host_poller.llm.client import build_client
@@ -200,7 +200,7 @@ async def _on_running_stack(
 async def _on_embedded_stack(
     settings: HostSettings,
     scenario: str | None,
-    console: Console,
+    console: Printer,
     budgets: RunBudgets,
     llm_settings: LLMSettings,
 ) -> AsyncIterator[tuple[HostSettings, LLMClient | None]]:
@@ -215,8 +215,8 @@ async def _on_embedded_stack(
 
         if stack.scripted_llm:
             console.print(
-                f"[yellow]using the scripted LLM (scenario {scenario!r}, --scenario), not a "
-                "provider[/yellow]"
+                f"using the scripted LLM (scenario {scenario!r}, --scenario), not a provider",
+                style="yellow",
             )
         console.print(f"embedded stack: broker {stack.broker_url}", style="dim")
         client = root_client(stack)
@@ -244,7 +244,7 @@ def _collections_paused() -> Iterator[None]:
 def _embedded_stack(
     settings: HostSettings,
     scenario: str | None,
-    console: Console,
+    console: Printer,
     budgets: RunBudgets,
     llm_settings: LLMSettings,
 ) -> LocalStack:
@@ -276,7 +276,7 @@ async def _ask(
     env_file: Path,
     scenario: str | None,
     budget: Budget,
-    console: Console,
+    console: Printer,
     show_progress: bool,
 ) -> RLMResult:
     budgets = RunBudgets()
@@ -290,9 +290,9 @@ async def _ask(
         budgets=budgets,
     )
     async with runner as (run_settings, client):
-        from host_poller.environments import registered_environments
+        from host_poller.environments import is_registered, registered_environments
 
-        if run_settings.environment not in registered_environments():
+        if not is_registered(run_settings.environment):
             raise click.UsageError(
                 f"environment {run_settings.environment!r} is not available here "
                 f"(registered: {', '.join(registered_environments())}); try --environment local"
@@ -305,8 +305,12 @@ async def _ask(
         )
         if not show_progress:
             return await rlm.acompletion(context, question)
+        from rich.console import Console
         from rich.file_proxy import FileProxy
         from rich.live import Live
+
+        if not isinstance(console, Console):  # on a terminal `printer_for` gives rich's
+            raise TypeError(f"a live status line needs rich's console, not {console!r}")
 
         live = Live(progress.render(), console=console, refresh_per_second=8, transient=True)
         # Log lines (warnings, on a terminal) print above the status line, not across it.
@@ -386,11 +390,9 @@ def ask(
         max_cost_usd=max_cost,
         max_seconds=max_seconds,
     )
-    from rich.console import Console
-
     # Bound to this stderr: during the run sys.stderr is rich's proxy, and the local
     # environment's capture wraps it again; a console following sys.stderr would loop.
-    console = Console(file=sys.stderr)
+    console = printer_for(sys.stderr)
     if len(context_paths) > MAX_CONTEXTS:
         raise click.UsageError(f"--context: at most {MAX_CONTEXTS} files")
     loaded = [load_context(path) for path in context_paths] or [load_context(None)]

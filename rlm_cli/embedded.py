@@ -17,7 +17,6 @@ from host_poller.llm.client import build_client
 from host_poller.llm.types import LLMClient
 from host_poller.poller.policy import TenantPolicy
 from host_poller.poller.router import ModelRouter
-from host_poller.poller.settings import PollerSettings
 from host_poller.rlm.budget import RunBudgets, default_run_budgets
 from host_poller.rlm.sub_rlm import SubRLMRunner
 from host_poller.settings import HostSettings
@@ -90,8 +89,9 @@ class SubRLMComponent(StackComponent):
         )
         # The stack's tenants are tenants: the same policy as a standalone poller's decides
         # what their session metadata may ask (never `local` unless the operator lists it).
-        poller_settings = stack.config.poller_settings or PollerSettings()
-        policy = TenantPolicy.from_settings(settings, poller_settings.poller_sub_rlm_environments)
+        policy = TenantPolicy.from_settings(
+            settings, stack.poller_settings.poller_sub_rlm_environments
+        )
         self.poller.sub_rlm = SubRLMRunner(
             settings,
             self._broker,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -109,6 +110,18 @@ class LocalStack:
         """The sandbox runtime's URL and bearer token, when the stack runs one."""
         self.runtime_token = ""
         self._started: list[StackComponent] = []
+
+    # Read once per stack: several components read each (a pydantic-settings object is
+    # 1.5-6 ms to build, load 3), and they must agree.
+    @functools.cached_property
+    def broker_settings(self) -> BrokerSettings:
+        """The config's broker settings, else the environment's (RLM_*), read once."""
+        return self.config.broker_settings or BrokerSettings()
+
+    @functools.cached_property
+    def poller_settings(self) -> PollerSettings:
+        """The config's poller settings, else the environment's (RLM_*), read once."""
+        return self.config.poller_settings or PollerSettings()
 
     def component(self, name: str) -> StackComponent:
         for component in self.components:
@@ -251,7 +264,7 @@ class RedisComponent(StackComponent):
         self._server: RedisServer | None = None
 
     async def start(self, stack: LocalStack) -> None:
-        url = stack.config.redis_url or _broker_settings(stack).redis_url
+        url = stack.config.redis_url or stack.broker_settings.redis_url
         if url is None:
             self._server = await asyncio.to_thread(_embedded_redis(stack).start)
             url = self._server.url
@@ -293,7 +306,7 @@ class BrokerComponent(ServiceComponent):
         from broker.serve import GRACEFUL_SHUTDOWN_S
 
         stack.admin_token = secrets.token_urlsafe(32)
-        settings = _broker_settings(stack).model_copy(
+        settings = stack.broker_settings.model_copy(
             update={"redis_url": stack.redis_url, "admin_token": SecretStr(stack.admin_token)}
         )
         config = uvicorn_config(
@@ -376,7 +389,7 @@ class PollerComponent(StackComponent):
 
         if stack.llm_settings is None:
             raise RuntimeError("the poller component needs the llm component before it")
-        base = stack.config.poller_settings or PollerSettings()
+        base = stack.poller_settings
         settings = base.model_copy(
             update={"broker_url": stack.broker_url, "tenant_token": None,
                     "admin_token": SecretStr(stack.admin_token)}
@@ -456,17 +469,13 @@ def default_components(
     return components
 
 
-def _broker_settings(stack: LocalStack) -> BrokerSettings:
-    return stack.config.broker_settings or BrokerSettings()
-
-
 def _embedded_redis(stack: LocalStack) -> RedisServer:
     durable = stack.config.durable_redis
     if durable is None:
         durable = stack.config.env_file is not None
     if not durable:
         return RedisServer()
-    settings = _broker_settings(stack)
+    settings = stack.broker_settings
     return RedisServer(data_dir=settings.redis_dir, appendfsync=settings.redis_appendfsync)
 
 

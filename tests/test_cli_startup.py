@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Any, ClassVar
 
 import click
 import pytest
 from click.testing import CliRunner
 
+from host_poller.poller.settings import PollerSettings
 from rlm_cli.main import _COMMAND_MODULES, COMMAND_HOMES, cli
 from rlm_cli.stack import (
     STACK_POOL_SIZE,
@@ -174,6 +176,59 @@ def test_importing_rlm_ask_leaves_out_the_poller_and_the_console_renderers() -> 
     assert [m for m in found if m.split(".")[0] != "host_poller"] == []
     assert "host_poller.poller.errors" in found
     assert {"host_poller.poller.poller", "host_poller.poller.link"}.isdisjoint(found)
+
+
+def test_rlm_ask_off_a_terminal_never_imports_rich(redis_url: str, tmp_path: Path) -> None:
+    # Off a terminal rich only drops its styles, but its import and the highlighting of the
+    # first line cost 50-100 ms before the stack is ready: plain lines, one per text.
+    (tmp_path / "ctx.txt").write_text("the fox and the fox\n" * 50)
+    probe = (
+        "import json, sys\n"
+        "from rlm_cli.main import cli\n"
+        "try:\n"
+        "    cli.main(['ask', '--scenario', 'count_words', '--environment', 'local',\n"
+        "              '--context', 'ctx.txt', \"How often is the word 'fox' used?\"],\n"
+        "             standalone_mode=False)\n"
+        "finally:\n"
+        "    print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'rich')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLM_")}
+    env = {k: v for k, v in env.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    env |= {"RLM_REDIS_URL": redis_url, "RLM_LOG_LEVEL": "WARNING"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer, imported = done.stdout.strip().splitlines()[-2:]
+    assert answer == "100" and json.loads(imported) == []
+    said = done.stderr.splitlines()
+    assert "using the scripted LLM (scenario 'count_words', --scenario), not a provider" in said
+    assert any(line.startswith("embedded stack: broker http://127.0.0.1:") for line in said)
+    # The summary is one line, its trajectory path whole (rich wrapped it at 80 columns).
+    (summary,) = [line for line in said if line.startswith("final: ")]
+    assert Path(summary.rsplit(" trajectory ", 1)[1]).is_file()
+
+
+def test_a_local_run_imports_only_its_own_environment() -> None:
+    # Listing every kind imported the other three and the sandbox runtime's package.
+    local = (
+        "from host_poller.environments import create_environment, is_registered\n"
+        "from host_poller.settings import HostSettings\n"
+        "assert is_registered('local')\n"
+        "create_environment('local', HostSettings())"
+    )
+    found = _modules_after(local, ("host_poller", "sandbox_runtime"))
+    assert "host_poller.environments.local" in found
+    others = {"pyodide", "remote", "command"}
+    assert [m for m in found if m.split(".")[0] == "sandbox_runtime"] == []
+    assert {f"host_poller.environments.{kind}" for kind in others}.isdisjoint(found)
+    listed = (
+        "from host_poller.environments import is_registered, registered_environments\n"
+        "assert is_registered('pyodide') and not is_registered('nope')\n"
+        "assert set(registered_environments()) >= {'local', 'command', 'pyodide', 'remote'}"
+    )
+    _modules_after(listed, ())
 
 
 def _json_log_lines(statements: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -352,6 +407,22 @@ async def test_a_failed_start_lets_running_starts_finish_and_stops_them() -> Non
     assert "start after" not in log
     assert log[-1] == "stop slow" and "up slow" in log
     assert "stop failing" not in log
+
+
+def test_the_stack_reads_the_broker_and_poller_settings_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Several components read each (1.5-6 ms a read under load); read once, they agree.
+    monkeypatch.setenv("RLM_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("RLM_POLLER_WAIT_S", "3")
+    stack = LocalStack(StackConfig(), [])
+    broker, poller = stack.broker_settings, stack.poller_settings
+    monkeypatch.setenv("RLM_REDIS_URL", "redis://127.0.0.1:2/0")
+    monkeypatch.setenv("RLM_POLLER_WAIT_S", "4")
+    assert stack.broker_settings is broker and broker.redis_url == "redis://127.0.0.1:1/0"
+    assert stack.poller_settings is poller and poller.poller_wait_s == 3
+    given = PollerSettings(poller_wait_s=1)
+    assert LocalStack(StackConfig(poller_settings=given), []).poller_settings is given
 
 
 def _runtime_pool_size(caplog: pytest.LogCaptureFixture) -> int:

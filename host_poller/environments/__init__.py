@@ -5,6 +5,7 @@ from host_poller.environments.base import (
     EnvironmentFactory,
     EnvironmentSpec,
     create_environment,
+    is_registered,
     register_environment,
     registered_environments,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ExecutionEnvironmentError",
     "UnknownEnvironmentError",
     "create_environment",
+    "is_registered",
     "register_environment",
     "registered_environments",
 ]
