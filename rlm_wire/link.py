@@ -5,8 +5,9 @@ Every `llm_query` from a sandbox is one `POST /enqueue` (and, for a long answer,
 `POST /respond`. Through httpx2 each request costs ~0.5 ms of CPU in the client's layers;
 this link costs ~0.05 ms (docs/performance.md). It is a `rlm_wire.transport.Transport`, so
 `BrokerClient` runs over it unchanged. It speaks only what our services' answers need: one
-request at a time per connection, `Content-Length` or chunked bodies, keep-alive, `http` and
-`https`; no proxies (use the default `HttpxTransport` where a proxy is needed).
+request at a time per connection, heads of CRLF-ended lines (as HTTP/1.1 servers send
+them), `Content-Length` or chunked bodies, keep-alive, `http` and `https`; no proxies (use
+the default `HttpxTransport` where a proxy is needed).
 
 Failures raise `ServiceUnreachable` (connect, timeout, a broken or malformed answer); an HTTP
 status is returned as a `Reply`.
@@ -82,14 +83,16 @@ class KeepAliveLink:
         *,
         timeout_s: float,
         headers: Mapping[str, str] | None = None,
+        head_lines: bytes = b"",
     ) -> Reply:
-        """Send one request; its answer. `target` is the path and query."""
+        """Send one request; its answer. `target` is the path and query; `head_lines`:
+        more header lines already encoded, each ending in CRLF (a proxied request's)."""
         head = f"{method} {self._prefix}{target} HTTP/1.1\r\n{self._head_tail}"
         for name, value in (headers or {}).items():
             head += f"{name}: {value}\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        message = (head + "\r\n").encode("latin-1") + (body or b"")
+        message = b"%s%s\r\n%s" % (head.encode("latin-1"), head_lines, body or b"")
         async with self._slots:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -137,12 +140,15 @@ class KeepAliveLink:
         try:
             connection.writer.write(message)
             await connection.writer.drain()
-            status_line = await connection.reader.readline()
-            got_bytes = bool(status_line)
-            if not status_line:
-                raise _StaleConnection
-            head = await _read_head(connection.reader, status_line)
-            status, keep_alive, length, chunked, kept = head
+            try:
+                # The whole head at once: one search of the buffer, not a call per line.
+                head = await connection.reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:
+                    raise _StaleConnection from exc
+                raise
+            got_bytes = True
+            status, keep_alive, length, chunked, kept = _parse_head(head)
             if chunked:
                 body = await _read_chunked(connection.reader)
             else:
@@ -175,27 +181,18 @@ class KeepAliveLink:
                 await connection.writer.wait_closed()
 
 
-async def _read_head(
-    reader: asyncio.StreamReader, status_line: bytes
-) -> tuple[int, bool, int, bool, dict[str, str]]:
-    """(status, keep-alive, content length, chunked, the headers of `KEPT_HEADERS`) from
-    the status line and headers."""
+def _parse_head(head: bytes) -> tuple[int, bool, int, bool, dict[str, str]]:
+    """(status, keep-alive, content length, chunked, the headers of `KEPT_HEADERS`) from an
+    answer's head: its status line and headers, each line ending in CRLF."""
+    status_line, *lines = head[:-4].split(b"\r\n")
     version, _, rest = status_line.partition(b" ")
     if not version.startswith(b"HTTP/1."):
         raise ValueError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
     status = int(rest[:3])
     keep_alive = version == b"HTTP/1.1"
-    length, chunked, size = 0, False, len(status_line)
+    length, chunked = 0, False
     kept: dict[str, str] = {}
-    while True:
-        line = await reader.readline()
-        size += len(line)
-        if size > MAX_HEAD_BYTES:
-            raise ValueError("answer head too large")
-        if line in (b"\r\n", b"\n"):
-            break
-        if not line:
-            raise asyncio.IncompleteReadError(line, None)
+    for line in lines:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"content-length":

@@ -316,3 +316,43 @@ async def test_an_answer_cut_short_is_a_connection_error_after_retries(raw: RawS
     with pytest.raises(LLMConnectionError):
         await complete(raw, max_retries=1)
     assert len(raw.seen) == 2  # the SDK retried it once
+
+
+@pytest.mark.anyio
+async def test_a_header_with_a_line_break_is_never_sent(raw: RawServer) -> None:
+    raw.body = json.dumps(OK).encode()
+    headers = {"extra_headers": {"x-note": "1\r\nX-Injected: 1"}}
+    with pytest.raises(LLMConnectionError):
+        await complete(raw, params=headers, max_retries=1)
+    assert raw.seen == []  # the link once wrote it as two headers
+
+
+@pytest.mark.anyio
+async def test_the_link_sends_what_httpx2_sends() -> None:
+    """The SDK's request, as the server reads it, is the same over both transports, but
+    for what each transport manages itself (the link asks for no compression)."""
+    heads: dict[str, dict[str, str]] = {}
+    bodies: dict[str, bytes] = {}
+    for transport in ("httpx", "link"):
+        server = RawServer(transport=transport, body=json.dumps(OK).encode())
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        server.port = listener.sockets[0].getsockname()[1]
+        client = build_client(server.profile(params={"extra_headers": {"x-profile": "p"}}))
+        try:
+            await client.complete(USER, params={"extra_headers": {"traceparent": "t"}})
+        finally:
+            await client.aclose()
+            listener.close()
+            for writer in server.writers:
+                writer.close()
+        head, bodies[transport] = server.seen[0]
+        request_line, *lines = head.strip().split("\r\n")
+        assert request_line == "POST /v1/chat/completions HTTP/1.1"
+        fields = [line.split(":", 1) for line in lines]
+        heads[transport] = {name.lower(): value.strip() for name, value in fields}
+        assert len(heads[transport]) == len(lines)  # no header twice
+    managed = {"host", "accept-encoding", "connection"}
+    httpx_head = {k: v for k, v in heads["httpx"].items() if k not in managed}
+    assert {k: v for k, v in heads["link"].items() if k not in managed} == httpx_head
+    assert {"authorization", "user-agent", "x-profile", "traceparent"} <= httpx_head.keys()
+    assert bodies["link"] == bodies["httpx"]

@@ -147,3 +147,32 @@ def test_leases_are_timed_on_the_local_monotonic_clock_whatever_the_broker_says(
     assert not keeper.holds("behind") and not keeper.holds("ahead")
     keeper.release("behind")
     assert len(keeper) == 1
+
+
+@pytest.mark.anyio
+async def test_a_lease_wakes_the_keeper_only_when_due_before_its_planned_wake(
+    broker_server: BrokerServer,
+) -> None:
+    from host_poller.poller.leases import LeaseKeeper
+
+    async with BrokerClient(broker_server.url, broker_server.admin_token) as admin:
+        link = BrokerLink(RetryPolicy(), [admin], broker_urls=[broker_server.url])
+        keeper = LeaseKeeper(link)
+        task = asyncio.create_task(keeper.run())
+        try:
+            keeper.track(_pending(id="first", lease_s=600.0))
+            await asyncio.sleep(0.05)  # the keeper plans its next wake: in 300 s
+            keeper.track(_pending(id="later", lease_s=900.0))
+            assert not keeper._changed.is_set()  # due after that wake: left asleep
+            keeper.track(_pending(id="sooner", lease_s=0.2))
+            assert keeper._changed.is_set()
+            # Renewed at its half-life: the broker never leased it, so it is lost at once.
+            for _ in range(100):
+                if keeper.lost:
+                    break
+                await asyncio.sleep(0.05)
+            assert keeper.lost == 1 and not keeper.holds("sooner")
+            assert keeper.holds("first") and keeper.holds("later")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -4,11 +4,12 @@ Retries are the SDK's own (`max_retries`, backoff with jitter, Retry-After honou
 module adds none. It bounds concurrency, times each call, prices it, and maps the SDK's
 errors onto `host_poller.llm.errors` with the API key redacted.
 
-The call goes through the SDK's generic `post` (its documented way to send a request body
-as is): its auth, retries, timeouts and error mapping, without the typed layers this client
-does not need. `chat.completions.create` walked every message through the SDK's parameter
-transform and `parse()` built the whole `ChatCompletion` model: ~20 % of the CPU of a call
-(py-spy, docs/performance.md). The answer is read here instead (`host_poller.llm.completion`),
+The call goes through the SDK's generic `request` (what its documented `post`, the way to
+send a request body as is, calls; `host_poller.llm.sdk`): its auth, retries, timeouts and
+error mapping, without the typed layers this client does not need.
+`chat.completions.create` walked every message through the SDK's parameter transform
+and `parse()` built the whole `ChatCompletion` model: ~20 % of the CPU of a call (py-spy,
+docs/performance.md). The answer is read here instead (`host_poller.llm.completion`),
 only the fields used, each checked.
 """
 
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -73,13 +74,15 @@ class OpenAIChatClient:
         import httpx2
         import openai
 
-        from host_poller.llm.transport import LinkTransport, uses_link
+        from host_poller.llm.sdk import ChatCall, LeanAsyncOpenAI
+        from host_poller.llm.transport import LinkClient, LinkTransport, uses_link
 
+        http_client: httpx2.AsyncClient
         if uses_link(profile):
             # The SDK over the project's keep-alive link (host_poller.llm.transport); the
             # choice was made from the proxy variables already, so httpx2 reads none.
             transport = LinkTransport(profile.base_url, max_connections=profile.concurrency)
-            http_client = openai.DefaultAsyncHttpxClient(transport=transport, trust_env=False)
+            http_client = LinkClient(transport)
         else:
             # The SDK's own client, on the process's one TLS context (loading the CA bundle
             # per client cost ~50 ms of start-up each); no more connections than calls in
@@ -91,7 +94,7 @@ class OpenAIChatClient:
                     max_keepalive_connections=profile.concurrency,
                 ),
             )
-        self._openai = openai.AsyncOpenAI(
+        self._openai = LeanAsyncOpenAI(
             base_url=profile.base_url,
             api_key=self._secret or _NO_KEY,
             timeout=httpx2.Timeout(
@@ -103,6 +106,7 @@ class OpenAIChatClient:
         # The SDK's answer as it came, with its attempt count (`retries_taken`).
         self._raw_answer: type[openai.AsyncAPIResponse[object]] = openai.AsyncAPIResponse[object]
         self._sdk_error: type[openai.OpenAIError] = openai.OpenAIError
+        self._call = ChatCall("/chat/completions")
 
     def __repr__(self) -> str:
         return f"OpenAIChatClient(profile={self.profile.name!r}, model={self.model!r})"
@@ -133,11 +137,8 @@ class OpenAIChatClient:
         async with self._semaphore:
             started = time.perf_counter()
             try:
-                raw = await self._openai.post(
-                    "/chat/completions",
-                    cast_to=self._raw_answer,
-                    body=body,
-                    options=cast("openai.RequestOptions", options),
+                raw = await self._openai.request(
+                    self._raw_answer, self._call.options(body, options)
                 )
                 content = await raw.read()
             except self._sdk_error as exc:

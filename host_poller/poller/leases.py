@@ -68,6 +68,8 @@ class LeaseKeeper:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._changed = asyncio.Event()
+        self._wake_at: float | None = None
+        """When the renewing task, asleep, wakes next (None: it is awake)."""
         self._last_beat: float | None = None
         self.extensions = 0
         self.lost = 0
@@ -79,8 +81,12 @@ class LeaseKeeper:
     def track(self, request: PendingRequest, *, sent_at: float | None = None) -> None:
         """Hold `request`'s lease, `lease_s` from when its delivery arrived (see the module);
         `sent_at`: when the call that delivered it was sent (monotonic)."""
-        self._schedule(request.id, request.lease_s, self.arrived_at(sent_at))
-        self._changed.set()
+        lease = self._schedule(request.id, request.lease_s, self.arrived_at(sent_at))
+        if self._wake_at is None or min(lease.renew_at, lease.expires_at) < self._wake_at:
+            # Woken only when this lease is due before its planned wake: a request a round
+            # trip costs no pass over the leases (released leases leave wakes that find
+            # nothing due).
+            self._changed.set()
 
     def arrived_at(self, sent_at: float | None) -> float:
         """When an answer read now arrived, at the latest: the last heartbeat (this process
@@ -100,11 +106,12 @@ class LeaseKeeper:
         """Forget a request (its answer is posted, or it was given up): no more renewals."""
         self._leases.pop(request_id, None)
 
-    def _schedule(self, request_id: str, lease_s: float, received_at: float) -> None:
-        self._leases[request_id] = _Lease(
+    def _schedule(self, request_id: str, lease_s: float, received_at: float) -> _Lease:
+        lease = self._leases[request_id] = _Lease(
             expires_at=received_at + lease_s,
             renew_at=received_at + max(lease_s / 2, _MIN_RENEW_S),
         )
+        return lease
 
     def _lose(self, request_id: str, reason: str) -> None:
         if self._leases.pop(request_id, None) is None:
@@ -147,8 +154,12 @@ class LeaseKeeper:
                 (min(lease.renew_at, lease.expires_at) for lease in self._leases.values()),
                 default=now + 3600.0,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=max(wake - now, 0.0))
+            self._wake_at = wake
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(wake - now, 0.0))
+            finally:
+                self._wake_at = None
 
     def _retry_later(self, ids: list[str], delay_s: float = _RETRY_RENEW_S) -> None:
         """Try these renewals again in `delay_s`, and always well before their leases end."""

@@ -24,7 +24,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -255,16 +255,20 @@ class Poller:
                    "concurrency": self.settings.poller_concurrency,
                    "tenant_concurrency": self.settings.poller_tenant_concurrency},
         )  # fmt: skip
+        # One task waits for the stop for the whole run: each long-poll races it (a task
+        # made and cancelled per long-poll was a loop pass more per round trip).
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
                 try:
-                    await self._poll_step()
+                    await self._poll_step(stop)
                 except BrokerRejected:
                     raise
                 except Exception:  # the loop must outlive any one bad batch
                     logger.exception("poll loop error")
                     await self.link.pause(self._stopping)
         finally:
+            stop.cancel()
             await self.aclose()
             self._stopped.set()
             logger.info(
@@ -273,17 +277,20 @@ class Poller:
                        "failed": self.stats.failed, "abandoned": self.stats.abandoned},
             )  # fmt: skip
 
-    async def _poll_step(self) -> None:
+    async def _poll_step(self, stop: asyncio.Future[Any]) -> None:
+        """One long-poll, unless no slot is free; `stop`: done once the poller stops."""
         free = self._free_slots()
         if free <= 0:
-            await _first_of(self._slot_freed.wait(), self._stopping.wait())
+            freed = asyncio.ensure_future(self._slot_freed.wait())
+            try:
+                await asyncio.wait({freed, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                freed.cancel()
             return
         fetch = asyncio.ensure_future(self._fetch(free, self.settings.poller_wait_s))
-        stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
             if not fetch.done():
                 # Dropping the long-poll's connection lets the broker hand back what it leased.
                 fetch.cancel()
@@ -429,12 +436,3 @@ class Poller:
             self._unposted.discard(request_id)
             if request_id not in self._held:
                 self.leases.release(request_id)
-
-
-async def _first_of(*aws: Coroutine[Any, Any, Any]) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
