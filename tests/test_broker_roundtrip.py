@@ -161,9 +161,14 @@ async def test_pending_long_polls_until_work_arrives(broker_server: BrokerServer
 async def test_round_trip_across_two_broker_processes(redis_url: str) -> None:
     """Enqueue on one `rlm broker` process, drain and respond on another: one Redis."""
     first, second = BrokerProcess(redis_url), BrokerProcess(redis_url)
-    first.start()
-    second.start()
     try:
+        # Two independent processes: they start side by side (each until it answers /health);
+        # both starts end before a failure is raised, so `finally` stops whatever started.
+        for outcome in await asyncio.gather(
+            asyncio.to_thread(first.start), asyncio.to_thread(second.start), return_exceptions=True
+        ):
+            if isinstance(outcome, BaseException):
+                raise outcome
         async with tenant_and_session(first.url, first.admin_token) as (tenant, session):
             async with BrokerClient(second.url, tenant.token) as tenant_on_second:
                 waiting = asyncio.create_task(

@@ -172,9 +172,16 @@ def stack(base: Path, user: Unprivileged) -> Iterator[ComposeProcesses]:
         {IMAGE_VENV: user.venv, IMAGE_PYODIDE: (ROOT / "node_modules" / "pyodide").resolve()},
     )
     try:
-        for name in start_order(found):
-            compose.start(name)
-            compose.wait_healthy(name)
+        # As compose does: a service starts as soon as what it depends on is healthy, so
+        # services that depend on nothing still pending start side by side.
+        pending = start_order(found)
+        while pending:
+            ready = [n for n in pending if not set(found[n].get("depends_on", {})) & set(pending)]
+            for name in ready:
+                compose.start(name)
+            for name in ready:
+                compose.wait_healthy(name)
+            pending = [n for n in pending if n not in ready]
         yield compose
     finally:
         compose.stop()

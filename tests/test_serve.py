@@ -426,10 +426,11 @@ def slow_served(tmp_path: Path) -> Iterator[Served]:
     yield from _slow_serve(tmp_path, 6)
 
 
-@pytest.fixture
-def endless_served(tmp_path: Path) -> Iterator[Served]:
-    """Runs that outlast any test: only their client going away ends them."""
-    yield from _slow_serve(tmp_path, 600)
+@pytest.fixture(scope="module")
+def endless_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Runs that outlast any test: only their client going away ends them. One service for
+    the tests that use it: each ends with its one run slot free again (they assert so)."""
+    yield from _slow_serve(tmp_path_factory.mktemp("endless"), 600)
 
 
 @pytest.mark.timeout(120)
@@ -549,6 +550,7 @@ def test_a_client_that_goes_away_frees_its_run_slot(endless_served: Served) -> N
             "messages": [{"role": "user", "content": "q"}]}  # fmt: skip
     headers = {"Authorization": f"Bearer {API_KEY}"}
     health = f"{endless_served.url}/health"
+    logged_before = endless_served.log.stat().st_size  # the service is shared: this test's log
     with httpx2.stream(
         "POST", f"{endless_served.url}/v1/chat/completions", json=body, headers=headers, timeout=30
     ) as streamed:
@@ -561,5 +563,5 @@ def test_a_client_that_goes_away_frees_its_run_slot(endless_served: Served) -> N
     while httpx2.get(health, timeout=10).json()["runs_in_flight"] != 0:
         assert time.monotonic() < deadline, "the run slot was never freed"
         time.sleep(0.1)
-    log = endless_served.log.read_text()
+    log = endless_served.log.read_bytes()[logged_before:].decode(errors="replace")
     assert "streamed run cancelled (client gone)" in log

@@ -281,8 +281,18 @@ def _bomb(inflated: int) -> str:
     """A namespace blob of ~`inflated / 1000` bytes that inflates to `inflated` zero bytes."""
     deflate = zlib.compressobj(9)
     zeros = bytes(16 * 2**20)
-    parts = [deflate.compress(zeros) for _ in range(inflated // len(zeros))]
-    return base64.b64encode(MAGIC + b"".join(parts) + deflate.flush()).decode()
+    count = inflated // len(zeros)
+    # Two parts are compressed, not all: after a full flush the compressor starts afresh, so
+    # every further part is the same bytes as the second. The trailer's checksum is the
+    # stream's own (of all `inflated` zeros): a valid stream, refused for its size alone.
+    first = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    end = deflate.flush()[:-4]  # the final block, without the checksum of two parts
+    check = 1
+    for _ in range(count):
+        check = zlib.adler32(zeros, check)
+    stream = first + again * (count - 1) + end + check.to_bytes(4, "big")
+    return base64.b64encode(MAGIC + stream).decode()
 
 
 def test_a_decompression_bomb_snapshot_is_refused_in_bounded_memory(
