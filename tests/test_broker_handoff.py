@@ -23,11 +23,10 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from broker.context import BrokerContext
 from rlm_wire import broker_models as p
 from rlm_wire.broker_client import BrokerClient
 from tests.support.brokers import Tenant, tenant_and_session
-from tests.support.servers import BrokerServer
+from tests.support.servers import BrokerServer, InspectableBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -36,15 +35,6 @@ RECHECK_S = 30.0
 LONG_POLL_S = 60.0
 #: Longer than any test waits with writes paused; each test unpauses as soon as it may.
 PAUSE_MS = 20_000
-
-
-class InspectableBroker(BrokerServer):
-    """The real broker in this process, whose in-process state a test may read."""
-
-    @property
-    def context(self) -> BrokerContext:
-        app: Any = self._server.config.app
-        return cast(BrokerContext, app.state.broker)
 
 
 @pytest.fixture

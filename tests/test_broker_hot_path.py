@@ -18,29 +18,19 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
-from broker.context import BrokerContext
 from broker.settings import BrokerSettings
 from broker.store import Store
 from rlm_wire import broker_models as p
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import ApiError
 from tests.support.brokers import Session, Tenant, tenant_and_session
-from tests.support.servers import BrokerServer
+from tests.support.servers import BrokerServer, InspectableBroker
 
 pytestmark = pytest.mark.anyio
 
 #: Long enough that no periodic re-claim of a waiting long-poll falls inside the test.
 RECHECK_S = 30.0
 LONG_POLL_S = 60.0
-
-
-class InspectableBroker(BrokerServer):
-    """The real broker in this process, whose in-process state a test may read."""
-
-    @property
-    def context(self) -> BrokerContext:
-        app: Any = self._server.config.app
-        return cast(BrokerContext, app.state.broker)
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from broker.app import create_app
 from broker.settings import BrokerSettings
 from rlm_wire.asgi import AsgiRequest, Hold
 from tests.support.brokers import Session, Tenant, tenant_and_session
-from tests.support.servers import BrokerServer, wait_until
-from tests.test_broker_hot_path import InspectableBroker
+from tests.support.servers import BrokerServer, InspectableBroker, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 
 from broker.app import create_app
+from broker.context import BrokerContext
 from broker.redis_server import free_port
 from broker.settings import BrokerSettings
 from rlm_wire.serving import ThreadedServer, uvicorn_config
@@ -33,6 +34,15 @@ class BrokerServer(ThreadedServer):
             create_app(self.settings), "127.0.0.1", port or free_port(), graceful_shutdown_s=1
         )
         super().__init__(config, name="test-broker")
+
+
+class InspectableBroker(BrokerServer):
+    """The real broker in this process, whose in-process state a test may read."""
+
+    @property
+    def context(self) -> BrokerContext:
+        app: Any = self._server.config.app
+        return cast(BrokerContext, app.state.broker)
 
 
 class BrokerProcess:
