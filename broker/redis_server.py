@@ -81,7 +81,9 @@ def _spawn(command: list[str], pass_fds: list[int]) -> subprocess.Popen[bytes]:
     # `setpriv` (util-linux) sets the parent-death signal and execs Redis, so Python can
     # vfork; a `preexec_fn` makes it fork this whole process (50-70 ms for a stack's ~150 MB
     # of page tables), and is unsafe when the child needs a lock another thread held at the
-    # fork (ours makes one ctypes call, no lock): it is the fallback.
+    # fork (ours makes one ctypes call, no lock): it is the fallback. Unlike the fallback,
+    # setpriv does not check that its parent still lives: an owner killed within the
+    # milliseconds of this start can still leave its server running.
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return subprocess.Popen(
         [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command,
