@@ -171,6 +171,18 @@ class Store:
             ErrorCode.SESSION_EXPIRED,
             "the request's session expired (or was closed) before it was answered",
         )
+        #: The arguments `lease.lua` takes after the lease itself, in its order (claim.lua
+        #: and an enqueue's hand-off alike): max attempts, the reap interval, where results
+        #: go and for how long, and the two results it records instead of a lease. Made once:
+        #: every claim and every hand-off sends them.
+        self._lease_outcomes: tuple[str | int | float, ...] = (
+            settings.max_attempts,
+            self._reap_ms,
+            self._replies_prefix,
+            settings.result_ttl_s,
+            self._undeliverable,
+            self._session_gone,
+        )
 
     # --- tenants and sessions ---------------------------------------------------------------
 
@@ -381,25 +393,12 @@ class Store:
             GROUP,
             CONSUMER,
             self._lease_ms,
-            *self._lease_outcomes(),
+            *self._lease_outcomes,
         ]
         replies = await self.scripts.enqueue(keys=keys, args=args)
         flat = replies.pop()
         fresh = int(replies.pop())
         return replies, fresh, _claimed(flat)
-
-    def _lease_outcomes(self) -> list[str | int | float]:
-        """The arguments `lease.lua` takes after the lease itself, in its order (claim.lua
-        and an enqueue's hand-off alike): max attempts, the reap interval, where results go
-        and for how long, and the two results it records instead of a lease."""
-        return [
-            self.settings.max_attempts,
-            self._reap_ms,
-            self._replies_prefix,
-            self.settings.result_ttl_s,
-            self._undeliverable,
-            self._session_gone,
-        ]
 
     async def _hand_back(self, tenant_id: str, left: Sequence[Claimed]) -> None:
         """Release what was leased for long-polls that left during their hand-off; the
@@ -461,7 +460,7 @@ class Store:
                     count,
                     self._lease_ms,
                     now,
-                    *self._lease_outcomes(),
+                    *self._lease_outcomes,
                 ],
             )
             for tenant_id, count in claims

@@ -12,6 +12,7 @@ import pytest
 from sandbox_runtime.errors import SandboxBlobError, SandboxCrashedError, SandboxGuestError
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings, blob
 from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
+from sandbox_runtime.worker.launcher import sandbox_pid
 from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
@@ -375,28 +376,15 @@ async def test_the_wasm_compilers_settings_reach_v8(
         await process.kill()
 
 
-def _deno_pid(pid: int) -> int:
-    """The Deno process at or under `pid` (setpriv and bwrap wrap it)."""
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        argv = Path(f"/proc/{current}/cmdline").read_bytes().split(b"\0")
-        if Path(argv[0].decode()).name == "deno":
-            return current
-        for task in Path(f"/proc/{current}/task").iterdir():
-            pending += [int(child) for child in (task / "children").read_text().split()]
-    raise AssertionError(f"no deno process under {pid}")
-
-
 def _deno_environment(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{_deno_pid(pid)}/environ").read_bytes().split(b"\0")
+    raw = Path(f"/proc/{sandbox_pid(pid)}/environ").read_bytes().split(b"\0")
     return dict(item.decode().partition("=")[::2] for item in raw if item)
 
 
 def _deno_cache(pid: int) -> tuple[bool, bool, int]:
     """Whether Deno's cache is the sandbox's own tmpfs, whether V8's code cache is off, and
     the bytes that cache holds."""
-    deno = _deno_pid(pid)
+    deno = sandbox_pid(pid)
     argv = Path(f"/proc/{deno}/cmdline").read_bytes().split(b"\0")
     own = _deno_environment(pid)["DENO_DIR"] == SANDBOX_DENO_DIR
     files = Path(f"/proc/{deno}/root{SANDBOX_DENO_DIR}").rglob("*") if own else []

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from rlm_wire.broker_client import BrokerClient
+from sandbox_runtime.service.memory import descendants
 from tests.support.servers import BrokerProcess, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -35,11 +36,7 @@ def _running(pid: int) -> bool:
 
 
 def _redis_child(owner_pid: int) -> int:
-    children = [
-        int(child)
-        for task in Path(f"/proc/{owner_pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
+    children = descendants(owner_pid, max_depth=1)
     (redis_pid,) = [c for c in children if "server" in Path(f"/proc/{c}/cmdline").read_text()]
     return redis_pid
 
