@@ -6,19 +6,28 @@ trip through the pipe (the bridge answers at once), hibernate size and time, res
 PSS (and its private / shared parts) from /proc/<pid>/smaps_rollup, once idle and once
 *loaded*: after every session ran code that imports modules and holds data (what a live
 session of an RLM run looks like), each process measured on its own, not a mean over idle
-ones. Every figure is printed with /proc/loadavg.
+ones. Then the same loaded sessions with RLM_SANDBOX_MERGE_PAGES (kernel same-page merging)
+beside as many without it, in the same minutes, and what the kernel's ksmd spent merging
+(`--no-merge-pages` skips it; it needs root to start ksmd when it is not running, and puts
+ksmd's settings back after). Every figure is printed with /proc/loadavg.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sandbox_runtime.service.memory import rollup_kib
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings
+from sandbox_runtime.worker.page_merging import KSM_DIR
+from sandbox_runtime.worker.page_merging import status as page_merging_status
 
 ROUNDS = 200
 
@@ -83,7 +92,103 @@ def report(name: str, samples_s: list[float]) -> None:
     )
 
 
-async def main() -> None:
+def _ksm(name: str) -> int:
+    return int((KSM_DIR / name).read_text())
+
+
+def _ksmd_cpu_s() -> float:
+    """CPU seconds the kernel's ksmd thread has used so far (0 when there is none)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "ksmd":
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+@contextlib.contextmanager
+def _ksmd_started() -> Iterator[str]:
+    """ksmd running for the measurement: as the machine has it, or started at the pace the
+    machine has set (the kernel's default: 100 pages every 20 ms) and stopped again after."""
+    pace = f"{_ksm('pages_to_scan')} pages every {_ksm('sleep_millisecs')} ms"
+    if page_merging_status(True).active:
+        yield f"already running ({pace})"
+        return
+    (KSM_DIR / "run").write_text("1")
+    try:
+        yield f"started for the bench ({pace}), stopped after"
+    finally:
+        (KSM_DIR / "run").write_text("0")
+
+
+async def _merging_settled() -> int:
+    """Wait until ksmd went over all memory that opted in at least three times (a page is
+    merged at the earliest in the scan after the one that first saw it) and the last full
+    scan merged nothing more; the number of full scans waited for."""
+    start = last = _ksm("full_scans")
+    sharing = _ksm("pages_sharing")
+    while True:
+        await asyncio.sleep(0.5)
+        scans = _ksm("full_scans")
+        if scans == last:
+            continue
+        last, before, sharing = scans, sharing, _ksm("pages_sharing")
+        if scans - start >= 3 and sharing <= before:
+            return scans - start
+
+
+async def merged_memory(settings: WorkerSettings, sessions: int) -> None:
+    """PSS of `sessions` loaded sessions with RLM_SANDBOX_MERGE_PAGES and as many without, in
+    the same minutes, once ksmd's merging has settled."""
+    merging = page_merging_status(True)
+    if not merging.supported:
+        print(f"page merging: not measured ({merging.detail})")
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            how = stack.enter_context(_ksmd_started())
+        except OSError as exc:
+            print(f"page merging: not measured (cannot start ksmd: {exc})")
+            return
+        groups: dict[str, list[SandboxProcess]] = {"without merging": [], "merging": []}
+        for _ in range(sessions):  # alternately, so both groups start under the same load
+            for label, merge in (("without merging", False), ("merging", True)):
+                worker = settings.model_copy(update={"merge_pages": merge})
+                process = await SandboxProcess.spawn(worker)
+                await process.execute(LOAD_SESSION, timeout_s=60, output_bytes=4096)
+                await process.execute("1", timeout_s=10, output_bytes=4096)
+                groups[label].append(process)
+        cpu_before, settle_started = _ksmd_cpu_s(), time.perf_counter()
+        scans = await _merging_settled()
+        print(
+            f"page merging: ksmd {how}; settled after {scans} full scans, "
+            f"{time.perf_counter() - settle_started:.1f} s and "
+            f"{_ksmd_cpu_s() - cpu_before:.2f} s of ksmd CPU"
+        )
+        medians = {}
+        for label, processes in groups.items():
+            pids = [p.pid for p in processes]
+            report_memory(f"memory of each of {sessions} loaded live processes, {label}", pids)
+            medians[label] = statistics.median(memory_kib(pid)["Pss"] for pid in pids)
+        ratio = medians["merging"] / medians["without merging"]
+        print(f"loaded session PSS, merging / without: {ratio:.2f}x (load {loadavg()})")
+        # What the merged pages cost when written again (a copy-on-write fault each): a
+        # cell that rewrites the session's data, in every session, alternating the groups.
+        rewrite = "index = {k: v[::-1] for k, v in index.items()}; rows.sort()"
+        timings: dict[str, list[float]] = {label: [] for label in groups}
+        for pair in zip(*groups.values(), strict=True):
+            for label, process in zip(groups, pair, strict=True):
+                started = time.perf_counter()
+                await process.execute(rewrite, timeout_s=60, output_bytes=4096)
+                timings[label].append(time.perf_counter() - started)
+        for label, samples in timings.items():
+            report(f"rewrite cell, {label}", samples)
+        for processes in groups.values():
+            for process in processes:
+                await process.kill()
+
+
+async def main(merge_pages: bool) -> None:
     with tempfile.TemporaryDirectory() as cache:
         cold_settings = WorkerSettings(cache_dir=Path(cache), use_snapshot=False)
         started = time.perf_counter()
@@ -158,7 +263,15 @@ async def main() -> None:
         report("load namespace into a running one", loads)
         for process in processes:
             await process.kill()
+        if merge_pages:
+            await merged_memory(settings, len(processes))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--no-merge-pages",
+        action="store_true",
+        help="skip the measurement with RLM_SANDBOX_MERGE_PAGES",
+    )
+    asyncio.run(main(merge_pages=not parser.parse_args().no_merge_pages))

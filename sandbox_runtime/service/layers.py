@@ -19,6 +19,7 @@ from sandbox_runtime.errors import SandboxStartError
 from sandbox_runtime.worker import WorkerSettings
 from sandbox_runtime.worker.confinement import TMP_BYTES, Support, data_limit
 from sandbox_runtime.worker.launcher import check_confinement, confinement_support
+from sandbox_runtime.worker.page_merging import status as page_merging_status
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,13 @@ def _network_namespace(settings: WorkerSettings, support: Support) -> Layer:
     return Layer(name, False, "`unshare -n` refused here; Deno's --deny-net only")
 
 
+def _page_merging(settings: WorkerSettings) -> Layer:
+    """Missing (weaker isolation, said at start) while sandboxes opt in to KSM, whether or not
+    the machine's ksmd runs now: it may be started later."""
+    merging = page_merging_status(settings.merge_pages)
+    return Layer("no_page_merging", not merging.opted_in, merging.detail)
+
+
 def isolation_layers(settings: WorkerSettings) -> IsolationReport:
     """Which layers sandboxes started with `settings` get on this machine."""
     support = confinement_support(settings)
@@ -149,6 +157,7 @@ def isolation_layers(settings: WorkerSettings) -> IsolationReport:
                 f"{settings.idle_cpu_strikes} samples of {settings.idle_cpu_check_s:g} s while "
                 "idle (a Worker or timer left behind) is killed and replaced",
             ),
+            _page_merging(settings),
         ),
         weaker=support.weaker,
     )

@@ -16,6 +16,7 @@ from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.service.stateless import StatelessExecutor
 from sandbox_runtime.service.store import HibernationStore, StoreLimits
 from sandbox_runtime.worker import WorkerSettings
+from sandbox_runtime.worker.page_merging import status as page_merging_status
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Runtime:
         self.stateless = StatelessExecutor(settings, self.pool, self.metrics, self.contexts)
         self.started_at = time.time()
         self.isolation = report_isolation(worker_settings)
+        self._merge_pages = worker_settings.merge_pages
         self._register_gauges()
 
     def _register_gauges(self) -> None:
@@ -152,6 +154,7 @@ class Runtime:
                 "hibernated_spilled_bytes": self.store.disk_bytes,
             },
             "memory": self.memory.as_dict(),
+            "page_merging": page_merging_status(self._merge_pages).as_dict(),
             "stateless_running": self.stateless.running,
             "restarts": self.sessions.restarts,
             "isolation": self.isolation.as_dict(),

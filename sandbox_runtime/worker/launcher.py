@@ -16,7 +16,7 @@ from pathlib import Path
 import rlm_repl
 
 from ..errors import SandboxStartError
-from . import confinement
+from . import confinement, page_merging
 from .confinement import Wrapped, network_namespace_works
 from .framing import encode_frame
 from .settings import WorkerSettings
@@ -238,6 +238,8 @@ async def launch(
             cwd="/",
             pass_fds=(*child_fds, *wrapped.pass_fds),
             start_new_session=True,
+            # Only with the setting: a preexec_fn makes Python fork instead of vfork.
+            preexec_fn=page_merging.opt_in_before_exec() if settings.merge_pages else None,
         )
     except OSError as exc:
         for fd in (*child_fds, parent_in, parent_out, parent_int):
