@@ -24,6 +24,17 @@ pytestmark = pytest.mark.skipif(
 MERGING = SETTINGS.model_copy(update={"merge_pages": True})
 
 
+@pytest.fixture(
+    scope="module",
+    params=[("asyncio", {}), ("asyncio", {"use_uvloop": True})],
+    ids=["asyncio", "uvloop"],
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both loops: the runtime runs on uvloop, whose subprocesses take the preexec_fn too."""
+    params: tuple[str, dict[str, bool]] = request.param
+    return params
+
+
 def ksm_stat(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
     return dict(line.split(" ", 1) for line in lines)
