@@ -28,11 +28,15 @@ if TYPE_CHECKING:
 class Parked:
     """One long-poll waiting for work: up to `max_items`, settled with what it is handed."""
 
-    __slots__ = ("future", "left", "mark", "max_items", "reserved", "since", "tenant_id")
+    __slots__ = ("future", "left", "mark", "max_items", "poll", "reserved", "since", "tenant_id")
 
-    def __init__(self, tenant_id: str, max_items: int, mark: int, since: float) -> None:
+    def __init__(
+        self, tenant_id: str, max_items: int, mark: int, since: float, poll: str = ""
+    ) -> None:
         self.tenant_id = tenant_id
         self.max_items = max_items
+        #: its tag (`broker.poll_ids.poll_tag`; "": none), recorded with what it is handed
+        self.poll = poll
         #: the work-announcement clock and the monotonic time when it parked: a hand-off of
         #: fewer than `max_items` drained the queue as of then (`WorkSignals.drained`)
         self.mark = mark
@@ -54,8 +58,10 @@ class Handoffs:
         """How many long-polls of the tenant are parked (and not reserved)."""
         return len(self._parked.get(tenant_id, ()))
 
-    def park(self, tenant_id: str, max_items: int, mark: int, since: float) -> Parked:
-        parked = Parked(tenant_id, max_items, mark, since)
+    def park(
+        self, tenant_id: str, max_items: int, mark: int, since: float, poll: str = ""
+    ) -> Parked:
+        parked = Parked(tenant_id, max_items, mark, since, poll)
         self._parked.setdefault(tenant_id, deque()).append(parked)
         return parked
 
@@ -74,17 +80,20 @@ class Handoffs:
         return reserved
 
     def settle(self, reserved: list[Parked], leased: list[Claimed]) -> list[Claimed]:
-        """Give `leased` to the `reserved` long-polls still waiting, in order, each up to
-        its `max_items`; park again those that got nothing and still wait for work. Returns
-        what nobody took (for their leases to be handed back)."""
+        """Give `leased` to the `reserved` long-polls, in order, each up to its
+        `max_items` (as the script leased them, each lease recorded with its poll); park
+        again those that got nothing and still wait for work. Returns what nobody took: the
+        share of a long-poll that is gone (for their leases to be handed back)."""
         again: list[Parked] = []
+        left: list[Claimed] = []
         for parked in reserved:
             parked.reserved = False
+            share, leased = leased[: parked.max_items], leased[parked.max_items :]
             if parked.future.done():  # cancelled: its long-poll is gone
+                left += share
                 continue
-            if leased:
-                parked.future.set_result(leased[: parked.max_items])
-                leased = leased[parked.max_items :]
+            if share:
+                parked.future.set_result(share)
             elif parked.left:
                 parked.future.set_result([])  # it waits for this answer: nothing came
             else:
@@ -92,7 +101,7 @@ class Handoffs:
         if again:
             waiting = self._parked.setdefault(again[0].tenant_id, deque())
             waiting.extendleft(reversed(again))  # still the oldest
-        return leased
+        return left + leased
 
     def leave(self, parked: Parked, hung_up: bool) -> bool:
         """The long-poll stops waiting for work. True: it is reserved and still wanted, so

@@ -15,9 +15,14 @@ one slot and each Lua script touches a single slot.
     <p>:{t}:req:<id>                    hash   status, body, session, enqueued_at, entry,
                                                attempt, size (of the body), origin (the
                                                replica that enqueued it), result, idem (its
-                                               key, if any), watched (1: it has a set below)
+                                               key, if any), watched (1: it has a set below),
+                                               poll (the tag of the long-poll holding its
+                                               lease, until extended or handed back)
     <p>:{t}:req:<id>:w                  set    other broker replicas waiting for its answer
                                                (GET /requests/{id}?wait=)
+    <p>:{t}:poll:<scope>:<poll id>      set    request ids leased to one long-poll (scope
+                                               `t`: the tenant's token, `a`: admin's); TTL
+                                               one lease (RLM_LEASE_S)
     <p>:{t}:reap                        string rate-limits re-delivery scans (PX)
     <p>:{t}:reap:cursor                 string where the last re-delivery scan stopped
     <p>:{t}:sessions                    zset   the tenant's sessions -> expires_at (quota)
@@ -105,6 +110,10 @@ class Keys:
 
     def watchers(self, tenant_id: str, request_id: str) -> str:
         return f"{self.request(tenant_id, request_id)}:w"
+
+    def poll(self, tenant_id: str, tag: str) -> str:
+        """The requests of a tenant leased to one long-poll, `tag` = `<scope>:<poll id>`."""
+        return f"{self.tenant_base(tenant_id)}poll:{tag}"
 
     def reap_lock(self, tenant_id: str) -> str:
         return f"{self.tenant_base(tenant_id)}reap"

@@ -23,6 +23,12 @@ class Metrics:
             ["endpoint"],
             registry=self.registry,
         )
+        self.lost_answer_leases = Counter(
+            "rlm_broker_lost_answer_leases",
+            "Leases handed back at once because their poller never got the /pending answer "
+            "that carried them (reported with `abandoned=`).",
+            registry=self.registry,
+        )
         self.enqueue_to_respond = Histogram(
             "rlm_broker_enqueue_to_respond_seconds",
             "Time from a request's enqueue to its first accepted answer.",

@@ -18,6 +18,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from broker import __version__
 from broker.auth import Scope
+from broker.poll_ids import POLL_ID_PATTERN
 from broker.settings import BrokerSettings
 from rlm_wire import broker_models as p
 
@@ -170,6 +171,18 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
                     "Most requests to lease.",
                 ),
                 wait(settings.default_pending_wait_s, "Seconds to wait for work to arrive."),
+                _Query(
+                    "poll",
+                    {"type": "string", "pattern": POLL_ID_PATTERN},
+                    "This long-poll's id, fresh and random per call: recorded with its leases.",
+                ),
+                _Query(
+                    "abandoned",
+                    {"type": "string"},
+                    "Comma-separated poll ids of the caller's earlier long-polls whose answer "
+                    f"never arrived whole (at most {settings.max_abandoned_polls}): what they "
+                    "still hold is handed back at once (docs/protocol.md).",
+                ),
             ),
         ),
         _Operation(

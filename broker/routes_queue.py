@@ -26,6 +26,7 @@ from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
 from broker.handling import endpoint, lean_endpoint
 from broker.keys import tenant_of_request
+from broker.poll_ids import polls_of
 from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
 from rlm_wire.asgi import Answer, AsgiRequest, Hold, json_answer
@@ -218,6 +219,7 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     settings = ctx.settings
     max_items = query_int(request, "max", settings.default_pending_max, settings.max_pending_batch)
     wait_s = query_float(request, "wait", settings.default_pending_wait_s, settings.max_wait_s)
+    poll, abandoned = polls_of(request, principal.scope == "admin", settings.max_abandoned_polls)
     poller = PollerSeen(principal.tenant_id, _poller_name(request, principal))
     deadline = time.monotonic() + wait_s
     # Watched from the start: a poller that leaves during a claim has its work handed back.
@@ -225,15 +227,21 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     hold.watch()
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
     try:
+        # Handed back first, so that this long-poll's own claim may re-deliver them at once.
+        released = await _release_abandoned(ctx, tenant_id, abandoned) if abandoned else 0
+        if released:
+            ctx.metrics.lost_answer_leases.inc(released)
         full_scan = True
         due = ctx.poller_due(f"{poller.tenant_id}/{poller.name}", time.monotonic())
         seen = poller if due else None
         # Nothing announced since a claim drained the queue: start by waiting, no claim. But
         # every call claims at least once before it answers (a request enqueued on another
         # replica whose announcement is still on its way is found), and claims at once while
-        # the subscription is down (announcements may be lost).
+        # the subscription is down (announcements may be lost) or it has just handed work back.
         quiet_until = ctx.signals.quiet_until(tenant_id, time.monotonic())
-        if quiet_until is not None and (quiet_until >= deadline or not ctx.listener.connected):
+        if quiet_until is not None and (
+            quiet_until >= deadline or not ctx.listener.connected or released
+        ):
             quiet_until = None
         while True:
             woken = ctx.signals.join(tenant_id)
@@ -247,7 +255,7 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                     await ctx.store.claim([], seen)  # only records the poller as seen
             else:
                 mark = ctx.signals.mark()
-                claimed = await _claim(ctx, principal, max_items, full_scan, seen)
+                claimed = await _claim(ctx, principal, max_items, full_scan, seen, poll)
                 next_claim = time.monotonic() + settings.work_recheck_s
                 if len(claimed) < max_items:
                     ctx.signals.drained(tenant_id, mark, started)
@@ -258,7 +266,7 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                 break
             sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
             if tenant_id is not None and sleep > 0 and settings.enqueue_handoff:
-                handed = await _wait_parked(ctx, tenant_id, max_items, woken, sleep, hold)
+                handed = await _wait_parked(ctx, tenant_id, max_items, woken, sleep, hold, poll)
                 if handed:
                     claimed = handed
                     ctx.signals.leave(tenant_id, woken, used=False)
@@ -286,11 +294,12 @@ async def _wait_parked(
     woken: asyncio.Future[None],
     sleep: float,
     hold: Hold,
+    poll: str,
 ) -> list[Claimed]:
     """Wait as `hold.wait([woken], sleep)`, parked where an enqueue on this replica may
     hand new work straight to this long-poll (`broker.handoffs`); what it was handed."""
     handoffs = ctx.store.handoffs
-    parked = handoffs.park(tenant_id, max_items, ctx.signals.mark(), time.monotonic())
+    parked = handoffs.park(tenant_id, max_items, ctx.signals.mark(), time.monotonic(), poll)
     try:
         await hold.wait([woken, parked.future], sleep, every=False)
         if handoffs.leave(parked, hold.hung_up):
@@ -309,6 +318,14 @@ async def _wait_parked(
     return handed
 
 
+async def _release_abandoned(ctx: BrokerContext, tenant_id: str | None, tags: list[str]) -> int:
+    """Hand back what the caller's polls `tags` still hold (their answers were lost). A
+    tenant token's polls lease only its own tenant's requests; an admin token's may have
+    leased any tenant's, so every tenant is looked at (this runs only after a failure)."""
+    tenants = [tenant_id] if tenant_id is not None else await ctx.store.tenant_ids()
+    return await ctx.store.release_polls(tenants, tags)
+
+
 def _poller_name(request: AsgiRequest, principal: Principal) -> str:
     """The `X-RLM-Poller` name (printable ASCII, at most 100 characters), else the token's."""
     name = request.headers.get("x-rlm-poller", "")
@@ -323,15 +340,16 @@ async def _claim(
     max_items: int,
     full_scan: bool,
     poller: PollerSeen | None,
+    poll: str,
 ) -> list[Claimed]:
     if principal.scope == "tenant":
-        claimed = await ctx.store.claim([(principal.tenant, max_items)], poller)
+        claimed = await ctx.store.claim([(principal.tenant, max_items)], poller, poll)
         return claimed.get(principal.tenant, [])
-    return await _claim_fairly(ctx, max_items, full_scan, poller)
+    return await _claim_fairly(ctx, max_items, full_scan, poller, poll)
 
 
 async def _claim_fairly(
-    ctx: BrokerContext, max_items: int, full_scan: bool, poller: PollerSeen | None
+    ctx: BrokerContext, max_items: int, full_scan: bool, poller: PollerSeen | None, poll: str
 ) -> list[Claimed]:
     """Admin draining: an equal share per tenant with work, rotating who goes first."""
     ready = ctx.signals.ready
@@ -348,7 +366,7 @@ async def _claim_fairly(
     while remaining > 0 and active:
         share = max(1, remaining // len(active))
         batch = active if share > 1 else active[:remaining]
-        got = await ctx.store.claim([(t, share) for t in batch], poller)
+        got = await ctx.store.claim([(t, share) for t in batch], poller, poll)
         poller = None  # recorded with the first round
         still_busy = []
         for tenant_id in batch:

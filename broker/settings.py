@@ -92,6 +92,13 @@ class BrokerSettings(BaseSettings):
         description="Distinct X-RLM-Poller names remembered per tenant (and for admin) for "
         "/health: a tenant cannot inflate the pollers count past this.",
     )
+    max_abandoned_polls: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most poll ids one /pending may name in `abandoned=` (long-polls whose "
+        "answer its poller never got whole; their leases are handed back at once).",
+    )
     max_attempts: int = Field(
         5, ge=1, description="Deliveries of one request before it fails as undeliverable."
     )

@@ -394,7 +394,10 @@ class Store:
             CONSUMER,
             self._lease_ms,
             *self._lease_outcomes,
+            len(reserved),
         ]
+        for parked in reserved:  # in order: `Handoffs.settle` hands them out the same way
+            args += [parked.poll, parked.max_items]
         replies = await self.scripts.enqueue(keys=keys, args=args)
         flat = replies.pop()
         fresh = int(replies.pop())
@@ -438,11 +441,16 @@ class Store:
     # --- leases -----------------------------------------------------------------------------
 
     async def claim(
-        self, claims: Sequence[tuple[str, int]], poller: PollerSeen | None = None
+        self,
+        claims: Sequence[tuple[str, int]],
+        poller: PollerSeen | None = None,
+        poll: str = "",
     ) -> dict[str, list[Claimed]]:
         """Lease up to `count` requests from each `(tenant, count)`: one round trip in all.
 
         `poller`, when given, is recorded as seen (for /health) in the same round trip.
+        `poll`, the long-poll's tag (`poll_tag`; "": none), is recorded with each lease, so
+        that `release_polls` can hand them back if its answer never arrives.
         """
         now = time.time()
         script = self.scripts.claim
@@ -461,6 +469,7 @@ class Store:
                     self._lease_ms,
                     now,
                     *self._lease_outcomes,
+                    poll,
                 ],
             )
             for tenant_id, count in claims
@@ -486,20 +495,46 @@ class Store:
             out[tenant_id] = _claimed(flat)
         return out
 
-    async def release(self, tenant_id: str, request_ids: Sequence[str]) -> None:
-        """Make leased requests deliverable again at once."""
-        await self.scripts.release(
-            keys=[self.keys.stream(tenant_id)],
-            args=[
-                self.keys.tenant_base(tenant_id),
-                GROUP,
-                CONSUMER,
-                int(self.settings.lease_s * 1000) + 1,
-                self.keys.work_channel(),
-                tenant_id,
-                *request_ids,
-            ],
-        )
+    async def release(self, tenant_id: str, request_ids: Sequence[str]) -> int:
+        """Make leased requests that were never sent deliverable again at once (their
+        long-poll went away first: the delivery is not counted); how many were."""
+        keys, args = self._release_call(tenant_id, [])
+        return int(await self.scripts.release(keys=keys, args=[*args, *request_ids]))
+
+    async def release_polls(self, tenant_ids: Sequence[str], tags: Sequence[str]) -> int:
+        """Hand back at once what the long-polls `tags` (`poll_tag`) leased in each tenant
+        and still hold: their answers never reached their poller. A lease since extended,
+        answered, handed back or delivered again is left alone; the delivery stays counted
+        (docs/protocol.md). One write for every tenant; how many were handed back."""
+        if not tenant_ids or not tags:
+            return 0
+        script = self.scripts.release
+        commands = []
+        for tenant_id in tenant_ids:
+            keys, args = self._release_call(tenant_id, tags)
+            commands.append(script.command(keys, [*args, *tags]))
+        released = 0
+        for reply in await script.run_many(commands):
+            if isinstance(reply, Exception):
+                raise reply
+            released += int(reply)
+        return released
+
+    def _release_call(
+        self, tenant_id: str, tags: Sequence[str]
+    ) -> tuple[list[str], list[str | int]]:
+        """release.lua's keys (the poll sets of `tags`) and its arguments before the tags
+        or request ids."""
+        keys = [self.keys.stream(tenant_id), *(self.keys.poll(tenant_id, tag) for tag in tags)]
+        args: list[str | int] = [
+            self.keys.tenant_base(tenant_id),
+            GROUP,
+            CONSUMER,
+            int(self.settings.lease_s * 1000) + 1,
+            self.keys.work_channel(),
+            tenant_id,
+        ]
+        return keys, args
 
     async def extend(self, tenant_id: str, request_ids: Sequence[str]) -> list[str]:
         replies = await self.scripts.extend(

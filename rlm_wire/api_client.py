@@ -17,6 +17,7 @@ REPL, so the clients here take it through the `RetrySchedule` protocol and the s
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
@@ -155,22 +156,25 @@ class ApiClient:
             if isinstance(body, BaseModel)
             else body
         )
-        target = f"{path}?{urlencode(params)}" if params else path
+        target = f"{path}?{query_string(params)}" if params else path
         timeout = self._timeout_s if timeout_s is None else timeout_s
         clock: RetryClock | None = None
+        sent = False  # whether any try may have reached the service
         while True:
             try:
                 reply = await self._transport.request(
                     method, target, content, timeout_s=timeout, headers=headers
                 )
             except ServiceUnreachable as exc:
+                sent = sent or exc.sent
                 if not idempotent or self._retry is None:
-                    raise ServiceUnreachable(f"{method} {path}: {exc}") from exc
+                    raise ServiceUnreachable(f"{method} {path}: {exc}", sent=sent) from exc
                 clock = clock or self._retry.start()
                 pause = clock.next_pause()
                 if pause is None:
                     raise ServiceUnreachable(
-                        f"{method} {path}: {exc} (gave up after {clock.retries} retries)"
+                        f"{method} {path}: {exc} (gave up after {clock.retries} retries)",
+                        sent=sent,
                     ) from exc
             else:
                 if self._retry is None or not self._worth_retrying(reply.status, idempotent):
@@ -207,3 +211,22 @@ def error_from_reply(reply: Reply) -> ServiceResponseError:
 def _first_error(exc: ValidationError) -> str:
     errors = exc.errors()
     return str(errors[0].get("msg", exc)) if errors else str(exc)
+
+
+#: Query values `urlencode` leaves as they are (it quotes none of these characters).
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def query_string(params: Mapping[str, Any]) -> str:
+    """`urlencode(params)`, the same string, written directly for numbers and URL-safe
+    words: `urlencode` quotes every name and value, which cost a long-poll more CPU than
+    decoding its answer (docs/performance.md); anything else still goes through it."""
+    parts = []
+    for name, value in params.items():
+        # A number's text is checked too: 1e+300 has a "+".
+        text = str(value) if type(value) in (int, float) else value
+        if isinstance(text, str) and _URL_SAFE.fullmatch(text) and _URL_SAFE.fullmatch(name):
+            parts.append(f"{name}={text}")
+        else:
+            parts.append(urlencode({name: value}))
+    return "&".join(parts)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from rlm_wire import broker_models as p
 from rlm_wire.api_client import ApiClient, RetrySchedule
+from rlm_wire.codes import ErrorCode
+from rlm_wire.errors import ServiceResponseError
 from rlm_wire.run_info import RunInfo
 from rlm_wire.transport import HttpxTransport, TransportFactory
 
@@ -35,7 +37,8 @@ class BrokerClient(ApiClient):
     `timeout_s` bounds each request; long-polls (`wait=`) get `wait + 10 s` on top. `retry`
     is the retry policy (`rlm_repl.RetryPolicy`; None, the default: every call tried once).
     Every call is safe to repeat: reads, `/pending` (a lost answer's leases lapse and the
-    requests are delivered again), answers (the broker keeps the first) and `/enqueue`
+    requests are delivered again; at once if a later call reports it, `pending(abandoned=)`),
+    answers (the broker keeps the first) and `/enqueue`
     (keyed); creating tenants and sessions is retried only when refused with 429/503.
     """
 
@@ -136,10 +139,33 @@ class BrokerClient(ApiClient):
 
     # --- host side (tenant / admin token) ----------------------------------------------------
 
-    async def pending(self, *, max_items: int = 32, wait_s: float = 25.0) -> p.PendingBatch:
-        return await self._long_poll(
-            "GET", "/pending", p.PendingBatch, params={"max": max_items}, wait_s=wait_s
+    async def pending(
+        self,
+        *,
+        max_items: int = 32,
+        wait_s: float = 25.0,
+        poll_id: str | None = None,
+        abandoned: Sequence[str] = (),
+    ) -> p.PendingBatch:
+        """Lease up to `max_items` requests. `poll_id` names this long-poll (8-64 URL-safe
+        characters, fresh per call); `abandoned` lists earlier ones whose answer never
+        arrived whole, so the broker hands back at once what they still hold."""
+        params: dict[str, Any] = {"max": max_items}
+        if poll_id is not None:
+            params["poll"] = poll_id
+        if abandoned:
+            params["abandoned"] = ",".join(abandoned)
+        batch = await self._long_poll(
+            "GET", "/pending", p.PendingBatch, params=params, wait_s=wait_s
         )
+        if len(batch.requests) > max_items:
+            # The poller's concurrency bound rests on it: never more held than it asked for.
+            raise ServiceResponseError(
+                200,
+                ErrorCode.UNEXPECTED_BODY,
+                f"GET /pending: {len(batch.requests)} requests for at most {max_items}",
+            )
+        return batch
 
     async def respond(self, answer: p.Answer) -> p.RespondResult:
         return await self._call("POST", "/respond", p.RespondResult, body=answer)

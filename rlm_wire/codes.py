@@ -22,6 +22,9 @@ class ErrorCode(StrEnum):
     """403: a token of the wrong scope or tenant."""
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     """403: a browser request from an origin the service does not allow."""
+    BAD_POLL_ID = "bad_poll_id"
+    """400: a `/pending` `poll=` or `abandoned=` that is not 8-64 URL-safe characters
+    (`[A-Za-z0-9_-]`), or names more polls than RLM_MAX_ABANDONED_POLLS."""
     HOST_NOT_ALLOWED = "host_not_allowed"
     """400: a `Host` header naming no host the service answers to (DNS rebinding)."""
     NOT_FOUND = "not_found"

@@ -41,7 +41,16 @@ class ApiError(WireError):
 
 
 class ServiceUnreachable(WireError):
-    """The service could not be reached (connection refused, reset, or timed out)."""
+    """The service could not be reached (connection refused, reset, or timed out).
+
+    `sent` is False only when the request surely never reached the service (no connection
+    was made): a caller that must know whether the service may have acted on it (a
+    `/pending` that may have leased work) reads it.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class ServiceResponseError(WireError):

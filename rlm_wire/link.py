@@ -126,13 +126,15 @@ class KeepAliveLink:
 
     async def _connect(self) -> _Connection:
         if self._closed:
-            raise ServiceUnreachable("the link is closed")
+            raise ServiceUnreachable("the link is closed", sent=False)
         try:
             reader, writer = await asyncio.open_connection(
                 self._host, self._port, ssl=self._tls, limit=MAX_HEAD_BYTES
             )
         except OSError as exc:
-            raise ServiceUnreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+            raise ServiceUnreachable(
+                f"cannot connect to {self._host}:{self._port}: {exc}", sent=False
+            ) from exc
         return _Connection(reader, writer)
 
     async def _roundtrip(self, connection: _Connection, message: bytes) -> Reply:

@@ -98,6 +98,7 @@ class HttpxTransport:
         all_headers = {"Authorization": f"Bearer {token}"} if token else {}
         all_headers.update(headers or {})
         self._transport_error: type[httpx2.TransportError] = httpx2.TransportError
+        self._connect_error: type[httpx2.ConnectError] = httpx2.ConnectError
         self._http: httpx2.AsyncClient = httpx2.AsyncClient(
             base_url=url.rstrip("/"),
             headers=all_headers,
@@ -125,7 +126,8 @@ class HttpxTransport:
             )
         except self._transport_error as exc:
             raise ServiceUnreachable(
-                f"{method} {_path(target)}: {type(exc).__name__}: {exc}"
+                f"{method} {_path(target)}: {type(exc).__name__}: {exc}",
+                sent=not isinstance(exc, self._connect_error),
             ) from exc
         kept = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
         return Reply(response.status_code, response.content, kept)

@@ -12,10 +12,12 @@
 --       1 | 0 (this replica's own subscription to the work channel is up), then per call: session id, 1 | 0 (has an idempotency key), n, then n pairs of
 --       (request id, body json); then, only for a hand-off: count, group, consumer,
 --       lease ms, max attempts, reap interval ms, replies prefix, result ttl, undeliverable
---       result json, session expired result json (as claim.lua takes them)
+--       result json, session expired result json (as claim.lua takes them), the number of
+--       long-polls, then per long-poll: its tag ('<scope>:<poll id>' or ''), how many it takes
 -- The hand-off: long-polls parked on this replica, reserved by the caller, take up to
--- `count` requests leased here (lease.lua, as claim.lua would lease them) instead of a
--- claim script of their own; the script then also returns, after the per-call results,
+-- `count` requests leased here (lease.lua, as claim.lua would lease them, each recorded with
+-- the poll it goes to, in order) instead of a claim script of their own; the script then
+-- also returns, after the per-call results,
 -- how many never-delivered entries it leased and the flat 6-tuples leased. Only the
 -- accepted requests that were not leased are announced.
 -- The idempotency key is a hash {ids, open, grace}: it lives as long as its requests, then
@@ -125,12 +127,17 @@ for _, open_set in ipairs(renew) do
 end
 local leased, fresh = nil, 0
 if arg <= #ARGV and accepted > 0 then
+  local polls = {}
+  for i = 1, tonumber(ARGV[arg + 10]) do
+    polls[i] = {tag = ARGV[arg + 9 + 2 * i], cap = tonumber(ARGV[arg + 10 + 2 * i])}
+  end
   leased, fresh = lease({
     stream = stream, reap_lock = KEYS[key], reap_cursor = KEYS[key + 1],
     base = base, count = tonumber(ARGV[arg]), group = ARGV[arg + 1],
     consumer = ARGV[arg + 2], lease_ms = ARGV[arg + 3], now = now,
     max_attempts = tonumber(ARGV[arg + 4]), reap_ms = ARGV[arg + 5], replies = ARGV[arg + 6],
     result_ttl = ARGV[arg + 7], undeliverable = ARGV[arg + 8], session_gone = ARGV[arg + 9],
+    polls = polls,
   })
 end
 -- Announced only if a replica other than this one listens (NUMSUB counts this one's own

@@ -1,4 +1,5 @@
--- Renew the leases of requests still being worked on (resets their idle time). A request
+-- Renew the leases of requests still being worked on (resets their idle time; the lease
+-- loses the tag of the long-poll that delivered it: its poller has it). A request
 -- whose session expired is failed instead (session_expired) and reported 'not_leased', so
 -- its poller stops working for nobody.
 -- KEYS: tenant stream
@@ -24,7 +25,14 @@ for i = 8, #ARGV do
       out[#out + 1] = 'not_leased'
     else
       local claimed = redis.call('XCLAIM', stream, group, consumer, 0, fields[1], 'JUSTID')
-      out[#out + 1] = (#claimed > 0) and 'extended' or 'not_leased'
+      if #claimed > 0 then
+        -- Its poller has it: a report that its long-poll's answer was lost (release.lua)
+        -- must not hand it back now.
+        redis.call('HDEL', base .. 'req:' .. id, 'poll')
+        out[#out + 1] = 'extended'
+      else
+        out[#out + 1] = 'not_leased'
+      end
     end
   end
 end

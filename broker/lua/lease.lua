@@ -6,13 +6,37 @@
 -- poller pays for an answer nobody can read.
 -- `opts`: stream, reap_lock, reap_cursor, base, group, consumer, count, lease_ms, now,
 -- max_attempts, reap_ms, replies, result_ttl, undeliverable and session_gone (result JSON
--- with "__ID__" for the id).
+-- with "__ID__" for the id), and polls: the long-polls leased for, in order, each
+-- {tag = '<scope>:<poll id>' or '' (none), cap = how many it takes}; their caps add up to
+-- `count`. The requests leased fill the first poll up to its cap, then the next.
+-- A poll with a tag has it recorded with each of its leases (the request hash's `poll`) and
+-- in its poll set (`<base>poll:<tag>`, living one lease), so that a poller that never got
+-- the answer can have them handed back (release.lua). A lease without a tag clears a
+-- `poll` left from an earlier one.
 -- Returns a flat list of 6-tuples (id, attempt, body, session id, enqueued_at, session
 -- metadata) and how many never-delivered entries were read (the rest were re-deliveries).
 local function lease(opts)
   local stream, base, group, now = opts.stream, opts.base, opts.group, opts.now
   local out = {}
   local sessions = {}
+  local polls = opts.polls
+  local slot, filled = 1, 0
+  local tagged = {}  -- per poll (by its slot): the request ids leased to it
+  -- Record the next lease given out with the poll it goes to.
+  local function tag(req, id, was_tagged)
+    while polls[slot] and filled >= polls[slot].cap do
+      slot, filled = slot + 1, 0
+    end
+    filled = filled + 1
+    local poll = polls[slot]
+    if poll and poll.tag ~= '' then
+      redis.call('HSET', req, 'poll', poll.tag)
+      tagged[slot] = tagged[slot] or {}
+      table.insert(tagged[slot], id)
+    elseif was_tagged then
+      redis.call('HDEL', req, 'poll')
+    end
+  end
   -- The session's metadata, or false when it may no longer be served (closed or expired).
   local function session_metadata(session_id)
     local found = sessions[session_id]
@@ -35,7 +59,8 @@ local function lease(opts)
       local fields = entry[2]
       local id = fields and fields[2]
       local req = id and (base .. 'req:' .. id)
-      local data = req and redis.call('HMGET', req, 'status', 'body', 'session', 'enqueued_at')
+      local data = req and redis.call('HMGET', req, 'status', 'body', 'session', 'enqueued_at',
+        'poll')
       local status = data and data[1]
       if status ~= 'pending' then
         if id and not status then
@@ -54,6 +79,7 @@ local function lease(opts)
           local result = string.gsub(opts.undeliverable, '__ID__', id)
           finish(base, stream, group, opts.replies, id, 'error', result, opts.result_ttl, now)
         else
+          tag(req, id, data[5])
           out[#out + 1] = id
           out[#out + 1] = attempt
           out[#out + 1] = data[2]
@@ -80,6 +106,16 @@ local function lease(opts)
     if read then
       fresh = #read[1][2]
       take(read[1][2])
+    end
+  end
+  for i, poll in ipairs(polls) do
+    local ids = tagged[i]
+    if ids then
+      local key = base .. 'poll:' .. poll.tag
+      for first = 1, #ids, 1000 do  -- unpack's bound on results
+        redis.call('SADD', key, unpack(ids, first, math.min(first + 999, #ids)))
+      end
+      redis.call('PEXPIRE', key, opts.lease_ms)
     end
   end
   return out, fresh

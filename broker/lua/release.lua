@@ -1,23 +1,62 @@
--- Hand leased requests back at once (their poller went away before it got them) by making
--- their entries look idle for longer than any lease, and announce the work again. The next
--- lease (lease.lua: a claim, or an enqueue's hand-off) re-delivers them: the reap lock is
--- lifted and the reap cursor reset, so that its scan starts at the oldest lease.
--- KEYS: tenant stream
--- ARGV: tenant base, group, consumer, idle ms, work channel, tenant id, then stream ids...
--- Request ids are passed, their entries looked up here.
+-- Hand leased requests back at once by making their entries look idle for longer than any
+-- lease, and announce the work again. The next lease (lease.lua: a claim, or an enqueue's
+-- hand-off) re-delivers them: the reap lock is lifted and the reap cursor reset, so that its
+-- scan starts at the oldest lease. Two kinds of caller:
+-- * a long-poll that went away before it was answered (`Store.release`): its request ids are
+--   given; they were never sent, so their delivery is not counted (attempt - 1);
+-- * a poller whose /pending answer never arrived whole (`Store.release_polls`): the poll
+--   sets of those long-polls are given, and only the requests still leased under that poll
+--   are handed back: unanswered, and with the poll's tag still on them (an extension, an
+--   earlier release or a later delivery took it off). Their delivery stays counted.
+-- Either way the tag goes, so nothing is handed back twice; a poll set is deleted once read.
+-- KEYS: tenant stream, then the poll sets (none: the request ids are in ARGV)
+-- ARGV: tenant base, group, consumer, idle ms, work channel, tenant id, then the tag of each
+--       poll set in KEYS order ('<scope>:<poll id>'), or else the request ids
+-- Returns how many requests were handed back.
 local stream = KEYS[1]
 local base, group, consumer, idle, channel, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local entries = {}
-for i = 7, #ARGV do
-  local req = base .. 'req:' .. ARGV[i]
-  local fields = redis.call('HMGET', req, 'entry', 'status')
-  if fields[1] and fields[2] == 'pending' then
+
+-- Hand back `id` if it is unanswered and, when `tag` is given, still leased under it.
+local function take(id, tag, uncount)
+  local req = base .. 'req:' .. id
+  local fields = redis.call('HMGET', req, 'entry', 'status', 'poll')
+  if fields[1] and fields[2] == 'pending' and (not tag or fields[3] == tag) then
     entries[#entries + 1] = fields[1]
-    redis.call('HINCRBY', req, 'attempt', -1)
+    if uncount then
+      redis.call('HINCRBY', req, 'attempt', -1)
+    end
+    if fields[3] then
+      redis.call('HDEL', req, 'poll')
+    end
+  end
+end
+
+if #KEYS > 1 then
+  for i = 2, #KEYS do
+    local tag = ARGV[5 + i]
+    for _, id in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+      take(id, tag, false)
+    end
+    redis.call('DEL', KEYS[i])
+  end
+else
+  for i = 7, #ARGV do
+    take(ARGV[i], nil, true)
   end
 end
 if #entries > 0 then
-  redis.call('XCLAIM', stream, group, consumer, 0, unpack(entries), 'IDLE', idle, 'JUSTID')
+  -- The arguments built whole: an `unpack` amid a call's arguments gives only one value.
+  for first = 1, #entries, 1000 do  -- and unpack's bound on results
+    local args = {stream, group, consumer, 0}
+    for i = first, math.min(first + 999, #entries) do
+      args[#args + 1] = entries[i]
+    end
+    args[#args + 1] = 'IDLE'
+    args[#args + 1] = idle
+    args[#args + 1] = 'JUSTID'
+    redis.call('XCLAIM', unpack(args))
+  end
   redis.call('DEL', base .. 'reap', base .. 'reap:cursor')
   redis.call('PUBLISH', channel, tenant .. ' ' .. #entries)
 end

@@ -20,6 +20,9 @@ than the lease, even a request delivered during the pause is known to have lapse
 - A request is tracked from delivery until its answer is posted (`release`), not merely
   submitted to the poster: a lease that lapsed in between would let the broker redeliver a
   request whose answer is paid for.
+
+Leases this poller never got are the broker's to hand back: `AbandonedPolls` remembers the
+long-polls whose answer did not arrive whole, and the next `/pending` reports them.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from host_poller.poller.link import BrokerLink, is_retryable
@@ -44,6 +49,49 @@ _RETRY_RENEW_S = 1.0
 # How often the heartbeat notes that this process is running (a lease counts from the
 # last beat before its answer was read: at most this much shorter than the broker's).
 _BEAT_S = 0.05
+
+
+#: Most lost long-polls remembered (the broker's default RLM_MAX_ABANDONED_POLLS): past it
+#: the oldest are forgotten, and what they leased lapses after its lease as before.
+MAX_ABANDONED_POLLS = 64
+
+
+class AbandonedPolls:
+    """Long-polls whose answer never arrived whole (a connection cut or reset, a truncated
+    body, a read timeout, a broker killed as it answered): the broker may have leased them
+    requests this poller never saw. Each long-poll is named by a fresh random poll id; the
+    lost ones are reported with the next `/pending` (`abandoned=`, to any broker), which
+    hands their requests back at once instead of after their lease (`RLM_LEASE_S`)."""
+
+    def __init__(self, limit: int = MAX_ABANDONED_POLLS) -> None:
+        self._ids: deque[str] = deque(maxlen=limit)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @staticmethod
+    def new_poll_id() -> str:
+        """A long-poll's name: 128 random bits, URL-safe (22 characters)."""
+        return secrets.token_urlsafe(16)
+
+    def lost(self, poll_id: str) -> None:
+        self._ids.append(poll_id)
+
+    def to_report(self) -> list[str]:
+        return list(self._ids)
+
+    def reported(self, poll_ids: Sequence[str]) -> None:
+        """The broker has handed back what these held: forget them."""
+        done = set(poll_ids)
+        kept = [poll_id for poll_id in self._ids if poll_id not in done]
+        self._ids.clear()
+        self._ids.extend(kept)
+
+    def refused(self, poll_ids: Sequence[str]) -> None:
+        """The broker refused this report (`bad_poll_id`: more polls than its
+        RLM_MAX_ABANDONED_POLLS): keep only the newest, which any broker takes, so that
+        every later call is not refused too."""
+        self.reported(poll_ids[:-1] if len(poll_ids) > 1 else poll_ids)
 
 
 @dataclass

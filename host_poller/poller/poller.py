@@ -31,13 +31,14 @@ from typing import Any
 
 from host_poller.poller.errors import BrokerRejected
 from host_poller.poller.handler import RequestHandler
-from host_poller.poller.leases import LeaseKeeper
+from host_poller.poller.leases import AbandonedPolls, LeaseKeeper
 from host_poller.poller.link import BrokerLink, is_retryable
 from host_poller.poller.poster import AnswerPoster
 from host_poller.poller.settings import PollerSettings
 from rlm_repl import RetryPolicy
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import PendingRequest
+from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError, ServiceUnreachable
 from rlm_wire.link import KeepAliveLink
 from rlm_wire.transport import HttpxTransport, TransportFactory
@@ -70,6 +71,8 @@ class PollerStats:
     """Calls cancelled in flight because their lease was lost (the broker redelivers them)."""
     expired_before_start: int = 0
     """Requests never started because their lease was lost or ran out while they waited."""
+    lost_polls: int = 0
+    """Long-polls whose answer never arrived whole (reported to the broker: `AbandonedPolls`)."""
     outcomes: Counter[str] = field(default_factory=Counter)
     """Answers by outcome: "done", or the error code of an error answer."""
     running: int = 0
@@ -126,6 +129,7 @@ class Poller:
         else:
             self.link = BrokerLink.connect(policy, settings.broker_urls, self._new_client)
         self._fetching: BrokerClient | None = None
+        self._lost_polls = AbandonedPolls()
         self.leases = LeaseKeeper(self.link, on_lost=self._lease_lost)
         self.poster = AnswerPoster(
             self.link,
@@ -341,13 +345,38 @@ class Poller:
     async def _fetch(self, max_items: int, wait_s: float) -> list[PendingRequest]:
         self._fetching = client = self.link.client
         sent_at = time.monotonic()
-        batch = await client.pending(max_items=max_items, wait_s=wait_s)
+        poll_id = self._lost_polls.new_poll_id()
+        abandoned = self._lost_polls.to_report()
+        try:
+            batch = await client.pending(
+                max_items=max_items, wait_s=wait_s, poll_id=poll_id, abandoned=abandoned
+            )
+        except ServiceResponseError as exc:
+            if exc.code == ErrorCode.BAD_POLL_ID:
+                self._lost_polls.refused(abandoned)
+            elif exc.status >= 500 or exc.status < 400:  # no answer of the broker's own
+                self._poll_lost(poll_id)
+            raise
+        except ServiceUnreachable as exc:
+            if exc.sent:  # else no connection was made: nothing can have been leased to it
+                self._poll_lost(poll_id)
+            raise
+        except BaseException:  # no whole answer (cut, reset, timed out, cancelled)
+            self._poll_lost(poll_id)
+            raise
+        self._lost_polls.reported(abandoned)
         # Leases count from the answer's arrival, on this host's monotonic clock (never the
         # broker's wall clock); see LeaseKeeper.arrived_at.
         for request in batch.requests:
             self.leases.track(request, sent_at=sent_at)
         self.stats.fetched += len(batch.requests)
         return batch.requests
+
+    def _poll_lost(self, poll_id: str) -> None:
+        """The long-poll `poll_id` got no whole answer: whatever the broker leased to it is
+        handed back when the next one reports it, not after its lease."""
+        self._lost_polls.lost(poll_id)
+        self.stats.lost_polls += 1
 
     def _spawn(self, request: PendingRequest) -> asyncio.Task[None] | None:
         if request.id in self._held or request.id in self._unposted:
