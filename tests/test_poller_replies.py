@@ -29,7 +29,7 @@ from rlm_wire.codes import ErrorCode
 from rlm_wire.errors import ServiceResponseError
 from rlm_wire.link import KeepAliveLink
 from rlm_wire.run_info import RunInfo
-from tests.support.servers import BrokerServer, wait_until
+from tests.support.servers import BrokerServer, loopback_server, wait_until
 from tests.test_poller import open_tenant_session
 
 pytestmark = pytest.mark.anyio
@@ -87,9 +87,7 @@ class ScriptedBroker:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ScriptedBroker]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        async with server:
+        async with loopback_server(self._serve) as self.url:
             yield self
 
     def answers(self) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from host_poller.poller import PollerSettings
-from tests.support.servers import BrokerServer
+from tests.support.servers import BrokerServer, loopback_server
 from tests.test_poller import make_poller, poller_settings
 
 
@@ -45,9 +45,7 @@ class RecordingProxy:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RecordingProxy]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        async with server:
+        async with loopback_server(self._serve) as self.url:
             yield self
 
 

@@ -26,7 +26,7 @@ from fake_llm import FakeLLMServer
 from host_poller.poller import PollerSettings
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import LLMRequest, RequestResult
-from tests.support.servers import BrokerProcess
+from tests.support.servers import BrokerProcess, loopback_server
 from tests.test_poller import echo_scenario, poller_of, running
 
 pytestmark = pytest.mark.anyio
@@ -95,11 +95,8 @@ class CuttingProxy:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[CuttingProxy]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        async with server:
+        async with loopback_server(self._serve) as self.url:
             yield self
-            server.close()
 
 
 async def _unless_hung_up(
