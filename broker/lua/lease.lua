@@ -22,19 +22,22 @@ local function lease(opts)
   local polls = opts.polls
   local slot, filled = 1, 0
   local tagged = {}  -- per poll (by its slot): the request ids leased to it
-  -- Record the next lease given out with the poll it goes to.
-  local function tag(req, id, was_tagged)
+  -- Record the next lease given out, its attempt and the poll it goes to, in one write.
+  local function record(req, id, attempt, was_tagged)
     while polls[slot] and filled >= polls[slot].cap do
       slot, filled = slot + 1, 0
     end
     filled = filled + 1
     local poll = polls[slot]
     if poll and poll.tag ~= '' then
-      redis.call('HSET', req, 'poll', poll.tag)
+      redis.call('HSET', req, 'attempt', attempt, 'poll', poll.tag)
       tagged[slot] = tagged[slot] or {}
       table.insert(tagged[slot], id)
-    elseif was_tagged then
-      redis.call('HDEL', req, 'poll')
+    else
+      redis.call('HSET', req, 'attempt', attempt)
+      if was_tagged then
+        redis.call('HDEL', req, 'poll')
+      end
     end
   end
   -- The session's metadata, or false when it may no longer be served (closed or expired).
@@ -60,7 +63,7 @@ local function lease(opts)
       local id = fields and fields[2]
       local req = id and (base .. 'req:' .. id)
       local data = req and redis.call('HMGET', req, 'status', 'body', 'session', 'enqueued_at',
-        'poll')
+        'poll', 'attempt')
       local status = data and data[1]
       if status ~= 'pending' then
         if id and not status then
@@ -71,15 +74,18 @@ local function lease(opts)
         redis.call('XDEL', stream, entry[1])
       else
         local meta = session_metadata(data[3])
-        local attempt = redis.call('HINCRBY', req, 'attempt', 1)
+        -- this delivery counted (written below, with the lease's poll: one HSET, not two)
+        local attempt = (tonumber(data[6]) or 0) + 1
         if not meta then
+          redis.call('HSET', req, 'attempt', attempt)
           local result = string.gsub(opts.session_gone, '__ID__', id)
           finish(base, stream, group, opts.replies, id, 'error', result, opts.result_ttl, now)
         elseif attempt > opts.max_attempts then
+          redis.call('HSET', req, 'attempt', attempt)
           local result = string.gsub(opts.undeliverable, '__ID__', id)
           finish(base, stream, group, opts.replies, id, 'error', result, opts.result_ttl, now)
         else
-          tag(req, id, data[5])
+          record(req, id, attempt, data[5])
           out[#out + 1] = id
           out[#out + 1] = attempt
           out[#out + 1] = data[2]
