@@ -23,7 +23,6 @@ runtime whose sessions belong to one tenant, or to tenants that trust each other
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,8 +39,9 @@ class PageMerging:
     """Whether sandboxes' identical pages are merged here, and why not if they are not."""
 
     requested: bool
-    #: The kernel knows PR_SET_MEMORY_MERGE (6.4+, built with CONFIG_KSM).
-    supported: bool
+    #: The kernel knows PR_SET_MEMORY_MERGE (6.4+, built with CONFIG_KSM); None: not looked
+    #: at, merging was not asked for.
+    supported: bool | None
     #: ksmd's state: "running", "stopped", or "absent" (no KSM in this kernel).
     ksmd: str
 
@@ -53,7 +53,7 @@ class PageMerging:
     @property
     def opted_in(self) -> bool:
         """Sandboxes started now opt in (ksmd may merge their pages whenever it runs)."""
-        return self.requested and self.supported
+        return self.requested and bool(self.supported)
 
     @property
     def detail(self) -> str:
@@ -80,8 +80,9 @@ class PageMerging:
 
 
 def status(requested: bool, ksm_dir: Path = KSM_DIR) -> PageMerging:
-    """The state of page merging for sandboxes started now (ksmd's state read each time)."""
-    return PageMerging(requested, _prctl_supported(), _ksmd_state(ksm_dir))
+    """The state of page merging for sandboxes started now (ksmd's state read each time; the
+    kernel asked about the prctl only when merging is asked for)."""
+    return PageMerging(requested, _prctl_supported() if requested else None, _ksmd_state(ksm_dir))
 
 
 def _ksmd_state(ksm_dir: Path) -> str:
@@ -94,6 +95,8 @@ def _ksmd_state(ksm_dir: Path) -> str:
 
 @functools.cache
 def _libc_prctl() -> Callable[..., int] | None:
+    import ctypes  # here: only a runtime that merges pages pays for importing it
+
     try:
         prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
