@@ -95,7 +95,7 @@ def _ksmd_state(ksm_dir: Path) -> str:
 
 @functools.cache
 def _libc_prctl() -> Callable[..., int] | None:
-    import ctypes  # here: only a runtime that merges pages pays for importing it
+    import ctypes  # only when merging is asked for
 
     try:
         prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
