@@ -25,6 +25,7 @@ from broker.hot_routes import BrokerApp
 from broker.listener import Listener
 from broker.metrics import Metrics
 from broker.openapi import openapi_json
+from broker.parking import Parking
 from broker.redis_calls import LeanPool
 from broker.settings import BrokerSettings
 from broker.store import Store
@@ -58,7 +59,10 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
         subscriber = Redis.from_url(redis_url, socket_connect_timeout=settings.redis_timeout_s)
         replica_id = uuid.uuid4().hex[:12]
         subscriber_store = Store(subscriber, settings, replica_id)
-        waiters, signals = Waiters(), WorkSignals(settings.work_recheck_s)
+        # The one registry of this replica's parked long-polls: announcements wake them
+        # (`signals`), an enqueue here may hand them its work (`store`).
+        parking = Parking()
+        waiters, signals = Waiters(), WorkSignals(settings.work_recheck_s, parking)
         listener = Listener(subscriber_store, waiters, signals)
         store = Store(
             redis,
@@ -66,6 +70,7 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
             replica_id,
             listening=lambda: listener.connected,
             announce=signals.notify,
+            parking=parking,
         )
         admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
         app.state.broker = BrokerContext(
@@ -75,6 +80,7 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
             auth=Authenticator(redis, store.keys, admin_token, settings.auth_cache_s),
             waiters=waiters,
             signals=signals,
+            parking=parking,
             listener=listener,
             metrics=Metrics(),
         )

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from broker.auth import Authenticator, Principal
 from broker.listener import Listener
 from broker.metrics import Metrics
+from broker.parking import Parking
 from broker.settings import BrokerSettings
 from broker.store import Store
 from broker.waiters import Waiters, WorkSignals
@@ -24,6 +25,8 @@ class BrokerContext:
     auth: Authenticator
     waiters: Waiters
     signals: WorkSignals
+    #: this replica's parked long-polls, woken by `signals` or handed work by `store`
+    parking: Parking
     listener: Listener
     metrics: Metrics
     #: rotation offset of admin draining over tenants (fairness)

@@ -26,6 +26,7 @@ from broker.auth import Principal
 from broker.context import BrokerContext, context_of, principal_of
 from broker.handling import endpoint, lean_endpoint
 from broker.keys import tenant_of_request
+from broker.parking import LongPoll
 from broker.poll_ids import polls_of
 from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
@@ -226,6 +227,7 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
     hold = Hold(request.receive)
     hold.watch()
     tenant_id = principal.tenant_id  # None for admin: any tenant's work wakes it
+    long_poll: LongPoll | None = None
     try:
         # Handed back first, so that this long-poll's own claim may re-deliver them at once.
         released = await _release_abandoned(ctx, tenant_id, abandoned) if abandoned else 0
@@ -244,7 +246,8 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
         ):
             quiet_until = None
         while True:
-            woken = ctx.signals.join(tenant_id)
+            # Joined before the claim: work announced while it runs wakes this long-poll.
+            long_poll = ctx.parking.join(tenant_id, max_items, poll)
             started = time.monotonic()
             skipped = quiet_until is not None
             if quiet_until is not None:
@@ -262,20 +265,20 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
             if claimed or (remaining <= 0 and not skipped) or hold.hung_up:
-                ctx.signals.leave(tenant_id, woken, used=False)
+                ctx.parking.leave(long_poll, used=False)
                 break
             sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
             if tenant_id is not None and sleep > 0 and settings.enqueue_handoff:
-                handed = await _wait_parked(ctx, tenant_id, max_items, woken, sleep, hold, poll)
+                handed = await _wait_parked(ctx, long_poll, sleep, hold)
                 if handed:
                     claimed = handed
-                    ctx.signals.leave(tenant_id, woken, used=False)
+                    ctx.parking.leave(long_poll, used=False)
                     break
             else:
-                await hold.wait([woken], sleep)  # at once when a claim is due now
-            full_scan = not woken.done()  # a periodic re-check looks at every tenant
+                await hold.wait([long_poll.woken], sleep)  # at once when a claim is due now
+            full_scan = not long_poll.woken.done()  # a periodic re-check looks at every tenant
             # A wake-up is used by the claim at the top of the loop, unless the poller left.
-            ctx.signals.leave(tenant_id, woken, used=not hold.hung_up)
+            ctx.parking.leave(long_poll, used=not hold.hung_up)
             if hold.hung_up:
                 break  # nobody is left to take what a claim would lease
         if claimed and hold.hung_up:
@@ -283,38 +286,38 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             await _release(ctx, claimed)
             claimed = []
     finally:
+        if long_poll is not None:
+            # A no-op once it left; else (a claim failed, the handler was cancelled) it
+            # leaves no long-poll behind, and passes on a wake-up it got.
+            ctx.parking.leave(long_poll, used=False)
         hold.close()
     return Answer(200, _pending_body(ctx, claimed))
 
 
 async def _wait_parked(
-    ctx: BrokerContext,
-    tenant_id: str,
-    max_items: int,
-    woken: asyncio.Future[None],
-    sleep: float,
-    hold: Hold,
-    poll: str,
+    ctx: BrokerContext, long_poll: LongPoll, sleep: float, hold: Hold
 ) -> list[Claimed]:
-    """Wait as `hold.wait([woken], sleep)`, parked where an enqueue on this replica may
-    hand new work straight to this long-poll (`broker.handoffs`); what it was handed."""
-    handoffs = ctx.store.handoffs
-    parked = handoffs.park(tenant_id, max_items, ctx.signals.mark(), time.monotonic(), poll)
+    """Wait as `hold.wait([long_poll.woken], sleep)`, parked so that an enqueue on this
+    replica may hand new work straight to this long-poll (`broker.parking`); what it was
+    handed."""
+    parking, handed_future = ctx.parking, long_poll.handed
+    parking.park(long_poll, ctx.signals.mark(), time.monotonic())
     try:
-        await hold.wait([woken, parked.future], sleep, every=False)
-        if handoffs.leave(parked, hold.hung_up):
+        await hold.wait([long_poll.woken, handed_future], sleep, every=False)
+        if parking.unpark(long_poll, hung_up=hold.hung_up):
             # Reserved by an enqueue whose script runs now: its batch settles the future
             # when it ends (within a Redis command's timeout), unless the client leaves.
-            await hold.wait([parked.future], ctx.settings.redis_timeout_s)
-            handoffs.leave(parked, hung_up=True)  # if still unsettled, it hands them back
-        if parked.future.cancelled() or not parked.future.done():
+            await hold.wait([handed_future], ctx.settings.redis_timeout_s)
+            parking.unpark(long_poll, hung_up=True)  # if still unsettled, it hands them back
+        if handed_future.cancelled() or not handed_future.done():
             return []
-        handed = parked.future.result()
+        handed = handed_future.result()
     finally:
-        handoffs.abandon(parked)  # a no-op once settled (also when the handler is cancelled)
-    if handed and len(handed) < max_items:
+        # A no-op once settled (also when the handler is cancelled).
+        parking.unpark(long_poll, hung_up=True)
+    if handed and len(handed) < long_poll.max_items:
         # The hand-off drained the queue as of the moment this long-poll parked.
-        ctx.signals.drained(tenant_id, parked.mark, parked.since)
+        ctx.signals.drained(long_poll.tenant_id, long_poll.mark, long_poll.since)
     return handed
 
 

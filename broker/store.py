@@ -21,8 +21,8 @@ from redis.typing import EncodableT
 from broker.auth import hash_token, new_id, new_token
 from broker.batching import TickBatcher
 from broker.codec import optional_bytes, text
-from broker.handoffs import Handoffs, Parked
 from broker.keys import CONSUMER, GROUP, Keys
+from broker.parking import LongPoll, Parking
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
 from rlm_wire.codes import ErrorCode
@@ -139,6 +139,7 @@ class Store:
         replica_id: str,
         listening: Callable[[], bool] = lambda: False,
         announce: Callable[[str, int], None] = _no_announcement,
+        parking: Parking | None = None,
     ) -> None:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
@@ -150,8 +151,9 @@ class Store:
         #: Wakes this replica's long-polls for `count` new requests of a tenant (those of an
         #: enqueue script that were not handed off): `WorkSignals.notify`.
         self._announce = announce
-        #: This replica's long-polls parked for work, which an enqueue may hand it to.
-        self.handoffs = Handoffs()
+        #: This replica's long-polls parked for work (`broker.parking`; the ones `announce`
+        #: wakes), which an enqueue may hand its work to. None: nobody parks here.
+        self.parking = parking if parking is not None else Parking()
         self.scripts = Scripts.register(redis)
         self._enqueues: TickBatcher[str, _EnqueueCall, bytes | str | int] = TickBatcher(
             self._enqueue_many,
@@ -339,14 +341,14 @@ class Store:
         other batch can count them) and handed what it leased for them; the requests not
         handed off are announced to this replica's long-polls (the script announces them to
         the other replicas)."""
-        reserved: list[Parked] = []
+        reserved: list[LongPoll] = []
         if self.settings.enqueue_handoff:
-            reserved = self.handoffs.reserve(tenant_id, sum(len(c.items) for c in calls))
+            reserved = self.parking.reserve(tenant_id, sum(len(c.items) for c in calls))
         leased: list[Claimed] = []
         try:
             replies, fresh, leased = await self._run_enqueue(tenant_id, calls, reserved)
         finally:
-            left = self.handoffs.settle(reserved, leased) if reserved else []
+            left = self.parking.settle(reserved, leased) if reserved else []
         accepted = sum(r for r in replies if isinstance(r, int) and r > 0)
         if accepted > fresh:
             self._announce(tenant_id, accepted - fresh)
@@ -355,7 +357,7 @@ class Store:
         return replies
 
     async def _run_enqueue(
-        self, tenant_id: str, calls: list[_EnqueueCall], reserved: list[Parked]
+        self, tenant_id: str, calls: list[_EnqueueCall], reserved: list[LongPoll]
     ) -> tuple[list[bytes | str | int], int, list[Claimed]]:
         """`enqueue.lua`: the per-call replies, and with `reserved` long-polls to hand off
         to, how many never-delivered requests it leased for them and what it leased."""
@@ -396,7 +398,7 @@ class Store:
             *self._lease_outcomes,
             len(reserved),
         ]
-        for parked in reserved:  # in order: `Handoffs.settle` hands them out the same way
+        for parked in reserved:  # in order: `Parking.settle` hands them out the same way
             args += [parked.poll, parked.max_items]
         replies = await self.scripts.enqueue(keys=keys, args=args)
         flat = replies.pop()

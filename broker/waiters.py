@@ -2,18 +2,18 @@
 
 `Waiters`: `/enqueue` and `/requests/{id}` register a future per request id *before* the
 request is published; the reply listener resolves it with the result JSON.
-`WorkSignals`: a waiting `/pending` sleeps on a future of its tenant's (or, for admin, of all
-tenants); the listener wakes them when Redis announces new work. It also counts the
-announcements, so that a long-poll can tell that nothing was announced since a claim that
-drained the queue, and wait without claiming (no empty claim script).
+`WorkSignals`: new work announced (by Redis through the listener, or by an enqueue here) wakes
+the long-polls parked for it (`broker.parking`). It also counts the announcements, so that a
+long-poll can tell that nothing was announced since a claim that drained the queue, and wait
+without claiming (no empty claim script).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
 from dataclasses import dataclass
+
+from broker.parking import Parking
 
 #: Tenants whose announcements one replica tracks before it forgets them all (and, to stay
 #: safe, every drained mark with them): bounds memory whatever the number of tenants.
@@ -64,26 +64,19 @@ class Waiters:
 
 
 class WorkSignals:
-    """Wakes waiting `/pending` calls when new work arrives, one waiter per new request.
+    """Announcements of new work on this replica: they wake its parked long-polls
+    (`broker.parking`, which decides whom) and tick a clock.
 
-    Waking every long-poll of a tenant for each request would have all but one of them
-    claim nothing (a wasted Redis script per extra poller). So a tenant's waiters queue up,
-    an announcement of n requests wakes n of them, and a waiter that was woken but leaves
-    without claiming passes its wake-up on (`leave`). Admin long-polls (all tenants) are
-    all woken by every announcement instead; they are few.
-
-    Announcements also tick a clock. A claim takes `mark()` before it starts and, when it
-    leaves its queue empty, records `drained(scope, mark, now)`; a long-poll that starts
-    within `recheck_s` of that, with nothing announced for its scope since the mark, needs
-    no claim (`quiet_until`). Work that arrives unannounced (an expired lease to deliver
-    again) is still found by the periodic re-claim, at most `recheck_s` after the last
-    claim; after a lost subscription `notify_all` forgets every mark.
+    A claim takes `mark()` before it starts and, when it leaves its queue empty, records
+    `drained(scope, mark, now)`; a long-poll that starts within `recheck_s` of that, with
+    nothing announced for its scope since the mark, needs no claim (`quiet_until`). Work
+    that arrives unannounced (an expired lease to deliver again) is still found by the
+    periodic re-claim, at most `recheck_s` after the last claim; after a lost subscription
+    `notify_all` forgets every mark.
     """
 
-    def __init__(self, recheck_s: float = 1.0) -> None:
-        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
-        #: admin long-polls: every announcement wakes them all
-        self._waiting_any: set[asyncio.Future[None]] = set()
+    def __init__(self, recheck_s: float, parking: Parking) -> None:
+        self._parking = parking
         #: tenants announced since an admin drain last looked; admin draining serves these first
         self.ready: set[str] = set()
         self._recheck_s = recheck_s
@@ -94,8 +87,8 @@ class WorkSignals:
         self._drained: dict[str | None, _Drained] = {}  # scope (None: admin) -> last drain
 
     def waiting(self, tenant_id: str) -> int:
-        """How many long-polls of the tenant are parked, waiting for its work."""
-        return sum(not future.done() for future in self._waiting.get(tenant_id, ()))
+        """How many long-polls of the tenant wait for its announcements (`Parking.waiting`)."""
+        return self._parking.waiting(tenant_id)
 
     def mark(self) -> int:
         """The announcement clock; take it before a claim starts."""
@@ -121,34 +114,8 @@ class WorkSignals:
             return None
         return due
 
-    def join(self, tenant_id: str | None) -> asyncio.Future[None]:
-        """A future that is woken by new work; take it *before* reading the queue."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if tenant_id is None:
-            self._waiting_any.add(future)
-        else:
-            self._waiting.setdefault(tenant_id, deque()).append(future)
-        return future
-
-    def leave(self, tenant_id: str | None, future: asyncio.Future[None], *, used: bool) -> None:
-        """Stop waiting; a wake-up received but not `used` goes to the next waiter."""
-        if tenant_id is None:
-            future.cancel()
-            self._waiting_any.discard(future)
-            return
-        if future.done():
-            if not used and not future.cancelled():
-                self._wake(tenant_id, 1)
-            return
-        future.cancel()
-        waiting = self._waiting.get(tenant_id)
-        if waiting is not None:
-            with contextlib.suppress(ValueError):
-                waiting.remove(future)
-            if not waiting:
-                del self._waiting[tenant_id]
-
     def notify(self, tenant_id: str, count: int = 1) -> None:
+        """`count` new requests of the tenant were announced."""
         self._clock += 1
         if len(self._announced) >= _MAX_TRACKED and tenant_id not in self._announced:
             # Forgetting announcements would make old marks look current: void them too.
@@ -156,30 +123,11 @@ class WorkSignals:
             self._reset = self._clock
         self._announced[tenant_id] = self._announced_any = self._clock
         self.ready.add(tenant_id)
-        self._wake(tenant_id, count)
-        self._wake_any()
+        self._parking.wake(tenant_id, count)
 
     def notify_all(self) -> None:
         """After a reconnect: wake everyone, since announcements may have been lost."""
         self._clock += 1
         self._reset = self._clock
         self._drained.clear()
-        for tenant_id in list(self._waiting):
-            self._wake(tenant_id, len(self._waiting[tenant_id]))
-        self._wake_any()
-
-    def _wake_any(self) -> None:
-        waiting, self._waiting_any = self._waiting_any, set()
-        for future in waiting:
-            if not future.done():
-                future.set_result(None)
-
-    def _wake(self, tenant_id: str, count: int) -> None:
-        waiting = self._waiting.get(tenant_id)
-        while waiting and count > 0:
-            future = waiting.popleft()
-            if not future.done():
-                future.set_result(None)
-                count -= 1
-        if waiting is not None and not waiting:
-            del self._waiting[tenant_id]
+        self._parking.wake_all()

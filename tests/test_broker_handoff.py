@@ -1,6 +1,6 @@
 """The enqueue script leases new work straight to a long-poll parked on the same replica.
 
-One script instead of enqueue + the woken long-poll's claim (`broker.handoffs`). Each
+One script instead of enqueue + the woken long-poll's claim (`broker.parking`). Each
 batch reserves its long-polls before its script is sent, so no second batch counts them;
 a long-poll that hangs up while its hand-off runs loses nothing (the lease is handed back at
 once and the next poller takes it); work not handed off is announced as before, to this
@@ -66,7 +66,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 def parked(broker: InspectableBroker, tenant: Tenant) -> int:
-    return broker.context.store.handoffs.parked(tenant.tenant_id)
+    return broker.context.parking.parked(tenant.tenant_id)
 
 
 def parked_is(broker: InspectableBroker, tenant: Tenant, count: int) -> bool:

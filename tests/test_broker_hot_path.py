@@ -2,7 +2,7 @@
 
 A round trip is enqueue -> a long-poll takes it -> respond -> the enqueue returns, and the
 poller's next long-poll starts. `INFO commandstats` counts the scripts it ran: enqueue (which
-leases the request to the parked long-poll, `broker.handoffs`) and the answer; no empty claim
+leases the request to the parked long-poll, `broker.parking`) and the answer; no empty claim
 when the next long-poll starts, since nothing was announced after the queue was emptied.
 """
 
