@@ -17,7 +17,7 @@ from rlm_wire.errors import ApiError
 
 #: URL-safe, and long enough to be random (the host poller's carry 128 random bits).
 POLL_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
-_POLL_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_POLL_ID = re.compile(POLL_ID_PATTERN)
 
 
 def poll_tag(poll_id: str, admin: bool) -> str:

@@ -265,14 +265,12 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             seen = None  # recorded once per call
             remaining = deadline - time.monotonic()
             if claimed or (remaining <= 0 and not skipped) or hold.hung_up:
-                ctx.parking.leave(long_poll, used=False)
-                break
+                break  # it leaves in `finally`
             sleep = max(0.0, min(remaining, next_claim - time.monotonic()))
             if tenant_id is not None and sleep > 0 and settings.enqueue_handoff:
                 handed = await _wait_parked(ctx, long_poll, sleep, hold)
                 if handed:
                     claimed = handed
-                    ctx.parking.leave(long_poll, used=False)
                     break
             else:
                 await hold.wait([long_poll.woken], sleep)  # at once when a claim is due now
@@ -287,8 +285,9 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
             claimed = []
     finally:
         if long_poll is not None:
-            # A no-op once it left; else (a claim failed, the handler was cancelled) it
-            # leaves no long-poll behind, and passes on a wake-up it got.
+            # The last turn's long-poll, however the call ends (answered, timed out, a claim
+            # failed, the handler cancelled): none is left behind, and a wake-up it got but
+            # did not use goes on. A no-op if it left at the end of its turn.
             ctx.parking.leave(long_poll, used=False)
         hold.close()
     return Answer(200, _pending_body(ctx, claimed))
@@ -308,12 +307,12 @@ async def _wait_parked(
             # Reserved by an enqueue whose script runs now: its batch settles the future
             # when it ends (within a Redis command's timeout), unless the client leaves.
             await hold.wait([handed_future], ctx.settings.redis_timeout_s)
-            parking.unpark(long_poll, hung_up=True)  # if still unsettled, it hands them back
         if handed_future.cancelled() or not handed_future.done():
             return []
         handed = handed_future.result()
     finally:
-        # A no-op once settled (also when the handler is cancelled).
+        # Unreservable from now on; a hand-off still unsettled (the client left, or the
+        # batch outlived the wait) is cancelled, so the batch hands its requests back.
         parking.unpark(long_poll, hung_up=True)
     if handed and len(handed) < long_poll.max_items:
         # The hand-off drained the queue as of the moment this long-poll parked.

@@ -23,7 +23,7 @@ import pytest
 from pydantic import SecretStr
 
 from fake_llm import FakeLLMServer
-from host_poller.poller import PollerSettings
+from host_poller.poller import Poller, PollerSettings
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import LLMRequest, RequestResult
 from tests.support.servers import BrokerProcess, loopback_server
@@ -180,6 +180,28 @@ async def _answer(session: BrokerClient, prompt: str) -> RequestResult:
     return await asyncio.wait_for(session.wait_result(result, wait_s=5), _RESULT_BOUND_S)
 
 
+async def _answered_through(
+    proxy: CuttingProxy,
+    session: BrokerClient,
+    token: str,
+    llm: FakeLLMServer,
+    prompt: str,
+    *,
+    next_brokers: tuple[str, ...] = (),
+) -> tuple[RequestResult, Poller]:
+    """Enqueue `prompt` and wait for its answer, with a poller running throughout whose
+    brokers are the proxy (its URL is known once it runs) and then `next_brokers`; the
+    result, and the poller."""
+    async with (
+        session,
+        proxy.running(),
+        poller_of(_settings([proxy.url, *next_brokers], token), llm.base_url) as poller,
+        running(poller),
+    ):
+        result = await _answer(session, prompt)
+    return result, poller
+
+
 @pytest.mark.parametrize("scope", ["tenant", "admin"])
 async def test_a_cut_pending_answer_is_delivered_again_by_the_next_long_poll(
     brokers: Callable[..., BrokerProcess], llm: FakeLLMServer, scope: str
@@ -188,13 +210,7 @@ async def test_a_cut_pending_answer_is_delivered_again_by_the_next_long_poll(
     tenant_token, session = await _tenant(broker)
     token = tenant_token if scope == "tenant" else broker.admin_token
     proxy = CuttingProxy(broker.url)
-    async with (
-        session,
-        proxy.running(),
-        poller_of(_settings([proxy.url], token), llm.base_url) as poller,
-        running(poller),
-    ):
-        result = await _answer(session, "cut once")
+    result, poller = await _answered_through(proxy, session, token, llm, "cut once")
     assert (result.status, result.response) == ("done", "echo: cut once")
     assert len(proxy.cut_polls) == 1
     (lost,) = proxy.cut_polls
@@ -214,13 +230,9 @@ async def test_a_broker_killed_as_it_answers_strands_nothing_on_the_next_broker(
     first, second = brokers(), brokers()
     tenant_token, session = await _tenant(second)  # the sandbox side outlives the first
     proxy = CuttingProxy(first.url, on_cut=first.kill)
-    async with (
-        session,
-        proxy.running(),
-        poller_of(_settings([proxy.url, second.url], tenant_token), llm.base_url) as poller,
-        running(poller),
-    ):
-        result = await _answer(session, "failover")
+    result, poller = await _answered_through(
+        proxy, session, tenant_token, llm, "failover", next_brokers=(second.url,)
+    )
     assert (result.status, result.response) == ("done", "echo: failover")
     assert first.returncode is not None  # killed: the second replica delivered it again
     assert len(proxy.cut_polls) == 1
@@ -238,13 +250,7 @@ async def test_a_report_refused_as_too_long_is_sent_again_with_the_newest_poll(
     broker = brokers(RLM_MAX_ABANDONED_POLLS="1")
     tenant_token, session = await _tenant(broker)
     proxy = CuttingProxy(broker.url, cuts=2)
-    async with (
-        session,
-        proxy.running(),
-        poller_of(_settings([proxy.url], tenant_token), llm.base_url) as poller,
-        running(poller),
-    ):
-        result = await _answer(session, "cut twice")
+    result, _ = await _answered_through(proxy, session, tenant_token, llm, "cut twice")
     assert (result.status, result.response) == ("done", "echo: cut twice")
     first, second = proxy.cut_polls
     reports = [q["abandoned"][0] for q in proxy.polls if "abandoned" in q]
