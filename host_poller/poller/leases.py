@@ -66,9 +66,6 @@ class AbandonedPolls:
     def __init__(self, limit: int = MAX_ABANDONED_POLLS) -> None:
         self._ids: deque[str] = deque(maxlen=limit)
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
     @staticmethod
     def new_poll_id() -> str:
         """A long-poll's name: 128 random bits, URL-safe (22 characters)."""
@@ -82,6 +79,8 @@ class AbandonedPolls:
 
     def reported(self, poll_ids: Sequence[str]) -> None:
         """The broker has handed back what these held: forget them."""
+        if not poll_ids:  # every successful long-poll comes here, nearly always with none
+            return
         done = set(poll_ids)
         kept = [poll_id for poll_id in self._ids if poll_id not in done]
         self._ids.clear()
