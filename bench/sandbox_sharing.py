@@ -93,7 +93,7 @@ for await (const line of lines(Deno.stdin.readable)) {
 Deno.exit(0);
 """
 
-#: One session: Pyodide from the snapshot as the product loads it (`snapshot_restore.mjs`),
+#: One session: Pyodide from the snapshot as the product loads it (`pyodide_load.mjs`),
 #: the guest imported as `host.mjs` does.
 WORKERS_SESSION = r"""
 let pyodide = null;
@@ -103,15 +103,15 @@ self.onmessage = async (event) => {
     if (message.op === "load") {
       const url = new URL(`file://${message.pyodide_dir}/pyodide.mjs`).href;
       const { loadPyodide } = await import(url);
-      const restore = new URL(`file://${message.js_dir}/snapshot_restore.mjs`).href;
-      const { loadFromSnapshot } = await import(restore);
+      const lean = new URL(`file://${message.js_dir}/pyodide_load.mjs`).href;
+      const { loadPyodideLean } = await import(lean);
       const quiet = () => {};
       const options = {
         indexURL: `${message.pyodide_dir}/`, env: { HOME: "/home/pyodide" },
         stdout: quiet, stderr: quiet,
       };
       const snapshot = Deno.readFileSync(message.snapshot_path);
-      pyodide = await loadFromSnapshot(loadPyodide, options, snapshot);
+      pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
       pyodide.FS.mkdirTree("/rlm/rlm_guest");
       for (const entry of Deno.readDirSync(message.guest_dir)) {
         if (entry.isFile && entry.name.endsWith(".py")) {

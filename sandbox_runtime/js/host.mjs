@@ -8,7 +8,7 @@
 // needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
 // the pipes, and write access to the output pipe only.
 
-import { loadFromSnapshot } from "./snapshot_restore.mjs";
+import { loadPyodideLean } from "./pyodide_load.mjs";
 
 const config = JSON.parse(Deno.args[0]);
 const input = Deno.openSync(`/dev/fd/${config.fd_in}`, { read: true });
@@ -89,9 +89,7 @@ if (config.snapshot_in_pipe) {
   snapshot = frame.payload;
 }
 if (config.make_snapshot) options._makeSnapshot = true;
-const pyodide = snapshot
-  ? await loadFromSnapshot(loadPyodide, options, snapshot)
-  : await loadPyodide(options);
+const pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);
 pyodide.setStderr(discard);
