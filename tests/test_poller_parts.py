@@ -149,6 +149,24 @@ def test_leases_are_timed_on_the_local_monotonic_clock_whatever_the_broker_says(
     assert len(keeper) == 1
 
 
+def test_a_call_starts_only_while_a_quarter_of_its_lease_is_left() -> None:
+    # The broker's lease began before its answer arrived here: near its local end it may be
+    # over at the broker and the request another poller's, so no call starts then.
+    from host_poller.poller.leases import LeaseKeeper
+
+    now = [1000.0]
+    client = BrokerClient("http://127.0.0.1:9", "t")
+    link = BrokerLink(RetryPolicy(), [client], broker_urls=["a"])
+    keeper = LeaseKeeper(link, clock=lambda: now[0])
+    keeper.track(_pending(id="held", lease_s=2.0))
+    assert keeper.may_start("held")
+    now[0] += 1.49
+    assert keeper.may_start("held")
+    now[0] += 0.02  # a quarter of the lease left: still held, no longer started
+    assert keeper.holds("held") and not keeper.may_start("held")
+    assert not keeper.may_start("never delivered")
+
+
 @pytest.mark.anyio
 async def test_a_lease_wakes_the_keeper_only_when_due_before_its_planned_wake(
     broker_server: BrokerServer,

@@ -49,6 +49,12 @@ _RETRY_RENEW_S = 1.0
 # How often the heartbeat notes that this process is running (a lease counts from the
 # last beat before its answer was read: at most this much shorter than the broker's).
 _BEAT_S = 0.05
+# A call starts only while at least this share of its lease is left. The broker's lease
+# began before its answer arrived here, by however long that took (a loaded machine, a slow
+# network): near its local end a lease may already have run out at the broker, and the
+# request been handed to another poller. Renewed at half-life, a held lease never comes this
+# low unless its renewals failed.
+_START_SHARE = 0.25
 
 
 #: Most lost long-polls remembered (the broker's default RLM_MAX_ABANDONED_POLLS): past it
@@ -98,6 +104,8 @@ class _Lease:
     expires_at: float
     """Monotonic time the lease runs out, counted from when the broker's answer arrived."""
     renew_at: float
+    start_by: float
+    """Monotonic time after which a call of this request is no longer started."""
 
 
 class LeaseKeeper:
@@ -149,6 +157,12 @@ class LeaseKeeper:
         lease = self._leases.get(request_id)
         return lease is not None and self._clock() < lease.expires_at
 
+    def may_start(self, request_id: str) -> bool:
+        """True while a call of the request may start: at least `_START_SHARE` of its lease
+        is left by the local clock (see there)."""
+        lease = self._leases.get(request_id)
+        return lease is not None and self._clock() < lease.start_by
+
     def release(self, request_id: str) -> None:
         """Forget a request (its answer is posted, or it was given up): no more renewals."""
         self._leases.pop(request_id, None)
@@ -157,6 +171,7 @@ class LeaseKeeper:
         lease = self._leases[request_id] = _Lease(
             expires_at=received_at + lease_s,
             renew_at=received_at + max(lease_s / 2, _MIN_RENEW_S),
+            start_by=received_at + lease_s * (1 - _START_SHARE),
         )
         return lease
 

@@ -4,10 +4,10 @@
     task ──▶ per-tenant semaphore ──▶ RequestHandler (LLM or sub-RLM) ──▶ AnswerPoster
     AnswerPoster ── POST /respond in batches ──▶ broker;  LeaseKeeper renews slow leases
 
-Leases are the poller's promise not to pay twice: a request whose lease ran out (by this
-host's monotonic clock) is never started, a lost lease cancels the call in flight, and a
-request stays held (and renewed) until its answer is posted. With several broker URLs the
-`BrokerLink` fails over between them (see link.py).
+Leases are the poller's promise not to pay twice: a request with less than a quarter of its
+lease left (by this host's monotonic clock) is never started, a lost lease cancels the call
+in flight, and a request stays held (and renewed) until its answer is posted. With several
+broker URLs the `BrokerLink` fails over between them (see link.py).
 
 At most `poller_concurrency` requests are held (leased and unanswered) at once, and at most
 `poller_tenant_concurrency` of one tenant run at once. `run()` serves until `request_stop()`
@@ -400,9 +400,10 @@ class Poller:
         answered = started = False
         try:
             async with gate:
-                if not self.leases.holds(request.id):
-                    # Its lease ran out while it waited (a paused process, a long queue):
-                    # the broker redelivers it, so starting it now could pay twice.
+                if not self.leases.may_start(request.id):
+                    # Its lease ran out, or nearly, while it waited (a paused process, a
+                    # long queue): the broker redelivers it, so starting it now could pay
+                    # twice.
                     self.stats.expired_before_start += 1
                     logger.warning(
                         "lease ran out before the call started: left to the broker",
