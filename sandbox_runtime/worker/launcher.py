@@ -122,7 +122,8 @@ def deno_argv(
         "state_bytes": settings.state_bytes,
     }
     pages = max(1, memory_bytes // WASM_PAGE)
-    v8_flags = [f"--wasm-max-mem-pages={pages}"]
+    # --expose-gc: host.mjs collects once before serving (and hides `gc` from the guest).
+    v8_flags = [f"--wasm-max-mem-pages={pages}", "--expose-gc"]
     if settings.wasm_optimizing_compiler:
         v8_flags.append(f"--wasm-tiering-budget={settings.wasm_tiering_budget}")
     else:
