@@ -7,6 +7,9 @@ self.onmessage = (event) => {
   const { sab, path } = event.data;
   const flags = new Int32Array(sab); // [0] = pending signal, [1] = sequence number running
   const pipe = Deno.openSync(path, { read: true });
+  // This thread allocates nothing more: give back what its start took (V8 would keep it, as
+  // in host.mjs, since it blocks on the pipe from now on). Deno runs with --expose-gc.
+  globalThis.gc?.({ type: "major", execution: "sync", flavor: "last-resort" });
   self.postMessage("ready");
   const chunk = new Uint8Array(4);
   for (;;) {
