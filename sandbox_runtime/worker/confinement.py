@@ -50,6 +50,8 @@ Mode = Literal["bwrap", "unshare", "none"]
 TMP_BYTES = 16 * 2**20
 #: Where Deno keeps its cache inside the sandbox (nothing of the host's is visible).
 SANDBOX_DENO_DIR = "/tmp/deno"  # noqa: S108 (the sandbox's own tmpfs)
+#: Deno's module analysis cache in its cache directory (launcher.module_cache_path).
+MODULE_CACHE_FILE = "dep_analysis_cache_v2"
 _PROBE_TIMEOUT_S = 20.0
 _LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
@@ -149,8 +151,12 @@ def wrap(
     *,
     memory_bytes: int,
     snapshot_path: Path | None = None,
+    module_cache: Path | None = None,
 ) -> Wrapped:
-    """The prefix that confines `deno run` as `support` allows, `visible` bound read-only."""
+    """The prefix that confines `deno run` as `support` allows, `visible` bound read-only.
+
+    `module_cache`: Deno's module analysis cache, copied into the sandbox's own cache
+    directory (its tmpfs), never bound: each sandbox reads and may rewrite only its copy."""
     env = {"DENO_DIR": str(settings.cache_dir / "deno")}
     own_uid = support.mode == "bwrap" and support.own_uid
     prefix = _limits_prefix(settings, memory_bytes, own_uid=own_uid)
@@ -169,6 +175,10 @@ def wrap(
         for path in (deno, *map(Path, libraries(str(deno))), *visible):
             prefix += ["--ro-bind", str(path.resolve()), str(path)]
         prefix += ["--remount-ro", "/"]
+        if module_cache is not None:
+            owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))
+            cache_file = f"{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}"
+            prefix += ["--dir", SANDBOX_DENO_DIR, "--file", str(owned[-1]), cache_file]
         if support.seccomp:
             owned.append(_seccomp_fd())
             prefix += ["--seccomp", str(owned[-1])]

@@ -10,18 +10,21 @@ concurrent supervisors make it once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import SandboxStartError
 from .framing import read_frame
-from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch
+from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch, module_cache_path
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -76,10 +79,16 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
     launched = await launch(
         settings, memory_bytes=settings.memory_bytes, snapshot_path=None, make_snapshot=True
     )
+    cache_parts: dict[str, bytes] = {}
     try:
         frame = await asyncio.wait_for(
             read_frame(launched.reader, settings.max_frame_bytes), settings.start_timeout_s
         )
+        if frame is not None and frame.header.get("op") == "snapshot_made":
+            cache_parts = await asyncio.wait_for(
+                _module_cache_parts(launched.reader, settings.max_frame_bytes),
+                settings.start_timeout_s,
+            )
     except TimeoutError as exc:
         raise SandboxStartError("making the Pyodide snapshot timed out") from exc
     finally:
@@ -97,6 +106,8 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
         )
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     await asyncio.to_thread(tmp.write_bytes, frame.payload)
+    if cache_parts:
+        await asyncio.to_thread(_keep_module_cache, cache_parts, module_cache_path(path))
     os.replace(tmp, path)
     logger.info(
         "pyodide snapshot made",
@@ -106,3 +117,39 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
+
+
+#: The parts of Deno's module analysis cache the snapshot's maker sends (host.mjs).
+_MODULE_CACHE_PARTS = {"dep_analysis_cache_v2": "", "dep_analysis_cache_v2-wal": "-wal"}
+
+
+async def _module_cache_parts(reader: asyncio.StreamReader, max_bytes: int) -> dict[str, bytes]:
+    """The `module_cache` frames that follow the snapshot, until the maker exits."""
+    parts: dict[str, bytes] = {}
+    while (frame := await read_frame(reader, max_bytes)) is not None:
+        name = frame.header.get("name")
+        if frame.header.get("op") == "module_cache" and name in _MODULE_CACHE_PARTS:
+            parts[str(name)] = frame.payload
+    return parts
+
+
+def _keep_module_cache(parts: dict[str, bytes], path: Path) -> None:
+    """Keep the maker's module analysis cache at `path` as one database file: its write-ahead
+    log folded in and the database left in rollback mode (no -wal or -shm beside it), so
+    that a copy is all a sandbox needs. One that is not a readable database is not kept:
+    sandboxes then start without it, as before."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        database = Path(work) / "dep_analysis_cache_v2"
+        try:
+            for name, suffix in _MODULE_CACHE_PARTS.items():
+                if name in parts:
+                    database.with_name(database.name + suffix).write_bytes(parts[name])
+            with contextlib.closing(sqlite3.connect(database)) as connection:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                connection.execute("PRAGMA journal_mode=DELETE")
+                tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            os.replace(database, path)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("Deno module cache not kept", extra={"error": str(exc)})
+            return
+    logger.info("Deno module cache kept", extra={"path": str(path), "tables": tables})
