@@ -332,6 +332,9 @@ async def test_snapshot_is_made_once_per_pyodide_build(tmp_path: Path, anyio_bac
             raise cold
         assert path.exists()
         assert path.stat().st_size > 2**20
+        # Confined, the maker also sent Deno's module analysis cache, kept as one database.
+        cache = module_cache_path(path)
+        assert cache.exists() and not cache.with_name(cache.name + "-wal").exists()
         assert await ok(process, "1 + 1") == "2\n"
         assert await ok(cold, "6 * 7") == "42\n"
     finally:

@@ -176,9 +176,10 @@ def wrap(
             prefix += ["--ro-bind", str(path.resolve()), str(path)]
         prefix += ["--remount-ro", "/"]
         if module_cache is not None:
-            owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))
-            cache_file = f"{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}"
-            prefix += ["--dir", SANDBOX_DENO_DIR, "--file", str(owned[-1]), cache_file]
+            with contextlib.suppress(OSError):  # gone meanwhile: start without it
+                owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))
+                cache_file = f"{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}"
+                prefix += ["--dir", SANDBOX_DENO_DIR, "--file", str(owned[-1]), cache_file]
         if support.seccomp:
             owned.append(_seccomp_fd())
             prefix += ["--seccomp", str(owned[-1])]

@@ -2,9 +2,10 @@
 
 A snapshot is only valid for the exact Pyodide build and for the guest code imported into
 it, so its file name carries the Pyodide version and a digest of `pyodide.asm.wasm`'s size,
-the host script and the guest sources. Deno never writes: the process that makes the snapshot
-sends its bytes over the pipe, and this module writes them (atomically, under a file lock so
-concurrent supervisors make it once).
+the host script, the guest sources and where they are. Deno never writes: the process that
+makes the snapshot sends its bytes over the pipe, and this module writes them (atomically,
+under a file lock so concurrent supervisors make it once); then Deno's module analysis cache,
+kept beside it for every sandbox to start with a copy (`module_cache_path`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import SandboxStartError
+from ..errors import SandboxProtocolError, SandboxStartError
 from .framing import read_frame
 from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch, module_cache_path
 from .settings import WorkerSettings
@@ -45,6 +46,11 @@ def snapshot_path(settings: WorkerSettings) -> Path:
     for source in [*sources, REPL_SCRIPT]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
+    # Where the modules are loaded from: Deno's module analysis cache kept with the snapshot
+    # names them by path (a copy of the project elsewhere, sharing this cache directory, makes
+    # its own).
+    for location in (settings.pyodide_dir, JS_DIR):
+        digest.update(str(location).encode())
     name = f"pyodide-{pyodide_version(settings)}-{digest.hexdigest()[:16]}.snapshot"
     return settings.cache_dir / name
 
@@ -85,10 +91,7 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
             read_frame(launched.reader, settings.max_frame_bytes), settings.start_timeout_s
         )
         if frame is not None and frame.header.get("op") == "snapshot_made":
-            cache_parts = await asyncio.wait_for(
-                _module_cache_parts(launched.reader, settings.max_frame_bytes),
-                settings.start_timeout_s,
-            )
+            cache_parts = await _module_cache_parts(launched.reader, settings)
     except TimeoutError as exc:
         raise SandboxStartError("making the Pyodide snapshot timed out") from exc
     finally:
@@ -123,14 +126,25 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
 _MODULE_CACHE_PARTS = {"dep_analysis_cache_v2": "", "dep_analysis_cache_v2-wal": "-wal"}
 
 
-async def _module_cache_parts(reader: asyncio.StreamReader, max_bytes: int) -> dict[str, bytes]:
-    """The `module_cache` frames that follow the snapshot, until the maker exits."""
+async def _module_cache_parts(
+    reader: asyncio.StreamReader, settings: WorkerSettings
+) -> dict[str, bytes]:
+    """The `module_cache` frames that follow the snapshot, until the maker exits; none if it
+    sends something else or takes longer than a start (the snapshot is kept either way)."""
     parts: dict[str, bytes] = {}
-    while (frame := await read_frame(reader, max_bytes)) is not None:
-        name = frame.header.get("name")
-        if frame.header.get("op") == "module_cache" and name in _MODULE_CACHE_PARTS:
-            parts[str(name)] = frame.payload
-    return parts
+    try:
+        async with asyncio.timeout(settings.start_timeout_s):
+            for _ in range(len(_MODULE_CACHE_PARTS) + 1):
+                frame = await read_frame(reader, settings.max_frame_bytes)
+                if frame is None:
+                    return parts
+                name = frame.header.get("name")
+                if frame.header.get("op") != "module_cache" or name not in _MODULE_CACHE_PARTS:
+                    break
+                parts[str(name)] = frame.payload
+    except (TimeoutError, SandboxProtocolError, OSError) as exc:
+        logger.warning("Deno module cache not received", extra={"error": str(exc)})
+    return {}
 
 
 def _keep_module_cache(parts: dict[str, bytes], path: Path) -> None:
