@@ -6,8 +6,9 @@ instantiates its binary from a buffer it keeps, then (from a snapshot) restores 
 WebAssembly memory sized to the snapshot, data written at instantiation, with one `HEAP8.set`
 of the snapshot past its header. The sparse copy restores every byte, nothing is left patched,
 and the snapshot's and the binary's buffers are freed. Then in a real sandbox: the Deno
-process holds one copy of pyodide.asm.wasm's bytes (V8's own), not two, and serves with
-V8's heap collected down to its live size, the collector out of the guest's reach.
+process holds one copy of pyodide.asm.wasm's bytes (V8's own), not two, none of the standard
+library's zip (read from the Pyodide directory as Python imports), and serves with V8's heap
+collected down to its live size, the collector out of the guest's reach.
 """
 
 from __future__ import annotations
@@ -180,5 +181,30 @@ async def test_a_sandbox_serves_with_its_heap_collected(anyio_backend: str) -> N
         slack_mib, collector_hidden = (await ok(process, HEAP)).split()
         assert float(slack_mib) < 6.0, f"{slack_mib} MiB of V8 heap committed and not live"
         assert collector_hidden == "True"
+    finally:
+        await process.kill()
+
+
+#: Modules the snapshot did not import: each is read from the standard library's zip now.
+STDLIB_IMPORTS = """
+import os, sys, difflib, xml.dom.minidom, email.mime.text
+stdlib = next(entry for entry in sys.path if entry.endswith(".zip"))
+print(os.path.realpath(stdlib).startswith("/rlm/pyodide/"),
+      difflib.get_close_matches("appel", ["apple", "pear"]),
+      xml.dom.minidom.parseString("<a><b/></a>").documentElement.tagName)
+"""
+
+
+async def test_a_sandbox_reads_the_standard_library_from_disk(anyio_backend: str) -> None:
+    # Pyodide installed the 2.5 MB zip into each sandbox's memory; now the sandbox imports from
+    # the Pyodide directory's file (read-only to it), and holds no copy.
+    archive = (SETTINGS.pyodide_dir / "python_stdlib.zip").read_bytes()
+    middle = len(archive) // 2
+    needle = archive[middle : middle + 64]
+    assert archive.count(needle) == 1
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        assert await ok(process, STDLIB_IMPORTS) == "True ['apple'] a\n"
+        assert _copies(process.pid, needle) == 0
     finally:
         await process.kill()

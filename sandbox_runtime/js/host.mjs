@@ -8,7 +8,7 @@
 // needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
 // the pipes, and write access to the output pipe only.
 
-import { loadPyodideLean } from "./pyodide_load.mjs";
+import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } from "./pyodide_load.mjs";
 
 // V8's collector (Deno runs with --expose-gc), taken off the global object before any guest
 // code can run: only this script decides when to collect (see before "ready").
@@ -94,6 +94,7 @@ if (config.snapshot_in_pipe) {
   snapshot = frame.payload;
 }
 if (config.make_snapshot) options._makeSnapshot = true;
+if (snapshot) options.stdLibURL = STDLIB_PLACEHOLDER;
 const pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);
@@ -120,6 +121,7 @@ if (config.make_snapshot) {
   Deno.exit(0);
 }
 
+stdlibFromDisk(pyodide, config.pyodide_dir);
 const flags = new Int32Array(new SharedArrayBuffer(8)); // [0] pending signal, [1] running seq
 pyodide.setInterruptBuffer(flags);
 const watcher = new Worker(new URL("./interrupt_worker.mjs", import.meta.url).href, { type: "module" });

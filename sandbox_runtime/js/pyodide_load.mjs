@@ -6,6 +6,13 @@
 // "stableBytes"). The first binary instantiated during the load is that one: its buffer is
 // detached (`transfer(0)`) as soon as the call has copied it, which frees it at once.
 //
+// The standard library's zip (2.5 MB): Pyodide installs the zip `stdLibURL` names into its
+// in-memory file system at every start. A sandbox restored from a snapshot is given an empty
+// one (its interpreter read the real zip's directory when the snapshot was made), and
+// `stdlibFromDisk` then puts the real file in its place through Emscripten's NODEFS, before
+// any guest code runs: Python reads the modules it imports from the Pyodide directory (the
+// page cache, shared by every sandbox) instead of each sandbox holding a copy.
+//
 // The snapshot: Pyodide restores a snapshot with one `HEAP8.set(bytes)` into a fresh
 // WebAssembly memory: that writes every page, and about half of the snapshot's 30 MB are zero
 // pages, which a fresh memory already reads as zero without committing them. During the load,
@@ -91,4 +98,18 @@ export async function loadPyodideLean(loadPyodide, options, snapshot) {
     else delete Int8Array.prototype.set;
     snapshot.buffer.transfer(0);
   }
+}
+
+// What a snapshot's restore installs as the standard library (an empty zip): see above.
+export const STDLIB_PLACEHOLDER = new URL("./stdlib_placeholder.zip", import.meta.url).pathname;
+
+// Put `pyodideDir`'s standard library zip in place of the one Pyodide installed in memory,
+// mounted read-only in effect (Deno lets the sandbox read that directory, write nothing).
+export function stdlibFromDisk(pyodide, pyodideDir) {
+  const FS = pyodide.FS;
+  const zip = FS.readdir("/lib").find((name) => /^python\d+\.zip$/.test(name));
+  FS.mkdirTree("/rlm/pyodide");
+  FS.mount(FS.filesystems.NODEFS, { root: pyodideDir }, "/rlm/pyodide");
+  FS.unlink(`/lib/${zip}`);
+  FS.symlink("/rlm/pyodide/python_stdlib.zip", `/lib/${zip}`);
 }
