@@ -149,19 +149,30 @@ def _copies(pid: int, needle: bytes) -> int:
     return found
 
 
+def _needle(name: str) -> bytes:
+    """64 bytes from the middle of one of Pyodide's files, found once in it."""
+    content = (SETTINGS.pyodide_dir / name).read_bytes()
+    middle = len(content) // 2
+    needle = content[middle : middle + 64]
+    assert content.count(needle) == 1
+    return needle
+
+
+async def _copies_in_a_sandbox(needle: bytes, code: str, printed: str) -> int:
+    """How many copies of `needle` a new sandbox holds once it ran `code` (which printed)."""
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        assert await ok(process, code) == printed
+        return _copies(process.pid, needle)
+    finally:
+        await process.kill()
+
+
 async def test_a_sandbox_keeps_one_copy_of_the_pyodide_binary(anyio_backend: str) -> None:
     # Pyodide's own buffer of pyodide.asm.wasm (9.6 MB) stayed alive beside V8's copy: two
     # copies in every sandbox before. Only V8's is left.
-    binary = (SETTINGS.pyodide_dir / "pyodide.asm.wasm").read_bytes()
-    middle = len(binary) // 2
-    needle = binary[middle : middle + 64]
-    assert binary.count(needle) == 1
-    process = await SandboxProcess.spawn(SETTINGS)
-    try:
-        assert await ok(process, "print(sum(range(10)))") == "45\n"
-        assert _copies(process.pid, needle) == 1
-    finally:
-        await process.kill()
+    needle = _needle("pyodide.asm.wasm")
+    assert await _copies_in_a_sandbox(needle, "print(sum(range(10)))", "45\n") == 1
 
 
 #: V8's heap as the guest sees it: committed beyond what is live, in MiB, and whether the
@@ -198,13 +209,5 @@ print(os.path.realpath(stdlib).startswith("/rlm/pyodide/"),
 async def test_a_sandbox_reads_the_standard_library_from_disk(anyio_backend: str) -> None:
     # Pyodide installed the 2.5 MB zip into each sandbox's memory; now the sandbox imports from
     # the Pyodide directory's file (read-only to it), and holds no copy.
-    archive = (SETTINGS.pyodide_dir / "python_stdlib.zip").read_bytes()
-    middle = len(archive) // 2
-    needle = archive[middle : middle + 64]
-    assert archive.count(needle) == 1
-    process = await SandboxProcess.spawn(SETTINGS)
-    try:
-        assert await ok(process, STDLIB_IMPORTS) == "True ['apple'] a\n"
-        assert _copies(process.pid, needle) == 0
-    finally:
-        await process.kill()
+    needle = _needle("python_stdlib.zip")
+    assert await _copies_in_a_sandbox(needle, STDLIB_IMPORTS, "True ['apple'] a\n") == 0

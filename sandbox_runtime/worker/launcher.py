@@ -160,7 +160,7 @@ def module_cache_path(snapshot: Path) -> Path:
     """Where Deno's module analysis cache made with `snapshot` is kept: what Deno learnt
     parsing host.mjs, Pyodide's modules and the Node modules they import for their imports
     (its `dep_analysis_cache_v2` database). Its name follows the snapshot's, which changes
-    with every one of our scripts and Pyodide's build."""
+    with our scripts, Pyodide's build and where they are (Deno names modules by path)."""
     return snapshot.with_suffix(".deno-modules")
 
 
