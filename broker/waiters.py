@@ -86,10 +86,6 @@ class WorkSignals:
         self._reset = 0  # clock of the last `notify_all`: marks before it are void
         self._drained: dict[str | None, _Drained] = {}  # scope (None: admin) -> last drain
 
-    def waiting(self, tenant_id: str) -> int:
-        """How many long-polls of the tenant wait for its announcements (`Parking.waiting`)."""
-        return self._parking.waiting(tenant_id)
-
     def mark(self) -> int:
         """The announcement clock; take it before a claim starts."""
         return self._clock

@@ -121,8 +121,8 @@ async def test_a_long_poll_that_hangs_up_during_its_hand_off_loses_nothing(
         waiting = asyncio.create_task(session.client.enqueue(p.LLMRequest(prompt="kept")))
         await until(lambda: parked(server, tenant) == 0, "the enqueue reserves the long-poll")
         writer.close()  # the poller goes away while the script that leases for it is held
-        signals = server.context.signals
-        await until(lambda: signals.waiting(tenant.tenant_id) == 0, "the broker notices")
+        parking = server.context.parking
+        await until(lambda: parking.waiting(tenant.tenant_id) == 0, "the broker notices")
         await redis.client_unpause()
         # The next poller takes it at once (no lease expiry, no periodic re-claim).
         batch = await tenant.client.pending(max_items=1, wait_s=LONG_POLL_S)

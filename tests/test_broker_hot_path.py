@@ -55,9 +55,9 @@ async def script_calls(redis: aioredis.Redis) -> int:
 async def long_poll_parked(broker: InspectableBroker, tenant_id: str) -> None:
     """Until the broker holds a long-poll of the tenant waiting for work (its claim, or
     its decision to skip one, is behind it)."""
-    signals = broker.context.signals
+    parking = broker.context.parking
     for _ in range(3000):
-        if signals.waiting(tenant_id):
+        if parking.waiting(tenant_id):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the long-poll never started waiting")

@@ -338,14 +338,14 @@ async def test_a_long_poll_whose_client_hangs_up_leaves_no_waiter(
     parties: tuple[InspectableBroker, Tenant, Session],
 ) -> None:
     broker, tenant, session = parties
-    signals = broker.context.signals
+    parking = broker.context.parking
     writer = await _raw_call(
         broker.url,
         f"GET /pending?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenant.token}\r\n",
     )
-    await wait_until(lambda: signals.waiting(tenant.tenant_id) == 1)
+    await wait_until(lambda: parking.waiting(tenant.tenant_id) == 1)
     await _hang_up(writer)
-    await wait_until(lambda: signals.waiting(tenant.tenant_id) == 0)
+    await wait_until(lambda: parking.waiting(tenant.tenant_id) == 0)
     # Work enqueued after it left is not taken by it: the next long-poll gets it.
     async with httpx2.AsyncClient(base_url=broker.url) as raw:
         queued = await raw.post(

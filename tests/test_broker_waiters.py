@@ -72,7 +72,7 @@ async def test_an_announcement_wakes_one_long_poll_per_request_and_every_admin_o
     signals.notify("t1", 2)
     assert [poll.woken.done() for poll in polls] == [True, True, False]  # oldest first
     assert all(admin.woken.done() for admin in admins)
-    assert signals.waiting("t1") == 1
+    assert parking.waiting("t1") == 1
     signals.notify_all()  # re-subscribed: everyone
     assert polls[2].woken.done()
 

@@ -4,9 +4,10 @@
 // (header length, payload length), a JSON header and raw payload bytes.
 //
 // Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
-// snapshot_in_pipe, fd_in, fd_out, fd_int, state_bytes}. Permissions come from the command line; this script
-// needs read access to the Pyodide and guest directories, the REPL file, the snapshot file and
-// the pipes, and write access to the output pipe only.
+// snapshot_in_pipe, fd_in, fd_out, fd_int, state_bytes, module_cache: {dir, files} | null}.
+// Permissions come from the command line; this script needs read access to the Pyodide and
+// guest directories, the REPL file, the snapshot file and the pipes (the snapshot's maker: its
+// module cache directory too), and write access to the output pipe only.
 
 import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } from "./pyodide_load.mjs";
 
@@ -107,16 +108,14 @@ if (config.make_snapshot) {
   // the Node modules they import, for their imports), as Deno wrote it into this sandbox's
   // own cache directory: its database and write-ahead log. The supervisor keeps it beside
   // the snapshot and starts each sandbox with a copy, which spares it those parses.
-  if (config.module_cache_dir) {
-    for (const name of ["dep_analysis_cache_v2", "dep_analysis_cache_v2-wal"]) {
-      let bytes = null;
-      try {
-        bytes = Deno.readFileSync(`${config.module_cache_dir}/${name}`);
-      } catch {
-        continue; // not written: the supervisor keeps no cache
-      }
-      writeFrame({ op: "module_cache", name }, bytes);
+  for (const name of config.module_cache?.files ?? []) {
+    let bytes = null;
+    try {
+      bytes = Deno.readFileSync(`${config.module_cache.dir}/${name}`);
+    } catch {
+      continue; // not written: the supervisor keeps no cache
     }
+    writeFrame({ op: "module_cache", name }, bytes);
   }
   Deno.exit(0);
 }

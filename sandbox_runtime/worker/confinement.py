@@ -50,8 +50,10 @@ Mode = Literal["bwrap", "unshare", "none"]
 TMP_BYTES = 16 * 2**20
 #: Where Deno keeps its cache inside the sandbox (nothing of the host's is visible).
 SANDBOX_DENO_DIR = "/tmp/deno"  # noqa: S108 (the sandbox's own tmpfs)
-#: Deno's module analysis cache in its cache directory (launcher.module_cache_path).
+#: Deno's module analysis cache in its cache directory (launcher.module_cache_path), and the
+#: files it is in while Deno writes it (the database and its write-ahead log).
 MODULE_CACHE_FILE = "dep_analysis_cache_v2"
+MODULE_CACHE_PARTS = (MODULE_CACHE_FILE, f"{MODULE_CACHE_FILE}-wal")
 _PROBE_TIMEOUT_S = 20.0
 _LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
@@ -176,7 +178,7 @@ def wrap(
             prefix += ["--ro-bind", str(path.resolve()), str(path)]
         prefix += ["--remount-ro", "/"]
         if module_cache is not None:
-            with contextlib.suppress(OSError):  # gone meanwhile: start without it
+            with contextlib.suppress(OSError):  # none kept (or gone): start without it
                 owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))
                 cache_file = f"{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}"
                 prefix += ["--dir", SANDBOX_DENO_DIR, "--file", str(owned[-1]), cache_file]

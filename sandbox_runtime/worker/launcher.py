@@ -125,7 +125,12 @@ def deno_argv(
         "fd_out": fd_out,
         "fd_int": fd_int,
         "state_bytes": settings.state_bytes,
-        "module_cache_dir": confinement.SANDBOX_DENO_DIR if send_module_cache else None,
+        "module_cache": {
+            "dir": confinement.SANDBOX_DENO_DIR,
+            "files": confinement.MODULE_CACHE_PARTS,
+        }
+        if send_module_cache
+        else None,
     }
     pages = max(1, memory_bytes // WASM_PAGE)
     # --expose-gc: host.mjs collects once before serving (and hides `gc` from the guest).
@@ -233,10 +238,9 @@ async def launch(
     JavaScript and the Node modules again to find their imports, which left ~12 MiB of freed
     but resident memory in every sandbox's heap (docs/performance.md)."""
     loop = asyncio.get_running_loop()
+    # Absent (not kept, or not yet): the sandbox starts without it (`confinement.wrap`).
     cache = None if snapshot_path is None else module_cache_path(snapshot_path)
-    wrapped = await _wrap(
-        settings, snapshot_path, memory_bytes, cache if cache and cache.exists() else None
-    )
+    wrapped = await _wrap(settings, snapshot_path, memory_bytes, cache)
     child_in, parent_out = os.pipe()
     parent_in, child_out = os.pipe()
     child_int, parent_int = os.pipe()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import SandboxProtocolError, SandboxStartError
+from .confinement import MODULE_CACHE_FILE, MODULE_CACHE_PARTS
 from .framing import read_frame
 from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch, module_cache_path
 from .settings import WorkerSettings
@@ -122,24 +123,21 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
     )
 
 
-#: The parts of Deno's module analysis cache the snapshot's maker sends (host.mjs).
-_MODULE_CACHE_PARTS = {"dep_analysis_cache_v2": "", "dep_analysis_cache_v2-wal": "-wal"}
-
-
 async def _module_cache_parts(
     reader: asyncio.StreamReader, settings: WorkerSettings
 ) -> dict[str, bytes]:
-    """The `module_cache` frames that follow the snapshot, until the maker exits; none if it
-    sends something else or takes longer than a start (the snapshot is kept either way)."""
+    """The `module_cache` frames that follow the snapshot (host.mjs sends the files
+    `MODULE_CACHE_PARTS` names), until the maker exits; none if it sends something else or
+    takes longer than a start (the snapshot is kept either way)."""
     parts: dict[str, bytes] = {}
     try:
         async with asyncio.timeout(settings.start_timeout_s):
-            for _ in range(len(_MODULE_CACHE_PARTS) + 1):
+            for _ in range(len(MODULE_CACHE_PARTS) + 1):
                 frame = await read_frame(reader, settings.max_frame_bytes)
                 if frame is None:
                     return parts
                 name = frame.header.get("name")
-                if frame.header.get("op") != "module_cache" or name not in _MODULE_CACHE_PARTS:
+                if frame.header.get("op") != "module_cache" or name not in MODULE_CACHE_PARTS:
                     break
                 parts[str(name)] = frame.payload
     except (TimeoutError, SandboxProtocolError, OSError) as exc:
@@ -153,11 +151,10 @@ def _keep_module_cache(parts: dict[str, bytes], path: Path) -> None:
     that a copy is all a sandbox needs. One that is not a readable database is not kept:
     sandboxes then start without it, as before."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        database = Path(work) / "dep_analysis_cache_v2"
+        database = Path(work) / MODULE_CACHE_FILE
         try:
-            for name, suffix in _MODULE_CACHE_PARTS.items():
-                if name in parts:
-                    database.with_name(database.name + suffix).write_bytes(parts[name])
+            for name, content in parts.items():  # names from MODULE_CACHE_PARTS only
+                (Path(work) / name).write_bytes(content)
             with contextlib.closing(sqlite3.connect(database)) as connection:
                 connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 connection.execute("PRAGMA journal_mode=DELETE")
