@@ -107,6 +107,7 @@ def create_app(settings: BrokerSettings) -> BrokerApp:
         Route("/sessions/{session_id}", routes_tenancy.delete_session, methods=["DELETE"]),
         Route("/requests/{request_id}", routes_queue.get_request, methods=["GET"]),
         Route("/leases/extend", routes_queue.extend_leases, methods=["POST"]),
+        Route("/leases/release", routes_queue.release_leases, methods=["POST"]),
         Route("/health", routes_ops.health, methods=["GET"]),
         Route("/health/live", routes_ops.live, methods=["GET"]),
         Route("/metrics", routes_ops.metrics, methods=["GET"]),

@@ -29,6 +29,12 @@ class Metrics:
             "that carried them (reported with `abandoned=`).",
             registry=self.registry,
         )
+        self.released_leases = Counter(
+            "rlm_broker_released_leases",
+            "Leases handed back at once by their poller, which will not answer them (its "
+            "calls given up at shutdown: POST /leases/release).",
+            registry=self.registry,
+        )
         self.enqueue_to_respond = Histogram(
             "rlm_broker_enqueue_to_respond_seconds",
             "Time from a request's enqueue to its first accepted answer.",

@@ -206,6 +206,16 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             errors=body_errors,
         ),
         _Operation(
+            "post",
+            "/leases/release",
+            "release_leases",
+            "Hand back requests this poller will not answer: delivered again at once.",
+            ("tenant", "admin"),
+            request=(p.ReleaseLeases,),
+            ok={200: (p.ReleaseResults,)},
+            errors=body_errors,
+        ),
+        _Operation(
             "get",
             "/health",
             "health",

@@ -44,13 +44,16 @@ def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | 
     if not (isinstance(data, dict) and key in data):
         return None
     batch = validate(model, data)
-    size = len(getattr(batch, key))
+    setting = "RLM_MAX_ENQUEUE_BATCH" if key == "batch" else "RLM_MAX_RESPOND_BATCH"
+    _check_batch(len(getattr(batch, key)), limit, setting)
+    return batch
+
+
+def _check_batch(size: int, limit: int, setting: str) -> None:
     if size > limit:
-        setting = "RLM_MAX_ENQUEUE_BATCH" if key == "batch" else "RLM_MAX_RESPOND_BATCH"
         raise ApiError(
             413, ErrorCode.PAYLOAD_TOO_LARGE, f"batch of {size} exceeds {limit} ({setting})"
         )
-    return batch
 
 
 # --- the sandbox side --------------------------------------------------------------------
@@ -509,6 +512,9 @@ async def extend_leases(request: Request) -> Response:
     principal = await principal_of(request)
     principal.require("tenant", "admin")
     body = validate(p.ExtendLeases, await read_json(request, ctx.settings.max_body_bytes))
+    # A poller's leases are its answers to come: bounded as their batches are (one script
+    # runs a call's ids on the tenant's Redis shard at once).
+    _check_batch(len(body.ids), ctx.settings.max_respond_batch, "RLM_MAX_RESPOND_BATCH")
     statuses, by_tenant = _by_tenant(principal, body.ids)
     for tenant_id, indexes in by_tenant.items():
         outcomes = await ctx.store.extend(tenant_id, [body.ids[i] for i in indexes])
@@ -524,4 +530,26 @@ async def extend_leases(request: Request) -> Response:
     )
 
 
-__all__ = ["enqueue", "extend_leases", "get_request", "pending", "respond"]
+async def release_leases(request: Request) -> Response:
+    """Hand back leased requests their poller will not answer: each is delivered again at
+    once (its delivery counted), instead of after its lease."""
+    ctx = context_of(request)
+    principal = await principal_of(request)
+    principal.require("tenant", "admin")
+    body = validate(p.ReleaseLeases, await read_json(request, ctx.settings.max_body_bytes))
+    _check_batch(len(body.ids), ctx.settings.max_respond_batch, "RLM_MAX_RESPOND_BATCH")
+    statuses, by_tenant = _by_tenant(principal, body.ids)
+    for tenant_id, indexes in by_tenant.items():
+        outcomes = await ctx.store.release(
+            tenant_id, [body.ids[i] for i in indexes], delivered=True
+        )
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            statuses[index] = outcome
+    released = statuses.count("released")
+    if released:
+        ctx.metrics.released_leases.inc(released)
+    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
+    return json_response({"results": results})
+
+
+__all__ = ["enqueue", "extend_leases", "get_request", "pending", "release_leases", "respond"]

@@ -64,7 +64,12 @@ class BrokerSettings(BaseSettings):
     default_pending_wait_s: float = Field(25.0, ge=0, description="Default wait of /pending.")
     max_pending_batch: int = Field(256, ge=1, le=10_000, description="Largest `max` of /pending.")
     max_enqueue_batch: int = Field(1024, ge=1, description="Most requests in one /enqueue batch.")
-    max_respond_batch: int = Field(1024, ge=1, description="Most answers in one /respond batch.")
+    max_respond_batch: int = Field(
+        1024,
+        ge=1,
+        description="Most answers in one /respond batch, and most request ids in one "
+        "/leases/extend or /leases/release.",
+    )
     max_open_per_session: int = Field(
         4096, ge=1, description="Unanswered requests one session may hold (429 above)."
     )

@@ -497,11 +497,18 @@ class Store:
             out[tenant_id] = _claimed(flat)
         return out
 
-    async def release(self, tenant_id: str, request_ids: Sequence[str]) -> int:
-        """Make leased requests that were never sent deliverable again at once (their
-        long-poll went away first: the delivery is not counted); how many were."""
+    async def release(
+        self, tenant_id: str, request_ids: Sequence[str], *, delivered: bool = False
+    ) -> list[str]:
+        """Make leased requests deliverable again at once; per id `released`, `not_leased`
+        (answered, or failed) or `not_found`. `delivered`: their poller got them and gives
+        them up (POST /leases/release), so the delivery stays counted; else their long-poll
+        went away before they were sent, and it is not counted."""
         keys, args = self._release_call(tenant_id, [])
-        return int(await self.scripts.release(keys=keys, args=[*args, *request_ids]))
+        replies = await self.scripts.release(
+            keys=keys, args=[*args, 0 if delivered else 1, *request_ids]
+        )
+        return [text(r) for r in replies]
 
     async def release_polls(self, tenant_ids: Sequence[str], tags: Sequence[str]) -> int:
         """Hand back at once what the long-polls `tags` (`poll_tag`) leased in each tenant

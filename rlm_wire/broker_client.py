@@ -178,6 +178,11 @@ class BrokerClient(ApiClient):
         body = p.ExtendLeases(ids=ids)
         return await self._call("POST", "/leases/extend", p.LeaseResults, body=body)
 
+    async def release_leases(self, ids: list[str]) -> p.ReleaseResults:
+        """Hand back requests this poller will not answer (POST /leases/release)."""
+        body = p.ReleaseLeases(ids=ids)
+        return await self._call("POST", "/leases/release", p.ReleaseResults, body=body)
+
     # --- monitoring --------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:

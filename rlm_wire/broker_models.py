@@ -208,6 +208,22 @@ class LeaseResults(WireModel):
     lease_expires_at: float
 
 
+class ReleaseLeases(WireModel):
+    """Hand back requests this poller will not answer (its calls given up at shutdown), so
+    that the broker delivers them again at once rather than when their leases run out."""
+
+    ids: list[str] = Field(min_length=1)
+
+
+class ReleaseResult(WireModel):
+    id: str
+    status: Literal["released", "not_leased", "not_found", "forbidden"]
+
+
+class ReleaseResults(WireModel):
+    results: list[ReleaseResult]
+
+
 # --- respond -----------------------------------------------------------------------------
 
 

@@ -410,19 +410,27 @@ async def test_stop_finishes_calls_in_flight(
 
 
 @pytest.mark.anyio
-async def test_stop_after_grace_abandons_calls_and_stops(
-    broker_server: BrokerServer, fake_llm: Any, session_of: Any
+async def test_stop_after_grace_hands_back_the_calls_it_gives_up(
+    broker_factory: Callable[..., BrokerServer], fake_llm: Any
 ) -> None:
-    fake = fake_llm({"delay_s": 30})
-    _, session = await session_of(META)
+    """A call still running when the grace ends is cancelled and its lease handed back:
+    another poller answers it at once, not once the lease (10 minutes here) has run out."""
+    broker = broker_factory(lease_s=600)
+    stuck = fake_llm({"delay_s": 30})
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
     ids = await enqueue_all(session, ["stuck"], depth=1)
-    settings = poller_settings(broker_server, poller_grace_s=0.2)
-    async with poller_of(settings, fake.base_url) as poller, running(poller):
-        await wait_until(lambda: fake.stats()["in_flight"] == 1)
-        await poller.stop()
-    assert poller.stats.abandoned == 1
-    result = await session.get_request(ids[0], wait_s=0)
-    assert result.status == "pending"  # left to its lease: another poller will answer it
+    settings = poller_settings(broker, poller_grace_s=0.2)
+    async with session:
+        async with poller_of(settings, stuck.base_url) as poller, running(poller):
+            await wait_until(lambda: stuck.stats()["in_flight"] == 1)
+            await poller.stop()
+        assert (poller.stats.abandoned, poller.stats.handed_back) == (1, 1)
+        assert (await session.get_request(ids[0], wait_s=0)).status == "pending"
+        instant = fake_llm()
+        async with poller_of(poller_settings(broker), instant.base_url) as other, running(other):
+            [result] = await results(session, ids, wait_s=10)
+    assert result.response == "echo: stuck"
+    assert other.stats.answered == 1
 
 
 @pytest.mark.anyio

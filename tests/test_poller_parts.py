@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from host_poller.poller.poster import AnswerPoster
 from rlm_repl import RetryPolicy
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import Answer, PendingRequest
+from rlm_wire.errors import ServiceResponseError
 from tests.support.servers import BrokerServer
 from tests.test_poller import META, enqueue_all, llm_profile, open_tenant_session, results
 
@@ -159,12 +161,12 @@ def test_a_call_starts_only_while_a_quarter_of_its_lease_is_left() -> None:
     link = BrokerLink(RetryPolicy(), [client], broker_urls=["a"])
     keeper = LeaseKeeper(link, clock=lambda: now[0])
     keeper.track(_pending(id="held", lease_s=2.0))
-    assert keeper.may_start("held")
+    assert keeper.surely_held("held")
     now[0] += 1.49
-    assert keeper.may_start("held")
+    assert keeper.surely_held("held")
     now[0] += 0.02  # a quarter of the lease left: still held, no longer started
-    assert keeper.holds("held") and not keeper.may_start("held")
-    assert not keeper.may_start("never delivered")
+    assert keeper.holds("held") and not keeper.surely_held("held")
+    assert not keeper.surely_held("never delivered")
 
 
 @pytest.mark.anyio
@@ -194,3 +196,36 @@ async def test_a_lease_wakes_the_keeper_only_when_due_before_its_planned_wake(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.anyio
+async def test_leases_due_together_are_renewed_in_batches_the_broker_accepts(
+    broker_factory: Callable[..., BrokerServer],
+) -> None:
+    """The broker bounds the ids of one renewal (RLM_MAX_RESPOND_BATCH, 413 past it): a
+    poller holding more leases due at once renews them in several calls, and keeps all."""
+    from host_poller.poller.leases import LeaseKeeper
+
+    broker = broker_factory(lease_s=0.8, max_respond_batch=2)
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    await enqueue_all(session, [f"q{i}" for i in range(5)], depth=1)
+    async with session, BrokerClient(broker.url, broker.admin_token) as admin:
+        held = (await admin.pending(max_items=5, wait_s=5)).requests
+        assert len(held) == 5
+        with pytest.raises(ServiceResponseError) as too_many:
+            await admin.extend_leases([r.id for r in held])
+        assert too_many.value.status == 413
+        link = BrokerLink(RetryPolicy(), [admin], broker_urls=[broker.url])
+        keeper = LeaseKeeper(link, max_batch=2)
+        for request in held:
+            keeper.track(request)
+        task = asyncio.create_task(keeper.run())
+        try:
+            await asyncio.sleep(1.2)  # one and a half leases: each renewed at least once
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert keeper.lost == 0 and keeper.extensions >= 5
+        assert all(keeper.holds(r.id) for r in held)
+        # Renewed, they were never delivered again.
+        assert (await admin.pending(max_items=5, wait_s=0)).requests == []

@@ -49,11 +49,11 @@ _RETRY_RENEW_S = 1.0
 # How often the heartbeat notes that this process is running (a lease counts from the
 # last beat before its answer was read: at most this much shorter than the broker's).
 _BEAT_S = 0.05
-# A call starts only while at least this share of its lease is left. The broker's lease
-# began before its answer arrived here, by however long that took (a loaded machine, a slow
-# network): near its local end a lease may already have run out at the broker, and the
-# request been handed to another poller. Renewed at half-life, a held lease never comes this
-# low unless its renewals failed.
+# A call starts (and a lease is handed back) only while at least this share of the lease is
+# left. The broker's lease began before its answer arrived here, by however long that took
+# (a loaded machine, a slow network): near its local end a lease may already have run out at
+# the broker, and the request been handed to another poller. Renewed at half-life, a held
+# lease never comes this low unless its renewals failed.
 _START_SHARE = 0.25
 
 
@@ -117,8 +117,12 @@ class LeaseKeeper:
         *,
         on_lost: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_batch: int = 64,
     ) -> None:
         self._link = link
+        self._max_batch = max_batch
+        """Most leases renewed in one call (the broker bounds a call's ids by
+        RLM_MAX_RESPOND_BATCH; the poller passes its RLM_POLLER_RESPOND_BATCH)."""
         self._on_lost = on_lost
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
@@ -157,9 +161,10 @@ class LeaseKeeper:
         lease = self._leases.get(request_id)
         return lease is not None and self._clock() < lease.expires_at
 
-    def may_start(self, request_id: str) -> bool:
-        """True while a call of the request may start: at least `_START_SHARE` of its lease
-        is left by the local clock (see there)."""
+    def surely_held(self, request_id: str) -> bool:
+        """True while the broker cannot have handed the request to another poller yet: at
+        least `_START_SHARE` of its lease is left by the local clock (see there). Only then
+        may its call start, or its lease be handed back."""
         lease = self._leases.get(request_id)
         return lease is not None and self._clock() < lease.start_by
 
@@ -205,11 +210,13 @@ class LeaseKeeper:
                 self._lose(rid, "ran out before it was renewed")
             due = [rid for rid, lease in self._leases.items() if lease.renew_at <= now]
             if due:
-                try:
-                    await self._extend(due)
-                except Exception:  # a bug must not stop renewals: log it, retry later
-                    logger.exception("lease keeper error")
-                    self._retry_later(due)
+                for first in range(0, len(due), self._max_batch):
+                    batch = due[first : first + self._max_batch]
+                    try:
+                        await self._extend(batch)
+                    except Exception:  # a bug must not stop renewals: log it, retry later
+                        logger.exception("lease keeper error")
+                        self._retry_later(batch)
                 continue
             self._changed.clear()
             wake = min(

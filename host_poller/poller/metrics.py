@@ -4,7 +4,9 @@
     rlm_poller_running                        requests being worked on now (gauge)
     rlm_poller_requests_fetched_total         requests leased from the broker
     rlm_poller_requests_total{outcome,code}   requests finished: done / error (with its code) /
-                                              abandoned (left to their lease)
+                                              abandoned (given up at shutdown)
+    rlm_poller_leases_handed_back_total       of the abandoned, those the broker delivers again
+                                              at once (the others wait out their lease)
     rlm_poller_leases_lost_total{when}        leases lost: in_flight (the call was cancelled)
                                               or before_start (the request never started)
     rlm_poller_broker_outages_total           times the broker became unreachable
@@ -199,6 +201,12 @@ class _PollerCollector(Collector):
             outcomes.add_metric([outcome, "" if code == "done" else code], count)
         outcomes.add_metric(["abandoned", ""], stats.abandoned)
         yield outcomes
+        yield CounterMetricFamily(
+            "rlm_poller_leases_handed_back",
+            "Leases of calls given up at shutdown, handed back to the broker to deliver again "
+            "at once.",
+            value=stats.handed_back,
+        )
         lost = CounterMetricFamily(
             "rlm_poller_leases_lost",
             "Leases lost (redelivered by the broker): calls cancelled in flight, or never started.",

@@ -67,6 +67,10 @@ class PollerStats:
     answered: int = 0
     failed: int = 0
     abandoned: int = 0
+    """Calls given up at shutdown (the grace period ended)."""
+    handed_back: int = 0
+    """Of those, the ones the broker was told to deliver again at once (the others wait out
+    their lease)."""
     leases_lost: int = 0
     """Calls cancelled in flight because their lease was lost (the broker redelivers them)."""
     expired_before_start: int = 0
@@ -130,7 +134,9 @@ class Poller:
             self.link = BrokerLink.connect(policy, settings.broker_urls, self._new_client)
         self._fetching: BrokerClient | None = None
         self._lost_polls = AbandonedPolls()
-        self.leases = LeaseKeeper(self.link, on_lost=self._lease_lost)
+        self.leases = LeaseKeeper(
+            self.link, on_lost=self._lease_lost, max_batch=settings.poller_respond_batch
+        )
         self.poster = AnswerPoster(
             self.link,
             max_items=settings.poller_respond_batch,
@@ -233,8 +239,16 @@ class Poller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.poller_grace_s
         tasks = list(self._held.values())
+        given_up: list[str] = []
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.settings.poller_grace_s)
+            # Handed back only while surely still this poller's: a lease that may have run
+            # out at the broker is perhaps another poller's call by now.
+            given_up = [
+                request_id
+                for request_id, task in self._held.items()
+                if task in late and self.leases.surely_held(request_id)
+            ]
             for task in late:
                 task.cancel()
             if late:
@@ -246,6 +260,28 @@ class Poller:
         if self._background:
             flush_s = max(deadline - loop.time(), _MIN_FLUSH_S)
             await self.poster.flush(flush_s)
+        if given_up:
+            await self._hand_back(given_up, max(deadline - loop.time(), _MIN_FLUSH_S))
+
+    async def _hand_back(self, request_ids: list[str], timeout_s: float) -> None:
+        """Have the broker deliver again at once the requests whose calls were given up,
+        rather than after their leases; on failure they wait out their leases as before."""
+        size = self.settings.poller_respond_batch
+        released = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                for first in range(0, len(request_ids), size):
+                    batch = request_ids[first : first + size]
+                    results = await self.link.client.release_leases(batch)
+                    released += sum(result.status == "released" for result in results.results)
+        except (ServiceUnreachable, ServiceResponseError, TimeoutError) as exc:
+            logger.warning(
+                "handing back leases failed: left to their leases",
+                extra={"count": len(request_ids) - released, "error": str(exc)},
+            )
+        self.stats.handed_back += released
+        if released:
+            logger.info("leases handed back", extra={"count": released})
 
     # --- serving -------------------------------------------------------------------------
 
@@ -400,7 +436,7 @@ class Poller:
         answered = started = False
         try:
             async with gate:
-                if not self.leases.may_start(request.id):
+                if not self.leases.surely_held(request.id):
                     # Its lease ran out, or nearly, while it waited (a paused process, a
                     # long queue): the broker redelivers it, so starting it now could pay
                     # twice.

@@ -173,9 +173,11 @@ async def test_a_killed_poller_loses_nothing_and_pays_twice_only_its_calls_in_fl
     )  # fmt: skip
     assert [r.status for r in done] == ["done"] * len(prompts)  # lost: 0
     assert [r.response.split(": ", 1)[1] for r in done if r.response] == prompts
-    # Paid twice: exactly the calls the killed poller had started and not posted.
-    assert paid_twice == unposted_by_victim
-    assert paid_twice <= 4  # its concurrency
+    # Paid twice: exactly the calls the killed poller had started and not posted, at least
+    # the one running at the kill. That can be more than its concurrency (4): a finished
+    # call frees its slot when its answer goes to the poster, and on a loaded machine the
+    # post was still on its way for two answers when the kill came (6 in one run).
+    assert 1 <= paid_twice == unposted_by_victim
 
 
 async def test_a_poller_fails_over_to_the_next_broker_when_one_is_killed(

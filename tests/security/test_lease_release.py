@@ -1,0 +1,98 @@
+"""Probes of `POST /leases/release`, as an attacker would try it: a poller hands back the
+leases of calls it gave up, and the broker delivers those requests again at once. Another
+tenant's token, a session token (sandboxed code holds one) or a hostile body must hand back
+nothing: a lease handed back is a call paid twice.
+
+Each probe ends with the owner's own release doing what the attacker's could not, so it
+shows the release works (and fails where the broker has no such route).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from rlm_wire import broker_models as p
+from rlm_wire.errors import ServiceResponseError
+from tests.support.brokers import assert_json_error, tenant_and_session
+from tests.support.servers import BrokerServer
+
+pytestmark = pytest.mark.anyio
+
+#: Leases far longer than any test: a request seen again was handed back, not lapsed.
+LEASE_S = 600.0
+#: RLM_MAX_RESPOND_BATCH of these brokers: the most ids one release may name.
+MAX_IDS = 4
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerServer]) -> BrokerServer:
+    return broker_factory(lease_s=LEASE_S, max_respond_batch=MAX_IDS)
+
+
+async def test_another_tenant_cannot_hand_back_a_victims_lease(broker: BrokerServer) -> None:
+    async with (
+        tenant_and_session(broker.url, broker.admin_token, name="victim") as (victim, session),
+        tenant_and_session(broker.url, broker.admin_token, name="attacker") as (attacker, _),
+    ):
+        queued = await session.client.enqueue(p.LLMRequest(prompt="secret"), wait_s=0)
+        (leased,) = (await victim.client.pending(wait_s=5)).requests
+        # The attacker names the victim's request (seen in a log or a proxy), alone, among
+        # guesses, and as an id of its own tenant with the victim's suffix.
+        forged = f"{attacker.tenant_id}.{queued.id.partition('.')[2]}"
+        tried = await attacker.client.release_leases([queued.id, forged, "not-an-id"])
+        assert [r.status for r in tried.results] == ["forbidden", "not_found", "not_found"]
+        # Still leased to the victim's poller: nobody is given it again.
+        assert (await victim.client.pending(wait_s=0.3)).requests == []
+        # The victim's own poller hands it back: delivered again at once, its delivery
+        # counted (the call ran).
+        released = await victim.client.release_leases([leased.id])
+        assert [r.status for r in released.results] == ["released"]
+        (again,) = (await victim.client.pending(wait_s=5)).requests
+    assert (again.id, again.attempt) == (queued.id, 2)
+
+
+async def test_sandboxed_code_cannot_hand_back_its_own_requests(broker: BrokerServer) -> None:
+    """The session token is in the sandbox: with it, guest code could make its own requests
+    run again and again (each a paid call) by handing back what pollers are answering."""
+    async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
+        queued = await session.client.enqueue(p.LLMRequest(prompt="run me twice"), wait_s=0)
+        (leased,) = (await tenant.client.pending(wait_s=5)).requests
+        with pytest.raises(ServiceResponseError) as refused:
+            await session.client.release_leases([queued.id])
+        assert refused.value.status == 403
+        assert (await tenant.client.pending(wait_s=0.3)).requests == []
+        # Answered, a request is no longer anyone's to hand back.
+        await tenant.client.respond(p.Answer(id=leased.id, response="once"))
+        after = await tenant.client.release_leases([leased.id])
+    assert [r.status for r in after.results] == ["not_leased"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"ids": []}, 422),
+        ({"ids": "r"}, 422),
+        ({"ids": [1, 2]}, 422),
+        ({"ids": [f"t.{i}" for i in range(MAX_IDS + 1)]}, 413),
+        ({"id": "r"}, 422),
+        ([], 422),
+    ],
+    ids=["empty", "not-a-list", "not-strings", "too-many", "no-ids", "not-an-object"],
+)
+async def test_hostile_release_bodies_are_refused(
+    broker: BrokerServer, body: Any, expected: int
+) -> None:
+    async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
+        queued = await session.client.enqueue(p.LLMRequest(prompt="keep my lease"), wait_s=0)
+        (leased,) = (await tenant.client.pending(wait_s=5)).requests
+        await assert_json_error(
+            broker.url, tenant.token, "POST", "/leases/release", {"json": body}, expected
+        )
+        # Nothing was handed back: the lease is the poller's until it says so.
+        assert (await tenant.client.pending(wait_s=0.3)).requests == []
+        released = await tenant.client.release_leases([leased.id])
+    assert [r.status for r in released.results] == ["released"]
+    assert queued.id == leased.id
