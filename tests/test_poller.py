@@ -434,6 +434,32 @@ async def test_stop_after_grace_hands_back_the_calls_it_gives_up(
 
 
 @pytest.mark.anyio
+async def test_a_stopping_poller_starts_nothing_more_and_hands_back_what_waited(
+    broker_factory: Callable[..., BrokerServer], fake_llm: Any
+) -> None:
+    """Of two requests of one tenant held with one slot, the running call finishes in the
+    grace period; the one still waiting for the slot is not started (not paid) but handed
+    back at once, and another poller answers it."""
+    broker = broker_factory(lease_s=600)
+    slow = fake_llm({"delay_s": 1.0})
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    ids = await enqueue_all(session, ["first", "second"], depth=1)
+    settings = poller_settings(broker, poller_grace_s=20, poller_tenant_concurrency=1)
+    async with session:
+        async with poller_of(settings, slow.base_url) as poller, running(poller):
+            await wait_until(lambda: poller.stats.fetched == 2 and slow.stats()["in_flight"] == 1)
+            await poller.stop()
+        assert slow.stats()["requests"] == 1  # the waiting one never reached the LLM
+        assert (poller.stats.answered, poller.stats.abandoned) == (1, 1)
+        assert poller.stats.handed_back == 1
+        instant = fake_llm()
+        async with poller_of(poller_settings(broker), instant.base_url) as other, running(other):
+            done = await results(session, ids, wait_s=10)
+    assert sorted(r.response or "" for r in done) == ["echo: first", "echo: second"]
+    assert instant.stats()["requests"] == 1
+
+
+@pytest.mark.anyio
 async def test_slow_calls_keep_their_lease(
     broker_factory: Callable[..., BrokerServer], fake_llm: Any
 ) -> None:

@@ -203,8 +203,8 @@ class _PollerCollector(Collector):
         yield outcomes
         yield CounterMetricFamily(
             "rlm_poller_leases_handed_back",
-            "Leases of calls given up at shutdown, handed back to the broker to deliver again "
-            "at once.",
+            "Leases of requests given up at shutdown, handed back to the broker to deliver "
+            "again at once.",
             value=stats.handed_back,
         )
         lost = CounterMetricFamily(

@@ -67,7 +67,8 @@ class PollerStats:
     answered: int = 0
     failed: int = 0
     abandoned: int = 0
-    """Calls given up at shutdown (the grace period ended)."""
+    """Requests given up at shutdown: calls still running when the grace period ended, and
+    requests not started yet."""
     handed_back: int = 0
     """Of those, the ones the broker was told to deliver again at once (the others wait out
     their lease)."""
@@ -148,6 +149,8 @@ class Poller:
         self._held: dict[str, asyncio.Task[None]] = {}
         # Answered, not yet posted: a redelivery meanwhile must not be answered again.
         self._unposted: set[str] = set()
+        self._started: set[str] = set()
+        """Held requests whose call has started (the rest wait for a slot of their tenant)."""
         self._lost: set[str] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -238,25 +241,32 @@ class Poller:
     async def _finish_in_flight(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.poller_grace_s
-        tasks = list(self._held.values())
-        given_up: list[str] = []
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.settings.poller_grace_s)
-            # Handed back only while surely still this poller's: a lease that may have run
-            # out at the broker is perhaps another poller's call by now.
-            given_up = [
-                request_id
-                for request_id, task in self._held.items()
-                if task in late and self.leases.surely_held(request_id)
+        # Requests not started yet (waiting for a slot of their tenant) are not started now:
+        # handed back at once, unpaid, rather than begun in a grace period that may not see
+        # them through. Calls in flight get the grace period; those still running then are
+        # cancelled and handed back too. A lease is handed back only while surely still this
+        # poller's: one that may have run out at the broker is perhaps another poller's call.
+        waiting = [t for rid, t in self._held.items() if rid not in self._started]
+        given_up = [
+            rid for rid in self._held if rid not in self._started and self.leases.surely_held(rid)
+        ]
+        for task in waiting:
+            task.cancel()
+        running = [t for rid, t in self._held.items() if rid in self._started]
+        late: set[asyncio.Task[None]] = set()
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.settings.poller_grace_s)
+            given_up += [
+                rid for rid, t in self._held.items() if t in late and self.leases.surely_held(rid)
             ]
             for task in late:
                 task.cancel()
             if late:
-                await asyncio.gather(*late, return_exceptions=True)
                 logger.warning(
                     "in-flight calls abandoned after the grace period",
                     extra={"count": len(late), "grace_s": self.settings.poller_grace_s},
                 )
+        await asyncio.gather(*waiting, *late, return_exceptions=True)
         if self._background:
             flush_s = max(deadline - loop.time(), _MIN_FLUSH_S)
             await self.poster.flush(flush_s)
@@ -448,6 +458,7 @@ class Poller:
                     return
                 self._enter(tenant)
                 started = True
+                self._started.add(request.id)
                 try:
                     answer = await self.handler.answer(request)
                 finally:
@@ -478,6 +489,7 @@ class Poller:
                     self.stats.abandoned += 1
                 self.leases.release(request.id)
             self._lost.discard(request.id)
+            self._started.discard(request.id)
             self._held.pop(request.id, None)
             self._slot_freed.set()
 
