@@ -17,6 +17,10 @@ thin overrides and a few comparisons per request (about 3 us, against uvicorn's 
 request to a trivial app on a loaded 2-core machine; a broker request costs far more).
 uvicorn's h11 protocol is not used: httptools is 3.5x faster, and h11 bounds only the head's
 size, not its time.
+
+And one write per answer (`_HeadWithBody`): uvicorn writes a response's head and its body
+separately, two sends and two segments, which often wake the reader twice; the head now
+goes out with the body.
 """
 
 from __future__ import annotations
@@ -51,6 +55,45 @@ def _answer(status: int, code: str, message: str) -> bytes:
     )
 
 
+class _HeadWithBody:
+    """The connection's transport as uvicorn's request cycles see it: a response's head
+    (the write that starts with the status line) is held and sent in one write with what
+    follows it, its body, or at the end of this pass of the loop, when nothing follows at
+    once (a stream whose first chunk comes later). Order is kept; every other call goes to
+    the transport."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/1.1 "):
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """One connection: uvicorn's protocol with the gate, the head budget and the timer."""
 
@@ -75,6 +118,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._framing_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._one_write: _HeadWithBody | None = None
 
     # --- connection --------------------------------------------------------------------
 
@@ -87,6 +131,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._admitted = True
         super().connection_made(cast(asyncio.Transport, transport))
+        self._one_write = _HeadWithBody(self.transport, self.loop)
         # A connection that never sends a byte is cut like a slow head.
         self._timer = self.loop.call_later(self._limits.head_timeout_s, self._timed_out)
 
@@ -158,6 +203,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._cancel_timer()
         super().on_headers_complete()
+        if self.cycle is not None and self._one_write is not None:
+            self.cycle.transport = cast(asyncio.Transport, self._one_write)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -193,6 +240,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Answer `status` where no response is under way or sent for this request; close."""
         if self.transport.is_closing():  # already refused (by the parser, or by us)
             return
+        if self._one_write is not None:
+            self._one_write.flush()  # an earlier response's head goes first
         cycle = self.cycle
         if self._phase == _HEAD:
             # No cycle yet for this head: answer unless an earlier response is still going.

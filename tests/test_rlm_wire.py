@@ -6,13 +6,16 @@ import asyncio
 import json
 import logging
 import resource
-from collections.abc import Iterator
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from broker.redis_server import free_port
@@ -149,6 +152,10 @@ GUARD_LIMITS = HttpLimits(
 )
 
 
+#: Set by a test once it has read the head of `/stream`: only then does its body come.
+STREAM_RELEASED = threading.Event()
+
+
 def _guarded_app() -> Starlette:
     async def echo(request: Request) -> Response:
         return PlainTextResponse(str(len(await request.body())))
@@ -157,7 +164,20 @@ def _guarded_app() -> Starlette:
         await asyncio.sleep(1.0)  # twice the timeouts: answering is not bounded by them
         return PlainTextResponse(str(len(await request.body())))
 
-    return Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/slow", slow)])
+    async def stream(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            await asyncio.to_thread(STREAM_RELEASED.wait, 10)
+            yield b"late"
+
+        return StreamingResponse(chunks())
+
+    return Starlette(
+        routes=[
+            Route("/echo", echo, methods=["POST"]),
+            Route("/slow", slow),
+            Route("/stream", stream),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +254,42 @@ async def test_the_guard_times_transfers_not_answers_nor_idle_keep_alive(
             await reader.readexactly(1)
             await asyncio.sleep(0.8)
     finally:
+        writer.close()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """Segments with data that `sock` has received: Linux's `tcp_info.tcpi_data_segs_in`,
+    at byte 152 of the struct since Linux 4.6 (the struct only ever grows at its end)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("=I", info, 152)[0])
+
+
+async def test_an_answer_is_one_write_and_a_streams_head_is_not_held(
+    guarded: ThreadedServer,
+) -> None:
+    """uvicorn writes a response's head and its body apart (two segments on the wire); the
+    guarded protocol sends them as one. A stream whose body comes later still gets its
+    head at once: the head is held only until the end of the server's loop pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
+    try:
+        sock = writer.get_extra_info("socket")
+        before = _data_segments_in(sock)
+        for size in range(5):
+            writer.write(_post(b"x" * size))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(1) == b"%d" % size
+        assert _data_segments_in(sock) - before == 5
+        STREAM_RELEASED.clear()
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head
+        STREAM_RELEASED.set()
+        assert (
+            await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5) == b"4\r\nlate\r\n0\r\n\r\n"
+        )
+    finally:
+        STREAM_RELEASED.set()
         writer.close()
 
 
