@@ -16,7 +16,7 @@ import json
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -508,19 +508,7 @@ def _result_record(answer: p.Answer) -> tuple[str, str, str]:
 
 @endpoint("extend_leases")
 async def extend_leases(request: Request) -> Response:
-    ctx = context_of(request)
-    principal = await principal_of(request)
-    principal.require("tenant", "admin")
-    body = validate(p.ExtendLeases, await read_json(request, ctx.settings.max_body_bytes))
-    # A poller's leases are its answers to come: bounded as their batches are (one script
-    # runs a call's ids on the tenant's Redis shard at once).
-    _check_batch(len(body.ids), ctx.settings.max_respond_batch, "RLM_MAX_RESPOND_BATCH")
-    statuses, by_tenant = _by_tenant(principal, body.ids)
-    for tenant_id, indexes in by_tenant.items():
-        outcomes = await ctx.store.extend(tenant_id, [body.ids[i] for i in indexes])
-        for index, outcome in zip(indexes, outcomes, strict=True):
-            statuses[index] = outcome
-    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
+    ctx, results = await _per_lease(request, p.ExtendLeases, _extend)
     return json_response(
         {
             "results": results,
@@ -530,26 +518,48 @@ async def extend_leases(request: Request) -> Response:
     )
 
 
+@endpoint("release_leases")
 async def release_leases(request: Request) -> Response:
     """Hand back leased requests their poller will not answer: each is delivered again at
     once (its delivery counted), instead of after its lease."""
+    ctx, results = await _per_lease(request, p.ReleaseLeases, _release_delivered)
+    released = sum(result["status"] == "released" for result in results)
+    if released:
+        ctx.metrics.released_leases.inc(released)
+    return json_response({"results": results})
+
+
+async def _extend(ctx: BrokerContext, tenant_id: str, request_ids: list[str]) -> list[str]:
+    return await ctx.store.extend(tenant_id, request_ids)
+
+
+async def _release_delivered(
+    ctx: BrokerContext, tenant_id: str, request_ids: list[str]
+) -> list[str]:
+    return await ctx.store.release(tenant_id, request_ids, delivered=True)
+
+
+async def _per_lease(
+    request: Request,
+    model: type[p.LeaseIds],
+    run: Callable[[BrokerContext, str, list[str]], Awaitable[list[str]]],
+) -> tuple[BrokerContext, list[dict[str, str]]]:
+    """A call on leases the caller holds (`model`'s `ids`): `run` per tenant of the ids the
+    caller may act for; the outcome of each id, in order (`forbidden`, `not_found` for the
+    rest)."""
     ctx = context_of(request)
     principal = await principal_of(request)
     principal.require("tenant", "admin")
-    body = validate(p.ReleaseLeases, await read_json(request, ctx.settings.max_body_bytes))
+    body = validate(model, await read_json(request, ctx.settings.max_body_bytes))
+    # A poller's leases are its answers to come: bounded as their batches are (one script
+    # runs a call's ids on the tenant's Redis at once).
     _check_batch(len(body.ids), ctx.settings.max_respond_batch, "RLM_MAX_RESPOND_BATCH")
     statuses, by_tenant = _by_tenant(principal, body.ids)
     for tenant_id, indexes in by_tenant.items():
-        outcomes = await ctx.store.release(
-            tenant_id, [body.ids[i] for i in indexes], delivered=True
-        )
+        outcomes = await run(ctx, tenant_id, [body.ids[i] for i in indexes])
         for index, outcome in zip(indexes, outcomes, strict=True):
             statuses[index] = outcome
-    released = statuses.count("released")
-    if released:
-        ctx.metrics.released_leases.inc(released)
-    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
-    return json_response({"results": results})
+    return ctx, [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
 
 
 __all__ = ["enqueue", "extend_leases", "get_request", "pending", "release_leases", "respond"]

@@ -189,10 +189,14 @@ class PendingBatch(WireModel):
     requests: list[PendingRequest]
 
 
-class ExtendLeases(WireModel):
-    """Keep requests leased while their (slow) LLM calls run, so they are not delivered again."""
+class LeaseIds(WireModel):
+    """Requests whose leases the caller holds (at most RLM_MAX_RESPOND_BATCH)."""
 
     ids: list[str] = Field(min_length=1)
+
+
+class ExtendLeases(LeaseIds):
+    """Keep requests leased while their (slow) LLM calls run, so they are not delivered again."""
 
 
 class LeaseResult(WireModel):
@@ -208,11 +212,9 @@ class LeaseResults(WireModel):
     lease_expires_at: float
 
 
-class ReleaseLeases(WireModel):
-    """Hand back requests this poller will not answer (its calls given up at shutdown), so
-    that the broker delivers them again at once rather than when their leases run out."""
-
-    ids: list[str] = Field(min_length=1)
+class ReleaseLeases(LeaseIds):
+    """Hand back requests this poller will not answer (given up at shutdown), so that the
+    broker delivers them again at once rather than when their leases run out."""
 
 
 class ReleaseResult(WireModel):

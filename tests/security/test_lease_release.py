@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 import pytest
 
 from rlm_wire import broker_models as p
@@ -51,7 +52,12 @@ async def test_another_tenant_cannot_hand_back_a_victims_lease(broker: BrokerSer
         released = await victim.client.release_leases([leased.id])
         assert [r.status for r in released.results] == ["released"]
         (again,) = (await victim.client.pending(wait_s=5)).requests
+        async with httpx2.AsyncClient(base_url=broker.url) as raw:
+            metrics = (await raw.get("/metrics")).text
     assert (again.id, again.attempt) == (queued.id, 2)
+    # Counted as every answer is, and only what was handed back.
+    assert 'rlm_broker_http_requests_total{endpoint="release_leases",status="200"} 2.0' in metrics
+    assert "rlm_broker_released_leases_total 1.0" in metrics
 
 
 async def test_sandboxed_code_cannot_hand_back_its_own_requests(broker: BrokerServer) -> None:
