@@ -10,6 +10,7 @@ another tenant's (those live in that tenant's keys).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from rlm_wire.asgi import AsgiRequest
 from rlm_wire.codes import ErrorCode
@@ -32,27 +33,33 @@ def polls_of(request: AsgiRequest, admin: bool, limit: int) -> tuple[str, list[s
     raw_poll = request.query_params.get("poll")
     poll = ""
     if raw_poll is not None:
-        poll = poll_tag(_checked("poll", raw_poll), admin)
+        poll = poll_tag(_checked("query parameter 'poll'", raw_poll), admin)
     raw = request.query_params.get("abandoned")
     if not raw:
         return poll, []
     poll_ids = raw.split(",", limit)  # at most one more than allowed: never an unbounded list
+    return poll, reported_tags(poll_ids, admin, limit, "query parameter 'abandoned'")
+
+
+def reported_tags(poll_ids: Sequence[str], admin: bool, limit: int, where: str) -> list[str]:
+    """The tags of the abandoned polls a caller reports (at most `limit`, repeats dropped);
+    `where` names them in the 400 `bad_poll_id` for anything else."""
     if len(poll_ids) > limit:
         raise ApiError(
             400,
             ErrorCode.BAD_POLL_ID,
-            f"query parameter 'abandoned' names more than {limit} polls (RLM_MAX_ABANDONED_POLLS)",
+            f"{where} names more than {limit} polls (RLM_MAX_ABANDONED_POLLS)",
         )
-    unique = dict.fromkeys(_checked("abandoned", poll_id) for poll_id in poll_ids)
-    return poll, [poll_tag(poll_id, admin) for poll_id in unique]
+    unique = dict.fromkeys(_checked(where, poll_id) for poll_id in poll_ids)
+    return [poll_tag(poll_id, admin) for poll_id in unique]
 
 
-def _checked(name: str, value: str) -> str:
+def _checked(where: str, value: str) -> str:
     if not _POLL_ID.fullmatch(value):
         raise ApiError(
             400,
             ErrorCode.BAD_POLL_ID,
-            f"query parameter {name!r}: a poll id is 8 to 64 characters of A-Z, a-z, 0-9, "
-            f"'_' and '-', not {value[:80]!r}",
+            f"{where}: a poll id is 8 to 64 characters of A-Z, a-z, 0-9, '_' and '-', not "
+            f"{value[:80]!r}",
         )
     return value

@@ -27,7 +27,7 @@ from broker.context import BrokerContext, context_of, principal_of
 from broker.handling import endpoint, lean_endpoint
 from broker.keys import tenant_of_request
 from broker.parking import LongPoll
-from broker.poll_ids import polls_of
+from broker.poll_ids import polls_of, reported_tags
 from broker.store import Claimed, PollerSeen
 from rlm_wire import broker_models as p
 from rlm_wire.asgi import Answer, AsgiRequest, Hold, json_answer
@@ -37,6 +37,7 @@ from rlm_wire.errors import ApiError
 from rlm_wire.responses import json_response
 
 BatchT = TypeVar("BatchT", p.EnqueueBatch, p.AnswerBatch)
+LeaseBody = TypeVar("LeaseBody", bound=p.LeaseIds)
 
 
 def _batch_of(data: Any, key: str, model: type[BatchT], limit: int) -> BatchT | None:
@@ -508,7 +509,7 @@ def _result_record(answer: p.Answer) -> tuple[str, str, str]:
 
 @endpoint("extend_leases")
 async def extend_leases(request: Request) -> Response:
-    ctx, results = await _per_lease(request, p.ExtendLeases, _extend)
+    ctx, _, _, results = await _per_lease(request, p.ExtendLeases, _extend)
     return json_response(
         {
             "results": results,
@@ -521,12 +522,21 @@ async def extend_leases(request: Request) -> Response:
 @endpoint("release_leases")
 async def release_leases(request: Request) -> Response:
     """Hand back leased requests their poller will not answer: each is delivered again at
-    once (its delivery counted), instead of after its lease."""
-    ctx, results = await _per_lease(request, p.ReleaseLeases, _release_delivered)
+    once (its delivery counted), instead of after its lease. `polls`: as `/pending`'s
+    `abandoned=`, for a poller that makes no next long-poll (it stops)."""
+    ctx, principal, body, results = await _per_lease(request, p.ReleaseLeases, _release_delivered)
     released = sum(result["status"] == "released" for result in results)
     if released:
         ctx.metrics.released_leases.inc(released)
-    return json_response({"results": results})
+    from_polls = 0
+    if body.polls:
+        tags = reported_tags(
+            body.polls, principal.scope == "admin", ctx.settings.max_abandoned_polls, "'polls'"
+        )
+        from_polls = await _release_abandoned(ctx, principal.tenant_id, tags)
+        if from_polls:
+            ctx.metrics.lost_answer_leases.inc(from_polls)
+    return json_response({"results": results, "from_polls": from_polls})
 
 
 async def _extend(ctx: BrokerContext, tenant_id: str, request_ids: list[str]) -> list[str]:
@@ -541,9 +551,9 @@ async def _release_delivered(
 
 async def _per_lease(
     request: Request,
-    model: type[p.LeaseIds],
+    model: type[LeaseBody],
     run: Callable[[BrokerContext, str, list[str]], Awaitable[list[str]]],
-) -> tuple[BrokerContext, list[dict[str, str]]]:
+) -> tuple[BrokerContext, Principal, LeaseBody, list[dict[str, str]]]:
     """A call on leases the caller holds (`model`'s `ids`): `run` per tenant of the ids the
     caller may act for; the outcome of each id, in order (`forbidden`, `not_found` for the
     rest)."""
@@ -559,7 +569,8 @@ async def _per_lease(
         outcomes = await run(ctx, tenant_id, [body.ids[i] for i in indexes])
         for index, outcome in zip(indexes, outcomes, strict=True):
             statuses[index] = outcome
-    return ctx, [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
+    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
+    return ctx, principal, body, results
 
 
 __all__ = ["enqueue", "extend_leases", "get_request", "pending", "release_leases", "respond"]

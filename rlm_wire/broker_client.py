@@ -178,9 +178,12 @@ class BrokerClient(ApiClient):
         body = p.ExtendLeases(ids=ids)
         return await self._call("POST", "/leases/extend", p.LeaseResults, body=body)
 
-    async def release_leases(self, ids: list[str]) -> p.ReleaseResults:
-        """Hand back requests this poller will not answer (POST /leases/release)."""
-        body = p.ReleaseLeases(ids=ids)
+    async def release_leases(
+        self, ids: list[str], *, polls: Sequence[str] = ()
+    ) -> p.ReleaseResults:
+        """Hand back requests this poller will not answer, and what its lost long-polls
+        `polls` still hold (POST /leases/release)."""
+        body = p.ReleaseLeases(ids=ids, polls=list(polls))
         return await self._call("POST", "/leases/release", p.ReleaseResults, body=body)
 
     # --- monitoring --------------------------------------------------------------------------

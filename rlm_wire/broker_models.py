@@ -213,8 +213,19 @@ class LeaseResults(WireModel):
 
 
 class ReleaseLeases(LeaseIds):
-    """Hand back requests this poller will not answer (given up at shutdown), so that the
-    broker delivers them again at once rather than when their leases run out."""
+    """Hand back what this poller will not answer (at shutdown), so that the broker delivers
+    it again at once rather than when the leases run out: requests by id, and whatever its
+    long-polls `polls` still hold (poll ids whose answer never arrived whole, as
+    `/pending?abandoned=`: at most RLM_MAX_ABANDONED_POLLS)."""
+
+    ids: list[str] = Field(default_factory=list)
+    polls: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_something(self) -> ReleaseLeases:
+        if not self.ids and not self.polls:
+            raise ValueError("name at least one request id or poll id")
+        return self
 
 
 class ReleaseResult(WireModel):
@@ -223,7 +234,10 @@ class ReleaseResult(WireModel):
 
 
 class ReleaseResults(WireModel):
+    """`results`: per id; `from_polls`: how many requests the named polls still held."""
+
     results: list[ReleaseResult]
+    from_polls: int = 0
 
 
 # --- respond -----------------------------------------------------------------------------

@@ -460,6 +460,27 @@ async def test_a_stopping_poller_starts_nothing_more_and_hands_back_what_waited(
 
 
 @pytest.mark.anyio
+async def test_a_stopping_poller_reports_the_long_poll_whose_answer_it_lost(
+    broker_factory: Callable[..., BrokerServer], fake_llm: Any
+) -> None:
+    """A long-poll's answer that never arrived whole (here: one the stop cut short) is
+    reported with the next long-poll; a stopping poller makes none, so it reports it as it
+    hands back: what that poll was leased comes back at once, not after 10 minutes."""
+    broker = broker_factory(lease_s=600)
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    ids = await enqueue_all(session, ["never seen"], depth=1)
+    async with session, BrokerClient(broker.url, broker.admin_token) as admin:
+        # The broker leases the request to a long-poll of the poller's (its token, its poll
+        # id) whose answer the poller never read.
+        lost = await admin.pending(wait_s=5, poll_id="lost-poll-000001")
+        assert [r.id for r in lost.requests] == ids
+        async with poller_of(poller_settings(broker), fake_llm().base_url) as poller:
+            poller._lost_polls.lost("lost-poll-000001")  # as `_fetch` notes a lost answer
+        again = (await admin.pending(wait_s=5)).requests
+    assert [(r.id, r.attempt) for r in again] == [(ids[0], 2)]
+
+
+@pytest.mark.anyio
 async def test_slow_calls_keep_their_lease(
     broker_factory: Callable[..., BrokerServer], fake_llm: Any
 ) -> None:

@@ -270,19 +270,26 @@ class Poller:
         if self._background:
             flush_s = max(deadline - loop.time(), _MIN_FLUSH_S)
             await self.poster.flush(flush_s)
-        if given_up:
-            await self._hand_back(given_up, max(deadline - loop.time(), _MIN_FLUSH_S))
+        await self._hand_back(given_up, max(deadline - loop.time(), _MIN_FLUSH_S))
 
     async def _hand_back(self, request_ids: list[str], timeout_s: float) -> None:
-        """Have the broker deliver again at once the requests whose calls were given up,
-        rather than after their leases; on failure they wait out their leases as before."""
+        """Have the broker deliver again at once what this poller will not answer: the
+        requests it gave up, and what its lost long-polls still hold (the next long-poll
+        would report those, and a stopping poller makes none: the one cut short by the stop
+        among them). On failure they wait out their leases, as before."""
+        polls = self._lost_polls.to_report()
         size = self.settings.poller_respond_batch
-        released = 0
+        batches = [request_ids[i : i + size] for i in range(0, len(request_ids), size)]
+        if polls and not batches:
+            batches = [[]]
+        released = from_polls = 0
         try:
             async with asyncio.timeout(timeout_s):
-                for first in range(0, len(request_ids), size):
-                    batch = request_ids[first : first + size]
-                    results = await self.link.client.release_leases(batch)
+                for batch in batches:
+                    results = await self.link.client.release_leases(batch, polls=polls)
+                    self._lost_polls.reported(polls)
+                    from_polls += results.from_polls
+                    polls = []  # reported with the first call
                     released += sum(result.status == "released" for result in results.results)
         except (ServiceUnreachable, ServiceResponseError, TimeoutError) as exc:
             logger.warning(
@@ -290,8 +297,10 @@ class Poller:
                 extra={"count": len(request_ids) - released, "error": str(exc)},
             )
         self.stats.handed_back += released
-        if released:
-            logger.info("leases handed back", extra={"count": released})
+        if released or from_polls:
+            logger.info(
+                "leases handed back", extra={"count": released, "from_lost_polls": from_polls}
+            )
 
     # --- serving -------------------------------------------------------------------------
 

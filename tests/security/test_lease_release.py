@@ -16,6 +16,7 @@ import httpx2
 import pytest
 
 from rlm_wire import broker_models as p
+from rlm_wire.broker_client import BrokerClient
 from rlm_wire.errors import ServiceResponseError
 from tests.support.brokers import assert_json_error, tenant_and_session
 from tests.support.servers import BrokerServer
@@ -76,6 +77,28 @@ async def test_sandboxed_code_cannot_hand_back_its_own_requests(broker: BrokerSe
     assert [r.status for r in after.results] == ["not_leased"]
 
 
+async def test_another_tenants_lost_poll_hands_back_nothing_of_theirs(
+    broker: BrokerServer,
+) -> None:
+    """`polls` reports long-polls whose answer was lost, as `/pending?abandoned=` does, and
+    is scoped the same way: by the token that reports them."""
+    async with (
+        tenant_and_session(broker.url, broker.admin_token, name="victim") as (victim, session),
+        tenant_and_session(broker.url, broker.admin_token, name="attacker") as (attacker, _),
+        BrokerClient(broker.url, broker.admin_token) as admin,
+    ):
+        queued = await session.client.enqueue(p.LLMRequest(prompt="secret"), wait_s=0)
+        (leased,) = (await victim.client.pending(wait_s=5, poll_id="victim-poll-0001")).requests
+        for client in (attacker.client, admin):  # a tenant's poll is neither's to report
+            tried = await client.release_leases([], polls=["victim-poll-0001"])
+            assert (tried.results, tried.from_polls) == ([], 0)
+        assert (await victim.client.pending(wait_s=0.3)).requests == []
+        mine = await victim.client.release_leases([], polls=["victim-poll-0001"])
+        assert mine.from_polls == 1
+        (again,) = (await victim.client.pending(wait_s=5)).requests
+    assert (again.id, again.attempt) == (queued.id, 2) and leased.id == queued.id
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -85,8 +108,25 @@ async def test_sandboxed_code_cannot_hand_back_its_own_requests(broker: BrokerSe
         ({"ids": [f"t.{i}" for i in range(MAX_IDS + 1)]}, 413),
         ({"id": "r"}, 422),
         ([], 422),
+        ({"polls": []}, 422),
+        ({"polls": ["short"]}, 400),
+        ({"polls": ["../../etc/passwd"]}, 400),
+        ({"polls": [f"poll-{i:010d}" for i in range(65)]}, 400),
+        ({"polls": "victim-poll-0001"}, 422),
     ],
-    ids=["empty", "not-a-list", "not-strings", "too-many", "no-ids", "not-an-object"],
+    ids=[
+        "empty",
+        "not-a-list",
+        "not-strings",
+        "too-many",
+        "no-ids",
+        "not-an-object",
+        "no-polls",
+        "short-poll",
+        "path-poll",
+        "too-many-polls",
+        "polls-not-a-list",
+    ],
 )
 async def test_hostile_release_bodies_are_refused(
     broker: BrokerServer, body: Any, expected: int
