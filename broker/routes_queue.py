@@ -509,7 +509,8 @@ def _result_record(answer: p.Answer) -> tuple[str, str, str]:
 
 @endpoint("extend_leases")
 async def extend_leases(request: Request) -> Response:
-    ctx, _, _, results = await _per_lease(request, p.ExtendLeases, _extend)
+    ctx, principal, body = await _lease_call(request, p.ExtendLeases)
+    results = await _per_tenant(ctx, principal, body.ids, _extend)
     return json_response(
         {
             "results": results,
@@ -524,18 +525,17 @@ async def release_leases(request: Request) -> Response:
     """Hand back leased requests their poller will not answer: each is delivered again at
     once (its delivery counted), instead of after its lease. `polls`: as `/pending`'s
     `abandoned=`, for a poller that makes no next long-poll (it stops)."""
-    ctx, principal, body, results = await _per_lease(request, p.ReleaseLeases, _release_delivered)
+    ctx, principal, body = await _lease_call(request, p.ReleaseLeases)
+    # Checked before anything is handed back: a refused call changes nothing.
+    admin = principal.scope == "admin"
+    tags = reported_tags(body.polls, admin, ctx.settings.max_abandoned_polls, "'polls'")
+    results = await _per_tenant(ctx, principal, body.ids, _release_delivered)
     released = sum(result["status"] == "released" for result in results)
     if released:
         ctx.metrics.released_leases.inc(released)
-    from_polls = 0
-    if body.polls:
-        tags = reported_tags(
-            body.polls, principal.scope == "admin", ctx.settings.max_abandoned_polls, "'polls'"
-        )
-        from_polls = await _release_abandoned(ctx, principal.tenant_id, tags)
-        if from_polls:
-            ctx.metrics.lost_answer_leases.inc(from_polls)
+    from_polls = await _release_abandoned(ctx, principal.tenant_id, tags) if tags else 0
+    if from_polls:
+        ctx.metrics.lost_answer_leases.inc(from_polls)
     return json_response({"results": results, "from_polls": from_polls})
 
 
@@ -549,14 +549,10 @@ async def _release_delivered(
     return await ctx.store.release(tenant_id, request_ids, delivered=True)
 
 
-async def _per_lease(
-    request: Request,
-    model: type[LeaseBody],
-    run: Callable[[BrokerContext, str, list[str]], Awaitable[list[str]]],
-) -> tuple[BrokerContext, Principal, LeaseBody, list[dict[str, str]]]:
-    """A call on leases the caller holds (`model`'s `ids`): `run` per tenant of the ids the
-    caller may act for; the outcome of each id, in order (`forbidden`, `not_found` for the
-    rest)."""
+async def _lease_call(
+    request: Request, model: type[LeaseBody]
+) -> tuple[BrokerContext, Principal, LeaseBody]:
+    """The context, the caller (a tenant or the admin) and the body of a call on leases."""
     ctx = context_of(request)
     principal = await principal_of(request)
     principal.require("tenant", "admin")
@@ -564,13 +560,23 @@ async def _per_lease(
     # A poller's leases are its answers to come: bounded as their batches are (one script
     # runs a call's ids on the tenant's Redis at once).
     _check_batch(len(body.ids), ctx.settings.max_respond_batch, "RLM_MAX_RESPOND_BATCH")
-    statuses, by_tenant = _by_tenant(principal, body.ids)
+    return ctx, principal, body
+
+
+async def _per_tenant(
+    ctx: BrokerContext,
+    principal: Principal,
+    request_ids: list[str],
+    run: Callable[[BrokerContext, str, list[str]], Awaitable[list[str]]],
+) -> list[dict[str, str]]:
+    """`run` per tenant of the ids the caller may act for; each id's outcome, in order
+    (`forbidden` or `not_found` for the others)."""
+    statuses, by_tenant = _by_tenant(principal, request_ids)
     for tenant_id, indexes in by_tenant.items():
-        outcomes = await run(ctx, tenant_id, [body.ids[i] for i in indexes])
+        outcomes = await run(ctx, tenant_id, [request_ids[i] for i in indexes])
         for index, outcome in zip(indexes, outcomes, strict=True):
             statuses[index] = outcome
-    results = [{"id": rid, "status": s} for rid, s in zip(body.ids, statuses, strict=True)]
-    return ctx, principal, body, results
+    return [{"id": rid, "status": s} for rid, s in zip(request_ids, statuses, strict=True)]
 
 
 __all__ = ["enqueue", "extend_leases", "get_request", "pending", "release_leases", "respond"]

@@ -9,6 +9,7 @@ shows the release works (and fails where the broker has no such route).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.anyio
 LEASE_S = 600.0
 #: RLM_MAX_RESPOND_BATCH of these brokers: the most ids one release may name.
 MAX_IDS = 4
+#: Stands for the id of the request the test's poller holds, in a hostile body.
+LEASED = "the-leased-request-id"
 
 
 @pytest.fixture
@@ -113,6 +116,8 @@ async def test_another_tenants_lost_poll_hands_back_nothing_of_theirs(
         ({"polls": ["../../etc/passwd"]}, 400),
         ({"polls": [f"poll-{i:010d}" for i in range(65)]}, 400),
         ({"polls": "victim-poll-0001"}, 422),
+        ({"ids": [LEASED], "polls": ["short"]}, 400),
+        ({"ids": [LEASED, LEASED, "t.1", "t.2", "t.3"]}, 413),
     ],
     ids=[
         "empty",
@@ -126,6 +131,8 @@ async def test_another_tenants_lost_poll_hands_back_nothing_of_theirs(
         "path-poll",
         "too-many-polls",
         "polls-not-a-list",
+        "the-lease-and-a-bad-poll",
+        "the-lease-among-too-many",
     ],
 )
 async def test_hostile_release_bodies_are_refused(
@@ -134,10 +141,12 @@ async def test_hostile_release_bodies_are_refused(
     async with tenant_and_session(broker.url, broker.admin_token) as (tenant, session):
         queued = await session.client.enqueue(p.LLMRequest(prompt="keep my lease"), wait_s=0)
         (leased,) = (await tenant.client.pending(wait_s=5)).requests
+        body = json.loads(json.dumps(body).replace(LEASED, leased.id))
         await assert_json_error(
             broker.url, tenant.token, "POST", "/leases/release", {"json": body}, expected
         )
-        # Nothing was handed back: the lease is the poller's until it says so.
+        # Nothing was handed back, not even a good id of a refused call: the lease is the
+        # poller's until it says so.
         assert (await tenant.client.pending(wait_s=0.3)).requests == []
         released = await tenant.client.release_leases([leased.id])
     assert [r.status for r in released.results] == ["released"]
