@@ -209,7 +209,8 @@ def _operations(settings: BrokerSettings) -> list[_Operation]:
             "post",
             "/leases/release",
             "release_leases",
-            "Hand back requests this poller will not answer: delivered again at once.",
+            "Hand back what this poller will not answer (requests by id, and what its lost "
+            "long-polls hold): delivered again at once.",
             ("tenant", "admin"),
             request=(p.ReleaseLeases,),
             ok={200: (p.ReleaseResults,)},
