@@ -151,6 +151,34 @@ def test_leases_are_timed_on_the_local_monotonic_clock_whatever_the_broker_says(
     assert len(keeper) == 1
 
 
+@pytest.mark.anyio
+async def test_an_answer_read_just_after_a_pause_counts_from_before_it() -> None:
+    """Resumed after a pause (SIGSTOP), a process's heartbeat runs first in the loop's pass,
+    then the answers that arrived during the pause are read: a renewal sent before the
+    pause must count from before it, not from that beat. A resumed poller counted it from
+    the beat and started a call whose lease was long over at the broker (CI, once)."""
+    from host_poller.poller.leases import LeaseKeeper
+
+    now = [1000.0]
+    client = BrokerClient("http://127.0.0.1:9", "t")
+    link = BrokerLink(RetryPolicy(), [client], broker_urls=["a"])
+    keeper = LeaseKeeper(link, clock=lambda: now[0])
+    beat = asyncio.create_task(keeper._beat())
+    try:
+        await asyncio.sleep(0)  # one beat at 1000.0
+        sent_at = now[0]  # a renewal is sent, and the process is stopped for 5 s
+        now[0] += 5.0
+        await asyncio.sleep(0.06)  # resumed: the beat's pass, then the answer is read
+        assert keeper.arrived_at(sent_at) < 1000.1
+        keeper._schedule("renewed", 2.0, keeper.arrived_at(sent_at))
+        assert not keeper.surely_held("renewed") and not keeper.holds("renewed")
+        await asyncio.sleep(0.06)  # the next beat counts again
+        assert keeper.arrived_at(None) == now[0]
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+
+
 def test_a_call_starts_only_while_a_quarter_of_its_lease_is_left() -> None:
     # The broker's lease began before its answer arrived here: near its local end it may be
     # over at the broker and the request another poller's, so no call starts then.

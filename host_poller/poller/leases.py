@@ -9,7 +9,8 @@ keeper never renew, or renew every 50 ms.
 sat in a socket while the process was stopped (SIGSTOP, a frozen VM) is as old as the pause.
 A heartbeat task notes the monotonic time every `_BEAT_S`; a lease counts from the last beat
 before its answer was read (never earlier than the call was sent), so after a pause longer
-than the lease, even a request delivered during the pause is known to have lapsed.
+than the lease, even a request delivered during the pause is known to have lapsed. The
+first beat after a gap does not count: it runs before the answers of that pass are read.
 
 - A lease is renewed once half of it has passed, so a slow LLM call is not delivered again.
 - A lease is *lost* when an extension is answered `not_leased` / `not_found` / `forbidden`,
@@ -49,6 +50,8 @@ _RETRY_RENEW_S = 1.0
 # How often the heartbeat notes that this process is running (a lease counts from the
 # last beat before its answer was read: at most this much shorter than the broker's).
 _BEAT_S = 0.05
+# A wait between two beats longer than this is a gap (see `_beat`).
+_GAP_S = 4 * _BEAT_S
 # A call starts (and a lease is handed back) only while at least this share of the lease is
 # left. The broker's lease began before its answer arrived here, by however long that took
 # (a loaded machine, a slow network): near its local end a lease may already have run out at
@@ -199,8 +202,20 @@ class LeaseKeeper:
                 await beat
 
     async def _beat(self) -> None:
+        held_back = False
         while True:
-            self._last_beat = self._clock()
+            now = self._clock()
+            last = self._last_beat
+            if last is not None and now - last > _GAP_S and not held_back:
+                # Woken after a gap (the process was stopped, or its loop blocked): the beat
+                # runs first in the loop's pass after it, before the answers that arrived
+                # during the gap are read. Those still count from before the gap, until the
+                # next beat (a resumed poller started a call of a lease renewed before its
+                # pause and long over at the broker).
+                held_back = True
+            else:
+                held_back = False
+                self._last_beat = now
             await asyncio.sleep(_BEAT_S)
 
     async def _renew_forever(self) -> None:
