@@ -55,6 +55,10 @@ def _answer(status: int, code: str, message: str) -> bytes:
     )
 
 
+#: Bodies up to this size are joined to their head (a copy); larger ones follow it.
+_JOIN_AT_MOST = 64 * 1024
+
+
 class _HeadWithBody:
     """The connection's transport as uvicorn's request cycles see it: a response's head
     (the write that starts with the status line) is held and sent in one write with what
@@ -73,7 +77,11 @@ class _HeadWithBody:
         held = self._held
         if held is not None:
             self._held = None
-            self._transport.write(held + data)
+            if len(data) > _JOIN_AT_MOST:  # a large body is not copied to save one send
+                self._transport.write(held)
+                self._transport.write(data)
+            else:
+                self._transport.write(held + data)
         elif data.startswith(b"HTTP/1.1 "):
             self._held = data
             self._loop.call_soon(self.flush)

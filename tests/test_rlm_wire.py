@@ -164,6 +164,9 @@ def _guarded_app() -> Starlette:
         await asyncio.sleep(1.0)  # twice the timeouts: answering is not bounded by them
         return PlainTextResponse(str(len(await request.body())))
 
+    async def big(request: Request) -> Response:
+        return PlainTextResponse("x" * (1 << 20))
+
     async def stream(request: Request) -> Response:
         async def chunks() -> AsyncIterator[bytes]:
             await asyncio.to_thread(STREAM_RELEASED.wait, 10)
@@ -176,6 +179,7 @@ def _guarded_app() -> Starlette:
             Route("/echo", echo, methods=["POST"]),
             Route("/slow", slow),
             Route("/stream", stream),
+            Route("/big", big),
         ]
     )
 
@@ -280,6 +284,11 @@ async def test_an_answer_is_one_write_and_a_streams_head_is_not_held(
             assert head.startswith(b"HTTP/1.1 200 ")
             assert await reader.readexactly(1) == b"%d" % size
         assert _data_segments_in(sock) - before == 5
+        # A large body follows its head, not copied into one write, and arrives whole.
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 1048576" in head
+        assert await reader.readexactly(1 << 20) == b"x" * (1 << 20)
         STREAM_RELEASED.clear()
         writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
