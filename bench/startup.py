@@ -371,6 +371,14 @@ def heaviest_imports(module: str, count: int) -> None:
 # --- memory of the idle `rlm up` stack ------------------------------------------------------
 
 
+def _command_name(pid: int) -> str:
+    """The process's name, or "" once it has exited (a start-up's short-lived helpers)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def idle_stack_memory(pool_size: int, settle_s: float) -> None:
     """PSS and RSS of each process of an idle `rlm up` (environment pyodide), once its warm
     pool holds `pool_size` sandboxes and `settle_s` passed."""
@@ -388,7 +396,7 @@ def idle_stack_memory(pool_size: int, settle_s: float) -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 pids = [up.pid, *descendants(up.pid, max_depth=8)]
-                denos = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "deno"]
+                denos = [p for p in pids if _command_name(p) == "deno"]
                 if Path(f"{tmp}/stack.env").exists() and len(denos) >= pool_size:
                     break
                 time.sleep(0.2)
@@ -398,9 +406,9 @@ def idle_stack_memory(pool_size: int, settle_s: float) -> None:
             total_pss = total_rss = 0.0
             print(f"idle `rlm up` (pyodide), warm pool {pool_size}, load {load()}:")
             for pid in [up.pid, *descendants(up.pid, max_depth=8)]:
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                name = _command_name(pid)
                 m = rollup_kib(pid)
-                if not m:  # exited meanwhile
+                if not name or not m:  # exited meanwhile
                     continue
                 total_pss += m["Pss"] / 1024
                 total_rss += m["Rss"] / 1024
