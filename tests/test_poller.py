@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -457,6 +458,43 @@ async def test_a_stopping_poller_starts_nothing_more_and_hands_back_what_waited(
             done = await results(session, ids, wait_s=10)
     assert sorted(r.response or "" for r in done) == ["echo: first", "echo: second"]
     assert instant.stats()["requests"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_stopping_poller_hands_back_only_leases_surely_its_own_in_batches(
+    broker_factory: Callable[..., BrokerServer], fake_llm: Any
+) -> None:
+    """A lease with under a quarter left may be another poller's already: a stopping poller
+    keeps its hands off it. The others go back in calls of RLM_POLLER_RESPOND_BATCH, and
+    the metrics say how many."""
+    from host_poller.poller.metrics import PollerMetrics
+
+    broker = broker_factory(lease_s=600, max_respond_batch=1)
+    slow = fake_llm({"delay_s": 1.0})
+    _, session = await open_tenant_session(broker.url, broker.admin_token, META)
+    ids = await enqueue_all(session, ["a", "b", "c", "d"], depth=1)
+    settings = poller_settings(
+        broker, poller_grace_s=20, poller_tenant_concurrency=1, poller_respond_batch=1
+    )
+    async with session, BrokerClient(broker.url, broker.admin_token) as admin:
+        async with poller_of(settings, slow.base_url) as poller, running(poller):
+            metrics = PollerMetrics()
+            metrics.bind(poller)
+            await wait_until(lambda: poller.stats.fetched == 4 and slow.stats()["in_flight"] == 1)
+            waiting = [rid for rid in poller._held if rid not in poller._started]
+            assert len(waiting) == 3
+            # Its lease as if its renewals had failed: 20 % of it left.
+            aged = waiting[0]
+            poller.leases._schedule(aged, 600, time.monotonic() - 480)
+            await poller.stop()
+        assert poller.stats.handed_back == 2
+        exported = metrics.render().decode()
+        assert "rlm_poller_leases_handed_back_total 2.0" in exported
+        assert 'rlm_poller_requests_total{code="",outcome="abandoned"} 3.0' in exported
+        again = (await admin.pending(max_items=8, wait_s=5)).requests
+        assert sorted(r.id for r in again) == sorted(rid for rid in waiting if rid != aged)
+        assert (await admin.pending(wait_s=0.3)).requests == []  # the aged one: still leased
+    assert slow.stats()["requests"] == 1 and set(waiting) < set(ids)
 
 
 @pytest.mark.anyio

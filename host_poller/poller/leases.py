@@ -34,7 +34,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from host_poller.poller.link import BrokerLink, is_retryable
@@ -124,7 +124,7 @@ class LeaseKeeper:
     ) -> None:
         self._link = link
         self._max_batch = max_batch
-        """Most leases renewed in one call (the broker bounds a call's ids by
+        """Most leases renewed or handed back in one call (the broker bounds a call's ids by
         RLM_MAX_RESPOND_BATCH; the poller passes its RLM_POLLER_RESPOND_BATCH)."""
         self._on_lost = on_lost
         self._clock = clock
@@ -225,8 +225,7 @@ class LeaseKeeper:
                 self._lose(rid, "ran out before it was renewed")
             due = [rid for rid, lease in self._leases.items() if lease.renew_at <= now]
             if due:
-                for first in range(0, len(due), self._max_batch):
-                    batch = due[first : first + self._max_batch]
+                for batch in self._batches(due):
                     try:
                         await self._extend(batch)
                     except Exception:  # a bug must not stop renewals: log it, retry later
@@ -244,6 +243,24 @@ class LeaseKeeper:
                     await asyncio.wait_for(self._changed.wait(), timeout=max(wake - now, 0.0))
             finally:
                 self._wake_at = None
+
+    async def hand_back(
+        self, request_ids: list[str], polls: Sequence[str]
+    ) -> AsyncIterator[tuple[int, int]]:
+        """Have the broker deliver again at once requests this poller will not answer, and
+        what its lost long-polls `polls` still hold (reported with the first call), in as
+        many calls as the broker's bound takes; per call, (requests released, requests the
+        polls held). The broker's errors are the caller's."""
+        client = self._link.client
+        for batch in self._batches(request_ids) or ([[]] if polls else []):
+            results = await client.release_leases(batch, polls=polls)
+            polls = ()
+            released = sum(result.status == "released" for result in results.results)
+            yield released, results.from_polls
+
+    def _batches(self, ids: list[str]) -> list[list[str]]:
+        """`ids` in calls of at most `max_batch` (the broker refuses more with 413)."""
+        return [ids[i : i + self._max_batch] for i in range(0, len(ids), self._max_batch)]
 
     def _retry_later(self, ids: list[str], delay_s: float = _RETRY_RENEW_S) -> None:
         """Try these renewals again in `delay_s`, and always well before their leases end."""

@@ -9,7 +9,8 @@ lease left (by this host's monotonic clock) is never started, a lost lease cance
 in flight, and a request stays held (and renewed) until its answer is posted. With several
 broker URLs the `BrokerLink` fails over between them (see link.py).
 
-At most `poller_concurrency` requests are held (leased and unanswered) at once, and at most
+At most `poller_concurrency` requests are held (leased, until their answer goes to the
+poster; answers still being posted do not count) at once, and at most
 `poller_tenant_concurrency` of one tenant run at once. `run()` serves until `request_stop()`
 (or `stop()`); `run_once()` / `drain()` serve single batches for deterministic tests.
 """
@@ -246,18 +247,16 @@ class Poller:
         # them through. Calls in flight get the grace period; those still running then are
         # cancelled and handed back too. A lease is handed back only while surely still this
         # poller's: one that may have run out at the broker is perhaps another poller's call.
-        waiting = [t for rid, t in self._held.items() if rid not in self._started]
-        given_up = [
-            rid for rid in self._held if rid not in self._started and self.leases.surely_held(rid)
-        ]
-        for task in waiting:
+        waiting = {rid: t for rid, t in self._held.items() if rid not in self._started}
+        running = {rid: t for rid, t in self._held.items() if rid in self._started}
+        given_up = [rid for rid in waiting if self.leases.surely_held(rid)]
+        for task in waiting.values():
             task.cancel()
-        running = [t for rid, t in self._held.items() if rid in self._started]
         late: set[asyncio.Task[None]] = set()
         if running:
-            _, late = await asyncio.wait(running, timeout=self.settings.poller_grace_s)
+            _, late = await asyncio.wait(running.values(), timeout=self.settings.poller_grace_s)
             given_up += [
-                rid for rid, t in self._held.items() if t in late and self.leases.surely_held(rid)
+                rid for rid, t in running.items() if t in late and self.leases.surely_held(rid)
             ]
             for task in late:
                 task.cancel()
@@ -266,7 +265,7 @@ class Poller:
                     "in-flight calls abandoned after the grace period",
                     extra={"count": len(late), "grace_s": self.settings.poller_grace_s},
                 )
-        await asyncio.gather(*waiting, *late, return_exceptions=True)
+        await asyncio.gather(*waiting.values(), *late, return_exceptions=True)
         if self._background:
             flush_s = max(deadline - loop.time(), _MIN_FLUSH_S)
             await self.poster.flush(flush_s)
@@ -278,19 +277,16 @@ class Poller:
         would report those, and a stopping poller makes none: the one cut short by the stop
         among them). On failure they wait out their leases, as before."""
         polls = self._lost_polls.to_report()
-        size = self.settings.poller_respond_batch
-        batches = [request_ids[i : i + size] for i in range(0, len(request_ids), size)]
-        if polls and not batches:
-            batches = [[]]
+        if not request_ids and not polls:
+            return
         released = from_polls = 0
         try:
             async with asyncio.timeout(timeout_s):
-                for batch in batches:
-                    results = await self.link.client.release_leases(batch, polls=polls)
-                    self._lost_polls.reported(polls)
-                    from_polls += results.from_polls
-                    polls = []  # reported with the first call
-                    released += sum(result.status == "released" for result in results.results)
+                async for released_now, from_polls_now in self.leases.hand_back(request_ids, polls):
+                    self._lost_polls.reported(polls)  # reported with the first call
+                    polls = []
+                    released += released_now
+                    from_polls += from_polls_now
         except (ServiceUnreachable, ServiceResponseError, TimeoutError) as exc:
             logger.warning(
                 "handing back leases failed: left to their leases",
