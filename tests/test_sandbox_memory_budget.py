@@ -80,6 +80,29 @@ async def test_pss_of_a_real_sandbox_counts_its_tree_and_survives_its_exit() -> 
     assert memory.count == 0
 
 
+async def test_a_sandbox_ending_has_the_others_read_again() -> None:
+    # Two sandboxes share the pages of Deno's binary and Pyodide's files, each counted at half;
+    # when one ends the other holds them whole, and its old reading is too low.
+    first, second = await asyncio.gather(
+        SandboxProcess.spawn(SETTINGS), SandboxProcess.spawn(SETTINGS)
+    )
+    try:
+        memory = SandboxMemory(MemoryBudget(bytes=10 * 1024 * MiB, source="test"))
+        await memory.read(first)
+        await memory.read(second)
+        await memory.measure()
+        assert memory.last_measured_count == 0  # both read, neither ran anything since
+        shared_half = memory.total
+        await second.kill()
+        assert memory.count == 1
+        await memory.measure()
+        assert memory.last_measured_count == 1  # the survivor, read again without running
+        assert memory.total > shared_half // 2 + 5 * MiB
+    finally:
+        await first.kill()
+        await second.kill()
+
+
 def test_pss_reader_survives_children_exiting_while_it_reads() -> None:
     # A shell that keeps forking short-lived children: every walk races with exits.
     churn = subprocess.Popen(

@@ -6,7 +6,9 @@ shared page twice. Reading `smaps_rollup` is not free: the kernel walks the page
 every mapping, and a Deno process reserves many GiB of address space (the WebAssembly memory
 and V8's cage), so one read costs ~10-15 ms of kernel time. Readings therefore run in a worker
 thread, at a bounded rate: a sandbox once when it starts, then only when it ran something
-since its last reading (`changed`), or when that reading is older than `_REFRESH_S`.
+since its last reading (`changed`: also when another sandbox ended, its share of the pages
+they shared now falls on the rest), or when that reading is older than `_REFRESH_S`. A
+start-up is decided on fresh readings (`WarmPool` measures before admitting one).
 
 The budget (`RLM_SANDBOX_LIVE_MEMORY_BYTES`; 0: `AUTO_FRACTION` of the memory this process may
 use: its cgroup's limit, else MemTotal) is what the pool and the sessions are kept under.
@@ -319,8 +321,14 @@ class SandboxMemory:
         return max(0, (self.budget.bytes - self.total) // max(1, self.estimate))
 
     def _prune(self) -> None:
-        for sandbox in [s for s in self._readings if not s.alive]:
+        gone = [s for s in self._readings if not s.alive]
+        for sandbox in gone:
             del self._readings[sandbox]
+        if gone:
+            # The pages a gone sandbox shared (Deno's binary, Pyodide's files) are now split
+            # among fewer: every other reading is low until it is taken again.
+            for reading in self._readings.values():
+                reading.changed = True
 
     def as_dict(self) -> dict[str, object]:
         """The figures /health reports."""

@@ -191,6 +191,9 @@ class WarmPool:
 
     async def _admit(self) -> None:
         """Room in the memory budget for one start-up, made by `reclaim` if need be."""
+        # Decided on fresh readings: a session that just ran, or one whose neighbour just
+        # ended, may hold far more than it was last read at (the reaper reads at its pace).
+        await self.memory.measure()
         if self._fits_one_more():
             return
         if self.reclaim is not None:
