@@ -120,9 +120,9 @@ async def _rewait(
     ctx: BrokerContext,
     tenant_id: str,
     ids: list[str],
-    futures: list[asyncio.Future[bytes]],
+    futures: list[asyncio.Future[bytes | None]],
     earlier: list[str],
-) -> tuple[list[str], list[asyncio.Future[bytes]]]:
+) -> tuple[list[str], list[asyncio.Future[bytes | None]]]:
     """A repeated `Idempotency-Key`: wait on the requests it enqueued the first time."""
     for request_id, future in zip(ids, futures, strict=True):
         ctx.waiters.discard(request_id, future)
@@ -193,13 +193,16 @@ async def get_request(request: Request) -> Response:
 async def _await_results(
     ctx: BrokerContext,
     ids: Sequence[str],
-    futures: Sequence[asyncio.Future[bytes]],
+    futures: Sequence[asyncio.Future[bytes | None]],
     wait_s: float,
     hold: Hold,
 ) -> list[bytes | None]:
     """The results that arrive within `wait_s` (None: still pending); the wait ends early
     when every one has, or when the client hangs up."""
-    await hold.wait(futures, wait_s)
+    if len(futures) == 1:
+        await hold.wait_one(futures[0], wait_s)
+    else:
+        await hold.wait(futures, wait_s)
     results = [f.result() if f.done() else None for f in futures]
     if wait_s > 0 and any(r is None for r in results) and not ctx.listener.connected:
         # The subscription is down: an answer may have landed without a notification.
@@ -450,6 +453,7 @@ async def _record_answers(
     statuses, by_tenant = _by_tenant(principal, [answer.id for answer in answers])
     now = time.time()
     unresolved: list[tuple[str, str]] = []
+    resolved = 0
     for tenant_id, indexes in by_tenant.items():
         records = [_result_record(answers[i]) for i in indexes]
         outcomes = await ctx.store.answer(tenant_id, records)
@@ -459,7 +463,7 @@ async def _record_answers(
                 ctx.metrics.enqueue_to_respond.observe(max(0.0, now - outcome.enqueued_at))
                 # Waiters on this replica get the answer here: `answer.lua` publishes it
                 # only to the other replicas waiting for it.
-                ctx.waiters.resolve(record[0], record[2].encode())
+                resolved += ctx.waiters.resolve(record[0], record[2].encode())
             elif outcome.status == "duplicate" and record[0] in ctx.waiters:
                 # A retried answer whose first try was recorded but never confirmed here
                 # (its reply lost): its local waiters were not resolved then.
@@ -469,7 +473,11 @@ async def _record_answers(
             unresolved, await ctx.store.read_many(unresolved), strict=True
         ):
             if result is not None:
-                ctx.waiters.resolve(request_id, result)
+                resolved += ctx.waiters.resolve(request_id, result)
+    if resolved:
+        # One loop pass, so that the held `/enqueue` calls just resolved answer their
+        # callers before this `/respond` answers its poller, which waits on nothing.
+        await asyncio.sleep(0)
     return statuses
 
 

@@ -29,10 +29,13 @@ class _Drained:
 
 
 class Waiters:
-    """Futures of result JSON (bytes), keyed by request id; several may wait for one id."""
+    """Futures of result JSON (bytes), keyed by request id; several may wait for one id.
+
+    A future is its waiter's own: its wait may settle it with None ("no result yet") when it
+    times out or its client hangs up (`Hold.wait_one`)."""
 
     def __init__(self) -> None:
-        self._futures: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._futures: dict[str, list[asyncio.Future[bytes | None]]] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._futures.values())
@@ -40,12 +43,12 @@ class Waiters:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._futures
 
-    def register(self, request_id: str) -> asyncio.Future[bytes]:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    def register(self, request_id: str) -> asyncio.Future[bytes | None]:
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._futures.setdefault(request_id, []).append(future)
         return future
 
-    def discard(self, request_id: str, future: asyncio.Future[bytes]) -> None:
+    def discard(self, request_id: str, future: asyncio.Future[bytes | None]) -> None:
         futures = self._futures.get(request_id)
         if futures is None:
             return
@@ -54,10 +57,14 @@ class Waiters:
         if not futures:
             del self._futures[request_id]
 
-    def resolve(self, request_id: str, result: bytes) -> None:
+    def resolve(self, request_id: str, result: bytes) -> int:
+        """Give `result` to every waiter of `request_id`; how many were still waiting."""
+        resolved = 0
         for future in self._futures.pop(request_id, ()):
             if not future.done():
                 future.set_result(result)
+                resolved += 1
+        return resolved
 
     def ids(self) -> list[str]:
         return list(self._futures)

@@ -6,7 +6,10 @@ request still goes to Starlette."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 from urllib.parse import parse_qsl
@@ -285,6 +288,86 @@ async def test_a_hold_ends_at_its_timeout_and_at_a_hang_up() -> None:
     assert hold.hung_up
     await hold.wait([never], 60)  # hung up: every later wait returns at once
     hold.close()
+
+
+async def test_a_hold_on_one_future_it_owns_resumes_in_one_pass_and_settles_it() -> None:
+    loop = asyncio.get_running_loop()
+    receive = _Receive()
+    hold = Hold(receive)
+    order: list[str] = []
+
+    async def held(future: asyncio.Future[bytes | None]) -> None:
+        await hold.wait_one(future, 60)
+        order.append("resumed")
+
+    answered: asyncio.Future[bytes | None] = loop.create_future()
+    waiting = asyncio.create_task(held(answered))
+    await asyncio.sleep(0)
+    answered.set_result(b"{}")
+    loop.call_soon(order.append, "next pass")  # what the result's own pass is ahead of
+    await waiting
+    # A done-callback settling a wake (`wait`) would resume it a pass later, after this.
+    assert order == ["resumed", "next pass"]
+
+    # Its timeout and its client's hang-up settle the future with None ("nothing yet").
+    late: asyncio.Future[bytes | None] = loop.create_future()
+    await hold.wait_one(late, 0.01)
+    assert late.result() is None and not hold.hung_up
+    gone: asyncio.Future[bytes | None] = loop.create_future()
+    loop.call_later(0.01, receive.leave)
+    await hold.wait_one(gone, 60)
+    assert gone.result() is None and hold.hung_up
+    hold.close()
+
+
+#: Linux's SO_TIMESTAMPNS (the socket module names it from Python 3.14 on).
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def _raw_post(port: int, path: str, token: str, body: bytes) -> socket.socket:
+    """A POST sent on a plain socket that stamps each segment's arrival (SO_TIMESTAMPNS)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _answer_arrival(sock: socket.socket) -> tuple[bytes, int]:
+    """The first segment of the answer, and when the kernel queued it (ns)."""
+    sock.settimeout(30)
+    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16))
+    stamps = [
+        struct.unpack("qq", payload[:16])
+        for level, kind, payload in ancillary
+        if (level, kind) == (socket.SOL_SOCKET, _SO_TIMESTAMPNS)
+    ]
+    assert len(stamps) == 1, ancillary
+    seconds, nanoseconds = stamps[0]
+    return data, seconds * 10**9 + nanoseconds
+
+
+async def test_a_held_enqueue_is_answered_before_the_respond_that_answered_it(
+    parties: tuple[InspectableBroker, Tenant, Session],
+) -> None:
+    """Its caller waits on that answer; the poller waits on nothing (it already has its next
+    long-poll out), so the broker writes the caller's first."""
+    broker, tenant, session = parties
+    port = int(broker.url.rsplit(":", 1)[1])
+    with _raw_post(port, "/enqueue?wait=30", session.token, b'{"prompt": "first"}') as held:
+        async with httpx2.AsyncClient(base_url=broker.url, headers=_auth(tenant.token)) as raw:
+            leased = (await raw.get("/pending?wait=10")).json()["requests"]
+        assert len(leased) == 1
+        body = json.dumps({"id": leased[0]["id"], "response": "ok"}).encode()
+        with _raw_post(port, "/respond", tenant.token, body) as respond:
+            answered, answered_at = await asyncio.to_thread(_answer_arrival, held)
+            confirmed, confirmed_at = await asyncio.to_thread(_answer_arrival, respond)
+    assert answered.startswith(b"HTTP/1.1 200") and b'"ok"' in answered
+    assert confirmed.startswith(b"HTTP/1.1 200") and b"accepted" in confirmed
+    assert answered_at < confirmed_at
 
 
 async def test_a_receive_that_fails_counts_as_a_hang_up() -> None:

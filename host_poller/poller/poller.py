@@ -343,17 +343,21 @@ class Poller:
                 freed.cancel()
             return
         fetch = asyncio.ensure_future(self._fetch(free, self.settings.poller_wait_s))
+
+        def cut_short(_: object) -> None:
+            # Dropping the long-poll's connection lets the broker hand back what it leased.
+            fetch.cancel()
+
+        # Awaited itself, not raced with `stop` in `asyncio.wait`: its answer resumes this
+        # loop one pass sooner. A stop cancels it; so does this task's own cancellation.
+        stop.add_done_callback(cut_short)
         try:
-            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not fetch.done():
-                # Dropping the long-poll's connection lets the broker hand back what it leased.
-                fetch.cancel()
-                await asyncio.wait({fetch})
-        if fetch.cancelled():
-            return
-        try:
-            requests = fetch.result()
+            requests = await fetch
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not fetch.cancelled() or (task is not None and task.cancelling()):
+                raise
+            return  # cut short by the stop
         except (ServiceUnreachable, ServiceResponseError) as exc:
             if isinstance(exc, ServiceResponseError) and exc.status in (401, 403):
                 raise BrokerRejected(exc.status, exc.message) from exc
@@ -362,6 +366,8 @@ class Poller:
             self.link.failed(exc, self._fetching)
             await self.link.pause(self._stopping, exc=exc)
             return
+        finally:
+            stop.remove_done_callback(cut_short)
         self.link.succeeded()
         for request in requests:
             self._spawn(request)
