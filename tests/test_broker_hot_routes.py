@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 from urllib.parse import parse_qsl
@@ -20,6 +19,7 @@ import pytest
 from broker.app import create_app
 from broker.settings import BrokerSettings
 from rlm_wire.asgi import AsgiRequest, Hold
+from tests.support.arrivals import receive_stamped, stamp_arrivals
 from tests.support.brokers import Session, Tenant, tenant_and_session
 from tests.support.servers import BrokerServer, InspectableBroker, wait_until
 
@@ -320,34 +320,17 @@ async def test_a_hold_on_one_future_it_owns_resumes_in_one_pass_and_settles_it()
     hold.close()
 
 
-#: Linux's SO_TIMESTAMPNS (the socket module names it from Python 3.14 on).
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-
-
 def _raw_post(port: int, path: str, token: str, body: bytes) -> socket.socket:
-    """A POST sent on a plain socket that stamps each segment's arrival (SO_TIMESTAMPNS)."""
+    """A POST sent on a plain socket that stamps each segment's arrival."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    stamp_arrivals(sock)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     sock.sendall(head.encode() + body)
-    return sock
-
-
-def _answer_arrival(sock: socket.socket) -> tuple[bytes, int]:
-    """The first segment of the answer, and when the kernel queued it (ns)."""
     sock.settimeout(30)
-    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16))
-    stamps = [
-        struct.unpack("qq", payload[:16])
-        for level, kind, payload in ancillary
-        if (level, kind) == (socket.SOL_SOCKET, _SO_TIMESTAMPNS)
-    ]
-    assert len(stamps) == 1, ancillary
-    seconds, nanoseconds = stamps[0]
-    return data, seconds * 10**9 + nanoseconds
+    return sock
 
 
 async def test_a_held_enqueue_is_answered_before_the_respond_that_answered_it(
@@ -363,8 +346,8 @@ async def test_a_held_enqueue_is_answered_before_the_respond_that_answered_it(
         assert len(leased) == 1
         body = json.dumps({"id": leased[0]["id"], "response": "ok"}).encode()
         with _raw_post(port, "/respond", tenant.token, body) as respond:
-            answered, answered_at = await asyncio.to_thread(_answer_arrival, held)
-            confirmed, confirmed_at = await asyncio.to_thread(_answer_arrival, respond)
+            answered, answered_at = await asyncio.to_thread(receive_stamped, held)
+            confirmed, confirmed_at = await asyncio.to_thread(receive_stamped, respond)
     assert answered.startswith(b"HTTP/1.1 200") and b'"ok"' in answered
     assert confirmed.startswith(b"HTTP/1.1 200") and b"accepted" in confirmed
     assert answered_at < confirmed_at

@@ -26,6 +26,7 @@ from host_poller.poller.hooks import BudgetLookup, SubRLMRunner
 from host_poller.rlm.budget import Budget, RunBudgets
 from rlm_wire.broker_client import BrokerClient
 from rlm_wire.broker_models import Answer, LLMRequest, PendingRequest, RequestResult
+from tests.support.arrivals import ArrivalRelay
 from tests.support.servers import BrokerServer, wait_until
 
 # --- helpers (also used by tests/test_poller_*.py) -------------------------------------------
@@ -286,6 +287,41 @@ async def test_depth_beyond_max_depth_is_refused(
     assert result.error is not None and result.error.code == "budget_exceeded"
     assert "depth 3" in result.error.message
     assert fake.stats()["requests"] == 0
+
+
+@pytest.mark.anyio
+async def test_an_answer_made_at_once_is_posted_before_the_next_long_poll(
+    broker_server: BrokerServer, fake_llm: Any, session_of: Any
+) -> None:
+    """A call answered without waiting (here refused for its depth) has its answer posted
+    before the poller's next long-poll goes out: its caller waits on it, the long-poll would
+    only wait at the broker. The broker's arrivals are read off the kernel's stamps."""
+    fake = fake_llm()
+    _, session = await session_of({"run_id": "r", "depth": 2, "max_depth": 1})
+    with ArrivalRelay(broker_server.port) as relay:
+        settings = poller_settings(broker_server, broker_url=relay.url, poller_wait_s=30.0)
+
+        def lines() -> list[str]:
+            return [line for _, line in relay.arrivals]
+
+        async with poller_of(settings, fake.base_url) as poller, running(poller):
+            await wait_until(lambda: any(" /pending" in line for line in lines()))
+            enqueued_at = time.time_ns()  # the first long-poll is parked at the broker
+            ids = await enqueue_all(session, ["deep"], depth=1)
+            [result] = await results(session, ids)
+            # Its answer, and the long-poll after the one that leased it.
+            await wait_until(
+                lambda: (
+                    any(line.startswith("POST /respond") for line in lines())
+                    and sum(line.startswith("GET /pending") for line in lines()) >= 2
+                )
+            )
+        arrivals = relay.arrivals
+    assert result.error is not None and result.error.code == "budget_exceeded"
+    [(answered_at, _)] = [(t, line) for t, line in arrivals if line.startswith("POST /respond")]
+    polls = [t for t, line in arrivals if line.startswith("GET /pending")]
+    assert [t for t in polls if enqueued_at < t < answered_at] == [], arrivals
+    assert any(t > answered_at for t in polls), arrivals
 
 
 class RecordingSubRLM:

@@ -371,6 +371,11 @@ class Poller:
         self.link.succeeded()
         for request in requests:
             self._spawn(request)
+        if requests:
+            # A pass before the next long-poll goes out: calls that answer without waiting
+            # (a cached or instant model, a refusal) post their answers first. Their callers
+            # wait on those answers; the long-poll would only wait at the broker.
+            await asyncio.sleep(0)
 
     async def run_once(self, *, wait_s: float = 0.0) -> int:
         """Lease one batch, answer it, post the answers; returns how many were leased.
