@@ -53,21 +53,19 @@ class TickBatcher(Generic[KeyT, CallT, ResultT]):
             batch = None  # full: it runs as it is, this call opens the next one
         if batch is None:
             batch = self._open[key] = _Batch()
-            loop.call_soon(self._start, key, batch)
+            # Its first step runs in the next pass of the loop: calls made in this one join.
+            task = loop.create_task(self._execute(key, batch))
+            self._running.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._running.discard)
         future: asyncio.Future[ResultT] = loop.create_future()
         batch.calls.append(call)
         batch.futures.append(future)
         batch.weight += weight
         return await future
 
-    def _start(self, key: KeyT, batch: _Batch[CallT, ResultT]) -> None:
-        if self._open.get(key) is batch:
-            del self._open[key]
-        task = asyncio.ensure_future(self._execute(key, batch))
-        self._running.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._running.discard)
-
     async def _execute(self, key: KeyT, batch: _Batch[CallT, ResultT]) -> None:
+        if self._open.get(key) is batch:
+            del self._open[key]  # closed: later calls open the next batch
         try:
             results = await self._run(key, batch.calls)
             if len(results) != len(batch.calls):

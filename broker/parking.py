@@ -40,6 +40,7 @@ class LongPoll:
     work (None: an admin long-poll, woken by any tenant's work and never handed any)."""
 
     __slots__ = (
+        "doorbell",
         "handed",
         "joined",
         "left",
@@ -63,6 +64,8 @@ class LongPoll:
         self.woken: asyncio.Future[None] = loop.create_future()
         #: settled with what an enqueue hands it (cancelled: it took its leave)
         self.handed: asyncio.Future[list[Claimed]] = loop.create_future()
+        #: rung (settled) when it is woken or handed work: what its handler waits on
+        self.doorbell: asyncio.Future[None] | None = None
         #: the work-announcement clock and the monotonic time when it parked: a hand-off of
         #: fewer than `max_items` drained the queue as of then (`WorkSignals.drained`)
         self.mark = 0
@@ -79,6 +82,20 @@ class LongPoll:
     @property
     def reservable(self) -> bool:
         return self.parked and not self.reserved and not self.handed.done()
+
+    def new_doorbell(self) -> asyncio.Future[None]:
+        """A future rung when this long-poll is woken or handed work (at once if it already
+        is), for its handler to await itself (`Hold.wait_one`): it resumes in the pass the
+        news came, not a pass later through a done-callback on `woken` or `handed`."""
+        bell: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.woken.done() or self.handed.done():
+            bell.set_result(None)
+        self.doorbell = bell
+        return bell
+
+    def ring(self) -> None:
+        if self.doorbell is not None and not self.doorbell.done():
+            self.doorbell.set_result(None)
 
 
 class Parking:
@@ -180,8 +197,10 @@ class Parking:
                 gone += share
             elif share:
                 long_poll.handed.set_result(share)
+                long_poll.ring()
             elif long_poll.left:
                 long_poll.handed.set_result([])  # it waits for this answer: nothing came
+                long_poll.ring()
         return gone + leased
 
     def _wake(self, tenant_id: str, count: int) -> None:
@@ -191,6 +210,7 @@ class Parking:
                 break
             if not long_poll.woken.done():
                 long_poll.woken.set_result(None)
+                long_poll.ring()
                 count -= 1
 
     def _wake_admin(self) -> None:
@@ -198,6 +218,7 @@ class Parking:
         for long_poll in waiting:
             if not long_poll.woken.done():
                 long_poll.woken.set_result(None)
+                long_poll.ring()
 
     def _copy(self, tenant_id: str) -> tuple[LongPoll, ...]:
         # Taken in one step (no Python code runs while copying): a count may be read from

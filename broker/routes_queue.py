@@ -279,8 +279,8 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                 if handed:
                     claimed = handed
                     break
-            else:
-                await hold.wait([long_poll.woken], sleep)  # at once when a claim is due now
+            else:  # at once when a claim is due now
+                await hold.wait_one(long_poll.new_doorbell(), sleep)
             full_scan = not long_poll.woken.done()  # a periodic re-check looks at every tenant
             # A wake-up is used by the claim at the top of the loop, unless the poller left.
             ctx.parking.leave(long_poll, used=not hold.hung_up)
@@ -303,13 +303,13 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
 async def _wait_parked(
     ctx: BrokerContext, long_poll: LongPoll, sleep: float, hold: Hold
 ) -> list[Claimed]:
-    """Wait as `hold.wait([long_poll.woken], sleep)`, parked so that an enqueue on this
+    """Wait for a wake-up as any long-poll does, parked so that an enqueue on this
     replica may hand new work straight to this long-poll (`broker.parking`); what it was
     handed."""
     parking, handed_future = ctx.parking, long_poll.handed
     parking.park(long_poll, ctx.signals.mark(), time.monotonic())
     try:
-        await hold.wait([long_poll.woken, handed_future], sleep, every=False)
+        await hold.wait_one(long_poll.new_doorbell(), sleep)
         if parking.unpark(long_poll, hung_up=hold.hung_up):
             # Reserved by an enqueue whose script runs now: its batch settles the future
             # when it ends (within a Redis command's timeout), unless the client leaves.

@@ -72,3 +72,16 @@ async def test_a_caller_that_leaves_does_not_stop_its_batch() -> None:
     leaving.cancel()
     assert await staying == 4
     assert recorder.batches == [("a", [1, 2])]
+
+
+async def test_a_batch_starts_in_the_pass_after_its_first_call() -> None:
+    """Calls of the same pass still join it; a lone call waits one pass, not two."""
+    recorder = Recorder()
+    batcher = TickBatcher(recorder.run, max_calls=10, max_weight=100)
+    first = asyncio.ensure_future(batcher.submit("a", 1))
+    await asyncio.sleep(0)  # this pass: the call opens the batch
+    second = asyncio.ensure_future(batcher.submit("a", 2))  # a pass later: too late to join
+    await asyncio.sleep(0)  # the next pass: the batch runs
+    assert recorder.batches == [("a", [1])]
+    assert (await first, await second) == (2, 4)
+    assert recorder.batches == [("a", [1]), ("a", [2])]

@@ -118,3 +118,20 @@ async def test_a_hand_off_goes_to_the_reserved_long_polls_that_still_want_it() -
     assert parking.reserve("t1", 1) == [idle]
     assert parking.unpark(idle, hung_up=False)
     assert parking.settle([idle], []) == [] and idle.handed.result() == []
+
+
+async def test_a_long_polls_doorbell_rings_when_it_is_woken_or_handed_work() -> None:
+    """What its handler awaits itself (`Hold.wait_one`): rung by the same step that wakes it
+    or hands it work, so that it resumes in that pass; rung at once if it already was."""
+    parking = Parking()
+    woken, handed, admin = parking.join("t1", 1), parking.join("t1", 1), parking.join(None, 1)
+    bells = [poll.new_doorbell() for poll in (woken, handed, admin)]
+    parking.park(handed, 0, 0.0)
+    [reserved] = parking.reserve("t1", 1)  # the oldest parked: `handed`
+    assert reserved is handed
+    assert not any(bell.done() for bell in bells)
+    parking.wake("t1", 1)  # the oldest: `woken`; and every admin long-poll
+    assert bells[0].done() and bells[2].done() and not bells[1].done()
+    parking.settle([handed], leased("a"))
+    assert bells[1].done()
+    assert woken.new_doorbell().done()  # already woken: rung at once
