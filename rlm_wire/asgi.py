@@ -201,10 +201,11 @@ class Hold:
             self._wake = None
 
     async def wait_one(self, future: asyncio.Future[T | None], timeout_s: float) -> None:
-        """`wait([future])` for a future the caller owns and reads None in as "nothing yet":
-        it is awaited directly and settled with None at the timeout or the hang-up. Its
-        result then resumes the caller in one loop pass instead of two (a done-callback
-        settling the wake, then the wake): a held `/enqueue` answers a pass sooner."""
+        """`wait([future])` for a future the caller owns, in which it reads None as "nothing
+        yet": the future is awaited directly and settled with None at the timeout or the
+        hang-up. Its result then resumes the caller in one loop pass instead of two (a
+        done-callback settling the wake, then the wake): a held `/enqueue` answers a pass
+        sooner."""
         if self.hung_up or timeout_s <= 0 or future.done():
             return
         self._wake = future

@@ -6,9 +6,10 @@ shared page twice. Reading `smaps_rollup` is not free: the kernel walks the page
 every mapping, and a Deno process reserves many GiB of address space (the WebAssembly memory
 and V8's cage), so one read costs ~10-15 ms of kernel time. Readings therefore run in a worker
 thread, at a bounded rate: a sandbox once when it starts, then only when it ran something
-since its last reading (`changed`: also when another sandbox ended, its share of the pages
-they shared now falls on the rest), or when that reading is older than `_REFRESH_S`. A
-start-up is decided on fresh readings (`WarmPool` measures before admitting one).
+since its last reading (`changed`), when another sandbox ended since (the pages they shared
+now fall on the rest; at most once per `interval_s`), or when that reading is older than
+`_REFRESH_S`. A start-up is decided on fresh readings (`WarmPool` measures before admitting
+one).
 
 The budget (`RLM_SANDBOX_LIVE_MEMORY_BYTES`; 0: `AUTO_FRACTION` of the memory this process may
 use: its cgroup's limit, else MemTotal) is what the pool and the sessions are kept under.
@@ -228,6 +229,8 @@ class _Reading:
     pss: int | None = None  # None: not read yet (counted at the estimate)
     at: float = 0.0
     changed: bool = True
+    #: another sandbox ended since: the pages they shared now fall on fewer
+    neighbour_gone: bool = False
 
 
 class SandboxMemory:
@@ -277,12 +280,18 @@ class SandboxMemory:
         due = [
             (sandbox, sandbox.launcher_pid)
             for sandbox, r in self._readings.items()
-            if r.changed or r.pss is None or now - r.at >= _REFRESH_S
+            if r.changed
+            or r.pss is None
+            or now - r.at >= _REFRESH_S
+            # At most once per `interval_s`: a churn of ending sessions must not have every
+            # live one read at each measure.
+            or (r.neighbour_gone and now - r.at >= self.interval_s)
         ]
         if not due:
             return
         for sandbox, _ in due:  # a change while the thread reads marks it again
-            self._readings[sandbox].changed = False
+            marks = self._readings[sandbox]
+            marks.changed = marks.neighbour_gone = False
         started = time.perf_counter()
         values = await asyncio.to_thread(lambda: [tree_pss(pid, self._proc) for _, pid in due])
         self.last_measure_s = time.perf_counter() - started
@@ -328,7 +337,7 @@ class SandboxMemory:
             # The pages a gone sandbox shared (Deno's binary, Pyodide's files) are now split
             # among fewer: every other reading is low until it is taken again.
             for reading in self._readings.values():
-                reading.changed = True
+                reading.neighbour_gone = True
 
     def as_dict(self) -> dict[str, object]:
         """The figures /health reports."""
