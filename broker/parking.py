@@ -93,7 +93,20 @@ class LongPoll:
         self.doorbell = bell
         return bell
 
-    def ring(self) -> None:
+    def wake(self) -> bool:
+        """Woken by an announcement (once: False if it already was)."""
+        if self.woken.done():
+            return False
+        self.woken.set_result(None)
+        self._ring()
+        return True
+
+    def hand(self, share: list[Claimed]) -> None:
+        """Settle its hand-off with `share` (possibly nothing)."""
+        self.handed.set_result(share)
+        self._ring()
+
+    def _ring(self) -> None:
         if self.doorbell is not None and not self.doorbell.done():
             self.doorbell.set_result(None)
 
@@ -195,12 +208,8 @@ class Parking:
             share, leased = leased[: long_poll.max_items], leased[long_poll.max_items :]
             if long_poll.handed.done():  # cancelled: its long-poll is gone
                 gone += share
-            elif share:
-                long_poll.handed.set_result(share)
-                long_poll.ring()
-            elif long_poll.left:
-                long_poll.handed.set_result([])  # it waits for this answer: nothing came
-                long_poll.ring()
+            elif share or long_poll.left:  # one that left waits for this answer, even none
+                long_poll.hand(share)
         return gone + leased
 
     def _wake(self, tenant_id: str, count: int) -> None:
@@ -208,17 +217,13 @@ class Parking:
         for long_poll in self._tenants.get(tenant_id, ()):
             if count <= 0:
                 break
-            if not long_poll.woken.done():
-                long_poll.woken.set_result(None)
-                long_poll.ring()
+            if long_poll.wake():
                 count -= 1
 
     def _wake_admin(self) -> None:
         waiting, self._admin = self._admin, set()
         for long_poll in waiting:
-            if not long_poll.woken.done():
-                long_poll.woken.set_result(None)
-                long_poll.ring()
+            long_poll.wake()
 
     def _copy(self, tenant_id: str) -> tuple[LongPoll, ...]:
         # Taken in one step (no Python code runs while copying): a count may be read from

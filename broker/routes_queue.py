@@ -12,6 +12,7 @@ event (new work) that the replica's one subscription resolves. A held `/enqueue`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -518,7 +519,7 @@ def _result_record(answer: p.Answer) -> tuple[str, str, str]:
 @endpoint("extend_leases")
 async def extend_leases(request: Request) -> Response:
     ctx, principal, body = await _lease_call(request, p.ExtendLeases)
-    results = await _per_tenant(ctx, principal, body.ids, _extend)
+    results = await _per_tenant(principal, body.ids, ctx.store.extend)
     return json_response(
         {
             "results": results,
@@ -537,7 +538,8 @@ async def release_leases(request: Request) -> Response:
     # Checked before anything is handed back: a refused call changes nothing.
     admin = principal.scope == "admin"
     tags = reported_tags(body.polls, admin, ctx.settings.max_abandoned_polls, "'polls'")
-    results = await _per_tenant(ctx, principal, body.ids, _release_delivered)
+    release = functools.partial(ctx.store.release, delivered=True)
+    results = await _per_tenant(principal, body.ids, release)
     released = sum(result["status"] == "released" for result in results)
     if released:
         ctx.metrics.released_leases.inc(released)
@@ -545,16 +547,6 @@ async def release_leases(request: Request) -> Response:
     if from_polls:
         ctx.metrics.lost_answer_leases.inc(from_polls)
     return json_response({"results": results, "from_polls": from_polls})
-
-
-async def _extend(ctx: BrokerContext, tenant_id: str, request_ids: list[str]) -> list[str]:
-    return await ctx.store.extend(tenant_id, request_ids)
-
-
-async def _release_delivered(
-    ctx: BrokerContext, tenant_id: str, request_ids: list[str]
-) -> list[str]:
-    return await ctx.store.release(tenant_id, request_ids, delivered=True)
 
 
 async def _lease_call(
@@ -572,16 +564,15 @@ async def _lease_call(
 
 
 async def _per_tenant(
-    ctx: BrokerContext,
     principal: Principal,
     request_ids: list[str],
-    run: Callable[[BrokerContext, str, list[str]], Awaitable[list[str]]],
+    run: Callable[[str, list[str]], Awaitable[list[str]]],
 ) -> list[dict[str, str]]:
     """`run` per tenant of the ids the caller may act for; each id's outcome, in order
     (`forbidden` or `not_found` for the others)."""
     statuses, by_tenant = _by_tenant(principal, request_ids)
     for tenant_id, indexes in by_tenant.items():
-        outcomes = await run(ctx, tenant_id, [request_ids[i] for i in indexes])
+        outcomes = await run(tenant_id, [request_ids[i] for i in indexes])
         for index, outcome in zip(indexes, outcomes, strict=True):
             statuses[index] = outcome
     return [{"id": rid, "status": s} for rid, s in zip(request_ids, statuses, strict=True)]

@@ -145,8 +145,8 @@ class _Countdown:
 
 
 class Hold:
-    """The waits of one held call (a long-poll, a held `/enqueue`): each `wait` ends at the
-    first of its futures being done, its timeout, or the client hanging up (`hung_up`).
+    """The waits of one held call (a long-poll, a held `/enqueue`): each wait ends when its
+    futures are done, at its timeout, or when the client hangs up (`hung_up`).
 
     Per held call, one task reads `receive` to notice the hang-up (started by `watch()` or
     by the first wait that does not end at once; `close()` cancels it), and each wait is
@@ -171,34 +171,22 @@ class Hold:
             self._watch = asyncio.get_running_loop().create_task(until_disconnect(self._receive))
             self._watch.add_done_callback(self._watched)
 
-    async def wait(
-        self, futures: Sequence[asyncio.Future[Any]], timeout_s: float, *, every: bool = True
-    ) -> None:
-        """Until every one of `futures` is done (`every=False`: any one), `timeout_s` has
-        passed, or the client has hung up; returns at once if one of these holds now."""
+    async def wait(self, futures: Sequence[asyncio.Future[Any]], timeout_s: float) -> None:
+        """Until every one of `futures` is done, `timeout_s` has passed, or the client has
+        hung up; returns at once if one of these holds now."""
         if self.hung_up or timeout_s <= 0:
             return
         waiting = [future for future in futures if not future.done()]
-        if not waiting or (not every and len(waiting) < len(futures)):
+        if not waiting:
             return
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        self._wake = wake
-        self.watch()
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Callbacks left on futures that settle later only find `wake` done: no removal.
         settle: Callable[[object], None] = (
-            _Countdown(wake, len(waiting))
-            if every and len(waiting) > 1
-            else functools.partial(_settle, wake)
+            _Countdown(wake, len(waiting)) if len(waiting) > 1 else functools.partial(_settle, wake)
         )
         for future in waiting:
             future.add_done_callback(settle)
-        timer = loop.call_later(timeout_s, _settle, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._wake = None
+        await self._until(wake, timeout_s)
 
     async def wait_one(self, future: asyncio.Future[T | None], timeout_s: float) -> None:
         """`wait([future])` for a future the caller owns, in which it reads None as "nothing
@@ -208,11 +196,15 @@ class Hold:
         sooner."""
         if self.hung_up or timeout_s <= 0 or future.done():
             return
-        self._wake = future
+        await self._until(future, timeout_s)
+
+    async def _until(self, wake: asyncio.Future[Any], timeout_s: float) -> None:
+        """Await `wake`, which the timer and a hang-up settle with None."""
+        self._wake = wake
         self.watch()
-        timer = asyncio.get_running_loop().call_later(timeout_s, _settle, future)
+        timer = asyncio.get_running_loop().call_later(timeout_s, _settle, wake)
         try:
-            await future
+            await wake
         finally:
             timer.cancel()
             self._wake = None
