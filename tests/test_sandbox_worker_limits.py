@@ -45,6 +45,39 @@ async def test_busy_loop_is_interrupted_and_state_is_kept(sandbox: SandboxProces
     assert await ok(sandbox, "survivor") == "[1, 2, 3]\n"
 
 
+async def test_an_interrupt_that_arrives_before_its_request_is_read_still_stops_it(
+    sandbox: SandboxProcess,
+) -> None:
+    """The supervisor interrupts request N once N's deadline has passed. When its event loop
+    stalls past that deadline before N is even sent (CI failed so on 1c1d570, killing this
+    module's sandbox), the interrupt is written right behind N and can reach the sandbox's
+    watcher before its main thread has read N. Dropped as stale, the loop ran on until the
+    grace killed the sandbox and its state; it must stop N instead."""
+    await ok(sandbox, "survivor = [1, 2, 3]")
+    sandbox._interrupt(sandbox._seq + 1)  # the number _roundtrip gives the next request
+    result = await run(sandbox, "while True:\n    pass", timeout_s=5)
+    assert result.error is not None
+    # the supervisor's own deadline did not pass, so it reports the guest's KeyboardInterrupt
+    assert result.error.type == "KeyboardInterrupt"
+    assert not result.state_lost
+    assert await ok(sandbox, "survivor") == "[1, 2, 3]\n"
+
+
+async def test_no_interrupt_is_lost_to_the_interpreters_signal_check(
+    fresh: SandboxProcess,
+) -> None:
+    """Pyodide's signal check read the interrupt slot, then wrote 0 to it: a signal the
+    watcher stored between the two was lost, and the loop ran on until the grace killed the
+    sandbox and its state (about 1 timeout in 150 here; CI lost sessions so). Each of many
+    short timeouts in a row must interrupt; on the code before, 600 of them killed the
+    sandbox at least once in nearly every run."""
+    for attempt in range(600):
+        result = await run(fresh, "while True:\n    pass", timeout_s=0.005)
+        assert result.error is not None
+        assert result.error.type == "TimeoutError"
+        assert not result.state_lost, f"timeout {attempt}: {result.error.message}"
+
+
 async def test_sleep_is_interruptible(sandbox: SandboxProcess) -> None:
     await ok(sandbox, "survivor = [1, 2, 3]")
     result = await run(sandbox, "import time\ntime.sleep(100)", timeout_s=0.5)
@@ -82,6 +115,8 @@ async def test_code_that_swallows_interrupts_is_killed(
     assert result.error is not None
     assert result.error.type == "TimeoutError"
     assert result.state_lost
+    # what it did with the grace, to tell code that ran on from a machine too busy to run it
+    assert "s of CPU in that time); the sandbox was killed" in result.error.message
     assert not fresh.alive
     assert await ok(sandbox, "1 + 1") == "2\n"  # other sandboxes are untouched
 

@@ -121,8 +121,29 @@ if (config.make_snapshot) {
 }
 
 stdlibFromDisk(pyodide, config.pyodide_dir);
-const flags = new Int32Array(new SharedArrayBuffer(8)); // [0] pending signal, [1] running seq
-pyodide.setInterruptBuffer(flags);
+// [0] pending signal, [1] running seq, [2] last seq interrupted (interrupt_worker.mjs)
+const flags = new Int32Array(new SharedArrayBuffer(12));
+pyodide.setInterruptBuffer(flags); // turns the interpreter's signal check on
+// Pyodide's signal check (every 50 bytecodes or so; `_Py_CheckEmscriptenSignals_Helper` in
+// pyodide.asm.mjs, which the timeout tests exercise) read the buffer's first slot, then wrote 0
+// to it: two steps, and a signal the watcher stored between them was lost (about 1 timeout in
+// 150 then ran on until the grace killed the sandbox and its state). It reads the buffer from
+// this property each time (three times when it takes one): with no signal pending the property
+// is empty, and the check ends there, writing nothing; with one, it is a view that takes the
+// signal by one atomic exchange, then is still there for the write, which it ignores.
+let takenUnwritten = false;
+const takeSignal = {
+  get 0() {
+    takenUnwritten = true;
+    return Atomics.exchange(flags, 0, 0);
+  },
+  set 0(_cleared) {
+    takenUnwritten = false;
+  },
+};
+Object.defineProperty(pyodide._module, "Py_EmscriptenSignalBuffer", {
+  get: () => (flags[0] !== 0 || takenUnwritten ? takeSignal : undefined),
+});
 const watcher = new Worker(new URL("./interrupt_worker.mjs", import.meta.url).href, { type: "module" });
 await new Promise((resolve, reject) => {
   watcher.onmessage = resolve;
@@ -181,6 +202,10 @@ for (;;) {
   if (header.op === "exit") break;
   Atomics.store(flags, 0, 0);
   Atomics.store(flags, 1, header.seq ?? 0);
+  // Its interrupt may have come before this request was read: the watcher saw another number
+  // running and left this one in [2]. Both sides store, then read the other's slot, so one of
+  // them sees the match (the interrupt is never lost to that race, and a stale one never hits).
+  if (header.seq && Atomics.load(flags, 2) === header.seq) Atomics.store(flags, 0, 2);
   try {
     dispatch(frame.header, frame.payload.length ? frame.payload : undefined);
   } catch (error) {

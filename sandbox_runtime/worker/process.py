@@ -44,6 +44,12 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class _Killed(Exception):
     """The request overran its grace period and the process was killed."""
 
+    def __init__(self, grace_cpu_s: float | None = None) -> None:
+        super().__init__()
+        # CPU the process used between the interrupt and the kill: near the grace when the code
+        # ran on through the interrupt, near zero when the machine gave it no time to stop.
+        self.grace_cpu_s = grace_cpu_s
+
 
 class SandboxProcess:
     """One sandbox process. Requests run one at a time; `kill` may be called at any moment."""
@@ -255,11 +261,13 @@ class SandboxProcess:
             request = {"op": "execute", "code": code, "output_bytes": output_bytes}
             try:
                 frame, interrupted = await self._roundtrip(request, b"", timeout_s)
-            except _Killed:
+            except _Killed as exc:
+                cpu = exc.grace_cpu_s
+                used = "" if cpu is None else f" (it ran {cpu:.2f} s of CPU in that time)"
                 return self._lost_result(
                     "TimeoutError",
                     f"execution exceeded {timeout_s:g} s and did not stop within "
-                    f"{self.settings.grace_s:g} s of the interrupt; the sandbox was killed",
+                    f"{self.settings.grace_s:g} s of the interrupt{used}; the sandbox was killed",
                     started,
                 )
             except SandboxCrashedError as exc:
@@ -398,15 +406,20 @@ class SandboxProcess:
         self, request: dict[str, Any], payload: bytes, seq: int, deadline: float
     ) -> tuple[Frame, bool]:
         interrupted = False
+        cpu_at_interrupt: float | None = None
         await self._send({**request, "seq": seq}, payload, deadline)
         while True:
             frame = await self._next_frame(deadline)
             if frame is None:
                 if interrupted:
+                    cpu_now = self._cpu_seconds()
                     await self.kill()
-                    raise _Killed
+                    if cpu_now is None or cpu_at_interrupt is None:
+                        raise _Killed
+                    raise _Killed(cpu_now - cpu_at_interrupt)
                 self._interrupt(seq)
                 interrupted = True
+                cpu_at_interrupt = self._cpu_seconds()
                 deadline = time.monotonic() + self.settings.grace_s
                 continue
             if frame.header["op"] != "llm_call":
@@ -418,6 +431,7 @@ class SandboxProcess:
             if results is None:
                 self._interrupt(seq)
                 interrupted = True
+                cpu_at_interrupt = self._cpu_seconds()
                 deadline = time.monotonic() + self.settings.grace_s
                 await self._send({"op": "llm_result", "interrupted": True}, b"", deadline)
                 continue
