@@ -123,10 +123,14 @@ async def test_killed_worker_is_replaced_while_others_keep_working(
         restarts_before = (await _health(client))["restarts"]
         os.kill(info["pid"], signal.SIGKILL)
 
-        crashed = await client.execute(victim.session_id, "print('never')")
+        crashed = await client.execute(victim.session_id, "print('ran')")
         assert crashed.state_lost
-        assert crashed.error is not None
-        assert crashed.error.type == "SandboxCrashed"
+        # This call meets the death, or the runtime saw the process end before it came (its
+        # exit is noticed as it happens) and ran it on the replacement already.
+        if crashed.error is not None:
+            assert crashed.error.type == "SandboxCrashed"
+        else:
+            assert crashed.stdout == "ran\n"
         result = await client.execute(victim.session_id, "print(ready)")
         assert result.stdout == "True\n"  # the setup code ran again on the replacement
         assert not result.state_lost  # reported once, by the call that met the crash
