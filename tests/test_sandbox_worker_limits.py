@@ -49,10 +49,10 @@ async def test_an_interrupt_that_arrives_before_its_request_is_read_still_stops_
     sandbox: SandboxProcess,
 ) -> None:
     """The supervisor interrupts request N once N's deadline has passed. When its event loop
-    stalls past that deadline before N is even sent (CI failed so on 1c1d570, killing this
-    module's sandbox), the interrupt is written right behind N and can reach the sandbox's
-    watcher before its main thread has read N. Dropped as stale, the loop ran on until the
-    grace killed the sandbox and its state; it must stop N instead."""
+    stalls past that deadline before N is even sent, the interrupt is written right behind N
+    and can reach the sandbox's watcher before its main thread has read N. Dropped as stale,
+    the loop ran on until the grace killed the sandbox and its state (CI's run on 1c1d570
+    lost this module's sandbox so, or to the race of the test below); it must stop N."""
     await ok(sandbox, "survivor = [1, 2, 3]")
     sandbox._interrupt(sandbox._seq + 1)  # the number _roundtrip gives the next request
     result = await run(sandbox, "while True:\n    pass", timeout_s=5)
@@ -68,9 +68,10 @@ async def test_no_interrupt_is_lost_to_the_interpreters_signal_check(
 ) -> None:
     """Pyodide's signal check read the interrupt slot, then wrote 0 to it: a signal the
     watcher stored between the two was lost, and the loop ran on until the grace killed the
-    sandbox and its state (about 1 timeout in 150 here; CI lost sessions so). Each of many
-    short timeouts in a row must interrupt; on the code before, 600 of them killed the
-    sandbox at least once in nearly every run."""
+    sandbox and its state (about 1 timeout in 150 here; a service test lost its session so
+    in 1 of 6 runs of the sandbox tests). Each of many short timeouts in a row must
+    interrupt; on the code before, 600 of them killed the sandbox at least once in nearly
+    every run."""
     for attempt in range(600):
         result = await run(fresh, "while True:\n    pass", timeout_s=0.005)
         assert result.error is not None
