@@ -79,6 +79,29 @@ async def test_no_interrupt_is_lost_to_the_interpreters_signal_check(
         assert not result.state_lost, f"timeout {attempt}: {result.error.message}"
 
 
+async def test_an_interrupt_taken_after_the_reply_sends_no_second_reply(
+    fresh: SandboxProcess,
+) -> None:
+    """A timeout's interrupt that lands just as its request ends can be taken after the reply
+    was written, by the interpreter's check right after that call returns. It then left the
+    guest's dispatch, and host.mjs wrote an error frame for it: a second reply, which the next
+    request read as its own (and every later one the one before). Code that raises right
+    after the reply's write makes that moment certain here."""
+    late = (
+        "import rlm_guest.runtime as guest\n"
+        "host = guest.session().host\n"
+        "send = host.reply\n"
+        "def reply_then_interrupted(header, payload=None):\n"
+        "    send(header, payload)\n"
+        "    raise KeyboardInterrupt\n"
+        "host.reply = reply_then_interrupted\n"
+        "print('patched')"
+    )
+    assert await ok(fresh, late) == "patched\n"
+    assert await ok(fresh, "print(1 + 1)") == "2\n"  # its own reply, not a stale one
+    assert await ok(fresh, "print(2 + 2)") == "4\n"
+
+
 async def test_sleep_is_interruptible(sandbox: SandboxProcess) -> None:
     await ok(sandbox, "survivor = [1, 2, 3]")
     result = await run(sandbox, "import time\ntime.sleep(100)", timeout_s=0.5)

@@ -152,6 +152,8 @@ await new Promise((resolve, reject) => {
 });
 
 const memoryBytes = () => pyodide._module.HEAP8.buffer.byteLength;
+// One reply per request: set once the current request's reply is written (see the loop).
+let replied = false;
 const host = {
   call(headerJson) {
     writeFrame(headerJson);
@@ -162,14 +164,15 @@ const host = {
   reply(headerJson, payload) {
     if (payload === undefined || payload === null) {
       writeFrame(headerJson);
-      return;
+    } else {
+      const buffer = payload.getBuffer("u8");
+      try {
+        writeFrame(headerJson, buffer.data);
+      } finally {
+        buffer.release();
+      }
     }
-    const buffer = payload.getBuffer("u8");
-    try {
-      writeFrame(headerJson, buffer.data);
-    } finally {
-      buffer.release();
-    }
+    replied = true;
   },
   memory_bytes: memoryBytes,
   sleep(ms) {
@@ -201,6 +204,7 @@ for (;;) {
   }
   if (header.op === "exit") break;
   Atomics.store(flags, 0, 0);
+  replied = false;
   Atomics.store(flags, 1, header.seq ?? 0);
   // Its interrupt may have come before this request was read: the watcher saw another number
   // running and left this one in [2]. Both sides store, then read the other's slot, so one of
@@ -217,7 +221,12 @@ for (;;) {
       console.error(`fatal: ${String(error).slice(0, 2000)}`);
       Deno.exit(EXIT_FATAL);
     }
-    writeFrame({ op: "error", type: error.type ?? "PythonError", message: String(error.message).slice(0, 4000) });
+    // Raised after the reply was written (a timeout's interrupt taken by the check right
+    // after the reply's call returned): the request is answered, and a second frame would be
+    // read as the next request's reply. Dropped.
+    if (!replied) {
+      writeFrame({ op: "error", type: error.type ?? "PythonError", message: String(error.message).slice(0, 4000) });
+    }
   } finally {
     Atomics.store(flags, 1, 0);
   }
