@@ -160,3 +160,30 @@ async def test_process_limits_and_network_namespace(sandbox: SandboxProcess) -> 
     assert core.split()[4:6] == ["0", "0"]
     if network_namespace_available():
         assert sandbox_net != own_net
+
+
+async def test_a_forged_reply_cannot_answer_a_later_request(anyio_backend: str) -> None:
+    """Guest code can write frames through the host object it finds in its own process: here
+    a reply of its own making, before the real one. Its own request may get what it forged
+    (the code decides its own output anyway), but the real reply must not answer the next
+    request: the supervisor sees the frame name the earlier request, and ends the sandbox
+    rather than hand a caller a result that is not its call's."""
+    forger = await SandboxProcess.spawn(SETTINGS)
+    try:
+        forged = await run(
+            forger,
+            "import json, rlm_guest.runtime as guest\n"
+            "fields = {'stdout': 'forged\\n', 'stderr': '', 'error': None, 'final': None, "
+            "'state': {}}\n"
+            "guest.session().host.reply(json.dumps({'op': 'result', **fields}))\n"
+            "print('real')",
+        )
+        assert forged.stdout == "forged\n"
+        after = await run(forger, "print('next')")
+        assert after.stdout != "real\n"  # the real reply of the request before, not this one's
+        assert after.error is not None
+        assert after.error.type == "SandboxProtocolError"
+        assert after.state_lost
+        assert not forger.alive
+    finally:
+        await forger.kill()

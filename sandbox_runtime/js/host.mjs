@@ -154,20 +154,24 @@ await new Promise((resolve, reject) => {
 const memoryBytes = () => pyodide._module.HEAP8.buffer.byteLength;
 // One reply per request: set once the current request's reply is written (see the loop).
 let replied = false;
+// Every frame sent during a request names it (the supervisor refuses another request's): the
+// guest's JSON object with the request's number added last, so that it wins over any other.
+let currentSeq = 0;
+const stamped = (headerJson) => `${headerJson.slice(0, -1)},"seq":${currentSeq}}`;
 const host = {
   call(headerJson) {
-    writeFrame(headerJson);
+    writeFrame(stamped(headerJson));
     const frame = readFrame();
     if (frame === null) Deno.exit(0);
     return frame.header;
   },
   reply(headerJson, payload) {
     if (payload === undefined || payload === null) {
-      writeFrame(headerJson);
+      writeFrame(stamped(headerJson));
     } else {
       const buffer = payload.getBuffer("u8");
       try {
-        writeFrame(headerJson, buffer.data);
+        writeFrame(stamped(headerJson), buffer.data);
       } finally {
         buffer.release();
       }
@@ -205,11 +209,12 @@ for (;;) {
   if (header.op === "exit") break;
   Atomics.store(flags, 0, 0);
   replied = false;
-  Atomics.store(flags, 1, header.seq ?? 0);
+  currentSeq = header.seq ?? 0;
+  Atomics.store(flags, 1, currentSeq);
   // Its interrupt may have come before this request was read: the watcher saw another number
   // running and left this one in [2]. Both sides store, then read the other's slot, so one of
   // them sees the match (the interrupt is never lost to that race, and a stale one never hits).
-  if (header.seq && Atomics.load(flags, 2) === header.seq) Atomics.store(flags, 0, 2);
+  if (currentSeq && Atomics.load(flags, 2) === currentSeq) Atomics.store(flags, 0, 2);
   try {
     dispatch(frame.header, frame.payload.length ? frame.payload : undefined);
   } catch (error) {
@@ -225,7 +230,8 @@ for (;;) {
     // after the reply's call returned): the request is answered, and a second frame would be
     // read as the next request's reply. Dropped.
     if (!replied) {
-      writeFrame({ op: "error", type: error.type ?? "PythonError", message: String(error.message).slice(0, 4000) });
+      const message = String(error.message).slice(0, 4000);
+      writeFrame({ op: "error", type: error.type ?? "PythonError", message, seq: currentSeq });
     }
   } finally {
     Atomics.store(flags, 1, 0);

@@ -422,6 +422,14 @@ class SandboxProcess:
                 cpu_at_interrupt = self._cpu_seconds()
                 deadline = time.monotonic() + self.settings.grace_s
                 continue
+            if frame.header.get("seq") != seq:
+                # host.mjs names the request in each frame it sends during one: another
+                # request's means the two sides no longer agree whose reply is whose, and a
+                # reply read now would answer the wrong call. Nothing it says is trusted.
+                await self.kill()
+                raise SandboxProtocolError(
+                    f"a frame of request {frame.header.get('seq')!r} came during request {seq}"
+                )
             if frame.header["op"] != "llm_call":
                 return frame, interrupted
             if interrupted:
