@@ -20,8 +20,9 @@ from .session import Session
 Reply = tuple[dict[str, Any], bytes | None]
 
 #: Largest reply header the guest sends: `sandbox_runtime.worker.framing.MAX_HEADER_BYTES`
-#: (the supervisor kills a sandbox whose header is larger, as a forged frame).
-MAX_REPLY_BYTES = 64 * 2**20
+#: (the supervisor kills a sandbox whose header is larger, as a forged frame) less 64 bytes:
+#: host.mjs adds the request's number (`,"seq":` and at most 11 characters of an int32).
+MAX_REPLY_BYTES = 64 * 2**20 - 64
 #: Longest error type name sent back (a class name can be made any length).
 MAX_ERROR_TYPE_CHARS = 200
 #: Bound on a FINAL answer's fields besides its value (the source, a FINAL_VAR name).

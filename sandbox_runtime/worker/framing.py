@@ -14,8 +14,9 @@ from ..errors import SandboxProtocolError
 _PREFIX = struct.Struct(">II")
 #: Ceiling on a frame's JSON header from a sandbox, whatever `max_bytes` allows: checked on the
 #: 8-byte prefix, so a forged header is refused before any of it is read. The guest keeps its
-#: replies under it (`rlm_guest.runtime.MAX_REPLY_BYTES`, the same number), so only a forged
-#: frame meets it. Large data (a namespace pickle) travels as the payload, bounded by max_bytes.
+#: replies under it (`rlm_guest.runtime.MAX_REPLY_BYTES`, with room for the `seq` that host.mjs
+#: adds), so only a forged frame meets it. Large data (a namespace pickle) travels as the
+#: payload, bounded by max_bytes.
 MAX_HEADER_BYTES = 64 * 2**20
 
 
