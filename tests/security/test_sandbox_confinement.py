@@ -209,23 +209,32 @@ async def test_a_worker_left_spinning_by_a_cell_is_stopped(sandbox: SandboxProce
         await run(sandbox, "print(1)")
 
 
+@pytest.mark.parametrize("names_its_request", [True, False])
 async def test_a_forged_result_does_not_leave_the_sandbox_computing(
-    sandbox: SandboxProcess,
+    sandbox: SandboxProcess, names_its_request: bool
 ) -> None:
-    # The guest writes a result frame of its own on its output pipe, then keeps computing:
-    # the supervisor takes the execution as returned while the CPU stays busy.
+    # The guest writes a result frame of its own on its output pipe, then keeps computing.
+    # Naming the request (its number is easy to guess: requests are counted from 1), the
+    # supervisor takes the execution as returned while the CPU stays busy, until the idle
+    # watch ends it; without, the frame is refused at once and the sandbox ended.
+    seq = f", seq: {sandbox._seq + 1}" if names_its_request else ""
     forge = (
         "const fs = process.getBuiltinModule('node:fs');"
         "const fd = fs.openSync('/dev/fd/' + JSON.parse(Deno.args[0]).fd_out, 'w');"
         "const header = new TextEncoder().encode(JSON.stringify({op: 'result',"
-        " stdout: 'forged', stderr: '', error: null, final: null, state: {}}));"
+        f" stdout: 'forged', stderr: '', error: null, final: null, state: {{}}{seq}}}));"
         "const frame = new Uint8Array(8 + header.length);"
         "new DataView(frame.buffer).setUint32(0, header.length);"
         "frame.set(header, 8); fs.writeSync(fd, frame); 'sent'"
     )
     code = f"from pyodide.code import run_js\nrun_js({forge!r})\nwhile True:\n    pass"
     result = await run(sandbox, code)
-    assert result.stdout == "forged"
+    if names_its_request:
+        assert result.stdout == "forged"
+    else:
+        assert result.error is not None
+        assert result.error.type == "SandboxProtocolError"
+        assert result.state_lost
     await _until_dead(sandbox)
 
 
