@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
+from sandbox_runtime.errors import SandboxCrashedError
 from sandbox_runtime.worker import SandboxProcess
 from sandbox_runtime.worker.confinement import data_limit
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
@@ -155,3 +157,18 @@ async def test_kill_during_an_execution_reports_lost_state(fresh: SandboxProcess
     assert result.state_lost
     assert result.error is not None
     assert result.error.type == "SandboxCrashed"
+
+
+async def test_a_request_cut_short_ends_its_sandbox(fresh: SandboxProcess) -> None:
+    """A caller cancelled mid-request (a shutdown, a client gone) leaves the sandbox working on
+    it, and its reply would come to the next request. The sandbox is ended instead: the next
+    use finds it gone, never a busy sandbox or another call's reply."""
+    await ok(fresh, "kept = 1")
+    busy = asyncio.create_task(run(fresh, "while True:\n    pass", timeout_s=60))
+    await asyncio.sleep(0.3)  # the loop is running
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy
+    assert not fresh.alive
+    with pytest.raises(SandboxCrashedError, match="request was cancelled mid-way"):
+        await run(fresh, "print(kept)")

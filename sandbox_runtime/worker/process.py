@@ -399,6 +399,13 @@ class SandboxProcess:
         self._stop_idle_watch()
         try:
             return await self._exchange(request, payload, seq, deadline)
+        except asyncio.CancelledError:
+            # Its caller was cancelled mid-request: the sandbox still works on it, and its
+            # reply would come to the next request. It is ended now (the kill shielded from
+            # this cancellation), so the next use finds it gone and starts a fresh one.
+            self.kill_reason = "its request was cancelled mid-way; it was killed"
+            await asyncio.shield(self.kill())
+            raise
         finally:
             self._watch_idle()
 
