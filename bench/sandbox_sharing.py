@@ -215,7 +215,7 @@ class WorkersProcess:
             settings,
             fd_in=0,
             fd_out=1,
-            fd_int=0,
+            interrupt_path="/dev/null",  # its host script takes no interrupts
             memory_bytes=settings.memory_bytes,
             snapshot_path=copy,
             make_snapshot=False,

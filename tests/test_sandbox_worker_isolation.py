@@ -187,3 +187,26 @@ async def test_a_forged_reply_cannot_answer_a_later_request(anyio_backend: str) 
         assert not forger.alive
     finally:
         await forger.kill()
+
+
+async def test_the_interrupt_file_is_private_read_only_and_leaves_no_name(
+    sandbox: SandboxProcess,
+) -> None:
+    """The supervisor writes interrupts into a file of the sandbox's: its name is gone once the
+    sandbox opened it (nothing is left in the host's temporary directory), and guest code can
+    read it (a request number) but neither write it (to interrupt itself, or worse) nor
+    remove it."""
+    interrupts = sandbox._launched.interrupts
+    assert not interrupts.path.exists()
+    probe = (
+        "from pyodide.code import run_js\n"
+        "import json\n"
+        "path = json.loads(run_js('Deno.args[0]'))['interrupt_path']\n"
+        "print(run_js(f\"try {{ Deno.writeFileSync({path!r}, new Uint8Array(4)); 'written' }}"
+        " catch (e) {{ e.name }}\"))\n"
+        "print(run_js(f\"try {{ Deno.removeSync({path!r}); 'removed' }} catch (e) {{ e.name }}\"))"
+    )
+    written, removed = (await ok(sandbox, probe)).split()
+    assert written != "written"
+    assert removed != "removed"
+    assert await ok(sandbox, "print(1)") == "1\n"

@@ -4,10 +4,11 @@
 // (header length, payload length), a JSON header and raw payload bytes.
 //
 // Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
-// snapshot_in_pipe, fd_in, fd_out, fd_int, state_bytes, module_cache: {dir, files} | null}.
-// Permissions come from the command line; this script needs read access to the Pyodide and
-// guest directories, the REPL file, the snapshot file and the pipes (the snapshot's maker: its
-// module cache directory too), and write access to the output pipe only.
+// snapshot_in_pipe, fd_in, fd_out, interrupt_path, state_bytes,
+// module_cache: {dir, files} | null}. Permissions come from the command line; this script
+// needs read access to the Pyodide and guest directories, the REPL file, the snapshot file,
+// the input pipe and the interrupt file (the snapshot's maker: its module cache directory
+// too), and write access to the output pipe only.
 
 import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } from "./pyodide_load.mjs";
 
@@ -121,42 +122,65 @@ if (config.make_snapshot) {
 }
 
 stdlibFromDisk(pyodide, config.pyodide_dir);
-// [0] pending signal, [1] running seq, [2] last seq interrupted (interrupt_worker.mjs)
-const flags = new Int32Array(new SharedArrayBuffer(12));
-pyodide.setInterruptBuffer(flags); // turns the interpreter's signal check on
-// Pyodide's signal check (every 50 bytecodes or so; `_Py_CheckEmscriptenSignals_Helper` in
-// pyodide.asm.mjs, which the timeout tests exercise) read the buffer's first slot, then wrote 0
-// to it: two steps, and a signal the watcher stored between them was lost (about 1 timeout in
-// 150 then ran on until the grace killed the sandbox and its state). It reads the buffer from
-// this property each time (three times when it takes one): with no signal pending the property
-// is empty, and the check ends there, writing nothing; with one, it is a view that takes the
-// signal by one atomic exchange, then is still there for the write, which it ignores.
-let takenUnwritten = false;
-const takeSignal = {
+// Interrupts. The supervisor writes the number of the request to interrupt (a big-endian i32)
+// at the start of a small file of this sandbox's (`launcher.InterruptFile`). This thread reads
+// it (a seek and a 4-byte read) when a request starts running Python, every POLL_CHECKS of the
+// interpreter's signal checks (one every ~50 bytecodes: POLL_CHECKS of them are a few ms of
+// Python), and between the slices of the patched time.sleep. The number of the request
+// running raises KeyboardInterrupt in it, once; another is stale (or early: its request has
+// not started) and waits. There is no second thread: a Worker blocked on a pipe for this cost
+// ~4.4 MiB per sandbox (an isolate of its own), and its hand-over through shared memory lost
+// signals to Pyodide's read-then-clear of the slot.
+const POLL_CHECKS = 2048;
+const SLEEP_SLICE_MS = 10;
+const interruptFile = Deno.openSync(config.interrupt_path, { read: true });
+const interruptBytes = new Uint8Array(4);
+const interruptView = new DataView(interruptBytes.buffer);
+let currentSeq = 0; // the request running (0: none)
+let interruptedSeq = 0; // the last request interrupted: each is, once
+function interruptDue() {
+  if (currentSeq === 0 || interruptedSeq === currentSeq) return false;
+  interruptFile.seekSync(0, Deno.SeekMode.Start);
+  let got = 0;
+  while (got < 4) {
+    const n = interruptFile.readSync(interruptBytes.subarray(got));
+    if (n === null || n === 0) return false;
+    got += n;
+  }
+  if (interruptView.getInt32(0, false) !== currentSeq) return false;
+  interruptedSeq = currentSeq;
+  return true;
+}
+pyodide.setInterruptBuffer(new Int32Array(1)); // turns the interpreter's signal check on
+// Pyodide's check (`_Py_CheckEmscriptenSignals_Helper` in pyodide.asm.mjs, which the timeout
+// tests exercise) reads this property each time: empty, the check ends there; else it reads
+// the signal from [0] (2, SIGINT: KeyboardInterrupt) and writes 0 back, which disarms it.
+let checksUntilPoll = POLL_CHECKS;
+let armed = false;
+const sigint = {
   get 0() {
-    takenUnwritten = true;
-    return Atomics.exchange(flags, 0, 0);
+    return 2;
   },
   set 0(_cleared) {
-    takenUnwritten = false;
+    armed = false;
   },
 };
 Object.defineProperty(pyodide._module, "Py_EmscriptenSignalBuffer", {
-  get: () => (flags[0] !== 0 || takenUnwritten ? takeSignal : undefined),
+  get() {
+    if (armed) return sigint;
+    if (--checksUntilPoll > 0) return undefined;
+    checksUntilPoll = POLL_CHECKS;
+    armed = interruptDue();
+    return armed ? sigint : undefined;
+  },
 });
-const watcher = new Worker(new URL("./interrupt_worker.mjs", import.meta.url).href, { type: "module" });
-await new Promise((resolve, reject) => {
-  watcher.onmessage = resolve;
-  watcher.onerror = reject;
-  watcher.postMessage({ sab: flags.buffer, path: `/dev/fd/${config.fd_int}` });
-});
+const sleeper = new Int32Array(new SharedArrayBuffer(4)); // for Atomics.wait: never woken
 
 const memoryBytes = () => pyodide._module.HEAP8.buffer.byteLength;
 // One reply per request: set once the current request's reply is written (see the loop).
 let replied = false;
 // Every frame sent during a request names it (the supervisor refuses another request's): the
 // guest's JSON object with the request's number added last, so that it wins over any other.
-let currentSeq = 0;
 const stamped = (headerJson) => `${headerJson.slice(0, -1)},"seq":${currentSeq}}`;
 const host = {
   call(headerJson) {
@@ -180,11 +204,19 @@ const host = {
   },
   memory_bytes: memoryBytes,
   sleep(ms) {
-    Atomics.wait(flags, 0, 0, ms);
-    return Atomics.load(flags, 0) !== 0;
+    const until = performance.now() + ms;
+    for (;;) {
+      if (interruptDue()) return true;
+      const left = until - performance.now();
+      if (left <= 0) return false;
+      Atomics.wait(sleeper, 0, 0, Math.min(left, SLEEP_SLICE_MS));
+    }
   },
+  // The guest raised KeyboardInterrupt itself (its sleep saw the interrupt, or the supervisor
+  // answered an llm call with "interrupted"): this request is interrupted, once.
   clear_interrupt() {
-    Atomics.store(flags, 0, 0);
+    armed = false;
+    interruptedSeq = currentSeq;
   },
 };
 const runtime = pyodide.pyimport("rlm_guest.runtime");
@@ -207,14 +239,12 @@ for (;;) {
     Deno.exit(EXIT_PROTOCOL);
   }
   if (header.op === "exit") break;
-  Atomics.store(flags, 0, 0);
   replied = false;
+  armed = false;
   currentSeq = header.seq ?? 0;
-  Atomics.store(flags, 1, currentSeq);
-  // Its interrupt may have come before this request was read: the watcher saw another number
-  // running and left this one in [2]. Both sides store, then read the other's slot, so one of
-  // them sees the match (the interrupt is never lost to that race, and a stale one never hits).
-  if (currentSeq && Atomics.load(flags, 2) === currentSeq) Atomics.store(flags, 0, 2);
+  // The first check polls: an interrupt written before this request was read (the supervisor
+  // sent it after its deadline) stops it as soon as it runs Python.
+  checksUntilPoll = 1;
   try {
     dispatch(frame.header, frame.payload.length ? frame.payload : undefined);
   } catch (error) {
@@ -234,7 +264,7 @@ for (;;) {
       writeFrame({ op: "error", type: error.type ?? "PythonError", message, seq: currentSeq });
     }
   } finally {
-    Atomics.store(flags, 1, 0);
+    currentSeq = 0;
   }
 }
 Deno.exit(0);

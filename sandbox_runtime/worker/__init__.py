@@ -7,8 +7,9 @@
   permissions (read access to Pyodide, our scripts and its pipes only; net, env, run, ffi
   and sys denied), a scrubbed environment and a bound on WebAssembly memory. The memory
   snapshot arrives as the first frame on its request pipe.
-- Requests and replies are frames on dedicated pipes (`framing`); a third pipe carries
-  interrupts to a watcher thread in the process, which raises KeyboardInterrupt in Python.
+- Requests and replies are frames on dedicated pipes (`framing`); interrupts are the number
+  of the request to stop, written into a small file the sandbox polls while it runs Python
+  (`launcher.InterruptFile`), which raises KeyboardInterrupt in it.
 - The guest (`sandbox_runtime/guest`, imported inside Pyodide as `rlm_guest`) runs cells,
   captures output, carries llm_query calls to `SandboxProcess.bridge`, and pickles the
   namespace for hibernation (`blob` adds the compression; unpickling happens only inside).

@@ -50,6 +50,9 @@ Mode = Literal["bwrap", "unshare", "none"]
 TMP_BYTES = 16 * 2**20
 #: Where Deno keeps its cache inside the sandbox (nothing of the host's is visible).
 SANDBOX_DENO_DIR = "/tmp/deno"  # noqa: S108 (the sandbox's own tmpfs)
+#: Where a confined sandbox reads its interrupt file (`launcher.InterruptFile`): bound
+#: read-only into its own /tmp.
+SANDBOX_INTERRUPT_FILE = "/tmp/rlm-interrupts"  # noqa: S108 (the sandbox's own tmpfs)
 #: Deno's module analysis cache in its cache directory (launcher.module_cache_path), and the
 #: files it is in while Deno writes it (the database and its write-ahead log).
 MODULE_CACHE_FILE = "dep_analysis_cache_v2"
@@ -154,8 +157,12 @@ def wrap(
     memory_bytes: int,
     snapshot_path: Path | None = None,
     module_cache: Path | None = None,
+    interrupt_fd: int | None = None,
 ) -> Wrapped:
     """The prefix that confines `deno run` as `support` allows, `visible` bound read-only.
+
+    `interrupt_fd`: the sandbox's interrupt file (`launcher.InterruptFile`), bound read-only
+    at `SANDBOX_INTERRUPT_FILE` through a descriptor of it (none of its directories open).
 
     `module_cache`: Deno's module analysis cache, copied into the sandbox's own cache
     directory (its tmpfs), never bound: each sandbox reads and may rewrite only its copy."""
@@ -177,6 +184,9 @@ def wrap(
         for path in (deno, *map(Path, libraries(str(deno))), *visible):
             prefix += ["--ro-bind", str(path.resolve()), str(path)]
         prefix += ["--remount-ro", "/"]
+        if interrupt_fd is not None:
+            owned.append(os.dup(interrupt_fd))
+            prefix += ["--ro-bind-fd", str(owned[-1]), SANDBOX_INTERRUPT_FILE]
         if module_cache is not None:
             with contextlib.suppress(OSError):  # none kept (or gone): start without it
                 owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))

@@ -10,6 +10,8 @@ import logging
 import os
 import resource
 import shutil
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +36,51 @@ PIPE_STREAM_LIMIT = 2**20
 
 
 @dataclass(slots=True)
+class InterruptFile:
+    """The file host.mjs polls for interrupts: the big-endian i32 number of the request to
+    interrupt, at offset 0, written by the supervisor. A private temporary file (mode 0600,
+    the sandbox's uid its owner where it has one of its own): a confined sandbox sees it
+    read-only at `confinement.SANDBOX_INTERRUPT_FILE` (bwrap binds it by descriptor, so no
+    directory of ours need be open to it), an unconfined one reads it where it is. Its name
+    is removed once the sandbox has opened it (`unlink`), and at `close` if it never did."""
+
+    fd: int
+    path: Path
+
+    @classmethod
+    def create(cls) -> InterruptFile:
+        fd, name = tempfile.mkstemp(prefix="rlm-interrupts-")
+        try:
+            os.pwrite(fd, bytes(4), 0)  # no request is numbered 0
+        except BaseException:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        return cls(fd, Path(name))
+
+    def interrupt(self, seq: int) -> None:
+        os.pwrite(self.fd, struct.pack(">i", seq), 0)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def close(self) -> None:
+        self.unlink()
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(slots=True)
 class Launched:
-    """A started process and the supervisor's ends of its three pipes."""
+    """A started process, the supervisor's ends of its two pipes and its interrupt file."""
 
     process: asyncio.subprocess.Process
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    interrupt_fd: int
+    interrupts: InterruptFile
     read_transport: asyncio.BaseTransport
     #: What confines it (and the sandbox uid it holds until `close`).
     wrapped: Wrapped
@@ -54,10 +94,7 @@ class Launched:
         """
         self.writer.close()
         self.read_transport.close()
-        if self.interrupt_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.interrupt_fd)
-            self.interrupt_fd = -1
+        self.interrupts.close()
         self.wrapped.release()
 
 
@@ -92,7 +129,7 @@ def deno_argv(
     *,
     fd_in: int,
     fd_out: int,
-    fd_int: int,
+    interrupt_path: str,
     memory_bytes: int,
     snapshot_path: Path | None,
     make_snapshot: bool,
@@ -109,7 +146,7 @@ def deno_argv(
     cache from that directory (see `module_cache_path`).
     """
     readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
-    readable += [f"/dev/fd/{fd_in}", f"/dev/fd/{fd_int}"]
+    readable += [f"/dev/fd/{fd_in}", interrupt_path]
     if snapshot_path is not None:
         readable.append(str(snapshot_path))
     if send_module_cache:
@@ -123,7 +160,7 @@ def deno_argv(
         "snapshot_in_pipe": snapshot_in_pipe,
         "fd_in": fd_in,
         "fd_out": fd_out,
-        "fd_int": fd_int,
+        "interrupt_path": interrupt_path,
         "state_bytes": settings.state_bytes,
         "module_cache": {
             "dir": confinement.SANDBOX_DENO_DIR,
@@ -205,6 +242,7 @@ async def _wrap(
     snapshot_path: Path | None,
     memory_bytes: int,
     module_cache: Path | None = None,
+    interrupt_fd: int | None = None,
 ) -> Wrapped:
     # The first call probes the machine (runs bwrap once): off the event loop.
     support = await asyncio.to_thread(confinement.check_allowed, settings, visible_paths(settings))
@@ -221,6 +259,7 @@ async def _wrap(
         memory_bytes=memory_bytes,
         snapshot_path=snapshot_path,
         module_cache=module_cache,
+        interrupt_fd=interrupt_fd,
     )
 
 
@@ -240,21 +279,29 @@ async def launch(
     loop = asyncio.get_running_loop()
     # Absent (not kept, or not yet): the sandbox starts without it (`confinement.wrap`).
     cache = None if snapshot_path is None else module_cache_path(snapshot_path)
-    wrapped = await _wrap(settings, snapshot_path, memory_bytes, cache)
+    interrupts = InterruptFile.create()
+    try:
+        wrapped = await _wrap(settings, snapshot_path, memory_bytes, cache, interrupts.fd)
+    except BaseException:
+        interrupts.close()
+        raise
     child_in, parent_out = os.pipe()
     parent_in, child_out = os.pipe()
-    child_int, parent_int = os.pipe()
-    child_fds = (child_in, child_out, child_int)
+    child_fds = (child_in, child_out)
     try:
         if wrapped.uid is not None:
-            # The sandbox reopens its pipes by /dev/fd/N, which checks the pipe's owner.
-            for fd in child_fds:
+            # The sandbox reopens its pipes by /dev/fd/N, which checks the pipe's owner; it
+            # reads its interrupt file as its owner (mode 0600).
+            for fd in (*child_fds, interrupts.fd):
                 os.fchown(fd, wrapped.uid, wrapped.uid)
+        interrupt_path = (
+            confinement.SANDBOX_INTERRUPT_FILE if wrapped.confined else str(interrupts.path)
+        )
         argv = deno_argv(
             settings,
             fd_in=child_in,
             fd_out=child_out,
-            fd_int=child_int,
+            interrupt_path=interrupt_path,
             memory_bytes=memory_bytes,
             snapshot_path=wrapped.snapshot_path,
             make_snapshot=make_snapshot,
@@ -276,8 +323,9 @@ async def launch(
             preexec_fn=page_merging.opt_in_before_exec() if settings.merge_pages else None,
         )
     except OSError as exc:
-        for fd in (*child_fds, parent_in, parent_out, parent_int):
+        for fd in (*child_fds, parent_in, parent_out):
             os.close(fd)
+        interrupts.close()
         wrapped.close_fds()
         wrapped.release()
         raise SandboxStartError(f"cannot start {settings.deno_path}: {exc}") from exc
@@ -286,7 +334,6 @@ async def launch(
     wrapped.close_fds()
     if not wrapped.limits_set and not wrapped.confined:
         limit_resources(process.pid, settings, memory_bytes)  # Deno itself
-    os.set_blocking(parent_int, False)
     read_file = os.fdopen(parent_in, "rb", buffering=0)
     write_file = os.fdopen(parent_out, "wb", buffering=0)
     read_transport: asyncio.BaseTransport | None = None
@@ -306,14 +353,14 @@ async def launch(
             read_transport.close()
         for handle in (read_file, write_file):
             handle.close()
-        os.close(parent_int)
+        interrupts.close()
         wrapped.release()
         raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     if snapshot_path is not None and wrapped.snapshot_path is None:
         # The first frame: the snapshot's bytes (the pipe drains as Deno reads them).
         writer.write(encode_frame({"op": "snapshot"}, await _snapshot_bytes(snapshot_path)))
-    return Launched(process, reader, writer, parent_int, read_transport, wrapped)
+    return Launched(process, reader, writer, interrupts, read_transport, wrapped)
 
 
 _snapshot_cache: dict[tuple[Path, int, int], bytes] = {}

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import struct
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +113,7 @@ class SandboxProcess:
         if frame.header.get("op") != "ready":
             await process.kill()
             raise SandboxStartError(f"unexpected first frame {frame.header.get('op')!r}")
+        launched.interrupts.unlink()  # opened by the sandbox (bound, under bwrap): no name needed
         # process.pid is learnt here, while bwrap is alive to tell it.
         logger.debug("sandbox started", extra={"pid": process.pid, "snapshot": bool(snapshot)})
         if launched.wrapped.confined and not launched.wrapped.limits_set:
@@ -530,10 +530,9 @@ class SandboxProcess:
         return SandboxCrashedError(message)
 
     def _interrupt(self, seq: int) -> None:
-        if self._released:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self._launched.interrupt_fd, struct.pack(">i", seq))
+        """Ask the sandbox to interrupt request `seq` (host.mjs polls its interrupt file)."""
+        if not self._released:
+            self._launched.interrupts.interrupt(seq)
 
     async def _drain_stderr(self) -> None:
         stream = self._process.stderr

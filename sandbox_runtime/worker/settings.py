@@ -141,12 +141,12 @@ class WorkerSettings(BaseSettings):
     )
     uid_count: int = Field(4096, ge=1, le=2**16, description="Size of the range of sandbox uids.")
     memory_headroom_bytes: int = Field(
-        1536 * 2**20,
-        ge=1280 * 2**20,
+        1024 * 2**20,
+        ge=768 * 2**20,
         description="RLIMIT_DATA of a sandbox process is its WebAssembly bound plus this. V8 "
-        "maps a 512 MiB writable code range per isolate (the main one and the interrupt "
-        "watcher's), ~1.25 GiB of data at rest; ArrayBuffers, Workers and extra "
-        "WebAssembly.Memory objects count against what is left.",
+        "maps a 512 MiB writable code range for its isolate, ~0.6 GiB of data at rest; "
+        "ArrayBuffers, Workers and extra WebAssembly.Memory objects count against what is "
+        "left.",
     )
     cpu_seconds: int = Field(
         3600,
