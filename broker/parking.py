@@ -60,8 +60,8 @@ class LongPoll:
         self.max_items = max_items
         #: its tag (`broker.poll_ids.poll_tag`; "": none), recorded with what it is handed
         self.poll = poll
-        #: done when an announcement wakes it
-        self.woken: asyncio.Future[None] = loop.create_future()
+        #: an announcement woke it (a flag: its handler awaits `doorbell`, not this)
+        self.woken = False
         #: settled with what an enqueue hands it (cancelled: it took its leave)
         self.handed: asyncio.Future[list[Claimed]] = loop.create_future()
         #: rung (settled) when it is woken or handed work: what its handler waits on
@@ -86,18 +86,18 @@ class LongPoll:
     def new_doorbell(self) -> asyncio.Future[None]:
         """A future rung when this long-poll is woken or handed work (at once if it already
         is), for its handler to await itself (`Hold.wait_one`): it resumes in the pass the
-        news came, not a pass later through a done-callback on `woken` or `handed`."""
+        news came, not a pass later through a done-callback on `handed`."""
         bell: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.woken.done() or self.handed.done():
+        if self.woken or self.handed.done():
             bell.set_result(None)
         self.doorbell = bell
         return bell
 
     def wake(self) -> bool:
         """Woken by an announcement (once: False if it already was)."""
-        if self.woken.done():
+        if self.woken:
             return False
-        self.woken.set_result(None)
+        self.woken = True
         self._ring()
         return True
 
@@ -120,7 +120,7 @@ class Parking:
 
     def waiting(self, tenant_id: str) -> int:
         """How many long-polls of the tenant wait for an announcement (not yet woken)."""
-        return sum(not poll.woken.done() for poll in self._copy(tenant_id))
+        return sum(not poll.woken for poll in self._copy(tenant_id))
 
     def parked(self, tenant_id: str) -> int:
         """How many long-polls of the tenant an enqueue may reserve now."""
@@ -159,18 +159,15 @@ class Parking:
             return
         long_poll.joined = False
         self.unpark(long_poll, hung_up=True)
-        woken, tenant_id = long_poll.woken, long_poll.tenant_id
+        tenant_id = long_poll.tenant_id
         if tenant_id is None:
             self._admin.discard(long_poll)
-            woken.cancel()
             return
         waiting = self._tenants[tenant_id]
-        waiting.remove(long_poll)
+        waiting.remove(long_poll)  # out of reach of any later wake-up, in this same step
         if not waiting:
             del self._tenants[tenant_id]
-        if not woken.done():
-            woken.cancel()
-        elif not used and not woken.cancelled():
+        if long_poll.woken and not used:
             self._wake(tenant_id, 1)
 
     def wake(self, tenant_id: str, count: int) -> None:

@@ -282,7 +282,7 @@ async def pending(ctx: BrokerContext, request: AsgiRequest) -> Answer:
                     break
             else:  # at once when a claim is due now
                 await hold.wait_one(long_poll.new_doorbell(), sleep)
-            full_scan = not long_poll.woken.done()  # a periodic re-check looks at every tenant
+            full_scan = not long_poll.woken  # a periodic re-check looks at every tenant
             # A wake-up is used by the claim at the top of the loop, unless the poller left.
             ctx.parking.leave(long_poll, used=not hold.hung_up)
             if hold.hung_up:

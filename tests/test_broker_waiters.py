@@ -70,11 +70,11 @@ async def test_an_announcement_wakes_one_long_poll_per_request_and_every_admin_o
     polls = [parking.join("t1", 1) for _ in range(3)]
     admins = [parking.join(None, 1) for _ in range(2)]
     signals.notify("t1", 2)
-    assert [poll.woken.done() for poll in polls] == [True, True, False]  # oldest first
-    assert all(admin.woken.done() for admin in admins)
+    assert [poll.woken for poll in polls] == [True, True, False]  # oldest first
+    assert all(admin.woken for admin in admins)
     assert parking.waiting("t1") == 1
     signals.notify_all()  # re-subscribed: everyone
-    assert polls[2].woken.done()
+    assert polls[2].woken
 
 
 async def test_a_wake_up_left_unused_goes_to_the_next_long_poll_once() -> None:
@@ -82,11 +82,11 @@ async def test_a_wake_up_left_unused_goes_to_the_next_long_poll_once() -> None:
     first, second = parking.join("t1", 1), parking.join("t1", 1)
     parking.wake("t1", 1)
     parking.leave(first, used=False)  # woken, but it claims nothing (its poller left)
-    assert second.woken.done()
+    assert second.woken
     third = parking.join("t1", 1)
     parking.leave(first, used=False)  # leaving again passes nothing on
     parking.leave(second, used=True)  # its claim used it
-    assert not third.woken.done()
+    assert not third.woken
     assert parking.waiting("t1") == 1
 
 

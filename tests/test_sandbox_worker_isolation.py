@@ -198,6 +198,7 @@ async def test_the_interrupt_file_is_private_read_only_and_leaves_no_name(
     remove it."""
     interrupts = sandbox._launched.interrupts
     assert not interrupts.path.exists()
+    assert os.fstat(interrupts.fd).st_mode & 0o777 == 0o600  # no other user reads it
     probe = (
         "from pyodide.code import run_js\n"
         "import json\n"

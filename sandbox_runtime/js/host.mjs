@@ -25,11 +25,11 @@ const decoder = new TextDecoder();
 const EXIT_PROTOCOL = 65;
 const EXIT_FATAL = 70;
 
-function readExact(length) {
+function readExact(length, file = input) {
   const buffer = new Uint8Array(length);
   let got = 0;
   while (got < length) {
-    const n = input.readSync(buffer.subarray(got));
+    const n = file.readSync(buffer.subarray(got));
     if (n === null || n === 0) return null;
     got += n;
   }
@@ -134,20 +134,13 @@ stdlibFromDisk(pyodide, config.pyodide_dir);
 const POLL_CHECKS = 2048;
 const SLEEP_SLICE_MS = 10;
 const interruptFile = Deno.openSync(config.interrupt_path, { read: true });
-const interruptBytes = new Uint8Array(4);
-const interruptView = new DataView(interruptBytes.buffer);
 let currentSeq = 0; // the request running (0: none)
 let interruptedSeq = 0; // the last request interrupted: each is, once
 function interruptDue() {
   if (currentSeq === 0 || interruptedSeq === currentSeq) return false;
   interruptFile.seekSync(0, Deno.SeekMode.Start);
-  let got = 0;
-  while (got < 4) {
-    const n = interruptFile.readSync(interruptBytes.subarray(got));
-    if (n === null || n === 0) return false;
-    got += n;
-  }
-  if (interruptView.getInt32(0, false) !== currentSeq) return false;
+  const number = readExact(4, interruptFile);
+  if (number === null || new DataView(number.buffer).getInt32(0, false) !== currentSeq) return false;
   interruptedSeq = currentSeq;
   return true;
 }

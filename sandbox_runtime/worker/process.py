@@ -424,10 +424,8 @@ class SandboxProcess:
                     if cpu_now is None or cpu_at_interrupt is None:
                         raise _Killed
                     raise _Killed(cpu_now - cpu_at_interrupt)
-                self._interrupt(seq)
                 interrupted = True
-                cpu_at_interrupt = self._cpu_seconds()
-                deadline = time.monotonic() + self.settings.grace_s
+                deadline, cpu_at_interrupt = self._interrupt(seq)
                 continue
             if frame.header.get("seq") != seq:
                 # host.mjs names the request in each frame it sends during one: another
@@ -444,10 +442,8 @@ class SandboxProcess:
                 continue
             results = await self._serve_call(frame, deadline)
             if results is None:
-                self._interrupt(seq)
                 interrupted = True
-                cpu_at_interrupt = self._cpu_seconds()
-                deadline = time.monotonic() + self.settings.grace_s
+                deadline, cpu_at_interrupt = self._interrupt(seq)
                 await self._send({"op": "llm_result", "interrupted": True}, b"", deadline)
                 continue
             reply = {"op": "llm_result", "results": [r.model_dump() for r in results]}
@@ -529,10 +525,12 @@ class SandboxProcess:
             return SandboxMemoryError(message)
         return SandboxCrashedError(message)
 
-    def _interrupt(self, seq: int) -> None:
-        """Ask the sandbox to interrupt request `seq` (host.mjs polls its interrupt file)."""
+    def _interrupt(self, seq: int) -> tuple[float, float | None]:
+        """Ask the sandbox to interrupt request `seq` (host.mjs polls its interrupt file);
+        the end of its grace, and the process's CPU time now (see `_Killed`)."""
         if not self._released:
             self._launched.interrupts.interrupt(seq)
+        return time.monotonic() + self.settings.grace_s, self._cpu_seconds()
 
     async def _drain_stderr(self) -> None:
         stream = self._process.stderr
