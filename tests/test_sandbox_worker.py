@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import pytest
 
 from sandbox_runtime.errors import SandboxBlobError, SandboxCrashedError, SandboxGuestError
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings, blob
-from sandbox_runtime.worker.confinement import MODULE_CACHE_FILE, SANDBOX_DENO_DIR
-from sandbox_runtime.worker.launcher import module_cache_path, sandbox_pid
+from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
+from sandbox_runtime.worker.launcher import sandbox_pid
 from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
@@ -332,9 +331,6 @@ async def test_snapshot_is_made_once_per_pyodide_build(tmp_path: Path, anyio_bac
             raise cold
         assert path.exists()
         assert path.stat().st_size > 2**20
-        # Confined, the maker also sent Deno's module analysis cache, kept as one database.
-        cache = module_cache_path(path)
-        assert cache.exists() and not cache.with_name(cache.name + "-wal").exists()
         assert await ok(process, "1 + 1") == "2\n"
         assert await ok(cold, "6 * 7") == "42\n"
     finally:
@@ -424,76 +420,6 @@ async def test_a_confined_sandbox_writes_no_code_cache_into_its_memory(anyio_bac
         assert used < 1 << 20, f"{used} bytes in the sandbox's Deno cache"
     finally:
         await process.kill()
-
-
-def _heap_kib(pid: int) -> int:
-    """PSS of the process's main malloc heap, in KiB."""
-    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
-    at = next(i for i, line in enumerate(lines) if line.endswith("[heap]"))
-    return next(int(line.split()[1]) for line in lines[at:] if line.startswith("Pss:"))
-
-
-async def _heap_after_start(settings: WorkerSettings) -> int:
-    """A new sandbox's malloc heap once it served a cell."""
-    process = await SandboxProcess.spawn(settings)
-    try:
-        process.bridge = RecordingBridge()
-        assert await ok(process, "print(llm_query('hi'))") == "llm:hi\n"
-        return _heap_kib(process.pid)
-    finally:
-        await process.kill()
-
-
-async def test_a_confined_sandbox_starts_with_the_module_cache_of_its_snapshot(
-    anyio_backend: str,
-) -> None:
-    """Without Deno's module analysis cache, each sandbox parsed host.mjs, Pyodide's 1.2 MB
-    of JavaScript and the Node modules for their imports, and kept ~12 MiB of that memory
-    (freed but resident in its heap). The process that made the snapshot sent its cache;
-    every confined sandbox starts with its own copy."""
-    kept = module_cache_path(snapshot_path(SETTINGS))
-    heap_with = await _heap_after_start(SETTINGS)
-    with sqlite3.connect(f"{kept.as_uri()}?mode=ro", uri=True) as cache:
-        specifiers = [row[0] for row in cache.execute("SELECT specifier FROM moduleinfocache")]
-    assert any(name.endswith("/pyodide.asm.mjs") for name in specifiers), specifiers
-    aside = kept.with_name(kept.name + ".aside")
-    kept.rename(aside)
-    try:
-        heap_without = await _heap_after_start(SETTINGS)
-    finally:
-        aside.rename(kept)
-    assert heap_without - heap_with > 5 * 1024, (heap_with, heap_without)
-
-
-async def test_the_guest_cannot_write_its_module_cache_nor_see_the_kept_one(
-    anyio_backend: str,
-) -> None:
-    """The copy is the sandbox's own, in its tmpfs, and Deno lets the guest write nothing
-    there; the kept cache, which every later sandbox copies, is not in its file system."""
-    kept = module_cache_path(snapshot_path(SETTINGS))
-    before = kept.read_bytes()
-    probe = f"""
-import js
-for path in ["{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}", "{kept}"]:
-    try:
-        js.Deno.writeFileSync(path, js.Uint8Array.new(16))
-        print("wrote", path)
-    except Exception as exc:  # Deno's NotCapable: no write access
-        print(type(exc).__name__, "NotCapable" in str(exc))
-try:
-    js.Deno.readFileSync("{kept}")
-    print("read the kept cache")
-except Exception as exc:
-    print(type(exc).__name__)
-"""
-    process = await SandboxProcess.spawn(SETTINGS)
-    try:
-        out = await ok(process, probe)
-    finally:
-        await process.kill()
-    assert "wrote" not in out and "read the kept" not in out, out
-    assert out.count("JsException True") == 2, out
-    assert kept.read_bytes() == before
 
 
 def test_malloc_tunables_are_only_tunable_names() -> None:

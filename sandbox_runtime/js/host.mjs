@@ -4,13 +4,18 @@
 // (header length, payload length), a JSON header and raw payload bytes.
 //
 // Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
-// snapshot_in_pipe, fd_in, fd_out, interrupt_path, state_bytes,
-// module_cache: {dir, files} | null}. Permissions come from the command line; this script
-// needs read access to the Pyodide and guest directories, the REPL file, the snapshot file,
-// the input pipe and the interrupt file (the snapshot's maker: its module cache directory
-// too), and write access to the output pipe only.
+// snapshot_in_pipe, fd_in, fd_out, interrupt_path, state_bytes}. Permissions come from the
+// command line; this script needs read access to the Pyodide and guest directories, the REPL
+// file, the snapshot file, the input pipe and the interrupt file, and write access to the
+// output pipe only.
 
-import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } from "./pyodide_load.mjs";
+import {
+  evaluatedModuleFactory,
+  loadPyodideLean,
+  STDLIB_PLACEHOLDER,
+  stdlibFromDisk,
+  zeroFreeMemory,
+} from "./pyodide_load.mjs";
 
 // V8's collector (Deno runs with --expose-gc), taken off the global object before any guest
 // code can run: only this script decides when to collect (see before "ready").
@@ -86,7 +91,13 @@ function loadGuest(pyodide) {
 
 const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
 const quiet = () => {};
-const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
+const options = {
+  indexURL: `${config.pyodide_dir}/`,
+  env: { HOME: "/home/pyodide" },
+  stdout: quiet,
+  stderr: quiet,
+  createPyodideModule: evaluatedModuleFactory(config.pyodide_dir), // see pyodide_load.mjs
+};
 let snapshot = null;
 if (config.snapshot_path) snapshot = Deno.readFileSync(config.snapshot_path);
 if (config.snapshot_in_pipe) {
@@ -104,20 +115,13 @@ pyodide.setStderr(discard);
 loadGuest(pyodide);
 
 if (config.make_snapshot) {
+  // What the start left to collect, then the allocator's free memory zeroed: garbage would be
+  // restored into every sandbox like live data (zero pages are skipped).
+  const gc = pyodide.pyimport("gc");
+  gc.collect();
+  gc.destroy();
+  zeroFreeMemory(pyodide._module);
   writeFrame({ op: "snapshot_made", pyodide_version: version }, pyodide.makeMemorySnapshot());
-  // Deno's module analysis cache (what it learnt parsing this script, Pyodide's modules and
-  // the Node modules they import, for their imports), as Deno wrote it into this sandbox's
-  // own cache directory: its database and write-ahead log. The supervisor keeps it beside
-  // the snapshot and starts each sandbox with a copy, which spares it those parses.
-  for (const name of config.module_cache?.files ?? []) {
-    let bytes = null;
-    try {
-      bytes = Deno.readFileSync(`${config.module_cache.dir}/${name}`);
-    } catch {
-      continue; // not written: the supervisor keeps no cache
-    }
-    writeFrame({ op: "module_cache", name }, bytes);
-  }
   Deno.exit(0);
 }
 

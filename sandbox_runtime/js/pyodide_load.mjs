@@ -20,6 +20,21 @@
 // of an untouched page commits nothing), and afterwards the snapshot's own buffer is freed:
 // Pyodide keeps a reference to it in its config, so dropping ours and collecting does not
 // free it, while detaching it does, at once.
+//
+// The binary's data segments (3.3 of its 9.6 MB): V8 keeps its copy of a module's bytes for
+// as long as the module lives (it compiles functions from them as they are first called), data
+// included, although active data segments are read once, when an instance is made. V8 is given
+// the binary with every segment emptied (the same segments, offsets and count, length 0), and
+// the segments' bytes are written into the new instance's memory before anything runs in it,
+// as instantiation would have written them; then Pyodide's buffer is freed.
+//
+// Pyodide's JavaScript (pyodide.asm.mjs, 1.2 MB): imported as a module, Deno's module loader
+// kept its own copy of the source beside V8's. It is evaluated as a script instead (its one
+// `export` dropped, `import.meta.url` spelt out), which leaves V8's copy only.
+//
+// The snapshot's maker zeroes the allocator's free memory before the snapshot is taken
+// (`zeroFreeMemory`): what the interpreter freed while starting is left as garbage, which the
+// sparse restore would otherwise copy into every sandbox like live data.
 
 const PAGE = 4096;
 const WORDS = PAGE / 4;
@@ -56,30 +71,179 @@ function sparseSet(original, snapshot) {
   };
 }
 
-// `WebAssembly.instantiate`, except that the buffer of the first binary it is given whole is
-// detached once the call has copied it; every other call is the original's.
-function detachingFirstBinary(original) {
-  let detached = false;
+// The unsigned LEB128 number at `bytes[at]`: [value, the index past it].
+function readLeb(bytes, at) {
+  let value = 0;
+  let shift = 0;
+  let byte;
+  do {
+    byte = bytes[at++];
+    value += (byte & 0x7f) * 2 ** shift;
+    shift += 7;
+  } while (byte & 0x80);
+  return [value, at];
+}
+
+function lebBytes(value) {
+  const bytes = [];
+  do {
+    const low = value % 128;
+    value = Math.floor(value / 128);
+    bytes.push(value ? low | 0x80 : low);
+  } while (value);
+  return bytes;
+}
+
+const DATA_SECTION = 11;
+const START_SECTION = 8;
+const I32_CONST = 0x41;
+const END = 0x0b;
+
+// `bytes` (a WebAssembly binary) with its data segments emptied (the same segments, kinds,
+// offsets and count, each of length 0), and where each segment's bytes go: {module, segments}
+// with segments = [offset, start, length] * count (start: in `bytes`). Null when the binary
+// has no segment, one of another kind than "active, memory 0, at a constant offset", or a
+// start function (which would run before the segments are written): used as it is then.
+// It runs at every sandbox start, in a cold process, over 14,579 segments: hence numbers read
+// inline into one flat array, and the output written once at its exact size.
+export function splitDataSegments(bytes) {
+  let data = null;
+  let at = 8;
+  while (at < bytes.length) {
+    const id = bytes[at];
+    const [size, body] = readLeb(bytes, at + 1);
+    if (id === START_SECTION) return null;
+    if (id === DATA_SECTION) {
+      const [count, first] = readLeb(bytes, body);
+      data = { sectionStart: at, sectionEnd: body + size, first, count };
+    }
+    at = body + size;
+  }
+  if (data === null || data.count === 0) return null;
+  const { sectionStart, sectionEnd, first, count } = data;
+  const segments = new Uint32Array(count * 3);
+  const headers = new Uint8Array(count); // each segment's kind and offset expression, in bytes
+  let headerBytes = 0;
+  let p = first;
+  let byte;
+  let shift;
+  for (let i = 0; i < count; i++) {
+    const segmentStart = p;
+    if (bytes[p] !== 0 || bytes[p + 1] !== I32_CONST) return null;
+    p += 2;
+    let offset = 0;
+    shift = 0;
+    do {
+      byte = bytes[p++];
+      offset += (byte & 0x7f) * 2 ** shift;
+      shift += 7;
+    } while (byte & 0x80);
+    if (byte & 0x40) offset -= 2 ** shift; // signed (i32.const)
+    if (bytes[p++] !== END) return null;
+    headers[i] = p - segmentStart;
+    headerBytes += p - segmentStart;
+    let length = 0;
+    shift = 0;
+    do {
+      byte = bytes[p++];
+      length += (byte & 0x7f) * 2 ** shift;
+      shift += 7;
+    } while (byte & 0x80);
+    segments[i * 3] = offset >>> 0;
+    segments[i * 3 + 1] = p;
+    segments[i * 3 + 2] = length;
+    p += length;
+  }
+  const countBytes = lebBytes(count);
+  const bodySize = countBytes.length + headerBytes + count; // + one 0 length each
+  const prefix = [DATA_SECTION, ...lebBytes(bodySize)];
+  const tail = bytes.subarray(sectionEnd);
+  const module = new Uint8Array(sectionStart + prefix.length + bodySize + tail.length);
+  module.set(bytes.subarray(0, sectionStart));
+  let out = sectionStart;
+  for (const value of [...prefix, ...countBytes]) module[out++] = value;
+  for (let i = 0; i < count; i++) {
+    const headerStart = i === 0 ? first : segments[i * 3 - 2] + segments[i * 3 - 1];
+    for (let copied = headerStart; copied < headerStart + headers[i]; copied++) {
+      module[out++] = bytes[copied];
+    }
+    module[out++] = 0; // length 0
+  }
+  module.set(tail, out);
+  return { module, segments };
+}
+
+// Writes `split`'s segments (their bytes in `bytes`) into the memory `instance` exports.
+function writeDataSegments(instance, split, bytes) {
+  const memory = Object.values(instance.exports).find((value) => value instanceof WebAssembly.Memory);
+  if (!memory) throw new Error("the binary's data segments have no exported memory to go to");
+  const heap = new Uint8Array(memory.buffer);
+  const { segments } = split;
+  for (let i = 0; i < segments.length; i += 3) {
+    const start = segments[i + 1];
+    heap.set(bytes.subarray(start, start + segments[i + 2]), segments[i]);
+  }
+}
+
+// `WebAssembly.instantiate`, except for the first binary it is given whole (Pyodide's): V8
+// gets it without its data segments, which are written into the instance's memory when the
+// call resolves, and the binary's buffer is detached then (freed). Every other call is the
+// original's.
+function leanFirstBinary(original) {
+  let done = false;
   return function instantiate(source, ...rest) {
-    const result = original.call(this, source, ...rest);
     const whole =
       ArrayBuffer.isView(source) &&
       source.buffer instanceof ArrayBuffer &&
       source.byteOffset === 0 &&
       source.byteLength === source.buffer.byteLength;
-    if (!detached && whole) {
-      detached = true;
-      source.buffer.transfer(0);
+    if (done || !whole) return original.call(this, source, ...rest);
+    done = true;
+    const split = splitDataSegments(source);
+    if (split === null) {
+      const result = original.call(this, source, ...rest);
+      source.buffer.transfer(0); // copied by the call
+      return result;
     }
-    return result;
+    return original.call(this, split.module, ...rest).then(
+      (result) => {
+        writeDataSegments(result.instance, split, source);
+        source.buffer.transfer(0);
+        return result;
+      },
+      (error) => {
+        source.buffer.transfer(0);
+        throw error;
+      },
+    );
   };
+}
+
+// Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
+// (Pyodide's `createPyodideModule` option); undefined when the file is not the module this
+// expects (one default export at its end, no static import): Pyodide then imports it.
+export function evaluatedModuleFactory(pyodideDir) {
+  const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
+  const source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
+  const exported = "export default _createPyodideModule;";
+  if (!source.endsWith(exported)) return undefined;
+  const body = source.slice(0, -exported.length).replaceAll("import.meta.url", JSON.stringify(url));
+  try {
+    // Indirect eval: global scope, nothing of this module's in reach; the factory stays local.
+    // Strict, as the module's code was (a script is sloppy by default).
+    const script = `"use strict";(() => {${body}\nreturn _createPyodideModule;})()`;
+    return (0, eval)(`${script}\n//# sourceURL=${url}`);
+  } catch (error) {
+    if (error instanceof SyntaxError) return undefined; // e.g. a static import
+    throw error;
+  }
 }
 
 // `loadPyodide(options)`, from `snapshot` (the bytes `makeMemorySnapshot` gave) unless it is
 // null; the snapshot's buffer and the binary's are detached (emptied) when this returns.
 export async function loadPyodideLean(loadPyodide, options, snapshot) {
   const instantiate = WebAssembly.instantiate;
-  WebAssembly.instantiate = detachingFirstBinary(instantiate);
+  WebAssembly.instantiate = leanFirstBinary(instantiate);
   if (snapshot === null) {
     try {
       return await loadPyodide(options);
@@ -98,6 +262,38 @@ export async function loadPyodideLean(loadPyodide, options, snapshot) {
     else delete Int8Array.prototype.set;
     snapshot.buffer.transfer(0);
   }
+}
+
+// The allocator's free memory zeroed, for the snapshot's maker: every free block is taken
+// through `malloc`, largest sizes first, filled with zeros and given back (the allocator then
+// writes only its own few bytes of bookkeeping into them). A size is not asked for when the
+// heap could not grow by it within the memory as it is, and a block that came from growing
+// the heap (fresh memory, zero already) is given back at once: the memory never grows, and
+// the snapshot keeps its size. Returns the bytes zeroed.
+export function zeroFreeMemory(module) {
+  const taken = [];
+  let zeroed = 0;
+  try {
+    for (let size = 1 << 20; size >= 8; size >>= 1) {
+      for (;;) {
+        const top = module._sbrk(0);
+        if (top + size + 65536 > module.HEAPU8.length) break;
+        const pointer = module._malloc(size);
+        if (pointer === 0) break;
+        if (module._sbrk(0) !== top) {
+          module._free(pointer);
+          break;
+        }
+        const usable = module._malloc_usable_size(pointer); // the block's slack too
+        module.HEAPU8.fill(0, pointer, pointer + usable);
+        taken.push(pointer);
+        zeroed += usable;
+      }
+    }
+  } finally {
+    for (const pointer of taken) module._free(pointer);
+  }
+  return zeroed;
 }
 
 // What a snapshot's restore installs as the standard library (an empty zip): see above.

@@ -53,10 +53,6 @@ SANDBOX_DENO_DIR = "/tmp/deno"  # noqa: S108 (the sandbox's own tmpfs)
 #: Where a confined sandbox reads its interrupt file (`launcher.InterruptFile`): bound
 #: read-only into its own /tmp.
 SANDBOX_INTERRUPT_FILE = "/tmp/rlm-interrupts"  # noqa: S108 (the sandbox's own tmpfs)
-#: Deno's module analysis cache in its cache directory (launcher.module_cache_path), and the
-#: files it is in while Deno writes it (the database and its write-ahead log).
-MODULE_CACHE_FILE = "dep_analysis_cache_v2"
-MODULE_CACHE_PARTS = (MODULE_CACHE_FILE, f"{MODULE_CACHE_FILE}-wal")
 _PROBE_TIMEOUT_S = 20.0
 _LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
@@ -156,16 +152,12 @@ def wrap(
     *,
     memory_bytes: int,
     snapshot_path: Path | None = None,
-    module_cache: Path | None = None,
     interrupt_fd: int | None = None,
 ) -> Wrapped:
     """The prefix that confines `deno run` as `support` allows, `visible` bound read-only.
 
     `interrupt_fd`: the sandbox's interrupt file (`launcher.InterruptFile`), bound read-only
-    at `SANDBOX_INTERRUPT_FILE` through a descriptor of it (none of its directories open).
-
-    `module_cache`: Deno's module analysis cache, copied into the sandbox's own cache
-    directory (its tmpfs), never bound: each sandbox reads and may rewrite only its copy."""
+    at `SANDBOX_INTERRUPT_FILE` through a descriptor of it (none of its directories open)."""
     env = {"DENO_DIR": str(settings.cache_dir / "deno")}
     own_uid = support.mode == "bwrap" and support.own_uid
     prefix = _limits_prefix(settings, memory_bytes, own_uid=own_uid)
@@ -187,11 +179,6 @@ def wrap(
         if interrupt_fd is not None:
             owned.append(os.dup(interrupt_fd))
             prefix += ["--ro-bind-fd", str(owned[-1]), SANDBOX_INTERRUPT_FILE]
-        if module_cache is not None:
-            with contextlib.suppress(OSError):  # none kept (or gone): start without it
-                owned.append(os.open(module_cache, os.O_RDONLY | os.O_CLOEXEC))
-                cache_file = f"{SANDBOX_DENO_DIR}/{MODULE_CACHE_FILE}"
-                prefix += ["--dir", SANDBOX_DENO_DIR, "--file", str(owned[-1]), cache_file]
         if support.seccomp:
             owned.append(_seccomp_fd())
             prefix += ["--seccomp", str(owned[-1])]

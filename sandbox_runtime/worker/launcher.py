@@ -138,22 +138,17 @@ def deno_argv(
     make_snapshot: bool,
     snapshot_in_pipe: bool = False,
     code_cache: bool = True,
-    send_module_cache: bool = False,
 ) -> list[str]:
     """The full command line: read access to Pyodide, our scripts and pipes; nothing else.
 
     `code_cache` False where Deno's cache directory is the sandbox's own empty tmpfs: V8's
     code cache (~3 MB of host memory per sandbox, as tmpfs pages outside its PSS) would be
     written there at every start and never read, since no later sandbox sees it.
-    `send_module_cache`: the process that makes the snapshot sends Deno's module analysis
-    cache from that directory (see `module_cache_path`).
     """
     readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
     readable += [f"/dev/fd/{fd_in}", interrupt_path]
     if snapshot_path is not None:
         readable.append(str(snapshot_path))
-    if send_module_cache:
-        readable.append(confinement.SANDBOX_DENO_DIR)
     config = {
         "pyodide_dir": str(settings.pyodide_dir),
         "guest_dir": str(GUEST_DIR),
@@ -165,12 +160,6 @@ def deno_argv(
         "fd_out": fd_out,
         "interrupt_path": interrupt_path,
         "state_bytes": settings.state_bytes,
-        "module_cache": {
-            "dir": confinement.SANDBOX_DENO_DIR,
-            "files": confinement.MODULE_CACHE_PARTS,
-        }
-        if send_module_cache
-        else None,
     }
     pages = max(1, memory_bytes // WASM_PAGE)
     # --expose-gc: host.mjs collects once before serving (and hides `gc` from the guest).
@@ -199,14 +188,6 @@ def deno_argv(
         str(HOST_SCRIPT),
         json.dumps(config),
     ]
-
-
-def module_cache_path(snapshot: Path) -> Path:
-    """Where Deno's module analysis cache made with `snapshot` is kept: what Deno learnt
-    parsing host.mjs, Pyodide's modules and the Node modules they import for their imports
-    (its `dep_analysis_cache_v2` database). Its name follows the snapshot's, which changes
-    with our scripts, Pyodide's build and where they are (Deno names modules by path)."""
-    return snapshot.with_suffix(".deno-modules")
 
 
 def scrubbed_env(wrapped: Wrapped, settings: WorkerSettings) -> dict[str, str]:
@@ -244,7 +225,6 @@ async def _wrap(
     settings: WorkerSettings,
     snapshot_path: Path | None,
     memory_bytes: int,
-    module_cache: Path | None = None,
     interrupt_fd: int | None = None,
 ) -> Wrapped:
     # The first call probes the machine (runs bwrap once): off the event loop.
@@ -261,7 +241,6 @@ async def _wrap(
         visible_paths(settings),
         memory_bytes=memory_bytes,
         snapshot_path=snapshot_path,
-        module_cache=module_cache,
         interrupt_fd=interrupt_fd,
     )
 
@@ -273,18 +252,11 @@ async def launch(
     snapshot_path: Path | None,
     make_snapshot: bool = False,
 ) -> Launched:
-    """Start a sandbox process; the caller waits for its first frame.
-
-    From a snapshot whose module analysis cache is kept, a confined sandbox starts with a copy
-    of that cache in its own cache directory: Deno then does not parse Pyodide's 1.2 MB of
-    JavaScript and the Node modules again to find their imports, which left ~12 MiB of freed
-    but resident memory in every sandbox's heap (docs/performance.md)."""
+    """Start a sandbox process; the caller waits for its first frame."""
     loop = asyncio.get_running_loop()
-    # Absent (not kept, or not yet): the sandbox starts without it (`confinement.wrap`).
-    cache = None if snapshot_path is None else module_cache_path(snapshot_path)
     interrupts = InterruptFile.create()
     try:
-        wrapped = await _wrap(settings, snapshot_path, memory_bytes, cache, interrupts.fd)
+        wrapped = await _wrap(settings, snapshot_path, memory_bytes, interrupts.fd)
     except BaseException:
         interrupts.close()
         raise
@@ -310,7 +282,6 @@ async def launch(
             make_snapshot=make_snapshot,
             snapshot_in_pipe=snapshot_path is not None and wrapped.snapshot_path is None,
             code_cache=not wrapped.confined,
-            send_module_cache=make_snapshot and wrapped.confined,
         )
         process = await asyncio.create_subprocess_exec(
             *wrapped.prefix,

@@ -4,29 +4,24 @@ A snapshot is only valid for the exact Pyodide build and for the guest code impo
 it, so its file name carries the Pyodide version and a digest of `pyodide.asm.wasm`'s size,
 the host script, the guest sources and where they are. Deno never writes: the process that
 makes the snapshot sends its bytes over the pipe, and this module writes them (atomically,
-under a file lock so concurrent supervisors make it once); then Deno's module analysis cache,
-kept beside it for every sandbox to start with a copy (`module_cache_path`).
+under a file lock so concurrent supervisors make it once).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import SandboxProtocolError, SandboxStartError
-from .confinement import MODULE_CACHE_FILE, MODULE_CACHE_PARTS
+from ..errors import SandboxStartError
 from .framing import read_frame
-from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch, module_cache_path
+from .launcher import GUEST_DIR, HOST_SCRIPT, JS_DIR, REPL_SCRIPT, launch
 from .settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -47,9 +42,8 @@ def snapshot_path(settings: WorkerSettings) -> Path:
     for source in [*sources, REPL_SCRIPT]:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
-    # Where the modules are loaded from: Deno's module analysis cache kept with the snapshot
-    # names them by path (a copy of the project elsewhere, sharing this cache directory, makes
-    # its own).
+    # Where Pyodide and our scripts are loaded from (a copy of the project elsewhere, sharing
+    # this cache directory, makes its own snapshot).
     for location in (settings.pyodide_dir, JS_DIR):
         digest.update(str(location).encode())
     name = f"pyodide-{pyodide_version(settings)}-{digest.hexdigest()[:16]}.snapshot"
@@ -86,13 +80,10 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
     launched = await launch(
         settings, memory_bytes=settings.memory_bytes, snapshot_path=None, make_snapshot=True
     )
-    cache_parts: dict[str, bytes] = {}
     try:
         frame = await asyncio.wait_for(
             read_frame(launched.reader, settings.max_frame_bytes), settings.start_timeout_s
         )
-        if frame is not None and frame.header.get("op") == "snapshot_made":
-            cache_parts = await _module_cache_parts(launched.reader, settings)
     except TimeoutError as exc:
         raise SandboxStartError("making the Pyodide snapshot timed out") from exc
     finally:
@@ -110,8 +101,6 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
         )
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     await asyncio.to_thread(tmp.write_bytes, frame.payload)
-    if cache_parts:
-        await asyncio.to_thread(_keep_module_cache, cache_parts, module_cache_path(path))
     os.replace(tmp, path)
     logger.info(
         "pyodide snapshot made",
@@ -121,46 +110,3 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
-
-
-async def _module_cache_parts(
-    reader: asyncio.StreamReader, settings: WorkerSettings
-) -> dict[str, bytes]:
-    """The `module_cache` frames that follow the snapshot (host.mjs sends the files
-    `MODULE_CACHE_PARTS` names), until the maker exits; none if it sends something else or
-    takes longer than a start (the snapshot is kept either way)."""
-    parts: dict[str, bytes] = {}
-    try:
-        async with asyncio.timeout(settings.start_timeout_s):
-            for _ in range(len(MODULE_CACHE_PARTS) + 1):
-                frame = await read_frame(reader, settings.max_frame_bytes)
-                if frame is None:
-                    return parts
-                name = frame.header.get("name")
-                if frame.header.get("op") != "module_cache" or name not in MODULE_CACHE_PARTS:
-                    break
-                parts[str(name)] = frame.payload
-    except (TimeoutError, SandboxProtocolError, OSError) as exc:
-        logger.warning("Deno module cache not received", extra={"error": str(exc)})
-    return {}
-
-
-def _keep_module_cache(parts: dict[str, bytes], path: Path) -> None:
-    """Keep the maker's module analysis cache at `path` as one database file: its write-ahead
-    log folded in and the database left in rollback mode (no -wal or -shm beside it), so
-    that a copy is all a sandbox needs. One that is not a readable database is not kept:
-    sandboxes then start without it, as before."""
-    with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        database = Path(work) / MODULE_CACHE_FILE
-        try:
-            for name, content in parts.items():  # names from MODULE_CACHE_PARTS only
-                (Path(work) / name).write_bytes(content)
-            with contextlib.closing(sqlite3.connect(database)) as connection:
-                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                connection.execute("PRAGMA journal_mode=DELETE")
-                tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            os.replace(database, path)
-        except (sqlite3.Error, OSError) as exc:
-            logger.warning("Deno module cache not kept", extra={"error": str(exc)})
-            return
-    logger.info("Deno module cache kept", extra={"path": str(path), "tables": tables})
