@@ -30,7 +30,8 @@
 //
 // Pyodide's JavaScript (pyodide.asm.mjs, 1.2 MB): imported as a module, Deno's module loader
 // kept its own copy of the source beside V8's. It is evaluated as a script instead (its one
-// `export` dropped, `import.meta.url` spelt out), which leaves V8's copy only.
+// `export` dropped, `import.meta.url` spelt out), which leaves V8's copy only, and without
+// the loader's eager linking pass for side modules (see `EAGER_GOT`).
 //
 // The snapshot's maker zeroes the allocator's free memory before the snapshot is taken
 // (`zeroFreeMemory`): what the interpreter freed while starting is left as garbage, which the
@@ -219,15 +220,30 @@ function leanFirstBinary(original) {
   };
 }
 
+// Emscripten's loader, once the main module is instantiated, gives every function it exports
+// (7,415) a slot in the function table and a global offset table entry, for side modules
+// (.so) to link against: 5,400 more slots and as many `WebAssembly.Global`s, 1.4 MiB of V8's
+// heap. A sandbox loads no side module (no package, no network); one that did would still
+// link, since the loader resolves a side module's undefined symbols when it loads it
+// (`reportUndefinedSymbols`), which is how the main module's own 280 GOT imports are resolved
+// without the eager pass. Both the snapshot's maker and every sandbox skip it, so the table
+// indices a snapshot holds are the ones a sandbox assigns. Left as it is when the text differs.
+const EAGER_GOT = "assignWasmExports(wasmExports);updateGOT(origExports);";
+const EAGER_GOT_SKIPPED = "assignWasmExports(wasmExports);";
+
 // Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
-// (Pyodide's `createPyodideModule` option); undefined when the file is not the module this
-// expects (one default export at its end, no static import): Pyodide then imports it.
+// (Pyodide's `createPyodideModule` option), without the eager GOT pass above; undefined when
+// the file is not the module this expects (one default export at its end, no static import):
+// Pyodide then imports it.
 export function evaluatedModuleFactory(pyodideDir) {
   const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
   const source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
   const exported = "export default _createPyodideModule;";
   if (!source.endsWith(exported)) return undefined;
-  const body = source.slice(0, -exported.length).replaceAll("import.meta.url", JSON.stringify(url));
+  const body = source
+    .slice(0, -exported.length)
+    .replaceAll("import.meta.url", JSON.stringify(url))
+    .replace(EAGER_GOT, EAGER_GOT_SKIPPED);
   try {
     // Indirect eval: global scope, nothing of this module's in reach; the factory stays local.
     // Strict, as the module's code was (a script is sloppy by default).
