@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import httpx2
 import openai
 import pytest
 
-from broker.redis_server import free_port
 from fake_llm import load_scenario
 from host_poller.llm.ledger import UsageLedger
 from host_poller.llm.profiles import LLMSettings, Profile
@@ -63,9 +63,13 @@ class Served:
         )
 
 
+#: The line `rlm serve` announces its own address with (`  serve    http://127.0.0.1:N`).
+SERVE_URL = re.compile(rb"^\s+serve\s+(http://127\.0\.0\.1:\d+)\s*$", re.MULTILINE)
+
+
 def start_serve(tmp: Path, env: dict[str, str], args: list[str]) -> Iterator[Served]:
-    """`rlm serve` on a free port until the test is done; stops it with SIGTERM."""
-    port = free_port()
+    """`rlm serve` on a port it picks (0: a port chosen here and freed could be taken before
+    it binds, by another test's server) until the test is done; stops it with SIGTERM."""
     environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RLM_", "OPENAI_"))},
         "RLM_ENVIRONMENT": "local",
@@ -79,16 +83,17 @@ def start_serve(tmp: Path, env: dict[str, str], args: list[str]) -> Iterator[Ser
     log = tmp / "serve.log"
     with log.open("wb") as out:
         child = subprocess.Popen(
-            [rlm, "serve", "--port", str(port), *args], env=environ, stdout=out, stderr=out
+            [rlm, "serve", "--port", "0", *args], env=environ, stdout=out, stderr=out
         )
-        url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 90
             while True:
                 assert child.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "rlm serve did not come up"
+                announced = SERVE_URL.search(log.read_bytes())
+                url = announced[1].decode() if announced else ""
                 try:
-                    if httpx2.get(f"{url}/health", timeout=1).status_code == 200:
+                    if url and httpx2.get(f"{url}/health", timeout=1).status_code == 200:
                         break
                 except httpx2.HTTPError:
                     pass
