@@ -35,14 +35,14 @@ failed call raises an `LLMQueryError`, never returns an error string.
 
 from __future__ import annotations
 
-import argparse
+# Imported where they are used (argparse, ctypes, email.utils, http.client, uuid): the Pyodide
+# sandbox imports this module into its memory snapshot and talks over a pipe, not HTTP, and
+# those modules cost ~1.3 MiB of every sandbox's memory (docs/performance.md).
 import ast
 import builtins
 import contextlib
-import ctypes
 import dataclasses
-import email.utils
-import http.client
+import functools
 import io
 import json
 import linecache
@@ -56,9 +56,11 @@ import time
 import traceback
 import types
 import urllib.parse
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import http.client
 
 __all__ = [
     "API_NAMES",
@@ -251,6 +253,8 @@ def retry_after_s(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -304,22 +308,28 @@ class _Response:
         self.status, self.body, self.retry_after = status, body, retry_after
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix stream socket at `path` (`http+unix://` URLs)."""
+@functools.cache
+def _unix_http_connection() -> type[http.client.HTTPConnection]:
+    """The class of HTTP connections over a unix stream socket (`http+unix://` URLs), made on
+    first use (http.client is imported then)."""
+    import http.client
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, path: str, timeout: float) -> None:
+            super().__init__("localhost", timeout=timeout)
+            self.unix_path = path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.unix_path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixHTTPConnection
 
 
 class HttpTransport:
@@ -381,14 +391,14 @@ class HttpTransport:
     def _enqueue_one(self, call: Mapping[str, Any], wait: float) -> dict[str, Any]:
         # One key per POST: a POST whose answer was lost is sent again and the broker
         # enqueues nothing twice (the LLM is not called, nor paid, twice).
-        key = {"Idempotency-Key": uuid.uuid4().hex}
+        key = {"Idempotency-Key": _idempotency_key()}
         reply = self._request("POST", f"/enqueue?wait={wait}", dict(call), headers=key)
         return _as_dict(reply.body)
 
     def _enqueue_batch(
         self, calls: Sequence[Mapping[str, Any]], wait: float
     ) -> list[dict[str, Any]]:
-        key = {"Idempotency-Key": uuid.uuid4().hex}
+        key = {"Idempotency-Key": _idempotency_key()}
         body = {"batch": [dict(c) for c in calls]}
         reply = self._request("POST", f"/enqueue?wait={wait}", body, headers=key)
         results = [_as_dict(r) for r in _as_dict(reply.body).get("results", [])]
@@ -418,10 +428,12 @@ class HttpTransport:
         return result
 
     def _connection(self) -> http.client.HTTPConnection:
+        import http.client
+
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
             if self._unix_path:
-                conn = _UnixHTTPConnection(self._unix_path, timeout=self.timeout_s)
+                conn = _unix_http_connection()(self._unix_path, timeout=self.timeout_s)
             elif self._scheme == "https":
                 conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s)
             else:
@@ -465,6 +477,8 @@ class HttpTransport:
     def _exchange(
         self, method: str, path: str, payload: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
+        import http.client
+
         conn = self._connection()
         headers = {**self._headers, **extra}
         wait = _query_wait(path)
@@ -495,6 +509,11 @@ class HttpTransport:
 
 class _Retryable(Exception):
     pass
+
+
+def _idempotency_key() -> str:
+    """A random key naming one POST (uuid4's 122 random bits; 128 here, as hex)."""
+    return os.urandom(16).hex()
 
 
 def _query_wait(path: str) -> float:
@@ -1152,6 +1171,8 @@ def _interrupt_after(timeout_s: float | None, state: _Timer) -> Iterator[None]:
 
 
 def _async_raise(thread_id: int, exc: type[BaseException] | None) -> None:
+    import ctypes
+
     target = ctypes.py_object(exc) if exc is not None else None
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
 
@@ -1254,6 +1275,8 @@ def _load_json_or_text(path: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python rlm_repl.py FILE | -c CODE | --serve [--context F] [--state F] [--result F]`."""
+    import argparse
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="Python file to run")
