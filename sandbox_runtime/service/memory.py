@@ -39,9 +39,9 @@ _MiB = 2**20
 #: between two readings.
 AUTO_FRACTION = 0.6
 #: What one sandbox is taken to cost before any was measured: alone on the machine (its
-#: Deno binary's pages all its own) a warm sandbox measured ~100 MiB PSS, a session after
-#: `bench/sandbox_worker.py`'s LOAD_SESSION ~115 MiB.
-INITIAL_ESTIMATE_BYTES = 120 * _MiB
+#: Deno binary's pages all its own) a warm sandbox measured ~89 MiB PSS, a session after
+#: `bench/sandbox_worker.py`'s LOAD_SESSION ~100 MiB.
+INITIAL_ESTIMATE_BYTES = 100 * _MiB
 #: A reading older than this is taken again even if the sandbox ran nothing (the share of
 #: pages it shares with others moves as sandboxes come and go).
 _REFRESH_S = 60.0
