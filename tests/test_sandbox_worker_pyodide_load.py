@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sandbox_runtime.worker import SandboxProcess, WorkerSettings
+from sandbox_runtime.worker import SandboxProcess
 from sandbox_runtime.worker.launcher import JS_DIR
 from tests.sandbox_worker_helpers import SETTINGS, ok
 
@@ -99,43 +99,6 @@ console.log(JSON.stringify({
 """
 
 
-def test_the_load_frees_the_binary_and_the_snapshot_and_restores_every_byte(
-    tmp_path: Path,
-) -> None:
-    driver = tmp_path / "pyodide_load_driver.mjs"
-    driver.write_text(DRIVER.replace("./pyodide_load.mjs", (JS_DIR / "pyodide_load.mjs").as_uri()))
-    deno = WorkerSettings().deno_path
-    done = subprocess.run(
-        [str(deno), "run", "--no-config", "--no-lock", f"--allow-read={JS_DIR}", str(driver)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "DENO_DIR": str(tmp_path / "deno"), "NO_COLOR": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-    loaded = {"instantiated": True, "binaryFreed": True, "laterBinaryKept": True}
-    assert json.loads(done.stdout) == {
-        "withoutSnapshot": {
-            "result": "fresh",
-            **loaded,
-            "options": ["indexURL"],
-            "patchedSet": False,
-            "unpatched": True,
-        },
-        "fromSnapshot": {
-            "same": True,
-            "mismatches": 0,
-            "seenPatched": True,
-            "otherCopyOk": True,
-            **loaded,
-            "options": ["_loadSnapshot", "indexURL"],
-            "unpatched": True,
-            "snapshotFreed": True,
-        },
-    }
-
-
 def _run_driver(tmp_path: Path, driver: str, *arguments: str) -> Any:
     """Runs `driver` (JavaScript importing ./pyodide_load.mjs) under real Deno, allowed to read
     the scripts and Pyodide's directory; what it printed, parsed as JSON."""
@@ -159,6 +122,31 @@ def _run_driver(tmp_path: Path, driver: str, *arguments: str) -> Any:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def test_the_load_frees_the_binary_and_the_snapshot_and_restores_every_byte(
+    tmp_path: Path,
+) -> None:
+    loaded = {"instantiated": True, "binaryFreed": True, "laterBinaryKept": True}
+    assert _run_driver(tmp_path, DRIVER) == {
+        "withoutSnapshot": {
+            "result": "fresh",
+            **loaded,
+            "options": ["indexURL"],
+            "patchedSet": False,
+            "unpatched": True,
+        },
+        "fromSnapshot": {
+            "same": True,
+            "mismatches": 0,
+            "seenPatched": True,
+            "otherCopyOk": True,
+            **loaded,
+            "options": ["_loadSnapshot", "indexURL"],
+            "unpatched": True,
+            "snapshotFreed": True,
+        },
+    }
 
 
 def _leb(value: int, signed: bool = False) -> bytes:
