@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +16,12 @@ import pytest
 from sandbox_runtime.errors import SandboxBlobError, SandboxCrashedError, SandboxGuestError
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings, blob
 from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
-from sandbox_runtime.worker.launcher import sandbox_pid
+from sandbox_runtime.worker.launcher import (
+    INTERRUPT_FILE_PREFIX,
+    InterruptFile,
+    sandbox_pid,
+    sweep_left_interrupt_files,
+)
 from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
@@ -420,6 +429,38 @@ async def test_a_confined_sandbox_writes_no_code_cache_into_its_memory(anyio_bac
         assert used < 1 << 20, f"{used} bytes in the sandbox's Deno cache"
     finally:
         await process.kill()
+
+
+def test_interrupt_files_left_by_a_dead_supervisor_are_removed(tmp_path: Path) -> None:
+    """An interrupt file's name is removed once its sandbox opened it; a supervisor that died
+    while a sandbox started left it in the temporary directory. The next supervisor's first
+    sandbox removes those whose supervisor is gone, and no other."""
+    dead_pid = _exited_pid()
+    temp = Path(tempfile.gettempdir())
+    left = temp / f"{INTERRUPT_FILE_PREFIX}{dead_pid}-test{os.getpid()}"
+    live = temp / f"{INTERRUPT_FILE_PREFIX}1-test{os.getpid()}"  # pid 1 is alive
+    foreign = temp / f"{INTERRUPT_FILE_PREFIX}notapid-test{os.getpid()}"
+    for path in (left, live, foreign):
+        path.write_bytes(bytes(4))
+    try:
+        assert sweep_left_interrupt_files.__wrapped__() >= 1
+        assert not left.exists()
+        assert live.exists() and foreign.exists()
+        created = InterruptFile.create()
+        try:
+            assert created.path.name.startswith(f"{INTERRUPT_FILE_PREFIX}{os.getpid()}-")
+        finally:
+            created.close()
+    finally:
+        for path in (left, live, foreign):
+            path.unlink(missing_ok=True)
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_malloc_tunables_are_only_tunable_names() -> None:

@@ -35,6 +35,35 @@ WASM_PAGE = 65536
 PIPE_STREAM_LIMIT = 2**20
 
 
+#: Interrupt files are named `<prefix><supervisor pid>-<random>` in the temporary directory.
+INTERRUPT_FILE_PREFIX = "rlm-interrupts-"
+
+
+@functools.cache
+def sweep_left_interrupt_files() -> int:
+    """Remove the interrupt files of supervisors that are gone (a name is removed by its own
+    supervisor, unless it died while a sandbox started); once per process. Returns how many."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{INTERRUPT_FILE_PREFIX}*-*"):
+        owner = path.name[len(INTERRUPT_FILE_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or int(owner) == os.getpid() or _alive(int(owner)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @dataclass(slots=True)
 class InterruptFile:
     """The file host.mjs polls for interrupts: the big-endian i32 number of the request to
@@ -42,14 +71,17 @@ class InterruptFile:
     the sandbox's uid its owner where it has one of its own): a confined sandbox sees it
     read-only at `confinement.SANDBOX_INTERRUPT_FILE` (bwrap binds it by descriptor, so no
     directory of ours need be open to it), an unconfined one reads it where it is. Its name
-    is removed once the sandbox has opened it (`unlink`), and at `close` if it never did."""
+    is removed once the sandbox has opened it (`unlink`), and at `close` if it never did; one
+    left by a supervisor that died meanwhile (its pid is in the name) is removed by the next
+    supervisor's first `create` (`sweep_left_interrupt_files`)."""
 
     fd: int
     path: Path
 
     @classmethod
     def create(cls) -> InterruptFile:
-        fd, name = tempfile.mkstemp(prefix="rlm-interrupts-")
+        sweep_left_interrupt_files()
+        fd, name = tempfile.mkstemp(prefix=f"{INTERRUPT_FILE_PREFIX}{os.getpid()}-")
         try:
             os.pwrite(fd, bytes(4), 0)  # no request is numbered 0
         except BaseException:
