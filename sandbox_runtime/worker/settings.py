@@ -52,10 +52,10 @@ class WorkerSettings(BaseSettings):
     wasm_optimizing_compiler: bool = Field(
         False,
         description="Whether V8 may recompile hot WebAssembly (CPython itself) with its "
-        "optimizing compiler, TurboFan. Off (V8 --liftoff-only): a loaded session costs ~35 "
-        "MiB less (~125 MiB PSS instead of ~160: compiling CPython's large functions leaves "
-        "their memory behind) and a compute-heavy cell ~7 % more CPU; on for sessions that "
-        "mostly compute, with RLM_SANDBOX_WASM_TIERING_BUDGET (docs/performance.md).",
+        "optimizing compiler, TurboFan. Off (V8 --liftoff-only): a loaded session costs ~46 "
+        "MiB less (~72 MiB PSS instead of ~118: compiling CPython's large functions leaves "
+        "their memory behind) and a compute-heavy cell takes ~1.55x as long; on for sessions "
+        "that mostly compute, with RLM_SANDBOX_WASM_TIERING_BUDGET (docs/performance.md).",
     )
     wasm_tiering_budget: int = Field(
         2_000_000_000,
