@@ -285,8 +285,11 @@ export async function loadPyodideLean(loadPyodide, options, snapshot) {
 // writes only its own few bytes of bookkeeping into them). A size is not asked for when the
 // heap could not grow by it within the memory as it is, and a block that came from growing
 // the heap (fresh memory, zero already) is given back at once: the memory never grows, and
-// the snapshot keeps its size. Returns the bytes zeroed.
+// the snapshot keeps its size. Returns the bytes zeroed (0, and nothing done, when the module
+// does not export the allocator's functions this needs).
 export function zeroFreeMemory(module) {
+  const needed = ["_malloc", "_free", "_sbrk", "_malloc_usable_size"];
+  if (!needed.every((name) => typeof module[name] === "function")) return 0;
   const taken = [];
   let zeroed = 0;
   try {
