@@ -93,8 +93,9 @@ for await (const line of lines(Deno.stdin.readable)) {
 Deno.exit(0);
 """
 
-#: One session: Pyodide from the snapshot as the product loads it (`pyodide_load.mjs`),
-#: the guest imported as `host.mjs` does.
+#: One session: Pyodide from the snapshot as the product loads it (`pyodide_load.mjs`, with
+#: the module factory and the standard library from disk as `host.mjs` does), the guest
+#: imported as `host.mjs` does.
 WORKERS_SESSION = r"""
 let pyodide = null;
 self.onmessage = async (event) => {
@@ -104,14 +105,18 @@ self.onmessage = async (event) => {
       const url = new URL(`file://${message.pyodide_dir}/pyodide.mjs`).href;
       const { loadPyodide } = await import(url);
       const lean = new URL(`file://${message.js_dir}/pyodide_load.mjs`).href;
-      const { loadPyodideLean } = await import(lean);
+      const { evaluatedModuleFactory, loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } =
+        await import(lean);
       const quiet = () => {};
+      // As host.mjs loads it: the snapshot's table indices are those of this module factory.
       const options = {
         indexURL: `${message.pyodide_dir}/`, env: { HOME: "/home/pyodide" },
-        stdout: quiet, stderr: quiet,
+        stdout: quiet, stderr: quiet, stdLibURL: STDLIB_PLACEHOLDER,
+        createPyodideModule: evaluatedModuleFactory(message.pyodide_dir),
       };
       const snapshot = Deno.readFileSync(message.snapshot_path);
       pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
+      stdlibFromDisk(pyodide, message.pyodide_dir);
       pyodide.FS.mkdirTree("/rlm/rlm_guest");
       for (const entry of Deno.readDirSync(message.guest_dir)) {
         if (entry.isFile && entry.name.endsWith(".py")) {
@@ -121,6 +126,8 @@ self.onmessage = async (event) => {
       }
       pyodide.FS.writeFile("/rlm/rlm_repl.py", Deno.readFileSync(message.repl_path));
       pyodide.runPython("import sys\nsys.path.insert(0, '/rlm')\nimport rlm_guest.runtime");
+      // host.mjs collects once before "ready" (Deno runs with --expose-gc): so does a worker.
+      globalThis.gc?.({ type: "major", execution: "sync", flavor: "last-resort" });
       self.postMessage({ op: "ready" });
     } else if (message.op === "run") {
       pyodide.runPython(message.code);
