@@ -227,7 +227,9 @@ function leanFirstBinary(original) {
 // link, since the loader resolves a side module's undefined symbols when it loads it
 // (`reportUndefinedSymbols`), which is how the main module's own 280 GOT imports are resolved
 // without the eager pass. Both the snapshot's maker and every sandbox skip it, so the table
-// indices a snapshot holds are the ones a sandbox assigns. Left as it is when the text differs.
+// indices a snapshot holds are the ones a sandbox assigns: whatever restores a snapshot must
+// load Pyodide through `evaluatedModuleFactory` too (host.mjs does; a plain import fails with
+// "function signature mismatch"). Left as it is when the text differs.
 const EAGER_GOT = "assignWasmExports(wasmExports);updateGOT(origExports);";
 const EAGER_GOT_SKIPPED = "assignWasmExports(wasmExports);";
 
