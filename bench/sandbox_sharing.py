@@ -93,9 +93,8 @@ for await (const line of lines(Deno.stdin.readable)) {
 Deno.exit(0);
 """
 
-#: One session: Pyodide from the snapshot as the product loads it (`pyodide_load.mjs`, with
-#: the module factory and the standard library from disk as `host.mjs` does), the guest
-#: imported as `host.mjs` does.
+#: One session: Pyodide from the snapshot as the product loads it (`pyodide_load.mjs`, the
+#: standard library from disk as `host.mjs` does), the guest imported as `host.mjs` does.
 WORKERS_SESSION = r"""
 let pyodide = null;
 self.onmessage = async (event) => {
@@ -105,14 +104,11 @@ self.onmessage = async (event) => {
       const url = new URL(`file://${message.pyodide_dir}/pyodide.mjs`).href;
       const { loadPyodide } = await import(url);
       const lean = new URL(`file://${message.js_dir}/pyodide_load.mjs`).href;
-      const { evaluatedModuleFactory, loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } =
-        await import(lean);
+      const { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk } = await import(lean);
       const quiet = () => {};
-      // As host.mjs loads it: the snapshot's table indices are those of this module factory.
       const options = {
         indexURL: `${message.pyodide_dir}/`, env: { HOME: "/home/pyodide" },
         stdout: quiet, stderr: quiet, stdLibURL: STDLIB_PLACEHOLDER,
-        createPyodideModule: evaluatedModuleFactory(message.pyodide_dir),
       };
       const snapshot = Deno.readFileSync(message.snapshot_path);
       pyodide = await loadPyodideLean(loadPyodide, options, snapshot);

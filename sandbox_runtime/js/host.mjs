@@ -9,13 +9,7 @@
 // file, the snapshot file, the input pipe and the interrupt file, and write access to the
 // output pipe only.
 
-import {
-  evaluatedModuleFactory,
-  loadPyodideLean,
-  STDLIB_PLACEHOLDER,
-  stdlibFromDisk,
-  zeroFreeMemory,
-} from "./pyodide_load.mjs";
+import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk, zeroFreeMemory } from "./pyodide_load.mjs";
 
 // V8's collector (Deno runs with --expose-gc), taken off the global object before any guest
 // code can run: only this script decides when to collect (see before "ready").
@@ -91,13 +85,7 @@ function loadGuest(pyodide) {
 
 const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
 const quiet = () => {};
-const options = {
-  indexURL: `${config.pyodide_dir}/`,
-  env: { HOME: "/home/pyodide" },
-  stdout: quiet,
-  stderr: quiet,
-  createPyodideModule: evaluatedModuleFactory(config.pyodide_dir), // see pyodide_load.mjs
-};
+const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
 let snapshot = null;
 if (config.snapshot_path) snapshot = Deno.readFileSync(config.snapshot_path);
 if (config.snapshot_in_pipe) {

@@ -227,19 +227,27 @@ function leanFirstBinary(original) {
 // link, since the loader resolves a side module's undefined symbols when it loads it
 // (`reportUndefinedSymbols`), which is how the main module's own 280 GOT imports are resolved
 // without the eager pass. Both the snapshot's maker and every sandbox skip it, so the table
-// indices a snapshot holds are the ones a sandbox assigns: whatever restores a snapshot must
-// load Pyodide through `evaluatedModuleFactory` too (host.mjs does; a plain import fails with
-// "function signature mismatch"). Left as it is when the text differs.
+// indices a snapshot holds are the ones a sandbox assigns: whatever restores a snapshot loads
+// Pyodide through `loadPyodideLean`, which uses `evaluatedModuleFactory` (a plain import fails
+// with "function signature mismatch"). Left as it is when the text differs.
 const EAGER_GOT = "assignWasmExports(wasmExports);updateGOT(origExports);";
 const EAGER_GOT_SKIPPED = "assignWasmExports(wasmExports);";
 
 // Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
 // (Pyodide's `createPyodideModule` option), without the eager GOT pass above; undefined when
-// the file is not the module this expects (one default export at its end, no static import):
-// Pyodide then imports it.
+// the file cannot be read (Pyodide's own import then reports why) or is not the module this
+// expects (one default export at its end, no static import): Pyodide then imports it.
 export function evaluatedModuleFactory(pyodideDir) {
   const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
-  const source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
+  let source;
+  try {
+    source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotCapable) {
+      return undefined;
+    }
+    throw error;
+  }
   const exported = "export default _createPyodideModule;";
   if (!source.endsWith(exported)) return undefined;
   const body = source
@@ -259,7 +267,13 @@ export function evaluatedModuleFactory(pyodideDir) {
 
 // `loadPyodide(options)`, from `snapshot` (the bytes `makeMemorySnapshot` gave) unless it is
 // null; the snapshot's buffer and the binary's are detached (emptied) when this returns.
-export async function loadPyodideLean(loadPyodide, options, snapshot) {
+// Pyodide's module comes from `evaluatedModuleFactory` (of `options.indexURL`) unless
+// `options.createPyodideModule` names one: every load, the snapshot's maker's and each
+// restore, makes the same function table.
+export async function loadPyodideLean(loadPyodide, givenOptions, snapshot) {
+  const factory =
+    givenOptions.createPyodideModule ?? evaluatedModuleFactory(givenOptions.indexURL.replace(/\/$/, ""));
+  const options = factory ? { ...givenOptions, createPyodideModule: factory } : givenOptions;
   const instantiate = WebAssembly.instantiate;
   WebAssembly.instantiate = leanFirstBinary(instantiate);
   if (snapshot === null) {

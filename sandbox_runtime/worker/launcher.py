@@ -81,13 +81,8 @@ class InterruptFile:
     @classmethod
     def create(cls) -> InterruptFile:
         sweep_left_interrupt_files()
+        # Empty until the first interrupt: host.mjs reads a short file as "none".
         fd, name = tempfile.mkstemp(prefix=f"{INTERRUPT_FILE_PREFIX}{os.getpid()}-")
-        try:
-            os.pwrite(fd, bytes(4), 0)  # no request is numbered 0
-        except BaseException:
-            os.close(fd)
-            os.unlink(name)
-            raise
         return cls(fd, Path(name))
 
     def interrupt(self, seq: int) -> None:
