@@ -6,7 +6,8 @@ trip through the pipe (the bridge answers at once), hibernate size and time, res
 PSS (and its private / shared parts) from /proc/<pid>/smaps_rollup, once idle and once
 *loaded*: after every session ran code that imports modules and holds data (what a live
 session of an RLM run looks like), each process measured on its own, not a mean over idle
-ones. Then the same loaded sessions with RLM_SANDBOX_MERGE_PAGES (kernel same-page merging)
+ones, and what the median one holds, part by part (`anatomy_kib`), beside a bare Deno
+process. Then the same loaded sessions with RLM_SANDBOX_MERGE_PAGES (kernel same-page merging)
 beside as many without it, in the same minutes, and what the kernel's ksmd spent merging
 (`--no-merge-pages` skips it; it needs root to start ksmd when it is not running, and puts
 ksmd's settings back after). Every figure is printed with /proc/loadavg.
@@ -77,6 +78,135 @@ def report_memory(label: str, pids: list[int]) -> None:
         f"  PSS per process: median {statistics.median(pss):.1f} MiB, "
         f"min {min(pss):.1f}, max {max(pss):.1f} (n={len(pss)})"
     )
+
+
+#: Run inside a session after its PSS was read: what its Python heap holds (Pyodide's CPython is
+#: built without pymalloc, so every object is a block of Emscripten's dlmalloc, which
+#: `mallinfo` sums up) and V8's heap, which the guest sees as `js.Deno.memoryUsage()`.
+HEAPS_PROBE = """
+import ctypes as _ctypes, js as _js
+class _MallInfo(_ctypes.Structure):
+    _fields_ = [(_n, _ctypes.c_int) for _n in ('arena ordblks smblks hblks hblkhd usmblks '
+                                              'fsmblks uordblks fordblks keepcost').split()]
+_mallinfo = _ctypes.CDLL(None).mallinfo
+_mallinfo.restype = _MallInfo
+_heap, _v8 = _mallinfo(), _js.Deno.memoryUsage()
+print(_heap.uordblks, _heap.fordblks, _v8.heapUsed, _v8.heapTotal)
+"""
+
+
+def _unique_chunk(data: bytes, at: float) -> bytes:
+    """64 bytes of `data` from about fraction `at` on that occur nowhere else in it."""
+    for start in range(int(len(data) * at), len(data) - 64, 64):
+        chunk = data[start : start + 64]
+        if data.count(chunk) == 1:
+            return chunk
+    raise ValueError(f"no unique 64-byte chunk past {at:.0%}")
+
+
+def _before_data_section(binary: bytes) -> int:
+    """How many bytes of a WebAssembly binary come before its data section (id 11): what V8's
+    copy of Pyodide's binary holds once its segments are emptied."""
+    at = 8  # past the magic number and the version
+    while at < len(binary) and binary[at] != 11:
+        size, shift, at = 0, 0, at + 1
+        while True:  # the section's size, unsigned LEB128
+            byte = binary[at]
+            at += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        at += size
+    return at
+
+
+def _regions(pid: int) -> list[tuple[int, int, str, str, int]]:
+    """(start, end, permissions, path, PSS in KiB) of each region in /proc/<pid>/smaps."""
+    regions: list[tuple[int, int, str, str, int]] = []
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # a region: span, perms, offset, device, inode, path
+        if not fields[0].endswith(":"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            regions.append((start, end, fields[1], fields[5] if len(fields) > 5 else "", 0))
+        elif fields[0] == "Pss:":
+            regions[-1] = (*regions[-1][:4], int(fields[1]))
+    return regions
+
+
+def anatomy_kib(pid: int, pyodide_dir: Path) -> dict[str, int]:
+    """PSS of one sandbox process by part, in KiB, from /proc/<pid>/smaps. Its anonymous
+    read-write regions are told apart by what they hold (read through /proc/<pid>/mem): V8's
+    copy of the binary holds its code section; the WebAssembly memory holds the binary's data
+    segments (V8's copy has them emptied: sandbox_runtime/js/pyodide_load.mjs). The kernel
+    merges neighbouring anonymous mappings into one region: of the one holding V8's copy,
+    only the copy's size is counted as the copy."""
+    binary = (pyodide_dir / "pyodide.asm.wasm").read_bytes()
+    code, data = _unique_chunk(binary, 0.2), _unique_chunk(binary, 0.9)
+    copy_kib = _before_data_section(binary) // 1024
+    other = "V8's heap, other anonymous memory"
+    parts: dict[str, int] = {}
+    for start, end, perms, path, pss in _regions(pid):
+        if path.endswith("/deno"):
+            part = "the Deno binary, its own data" if "w" in perms else "the Deno binary, shared"
+        elif path == "[heap]":
+            part = "the malloc heap"
+        elif path:
+            part = "other files, stacks"
+        elif "x" in perms:
+            part = "compiled WebAssembly code"
+        else:
+            part = other
+            held = _read_memory(pid, start, end) if perms.startswith("rw") and pss >= 1024 else b""
+            if code in held:
+                parts["V8's copy of the binary"] = min(pss, copy_kib)
+                pss -= min(pss, copy_kib)
+            elif data in held:
+                part = "the WebAssembly memory"
+        parts[part] = parts.get(part, 0) + pss
+    return parts
+
+
+def _read_memory(pid: int, start: int, end: int) -> bytes:
+    """Bytes start..end of process `pid`'s memory; empty when they cannot be read (another
+    uid's sandbox without root, or a region that went away)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/mem", "rb", 0) as memory:
+        memory.seek(start)
+        return memory.read(end - start)
+    return b""
+
+
+async def report_anatomy(process: SandboxProcess, settings: WorkerSettings) -> None:
+    """What one loaded session's process holds, and beside it a bare Deno process (the
+    runtime's own floor), started in the same minutes."""
+    parts = anatomy_kib(process.pid, settings.pyodide_dir)
+    total = sum(parts.values())
+    print(f"anatomy of one loaded process (PSS {total / 1024:.1f} MiB, load {loadavg()}):")
+    for part, kib in sorted(parts.items(), key=lambda item: -item[1]):
+        print(f"  {part:<38} {kib / 1024:6.1f} MiB")
+    probe = await process.execute(HEAPS_PROBE, timeout_s=30, output_bytes=4096)
+    if probe.error is None:
+        allocated, free, v8_used, v8_total = (int(n) for n in probe.stdout.split())
+        print(
+            f"  inside: Python's heap {allocated / 2**20:.1f} MiB allocated, {free / 2**20:.1f} "
+            f"MiB free in its allocator; V8's heap {v8_used / 2**20:.1f} MiB used of "
+            f"{v8_total / 2**20:.1f} MiB"
+        )
+    else:
+        print(f"  inside: not read ({probe.error})")
+    bare = await asyncio.create_subprocess_exec(
+        str(settings.deno_path),
+        "run",
+        "data:text/javascript,Deno.stdin.readSync(new Uint8Array(1))",
+        stdin=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2)  # started and blocked on its input
+    print(
+        f"a bare Deno process beside them (blocked on its input): PSS "
+        f"{memory_kib(bare.pid)['Pss'] / 1024:.1f} MiB (load {loadavg()})"
+    )
+    bare.kill()
+    await bare.wait()
 
 
 async def instant_bridge(call: LLMCall) -> list[LLMCallResult]:
@@ -243,6 +373,9 @@ async def main(merge_pages: bool) -> None:
             await process.execute(LOAD_SESSION, timeout_s=60, output_bytes=4096)
             await process.execute("1", timeout_s=10, output_bytes=4096)
         report_memory("memory of each loaded live process", [p.pid for p in processes])
+        # Not the last one: it is hibernated next, and the anatomy's probe runs code in it.
+        by_pss = sorted(processes[:-1], key=lambda p: memory_kib(p.pid)["Pss"])
+        await report_anatomy(by_pss[len(by_pss) // 2], settings)
 
         started = time.perf_counter()
         blob = await sandbox.hibernate()
