@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
 from sandbox_runtime.worker.launcher import (
     INTERRUPT_FILE_PREFIX,
     InterruptFile,
+    _read_snapshot,
     sandbox_pid,
     sweep_left_interrupt_files,
 )
-from sandbox_runtime.worker.snapshot_cache import pyodide_version, snapshot_path
+from sandbox_runtime.worker.snapshot_cache import ensure_snapshot, pyodide_version, snapshot_path
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
 
@@ -346,6 +348,69 @@ async def test_snapshot_is_made_once_per_pyodide_build(tmp_path: Path, anyio_bac
         for started in (process, cold):
             if isinstance(started, SandboxProcess):
                 await started.kill()
+
+
+def _left_behind(path: Path, age_s: float, content: bytes = b"old") -> Path:
+    """A file as an earlier run left it: last used (and written) `age_s` ago."""
+    path.write_bytes(content)
+    at = time.time() - age_s
+    os.utime(path, (at, at))
+    return path
+
+
+async def test_making_a_snapshot_prunes_what_older_ones_left(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """Every upgrade or copy of the project makes a new ~30 MB snapshot: the cache directory
+    keeps the most recently used ones and removes the rest when a new one is made."""
+    settings = WorkerSettings(cache_dir=tmp_path, grace_s=1.0, snapshot_cache_keep=2)
+    hour, day = 3600.0, 86400.0
+    recent = _left_behind(tmp_path / "pyodide-0.1.0-aaaaaaaaaaaaaaaa.snapshot", hour)
+    recent_lock = _left_behind(recent.with_suffix(".lock"), hour, b"")
+    older = _left_behind(tmp_path / "pyodide-0.1.0-bbbbbbbbbbbbbbbb.snapshot", day)
+    older_lock = _left_behind(older.with_suffix(".lock"), day, b"")
+    oldest = _left_behind(tmp_path / "pyodide-0.0.9-cccccccccccccccc.snapshot", 7 * day)
+    module_cache = _left_behind(recent.with_suffix(".deno-modules"), hour)
+    abandoned = _left_behind(tmp_path / "pyodide-0.1.0-dddddddddddddddd.tmp4242", 2 * hour)
+    abandoned_lock = _left_behind(abandoned.with_suffix(".lock"), 2 * hour, b"")
+    being_written = _left_behind(tmp_path / "pyodide-0.1.0-eeeeeeeeeeeeeeee.tmp4243", 1.0)
+    unrelated = _left_behind(tmp_path / "notes.txt", 7 * day)
+    process = await SandboxProcess.spawn(settings)
+    try:
+        assert await ok(process, "1 + 1") == "2\n"
+    finally:
+        await process.kill()
+    current = snapshot_path(settings)
+    kept = {current, current.with_suffix(".lock"), recent, recent_lock, being_written, unrelated}
+    assert _files(tmp_path) == kept
+    gone = {older, older_lock, oldest, module_cache, abandoned, abandoned_lock}
+    assert not _files(tmp_path) & gone
+
+
+def _files(directory: Path) -> set[Path]:
+    return {path for path in directory.iterdir() if path.is_file()}
+
+
+async def test_a_snapshot_used_counts_as_recent(tmp_path: Path, anyio_backend: str) -> None:
+    """Starting from a snapshot marks it used (its access time), and nothing else of it
+    changes: its modification time keys the bytes the launcher keeps in memory."""
+    settings = WorkerSettings(cache_dir=tmp_path)
+    path = _left_behind(snapshot_path(settings), 3 * 86400.0)
+    written = path.stat().st_mtime_ns
+    assert await ensure_snapshot(settings) == path
+    assert time.time() - path.stat().st_atime < 60
+    assert path.stat().st_mtime_ns == written
+
+
+def test_a_snapshot_pruned_after_it_was_found_is_still_sent(tmp_path: Path) -> None:
+    """Another supervisor may prune a snapshot between a start finding it and reading it:
+    the bytes kept for that name are sent instead of failing the start."""
+    path = _left_behind(tmp_path / "pyodide-0.1.0-aaaaaaaaaaaaaaaa.snapshot", 60.0, b"bytes")
+    assert _read_snapshot(path) == b"bytes"
+    path.unlink()
+    assert _read_snapshot(path) == b"bytes"
+    with pytest.raises(FileNotFoundError):
+        _read_snapshot(tmp_path / "pyodide-0.1.0-bbbbbbbbbbbbbbbb.snapshot")
 
 
 async def test_restore_refuses_bad_blobs(anyio_backend: str) -> None:

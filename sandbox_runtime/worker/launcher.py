@@ -373,7 +373,15 @@ async def _snapshot_bytes(path: Path) -> bytes:
 
 
 def _read_snapshot(path: Path) -> bytes:
-    info = path.stat()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        # Pruned from the cache directory since it was found (`snapshot_cache.prune`): the
+        # bytes kept for this path are as good (its name is its key).
+        kept = [data for (kept_path, _, _), data in _snapshot_cache.items() if kept_path == path]
+        if kept:
+            return kept[0]
+        raise
     key = (path, info.st_size, info.st_mtime_ns)
     data = _snapshot_cache.get(key)
     if data is None:

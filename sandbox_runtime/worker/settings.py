@@ -43,6 +43,15 @@ class WorkerSettings(BaseSettings):
     use_snapshot: bool = Field(
         True, description="Start sandboxes from the memory snapshot (made on first use)."
     )
+    snapshot_cache_keep: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Memory snapshots kept in the cache dir (~30 MB each), the most recently "
+        "used: an upgrade of Pyodide or of the sandbox's scripts, and each copy of the project "
+        "sharing the directory, makes its own. The others are removed when a new one is made; "
+        "a copy whose snapshot was removed makes it again (~3 s) at its next start.",
+    )
     memory_bytes: int = Field(
         512 * 2**20,
         ge=64 * 2**20,

@@ -5,11 +5,18 @@ it, so its file name carries the Pyodide version and a digest of `pyodide.asm.wa
 the host script, the guest sources and where they are. Deno never writes: the process that
 makes the snapshot sends its bytes over the pipe, and this module writes them (atomically,
 under a file lock so concurrent supervisors make it once).
+
+Every new key leaves the old snapshots behind (~30 MB each: an upgrade, an edited guest
+script, another copy of the project sharing the directory), so making one also prunes the
+directory down to the `snapshot_cache_keep` most recently used. A snapshot's last use is its
+access time, set when a sandbox is started from it (its modification time stays: it is part
+of the key under which the launcher keeps the bytes in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -27,6 +34,12 @@ from .settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 _locks: dict[Path, asyncio.Lock] = {}
+
+#: A snapshot's access time is moved at most this often (a system call per start otherwise).
+_MARK_USED_EVERY_S = 60.0
+#: Half-written snapshots (`*.tmp<pid>`), and lock files without a snapshot, older than this
+#: were left by a maker that died (one is made in seconds, within `start_timeout_s`).
+_ABANDONED_AFTER_S = 3600.0
 
 
 def pyodide_version(settings: WorkerSettings) -> str:
@@ -53,7 +66,7 @@ def snapshot_path(settings: WorkerSettings) -> Path:
 async def ensure_snapshot(settings: WorkerSettings) -> Path:
     """The snapshot file for these settings, made now if missing."""
     path = snapshot_path(settings)
-    if path.exists():
+    if _in_place(path):
         return path
     lock = _locks.setdefault(path, asyncio.Lock())
     async with lock:
@@ -67,6 +80,64 @@ async def ensure_snapshot(settings: WorkerSettings) -> Path:
         finally:
             lock_file.close()  # releases the flock
     return path
+
+
+def _in_place(path: Path) -> bool:
+    """Whether the snapshot `path` is there; if it is, its use is recorded (its access time;
+    best effort: a cache directory this process may not write is used as it is)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    if time.time() - info.st_atime > _MARK_USED_EVERY_S:
+        with contextlib.suppress(OSError):
+            os.utime(path, ns=(time.time_ns(), info.st_mtime_ns))
+    return True
+
+
+def _last_used(path: Path) -> float | None:
+    try:
+        return path.stat().st_atime
+    except FileNotFoundError:  # removed meanwhile (another supervisor pruning)
+        return None
+
+
+def prune(cache_dir: Path, keep: int, current: Path) -> list[Path]:
+    """Remove from `cache_dir` all snapshots but the `keep` most recently used (`current`
+    always kept) with their lock files, what makers that died left (half-written snapshots,
+    lock files without a snapshot), and the module caches an earlier version kept beside its
+    snapshots. The files removed."""
+    others = []
+    for path in cache_dir.glob("pyodide-*.snapshot"):
+        last_used = _last_used(path)
+        if last_used is not None and path != current:
+            others.append((last_used, path))
+    dropped = [path for _, path in sorted(others, reverse=True)[keep - 1 :]]
+    stale = [*dropped, *(path.with_suffix(".lock") for path in dropped)]
+    stale += cache_dir.glob("pyodide-*.deno-modules")
+    now = time.time()
+    orphan_locks = (
+        lock
+        for lock in cache_dir.glob("pyodide-*.lock")
+        if not lock.with_suffix(".snapshot").exists()
+    )
+    for path in [*cache_dir.glob("pyodide-*.tmp*"), *orphan_locks]:
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > _ABANDONED_AFTER_S:
+                stale.append(path)
+    removed = []
+    for path in stale:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning(
+                "cannot remove an old snapshot file", extra={"path": str(path), "error": str(exc)}
+            )
+            continue
+        removed.append(path)
+    return removed
 
 
 def _acquire_file_lock(lock_path: Path) -> TextIO:
@@ -102,11 +173,13 @@ async def _make(settings: WorkerSettings, path: Path) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     await asyncio.to_thread(tmp.write_bytes, frame.payload)
     os.replace(tmp, path)
+    removed = await asyncio.to_thread(prune, path.parent, settings.snapshot_cache_keep, path)
     logger.info(
         "pyodide snapshot made",
         extra={
             "path": str(path),
             "bytes": len(frame.payload),
             "seconds": round(time.perf_counter() - started, 3),
+            "old_files_removed": len(removed),
         },
     )

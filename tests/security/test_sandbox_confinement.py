@@ -52,8 +52,15 @@ def pyodide_copy() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def settings(pyodide_copy: Path) -> WorkerSettings:
+    # Its own cache directory: the copy makes a snapshot of its own, which would otherwise be
+    # left among the project's (and count against what the cache directory keeps).
     return SETTINGS.model_copy(
-        update={"pyodide_dir": pyodide_copy, "idle_cpu_check_s": 0.5, "idle_cpu_strikes": 3}
+        update={
+            "pyodide_dir": pyodide_copy,
+            "cache_dir": pyodide_copy.parent / "cache",
+            "idle_cpu_check_s": 0.5,
+            "idle_cpu_strikes": 3,
+        }
     )
 
 
