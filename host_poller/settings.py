@@ -58,6 +58,14 @@ class HostSettings(BaseSettings):
         description="Directory of the JSONL trajectory of each run (default: under "
         "$XDG_DATA_HOME, else ~/.local/share).",
     )
+    trajectory_max_bytes: int = Field(
+        1 * 2**30,
+        ge=2**20,
+        description="Total size of the trajectory files kept in RLM_TRAJECTORY_DIR (tenant "
+        "subdirectories included): past it the least recently written are removed, checked "
+        "as runs start, at most once a minute per directory (never a file this process is "
+        "still writing).",
+    )
     max_depth: int = Field(
         1, ge=0, le=16, description="Recursion depth: 1 = sub-calls are plain LLM calls."
     )

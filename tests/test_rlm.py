@@ -3,8 +3,11 @@ scripted LLM, and the "local" environment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from host_poller.settings import HostSettings
 from rlm_cli import RLM as EmbeddedRLM
 from rlm_cli.embedded import host_settings_for, rlm_stack_components, root_client
 from rlm_cli.stack import LocalStack, StackConfig
+from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -342,6 +346,35 @@ async def test_progress_events_reach_the_hook(redis_url: str, tmp_path: Path) ->
     assert names[0] == "run_start"
     assert names[-1] == "run_end"
     assert {"iteration_start", "iteration", "sub_call"} <= set(names)
+
+
+async def test_runs_keep_the_trajectory_directory_within_its_bound(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """What earlier runs left past RLM_TRAJECTORY_MAX_BYTES is removed, oldest first, once a
+    run starts; the run's own trajectory stays."""
+    directory = tmp_path / "trajectories"
+    directory.mkdir()
+    left = []
+    for age_s in (3000.0, 2000.0, 1000.0):  # 3 x 600 KiB against a bound of 1 MiB
+        path = directory / f"earlier-{int(age_s)}.jsonl"
+        path.write_bytes(b"x" * 600 * 1024)
+        os.utime(path, (time.time() - age_s,) * 2)
+        left.append(path)
+    async with harness(redis_url, tmp_path, "count_words", trajectory_max_bytes=2**20) as h:
+        result = await h.rlm().acompletion(
+            make_text("whale", 3), "How often is the word 'whale' used?"
+        )
+    assert result.answer == "3"
+    with contextlib.suppress(TimeoutError):  # pruned in a background thread
+        await wait_until(lambda: not _exists(left[:2]))
+    assert _exists(left) == [left[2]]  # the newest of them fits beside the run's own
+    assert result.trajectory_path is not None
+    assert read_trajectory(result.trajectory_path)[-1]["event"] == "run_end"
+
+
+def _exists(paths: list[Path]) -> list[Path]:
+    return [path for path in paths if path.exists()]
 
 
 # --- a model stuck on one error; a forced answer that is a FINAL_VAR call -----------------

@@ -51,7 +51,9 @@ class RunScope:
         self.run_id = uuid.uuid4().hex
         self.tracker, _ = rlm.hooks.budgets.open(self.run_id, rlm.budget)
         self.tracker.tools = rlm.tools  # the poller of this process answers their calls
-        self.trajectory = TrajectoryWriter(settings.trajectory_dir / f"{self.run_id}.jsonl")
+        self.trajectory = TrajectoryWriter.for_run(
+            settings, settings.trajectory_dir / f"{self.run_id}.jsonl"
+        )
         self.tracker.trajectory = self.trajectory
         self.tracker.on_sub_call = _sub_call_writer(
             self.trajectory, self.run_id, rlm.hooks.on_event

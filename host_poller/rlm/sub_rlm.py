@@ -130,7 +130,7 @@ class SubRLMRunner:
                 self.settings.trajectory_dir, tenant, (run_id, request.id), call.depth
             )
             try:
-                trajectory = TrajectoryWriter(path)
+                trajectory = TrajectoryWriter.for_run(self.settings, path)
             except BaseException:
                 if created:
                     self.budgets.release(run_id, tenant)
