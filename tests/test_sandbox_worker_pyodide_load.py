@@ -6,12 +6,14 @@ instantiates its binary from a buffer it keeps, then (from a snapshot) restores 
 WebAssembly memory sized to the snapshot, data written at instantiation, with one `HEAP8.set`
 of the snapshot past its header. The sparse copy restores every byte, nothing is left patched,
 and the snapshot's and the binary's buffers are freed. A small module with data segments:
-V8 is given it with the segments emptied, the load writes them. A real Pyodide: the
-snapshot's maker zeroes the allocator's free memory. Then in a real sandbox: the Deno process
-holds one copy of pyodide.asm.wasm's code (V8's own), its data segments in the instance's
-memory only, one copy of pyodide.asm.mjs's source, none of the standard library's zip (read
-from the Pyodide directory as Python imports), and serves with V8's heap collected down to its
-live size, the collector out of the guest's reach.
+V8 is given it with the segments emptied, the load writes them. A small module with a
+function table: the slots its element section gives are those a scan of the table finds. A
+real Pyodide: the snapshot's maker zeroes the allocator's free memory. Then in a real sandbox:
+the Deno process holds one copy of pyodide.asm.wasm's code (V8's own), its data segments in
+the instance's memory only, one copy of pyodide.asm.mjs's source, none of the standard
+library's zip (read from the Pyodide directory as Python imports), no JavaScript function for
+every slot of the table, and serves with V8's heap collected down to its live size, the
+collector out of the guest's reach.
 """
 
 from __future__ import annotations
@@ -256,6 +258,99 @@ def test_data_segments_are_written_by_the_load_and_left_out_of_v8s_copy(tmp_path
     }
 
 
+#: 200 functions of one type; a table of 300 slots, exported with functions 3 and 5; two
+#: element segments: slots 1.. hold functions 0-149 then 5, 7, 5 (a function in several slots:
+#: a scan in order finds its last), slots 200.. (an offset of two LEB bytes) hold 150-199
+#: then 5 again.
+FUNCTIONS = 200
+FIRST = [*range(150), 5, 7, 5]
+SECOND = [*range(150, 200), 5]
+WITH_TABLE = _wasm(
+    _section(1, b"\x01\x60\x00\x00"),
+    _section(3, _leb(FUNCTIONS) + b"\x00" * FUNCTIONS),
+    _section(4, b"\x01\x70\x00" + _leb(300)),
+    _section(7, b"\x03\x05table\x01\x00\x05three\x00\x03\x04five\x00\x05"),
+    _section(
+        9,
+        b"\x02"
+        + b"".join(
+            b"\x00\x41" + _leb(offset, signed=True) + b"\x0b" + _leb(len(functions))
+            + b"".join(_leb(index) for index in functions)
+            for offset, functions in ((1, FIRST), (200, SECOND))
+        ),
+    ),
+    _section(10, _leb(FUNCTIONS) + b"\x02\x00\x0b" * FUNCTIONS),
+)  # fmt: skip
+#: A passive element segment: its functions have no slot until code puts them in one.
+PASSIVE_ELEMENTS = _wasm(
+    _section(1, b"\x01\x60\x00\x00"),
+    _section(3, b"\x01\x00"),
+    _section(9, b"\x01\x01\x00\x01\x00"),
+    _section(10, b"\x01\x02\x00\x0b"),
+)
+
+TABLE_DRIVER = r"""
+import { elementSlots, MainTableSlots } from "./pyodide_load.mjs";
+
+const fromHex = (hex) => Uint8Array.from(hex.match(/../g), (pair) => parseInt(pair, 16));
+const [withTable, passive] = Deno.args.map(fromHex);
+const { instance } = await WebAssembly.instantiate(withTable.slice(), {});
+const { table, three, five } = instance.exports;
+// What Emscripten's first lookup did: every slot read, in order, the last one winning.
+const scanned = {};
+for (let slot = 0; slot < table.length; slot++) {
+  const func = table.get(slot);
+  if (func) scanned[func.name] = slot;
+}
+const slots = elementSlots(withTable);
+const fromSection = {};
+slots.forEach((slot, index) => { if (slot >= 0) fromSection[index] = slot; });
+
+const tableSlots = new MainTableSlots();
+const reads = [];
+const entry = (slot) => { reads.push(slot); return table.get(slot); };
+const map = new WeakMap();
+const unknown = tableSlots.find(five, entry, map); // before the binary is learnt
+tableSlots.learn(withTable);
+const other = (await WebAssembly.instantiate(withTable.slice(), {})).instance.exports.five;
+console.log(JSON.stringify({
+  sameAsScan: JSON.stringify(fromSection) === JSON.stringify(scanned),
+  slotsOfFive: [scanned[5], fromSection[5]],
+  unknown,
+  five: tableSlots.find(five, entry, map),
+  three: tableSlots.find(three, entry, map),
+  recorded: [map.get(five), map.get(three)],
+  reads,
+  sameIndexOtherModule: tableSlots.find(other, entry, map),
+  javascript: tableSlots.find(function five() {}, entry, map),
+  passive: elementSlots(passive),
+  noElements: elementSlots(new Uint8Array([0, 0x61, 0x73, 0x6d, 1, 0, 0, 0])),
+}));
+"""
+
+
+def test_the_table_slots_of_the_binarys_functions_are_read_from_its_element_section(
+    tmp_path: Path,
+) -> None:
+    # Emscripten's loader read every slot of the function table at its first lookup (a
+    # JavaScript function made and kept per slot, 2.2 MiB of V8's heap for Pyodide's): the
+    # element section gives the same slots, and a lookup reads the one slot it checks.
+    got = _run_driver(tmp_path, TABLE_DRIVER, WITH_TABLE.hex(), PASSIVE_ELEMENTS.hex())
+    assert got == {
+        "sameAsScan": True,
+        "slotsOfFive": [200 + len(SECOND) - 1] * 2,
+        "unknown": 0,
+        "five": 200 + len(SECOND) - 1,
+        "three": 1 + 3,
+        "recorded": [200 + len(SECOND) - 1, 1 + 3],
+        "reads": [200 + len(SECOND) - 1, 1 + 3, 200 + len(SECOND) - 1],
+        "sameIndexOtherModule": 0,
+        "javascript": 0,
+        "passive": None,
+        "noElements": None,
+    }
+
+
 ZERO_DRIVER = r"""
 import { zeroFreeMemory } from "./pyodide_load.mjs";
 
@@ -428,6 +523,43 @@ async def test_the_start_gives_no_table_slot_to_every_export(anyio_backend: str)
         await process.kill()
     assert answer == "42"
     assert int(slots) - _initial_table_slots() < 1000, slots
+
+
+#: dlsym of a function the binary's element section put in the table (its slot, and how many
+#: slots the table gained), then every slot of the table read from JavaScript: how much V8's
+#: heap grew, in MiB (a JavaScript function is made for each slot read the first time).
+TABLE_VIEW = """
+import ctypes, pyodide_js
+from pyodide.code import run_js
+table = pyodide_js._module.wasmTable
+before = table.length
+address = ctypes.cast(ctypes.pythonapi.PyObject_GenericGetAttr, ctypes.c_void_p).value
+grown = table.length - before
+read_every_slot = run_js('''(table) => {
+  const heapUsed = () => Deno.memoryUsage().heapUsed;
+  const before = heapUsed();
+  const held = [];
+  for (let slot = 0; slot < table.length; slot++) held.push(table.get(slot));
+  return (heapUsed() - before) / 1048576;
+}''')
+print(address, grown, round(read_every_slot(table), 1))
+"""
+
+
+async def test_the_start_makes_no_javascript_function_for_every_table_slot(
+    anyio_backend: str,
+) -> None:
+    # Emscripten's first lookup of a function's slot read the whole table: 8,732 JavaScript
+    # functions made and kept in every sandbox. Lookups read one slot now, and find the same:
+    # dlsym gives a function of the binary its own slot, adding none.
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        address, grown, heap_growth_mib = (await ok(process, TABLE_VIEW)).split()
+    finally:
+        await process.kill()
+    assert 0 < int(address) < _initial_table_slots()
+    assert grown == "0"
+    assert float(heap_growth_mib) > 1.0, "the table's functions were made before"
 
 
 #: V8's heap as the guest sees it: committed beyond what is live, in MiB, and whether the

@@ -36,6 +36,12 @@
 // The snapshot's maker zeroes the allocator's free memory before the snapshot is taken
 // (`zeroFreeMemory`): what the interpreter freed while starting is left as garbage, which the
 // sparse restore would otherwise copy into every sandbox like live data.
+//
+// The function table's JavaScript view (2.2 MiB of V8's heap): the first time Emscripten's
+// loader looks a function up in the table, it reads the whole table to map functions to
+// slots, which makes V8 create a JavaScript function for each of its 8,732 slots and keep
+// them. The slots of the binary's own functions are read from its element section instead
+// (`MainTableSlots`), and a lookup reads the one slot it needs (see `LAZY_TABLE_MAP`).
 
 const PAGE = 4096;
 const WORDS = PAGE / 4;
@@ -186,11 +192,73 @@ function writeDataSegments(instance, split, bytes) {
   }
 }
 
+const ELEMENT_SECTION = 9;
+const ACTIVE_TABLE_0 = 0; // an element segment's flags: active, table 0, function indices
+
+// Where the binary's element section puts each function in table 0: an Int32Array of the
+// last slot of each function index (as a scan of the table in order would find it), -1 for
+// none. Null when the section holds a segment of another kind or at an offset that is not a
+// constant.
+export function elementSlots(bytes) {
+  let at = 8;
+  while (at < bytes.length) {
+    const [size, body] = readLeb(bytes, at + 1);
+    if (bytes[at] === ELEMENT_SECTION) {
+      const placed = []; // function index, slot, ...
+      let [count, p] = readLeb(bytes, body);
+      for (; count > 0; count--) {
+        if (bytes[p] !== ACTIVE_TABLE_0 || bytes[p + 1] !== I32_CONST) return null;
+        let offset;
+        [offset, p] = readLeb(bytes, p + 2); // i32.const: signed, so its last byte's 0x40
+        if (bytes[p - 1] & 0x40 || bytes[p++] !== END) return null; // negative, or not alone
+        let functions;
+        [functions, p] = readLeb(bytes, p);
+        for (let slot = offset; slot < offset + functions; slot++) {
+          let index;
+          [index, p] = readLeb(bytes, p);
+          placed.push(index, slot);
+        }
+      }
+      let last = -1;
+      for (let i = 0; i < placed.length; i += 2) last = Math.max(last, placed[i]);
+      const slots = new Int32Array(last + 1).fill(-1);
+      for (let i = 0; i < placed.length; i += 2) slots[placed[i]] = placed[i + 1];
+      return slots;
+    }
+    at = body + size;
+  }
+  return null;
+}
+
+// The slots of the main module's functions in the function table, for Emscripten's
+// `getFunctionAddress` (its text patched by `evaluatedModuleFactory`): `known` once the
+// binary's element section was read (else the loader reads the whole table, as it did).
+export class MainTableSlots {
+  known = false;
+  #slots = new Int32Array(0);
+
+  learn(bytes) {
+    const slots = elementSlots(bytes);
+    if (slots !== null) [this.#slots, this.known] = [slots, true];
+  }
+
+  // `func`'s slot if it is one of the main module's functions where its element section put
+  // it (V8 names an exported WebAssembly function by its index; the table's own entry at
+  // that slot must be `func` itself), recorded in `map`; else 0.
+  find(func, tableEntry, map) {
+    if (!this.known || typeof func !== "function" || !/^\d+$/.test(func.name)) return 0;
+    const slot = this.#slots[Number(func.name)] ?? -1;
+    if (slot < 0 || tableEntry(slot) !== func) return 0;
+    map.set(func, slot);
+    return slot;
+  }
+}
+
 // `WebAssembly.instantiate`, except for the first binary it is given whole (Pyodide's): V8
 // gets it without its data segments, which are written into the instance's memory when the
 // call resolves, and the binary's buffer is detached then (freed). Every other call is the
-// original's.
-function leanFirstBinary(original) {
+// original's. `tableSlots` learns the binary's element section.
+function leanFirstBinary(original, tableSlots) {
   let done = false;
   return function instantiate(source, ...rest) {
     const whole =
@@ -200,6 +268,7 @@ function leanFirstBinary(original) {
       source.byteLength === source.buffer.byteLength;
     if (done || !whole) return original.call(this, source, ...rest);
     done = true;
+    tableSlots.learn(source);
     const split = splitDataSegments(source);
     if (split === null) {
       const result = original.call(this, source, ...rest);
@@ -233,11 +302,26 @@ function leanFirstBinary(original) {
 const EAGER_GOT = "assignWasmExports(wasmExports);updateGOT(origExports);";
 const EAGER_GOT_SKIPPED = "assignWasmExports(wasmExports);";
 
+// Emscripten's `getFunctionAddress`: its first lookup reads the whole table into a map of
+// function -> slot (a JavaScript function made and kept for every slot); then each lookup
+// reads the map, which `addFunction` and a side module's loader keep up to date for the
+// slots they fill. Patched, the binary's own slots are found one at a time through
+// `MainTableSlots` (`__rlmTableSlots` in the evaluated script), with the same answers: the
+// slot the element section gave the function, checked against the table. Left as it is when
+// the text differs; and if the element section could not be read, the first lookup reads
+// the whole table as before.
+const LAZY_TABLE_MAP =
+  "functionsInTableMap=new WeakMap;updateTableMap(0,wasmTable.length)}return functionsInTableMap.get(func)||0";
+const LAZY_TABLE_MAP_PATCHED =
+  "functionsInTableMap=new WeakMap;if(!__rlmTableSlots.known)updateTableMap(0,wasmTable.length)}" +
+  "return functionsInTableMap.get(func)||__rlmTableSlots.find(func,getWasmTableEntry,functionsInTableMap)";
+
 // Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
-// (Pyodide's `createPyodideModule` option), without the eager GOT pass above; undefined when
-// the file cannot be read (Pyodide's own import then reports why) or is not the module this
-// expects (one default export at its end, no static import): Pyodide then imports it.
-export function evaluatedModuleFactory(pyodideDir) {
+// (Pyodide's `createPyodideModule` option), without the eager GOT pass and with the table's
+// slots found through `tableSlots` (above); undefined when the file cannot be read (Pyodide's
+// own import then reports why) or is not the module this expects (one default export at its
+// end, no static import): Pyodide then imports it.
+export function evaluatedModuleFactory(pyodideDir, tableSlots = new MainTableSlots()) {
   const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
   let source;
   try {
@@ -253,12 +337,13 @@ export function evaluatedModuleFactory(pyodideDir) {
   const body = source
     .slice(0, -exported.length)
     .replaceAll("import.meta.url", JSON.stringify(url))
-    .replace(EAGER_GOT, EAGER_GOT_SKIPPED);
+    .replace(EAGER_GOT, EAGER_GOT_SKIPPED)
+    .replace(LAZY_TABLE_MAP, LAZY_TABLE_MAP_PATCHED);
   try {
-    // Indirect eval: global scope, nothing of this module's in reach; the factory stays local.
-    // Strict, as the module's code was (a script is sloppy by default).
-    const script = `"use strict";(() => {${body}\nreturn _createPyodideModule;})()`;
-    return (0, eval)(`${script}\n//# sourceURL=${url}`);
+    // Indirect eval: global scope, nothing of this module's in reach but `tableSlots`; the
+    // factory stays local. Strict, as the module's code was (a script is sloppy by default).
+    const script = `"use strict";((__rlmTableSlots) => {${body}\nreturn _createPyodideModule;})`;
+    return (0, eval)(`${script}\n//# sourceURL=${url}`)(tableSlots);
   } catch (error) {
     if (error instanceof SyntaxError) return undefined; // e.g. a static import
     throw error;
@@ -271,11 +356,13 @@ export function evaluatedModuleFactory(pyodideDir) {
 // `options.createPyodideModule` names one: every load, the snapshot's maker's and each
 // restore, makes the same function table.
 export async function loadPyodideLean(loadPyodide, givenOptions, snapshot) {
+  const tableSlots = new MainTableSlots();
   const factory =
-    givenOptions.createPyodideModule ?? evaluatedModuleFactory(givenOptions.indexURL.replace(/\/$/, ""));
+    givenOptions.createPyodideModule ??
+    evaluatedModuleFactory(givenOptions.indexURL.replace(/\/$/, ""), tableSlots);
   const options = factory ? { ...givenOptions, createPyodideModule: factory } : givenOptions;
   const instantiate = WebAssembly.instantiate;
-  WebAssembly.instantiate = leanFirstBinary(instantiate);
+  WebAssembly.instantiate = leanFirstBinary(instantiate, tableSlots);
   if (snapshot === null) {
     try {
       return await loadPyodide(options);
