@@ -63,3 +63,13 @@ def test_no_link_is_followed_and_no_file_being_written_is_removed(tmp_path: Path
         being_written.close()
     # Closed, it is a file like any other.
     assert prune_trajectories(root, 0) == [being_written.path]
+
+
+def test_a_file_two_writers_have_open_stays_until_both_close(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    first, second = TrajectoryWriter(path), TrajectoryWriter(path)
+    first.write("run_start")
+    first.close()
+    assert prune_trajectories(tmp_path, 0) == []
+    second.close()
+    assert prune_trajectories(tmp_path, 0) == [path]

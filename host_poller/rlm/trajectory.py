@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,9 +33,9 @@ logger = logging.getLogger(__name__)
 #: How often one directory is pruned at the most: a pass stats every file in it.
 PRUNE_EVERY_S = 60.0
 _last_pruned: dict[Path, float] = {}
-#: Files a writer of this process has open: never pruned (a run writing slowly among many
-#: quick ones could otherwise be the least recently written).
-_open_paths: set[Path] = set()
+#: Files writers of this process have open, and how many writers each: never pruned (a run
+#: writing slowly among many quick ones could otherwise be the least recently written).
+_open_paths: Counter[Path] = Counter()
 _state_lock = threading.Lock()  # of the two above: writers and prunes run on many threads
 
 
@@ -47,7 +48,7 @@ class TrajectoryWriter:
         self._lock = threading.Lock()
         self._file: TextIO | None = open_private(path, "a")
         with _state_lock:
-            _open_paths.add(path)
+            _open_paths[path] += 1
 
     @classmethod
     def for_run(cls, settings: HostSettings, path: Path) -> TrajectoryWriter:
@@ -72,7 +73,9 @@ class TrajectoryWriter:
                 self._file.close()
                 self._file = None
                 with _state_lock:
-                    _open_paths.discard(self.path)
+                    _open_paths[self.path] -= 1
+                    if _open_paths[self.path] <= 0:
+                        del _open_paths[self.path]
 
 
 def _trajectory_files(root: Path) -> Iterator[tuple[float, int, Path]]:
