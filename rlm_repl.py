@@ -371,6 +371,10 @@ class HttpTransport:
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        import http.client  # here, once: not on every exchange of the llm_query path
+
+        #: what a failed exchange raises (retried, on a new connection)
+        self._exchange_errors = (OSError, http.client.HTTPException)
 
     def send(self, calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not calls:
@@ -428,10 +432,10 @@ class HttpTransport:
         return result
 
     def _connection(self) -> http.client.HTTPConnection:
-        import http.client
-
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
+            import http.client
+
             if self._unix_path:
                 conn = _unix_http_connection()(self._unix_path, timeout=self.timeout_s)
             elif self._scheme == "https":
@@ -477,8 +481,6 @@ class HttpTransport:
     def _exchange(
         self, method: str, path: str, payload: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
-        import http.client
-
         conn = self._connection()
         headers = {**self._headers, **extra}
         wait = _query_wait(path)
@@ -495,7 +497,7 @@ class HttpTransport:
             conn.request(method, self._prefix + path, body=payload, headers=headers)
             response = conn.getresponse()
             raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except self._exchange_errors as exc:
             self._drop_connection()
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         if response.getheader("Connection", "").lower() == "close":

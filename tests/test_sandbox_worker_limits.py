@@ -52,7 +52,7 @@ async def test_an_interrupt_that_arrives_before_its_request_is_read_still_stops_
 ) -> None:
     """The supervisor interrupts request N once N's deadline has passed. When its event loop
     stalls past that deadline before N is even sent, the interrupt is written right behind N
-    and can reach the sandbox's watcher before its main thread has read N. Dropped as stale,
+    and can be in the sandbox's interrupt file before the sandbox has read N. Dropped as stale,
     the loop ran on until the grace killed the sandbox and its state (CI's run on 1c1d570
     lost this module's sandbox so, or to the race of the test below); it must stop N."""
     await ok(sandbox, "survivor = [1, 2, 3]")

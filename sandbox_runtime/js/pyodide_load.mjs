@@ -78,8 +78,11 @@ function sparseSet(original, snapshot) {
   };
 }
 
-// The unsigned LEB128 number at `bytes[at]`: [value, the index past it].
-function readLeb(bytes, at) {
+// The LEB128 number at `bytes[at]` (signed: an i32.const), and in `lebEnd` the index past
+// it. No array is made per number: a binary's sections hold tens of thousands of them, read
+// at every sandbox start in a cold process (returning pairs took the split 23 ms, not 10).
+let lebEnd = 0;
+function leb(bytes, at, signed = false) {
   let value = 0;
   let shift = 0;
   let byte;
@@ -88,7 +91,21 @@ function readLeb(bytes, at) {
     value += (byte & 0x7f) * 2 ** shift;
     shift += 7;
   } while (byte & 0x80);
-  return [value, at];
+  lebEnd = at;
+  return signed && byte & 0x40 ? value - 2 ** shift : value;
+}
+
+// Where each section of a WebAssembly binary is: Map(id -> {start, body, end}) (the section's
+// first byte, its content's, and the index past it; custom sections, id 0, left out).
+function sections(bytes) {
+  const found = new Map();
+  for (let at = 8; at < bytes.length; ) {
+    const size = leb(bytes, at + 1);
+    const body = lebEnd;
+    if (bytes[at] !== 0) found.set(bytes[at], { start: at, body, end: body + size });
+    at = body + size;
+  }
+  return found;
 }
 
 function lebBytes(value) {
@@ -111,51 +128,29 @@ const END = 0x0b;
 // with segments = [offset, start, length] * count (start: in `bytes`). Null when the binary
 // has no segment, one of another kind than "active, memory 0, at a constant offset", or a
 // start function (which would run before the segments are written): used as it is then.
-// It runs at every sandbox start, in a cold process, over 14,579 segments: hence numbers read
-// inline into one flat array, and the output written once at its exact size.
+// It runs at every sandbox start, in a cold process, over 14,579 segments: hence one flat
+// array, and the output written once at its exact size.
 export function splitDataSegments(bytes) {
-  let data = null;
-  let at = 8;
-  while (at < bytes.length) {
-    const id = bytes[at];
-    const [size, body] = readLeb(bytes, at + 1);
-    if (id === START_SECTION) return null;
-    if (id === DATA_SECTION) {
-      const [count, first] = readLeb(bytes, body);
-      data = { sectionStart: at, sectionEnd: body + size, first, count };
-    }
-    at = body + size;
-  }
-  if (data === null || data.count === 0) return null;
-  const { sectionStart, sectionEnd, first, count } = data;
+  const all = sections(bytes);
+  const section = all.get(DATA_SECTION);
+  if (all.has(START_SECTION) || section === undefined) return null;
+  const count = leb(bytes, section.body);
+  const first = lebEnd;
+  if (count === 0) return null;
   const segments = new Uint32Array(count * 3);
   const headers = new Uint8Array(count); // each segment's kind and offset expression, in bytes
   let headerBytes = 0;
   let p = first;
-  let byte;
-  let shift;
   for (let i = 0; i < count; i++) {
     const segmentStart = p;
     if (bytes[p] !== 0 || bytes[p + 1] !== I32_CONST) return null;
-    p += 2;
-    let offset = 0;
-    shift = 0;
-    do {
-      byte = bytes[p++];
-      offset += (byte & 0x7f) * 2 ** shift;
-      shift += 7;
-    } while (byte & 0x80);
-    if (byte & 0x40) offset -= 2 ** shift; // signed (i32.const)
+    const offset = leb(bytes, p + 2, true);
+    p = lebEnd;
     if (bytes[p++] !== END) return null;
     headers[i] = p - segmentStart;
     headerBytes += p - segmentStart;
-    let length = 0;
-    shift = 0;
-    do {
-      byte = bytes[p++];
-      length += (byte & 0x7f) * 2 ** shift;
-      shift += 7;
-    } while (byte & 0x80);
+    const length = leb(bytes, p);
+    p = lebEnd;
     segments[i * 3] = offset >>> 0;
     segments[i * 3 + 1] = p;
     segments[i * 3 + 2] = length;
@@ -164,10 +159,10 @@ export function splitDataSegments(bytes) {
   const countBytes = lebBytes(count);
   const bodySize = countBytes.length + headerBytes + count; // + one 0 length each
   const prefix = [DATA_SECTION, ...lebBytes(bodySize)];
-  const tail = bytes.subarray(sectionEnd);
-  const module = new Uint8Array(sectionStart + prefix.length + bodySize + tail.length);
-  module.set(bytes.subarray(0, sectionStart));
-  let out = sectionStart;
+  const tail = bytes.subarray(section.end);
+  const module = new Uint8Array(section.start + prefix.length + bodySize + tail.length);
+  module.set(bytes.subarray(0, section.start));
+  let out = section.start;
   for (const value of [...prefix, ...countBytes]) module[out++] = value;
   for (let i = 0; i < count; i++) {
     const headerStart = i === 0 ? first : segments[i * 3 - 2] + segments[i * 3 - 1];
@@ -200,46 +195,42 @@ const ACTIVE_TABLE_0 = 0; // an element segment's flags: active, table 0, functi
 // none. Null when the section holds a segment of another kind or at an offset that is not a
 // constant.
 export function elementSlots(bytes) {
-  let at = 8;
-  while (at < bytes.length) {
-    const [size, body] = readLeb(bytes, at + 1);
-    if (bytes[at] === ELEMENT_SECTION) {
-      const placed = []; // function index, slot, ...
-      let [count, p] = readLeb(bytes, body);
-      for (; count > 0; count--) {
-        if (bytes[p] !== ACTIVE_TABLE_0 || bytes[p + 1] !== I32_CONST) return null;
-        let offset;
-        [offset, p] = readLeb(bytes, p + 2); // i32.const: signed, so its last byte's 0x40
-        if (bytes[p - 1] & 0x40 || bytes[p++] !== END) return null; // negative, or not alone
-        let functions;
-        [functions, p] = readLeb(bytes, p);
-        for (let slot = offset; slot < offset + functions; slot++) {
-          let index;
-          [index, p] = readLeb(bytes, p);
-          placed.push(index, slot);
-        }
-      }
-      let last = -1;
-      for (let i = 0; i < placed.length; i += 2) last = Math.max(last, placed[i]);
-      const slots = new Int32Array(last + 1).fill(-1);
-      for (let i = 0; i < placed.length; i += 2) slots[placed[i]] = placed[i + 1];
-      return slots;
+  const section = sections(bytes).get(ELEMENT_SECTION);
+  if (section === undefined) return null;
+  const placed = []; // function index, slot, ...
+  let count = leb(bytes, section.body);
+  let p = lebEnd;
+  for (; count > 0; count--) {
+    if (bytes[p] !== ACTIVE_TABLE_0 || bytes[p + 1] !== I32_CONST) return null;
+    const offset = leb(bytes, p + 2, true);
+    p = lebEnd;
+    if (offset < 0 || bytes[p++] !== END) return null;
+    const functions = leb(bytes, p);
+    p = lebEnd;
+    for (let slot = offset; slot < offset + functions; slot++) {
+      placed.push(leb(bytes, p), slot);
+      p = lebEnd;
     }
-    at = body + size;
   }
-  return null;
+  let last = -1;
+  for (let i = 0; i < placed.length; i += 2) last = Math.max(last, placed[i]);
+  const slots = new Int32Array(last + 1).fill(-1);
+  for (let i = 0; i < placed.length; i += 2) slots[placed[i]] = placed[i + 1];
+  return slots;
 }
 
 // The slots of the main module's functions in the function table, for Emscripten's
 // `getFunctionAddress` (its text patched by `evaluatedModuleFactory`): `known` once the
 // binary's element section was read (else the loader reads the whole table, as it did).
 export class MainTableSlots {
-  known = false;
-  #slots = new Int32Array(0);
+  #slots = null;
+
+  get known() {
+    return this.#slots !== null;
+  }
 
   learn(bytes) {
-    const slots = elementSlots(bytes);
-    if (slots !== null) [this.#slots, this.known] = [slots, true];
+    this.#slots = elementSlots(bytes);
   }
 
   // `func`'s slot if it is one of the main module's functions where its element section put

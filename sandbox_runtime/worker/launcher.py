@@ -378,10 +378,10 @@ def _read_snapshot(path: Path) -> bytes:
     except FileNotFoundError:
         # Pruned from the cache directory since it was found (`snapshot_cache.prune`): the
         # bytes kept for this path are as good (its name is its key).
-        kept = [data for (kept_path, _, _), data in _snapshot_cache.items() if kept_path == path]
-        if kept:
-            return kept[0]
-        raise
+        kept = next((data for key, data in _snapshot_cache.items() if key[0] == path), None)
+        if kept is None:
+            raise
+        return kept
     key = (path, info.st_size, info.st_mtime_ns)
     data = _snapshot_cache.get(key)
     if data is None:
