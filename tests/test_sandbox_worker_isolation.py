@@ -135,14 +135,10 @@ async def test_no_network(sandbox: SandboxProcess, http_port: int) -> None:
     assert _Recorder.hits == []
 
 
-async def test_os_system_fails_closed(anyio_backend: str, sandbox: SandboxProcess) -> None:
-    victim = await SandboxProcess.spawn(SETTINGS)
-    try:
-        result = await run(victim, "import os\nos.system('touch /tmp/rlm_system_probe')")
-        assert result.error is not None
-        assert result.state_lost or result.error.type in {"OSError", "NotCapable"}
-    finally:
-        await victim.kill()
+async def test_os_system_runs_nothing(anyio_backend: str, sandbox: SandboxProcess) -> None:
+    # There are no processes in a sandbox: os.system fails (-1) and the session lives on.
+    probe = "import os\nprint(os.system('touch /tmp/rlm_system_probe'))"
+    assert await ok(sandbox, probe) == "-1\n"
     assert not _host_path_exists("/tmp/rlm_system_probe")
     assert await ok(sandbox, "1") == "1\n"
 

@@ -9,7 +9,7 @@
 // file, the snapshot file, the input pipe and the interrupt file, and write access to the
 // output pipe only.
 
-import { loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk, zeroFreeMemory } from "./pyodide_load.mjs";
+import { asShell, loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk, zeroFreeMemory } from "./pyodide_load.mjs";
 
 // V8's collector (Deno runs with --expose-gc), taken off the global object before any guest
 // code can run: only this script decides when to collect (see before "ready").
@@ -83,6 +83,8 @@ function loadGuest(pyodide) {
   pyodide.runPython("import sys\nif '/rlm' not in sys.path: sys.path.insert(0, '/rlm')\nimport rlm_guest.runtime");
 }
 
+// Pyodide as in a JavaScript shell, not as on Node, until it is loaded (pyodide_load.mjs).
+const showNode = asShell(config.pyodide_dir);
 const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
 const quiet = () => {};
 const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
@@ -97,6 +99,7 @@ if (config.snapshot_in_pipe) {
 if (config.make_snapshot) options._makeSnapshot = true;
 if (snapshot) options.stdLibURL = STDLIB_PLACEHOLDER;
 const pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
+showNode();
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);
 pyodide.setStderr(discard);

@@ -9,7 +9,7 @@
 // The standard library's zip (2.5 MB): Pyodide installs the zip `stdLibURL` names into its
 // in-memory file system at every start. A sandbox restored from a snapshot is given an empty
 // one (its interpreter read the real zip's directory when the snapshot was made), and
-// `stdlibFromDisk` then puts the real file in its place through Emscripten's NODEFS, before
+// `stdlibFromDisk` then puts the real file in its place (a file whose reads are Deno's), before
 // any guest code runs: Python reads the modules it imports from the Pyodide directory (the
 // page cache, shared by every sandbox) instead of each sandbox holding a copy.
 //
@@ -36,6 +36,21 @@
 // The snapshot's maker zeroes the allocator's free memory before the snapshot is taken
 // (`zeroFreeMemory`): what the interpreter freed while starting is left as garbage, which the
 // sparse restore would otherwise copy into every sandbox like live data.
+//
+// Node: Pyodide (pyodide.mjs, and its copy inside pyodide.asm.mjs) and Emscripten's module
+// take Deno for Node when they see `process`. Reading it makes Deno build its Node `process`
+// (1.2 MiB of V8's heap), Pyodide then imports node:fs, node:path, node:url, node:vm and
+// node:module (1.6 MiB more, and more pages of Deno's binary), and Emscripten's Node paths
+// call Node for what the sandbox denies: `os.getuid()`, `input()`, `os.system()` and a
+// listening socket each ended the sandbox with a fatal error (Deno refused the permission
+// inside the interpreter). So while Pyodide is imported and loaded (`asShell`), `process` is
+// hidden and the two functions of a JavaScript shell Pyodide reads files with are given
+// (`read`, `readbuffer`: the lock file, the binary, the standard library's zip; `load` must
+// exist, and is never called), and Emscripten's module is evaluated as neither on Node nor in
+// a shell (`NODE_ENVIRONMENT`): it uses the Web APIs Deno has (crypto.getRandomValues,
+// performance.now) and answers those calls with errors Python raises (and a uid of 0).
+// `process` is put back afterwards, for a guest's JavaScript. The standard library's zip is
+// then read through Deno (`stdlibFromDisk`), not Emscripten's NODEFS.
 //
 // The function table's JavaScript view (2.2 MiB of V8's heap): the first time Emscripten's
 // loader looks a function up in the table, it reads the whole table to map functions to
@@ -307,13 +322,17 @@ const LAZY_TABLE_MAP_PATCHED =
   "functionsInTableMap=new WeakMap;if(!__rlmTableSlots.known)updateTableMap(0,wasmTable.length)}" +
   "return functionsInTableMap.get(func)||__rlmTableSlots.find(func,getWasmTableEntry,functionsInTableMap)";
 
-// Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
-// (Pyodide's `createPyodideModule` option), without the eager GOT pass and with the table's
-// slots found through `tableSlots` (above); undefined when the file cannot be read (Pyodide's
-// own import then reports why) or is not the module this expects (one default export at its
-// end, no static import): Pyodide then imports it.
-export function evaluatedModuleFactory(pyodideDir, tableSlots = new MainTableSlots()) {
-  const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
+// How Emscripten's module tells where it runs; patched while `asShell` is in effect (above).
+const NODE_ENVIRONMENT =
+  'var ENVIRONMENT_IS_NODE=globalThis.process?.versions?.node&&globalThis.process?.type!="renderer";' +
+  "var ENVIRONMENT_IS_SHELL=!ENVIRONMENT_IS_WEB&&!ENVIRONMENT_IS_NODE&&!ENVIRONMENT_IS_WORKER;";
+const NO_NODE_ENVIRONMENT = "var ENVIRONMENT_IS_NODE=false;var ENVIRONMENT_IS_SHELL=false;";
+const EXPORTED = "export default _createPyodideModule;";
+let shell = false; // `asShell` in effect
+
+// pyodide.asm.mjs's text; undefined when it cannot be read (Pyodide's own import then reports
+// why) or is not the module this expects (one default export at its end).
+function moduleSource(pyodideDir) {
   let source;
   try {
     source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
@@ -323,13 +342,46 @@ export function evaluatedModuleFactory(pyodideDir, tableSlots = new MainTableSlo
     }
     throw error;
   }
-  const exported = "export default _createPyodideModule;";
-  if (!source.endsWith(exported)) return undefined;
+  return source.endsWith(EXPORTED) ? source : undefined;
+}
+
+// Pyodide imported and loaded from `pyodideDir` as in a JavaScript shell, not as on Node (see
+// above), from now until the function this returns is called; nothing changes when Pyodide's
+// module is not one this can load that way (then it loads as on Node, as before).
+export function asShell(pyodideDir) {
+  if (shell || !moduleSource(pyodideDir)?.includes(NODE_ENVIRONMENT)) return () => {};
+  const process = Object.getOwnPropertyDescriptor(globalThis, "process");
+  delete globalThis.process;
+  globalThis.read = (path) => Deno.readTextFileSync(path);
+  globalThis.readbuffer = (path) => Deno.readFileSync(path).buffer; // its own, whole
+  globalThis.load = (path) => {
+    throw new Error(`no script is loaded in a sandbox: ${path}`);
+  };
+  shell = true;
+  return () => {
+    delete globalThis.read;
+    delete globalThis.readbuffer;
+    delete globalThis.load;
+    if (process) Object.defineProperty(globalThis, "process", process);
+    shell = false;
+  };
+}
+
+// Pyodide's module factory (what pyodide.asm.mjs exports), its source evaluated as a script
+// (Pyodide's `createPyodideModule` option), without the eager GOT pass and with the table's
+// slots found through `tableSlots` (above), as neither on Node nor in a shell while `asShell`
+// is in effect; undefined when the file cannot be read or is not the module this expects
+// (`moduleSource`, or a static import): Pyodide then imports it.
+export function evaluatedModuleFactory(pyodideDir, tableSlots = new MainTableSlots()) {
+  const url = new URL(`file://${pyodideDir}/pyodide.asm.mjs`).href;
+  const source = moduleSource(pyodideDir);
+  if (source === undefined) return undefined;
   const body = source
-    .slice(0, -exported.length)
+    .slice(0, -EXPORTED.length)
     .replaceAll("import.meta.url", JSON.stringify(url))
     .replace(EAGER_GOT, EAGER_GOT_SKIPPED)
-    .replace(LAZY_TABLE_MAP, LAZY_TABLE_MAP_PATCHED);
+    .replace(LAZY_TABLE_MAP, LAZY_TABLE_MAP_PATCHED)
+    .replace(NODE_ENVIRONMENT, shell ? NO_NODE_ENVIRONMENT : NODE_ENVIRONMENT);
   try {
     // Indirect eval: global scope, nothing of this module's in reach but `tableSlots`; the
     // factory stays local. Strict, as the module's code was (a script is sloppy by default).
@@ -412,13 +464,32 @@ export function zeroFreeMemory(module) {
 // What a snapshot's restore installs as the standard library (an empty zip): see above.
 export const STDLIB_PLACEHOLDER = new URL("./stdlib_placeholder.zip", import.meta.url).pathname;
 
-// Put `pyodideDir`'s standard library zip in place of the one Pyodide installed in memory,
-// mounted read-only in effect (Deno lets the sandbox read that directory, write nothing).
+// Put `pyodideDir`'s standard library zip in place of the one Pyodide installed in memory: a
+// read-only file of the in-memory file system whose reads are reads of the real file, kept
+// open (Deno lets the sandbox read that directory, write nothing). Nothing else of the
+// directory is visible to Python.
 export function stdlibFromDisk(pyodide, pyodideDir) {
   const FS = pyodide.FS;
   const zip = FS.readdir("/lib").find((name) => /^python\d+\.zip$/.test(name));
-  FS.mkdirTree("/rlm/pyodide");
-  FS.mount(FS.filesystems.NODEFS, { root: pyodideDir }, "/rlm/pyodide");
+  const file = Deno.openSync(`${pyodideDir}/python_stdlib.zip`, { read: true });
+  const size = file.statSync().size;
   FS.unlink(`/lib/${zip}`);
-  FS.symlink("/rlm/pyodide/python_stdlib.zip", `/lib/${zip}`);
+  const node = FS.createFile("/lib", zip, {}, true, false);
+  Object.defineProperty(node, "usedBytes", { get: () => size }); // its size to stat and seek
+  // No write, no mmap: Emscripten's FS refuses both (EINVAL, ENODEV).
+  node.stream_ops = {
+    llseek: node.stream_ops.llseek,
+    read(_stream, buffer, offset, length, position) {
+      const wanted = Math.max(0, Math.min(length, size - position));
+      const target = new Uint8Array(buffer.buffer, buffer.byteOffset + offset, wanted);
+      file.seekSync(position, Deno.SeekMode.Start);
+      let got = 0;
+      while (got < wanted) {
+        const n = file.readSync(target.subarray(got));
+        if (n === null || n === 0) break;
+        got += n;
+      }
+      return got;
+    },
+  };
 }

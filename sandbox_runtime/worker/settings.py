@@ -61,7 +61,8 @@ class WorkerSettings(BaseSettings):
     wasm_optimizing_compiler: bool = Field(
         False,
         description="Whether V8 may recompile hot WebAssembly (CPython itself) with its "
-        "optimizing compiler, TurboFan. Off (V8 --liftoff-only): a loaded session costs ~46 "
+        "optimizing compiler, TurboFan. Off (V8 --liftoff-only, and --no-wasm-inlining: no call "
+        "feedback collected for a compiler that never runs): a loaded session costs ~46 "
         "MiB less (~72 MiB PSS instead of ~118: compiling CPython's large functions leaves "
         "their memory behind) and a compute-heavy cell takes ~1.55x as long; on for sessions "
         "that mostly compute, with RLM_SANDBOX_WASM_TIERING_BUDGET (docs/performance.md).",
