@@ -220,7 +220,6 @@ class WorkersProcess:
             fd_out=1,
             interrupt_path="/dev/null",  # its host script takes no interrupts
             memory_bytes=settings.memory_bytes,
-            snapshot_path=copy,
             make_snapshot=False,
         )
         # The product's command line, with this bench's host script and its directory.

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox_runtime.service.memory import rollup_kib
+from sandbox_runtime.service.memory import rollup_kib, snapshot_file_kib
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings
 from sandbox_runtime.worker.page_merging import KSM_DIR
 from sandbox_runtime.worker.page_merging import status as page_merging_status
@@ -140,14 +140,20 @@ def anatomy_kib(pid: int, pyodide_dir: Path) -> dict[str, int]:
     copy of the binary holds its code section; the WebAssembly memory holds the binary's data
     segments (V8's copy has them emptied: sandbox_runtime/js/pyodide_load.mjs). The kernel
     merges neighbouring anonymous mappings into one region: of the one holding V8's copy,
-    only the copy's size is counted as the copy."""
+    only the copy's size is counted as the copy. A mapped snapshot (its memory file) and the
+    read-write region right after it (what the memory grew by) are the WebAssembly memory."""
     binary = (pyodide_dir / "pyodide.asm.wasm").read_bytes()
     code, data = _unique_chunk(binary, 0.2), _unique_chunk(binary, 0.9)
     copy_kib = _before_data_section(binary) // 1024
     other = "V8's heap, other anonymous memory"
     parts: dict[str, int] = {}
+    memory_end = -1  # where the mapped snapshot ends: the memory's grown part follows it
     for start, end, perms, path, pss in _regions(pid):
-        if path.endswith("/deno"):
+        grown = start == memory_end and not path and perms.startswith("rw")
+        if path.startswith("/memfd:rlm-") or grown:
+            part = "the WebAssembly memory"  # the snapshot's image, mapped copy-on-write
+            memory_end = end
+        elif path.endswith("/deno"):
             part = "the Deno binary, its own data" if "w" in perms else "the Deno binary, shared"
         elif path == "[heap]":
             part = "the malloc heap"
@@ -373,6 +379,13 @@ async def main(merge_pages: bool) -> None:
             await process.execute(LOAD_SESSION, timeout_s=60, output_bytes=4096)
             await process.execute("1", timeout_s=10, output_bytes=4096)
         report_memory("memory of each loaded live process", [p.pid for p in processes])
+        held, mapped = snapshot_file_kib([os.getpid(), *(p.pid for p in processes)])
+        print(
+            f"the snapshot's memory file, held once by this runtime: {held / 1024:.1f} MiB, "
+            f"{mapped / 1024:.1f} of it in the PSS above; the rest, "
+            f"{(held - mapped) / 1024:.1f} MiB, is {(held - mapped) / 1024 / len(processes):.1f}"
+            f" MiB per loaded process"
+        )
         # Not the last one: it is hibernated next, and the anatomy's probe runs code in it.
         by_pss = sorted(processes[:-1], key=lambda p: memory_kib(p.pid)["Pss"])
         await report_anatomy(by_pss[len(by_pss) // 2], settings)

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox_runtime.service.memory import descendants, rollup_kib
+from sandbox_runtime.service.memory import descendants, rollup_kib, snapshot_file_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -414,6 +414,11 @@ def idle_stack_memory(pool_size: int, settle_s: float) -> None:
                 total_rss += m["Rss"] / 1024
                 print(f"  {name:<16} pid {pid:>7}  PSS {m['Pss'] / 1024:7.1f} MiB  "
                       f"RSS {m['Rss'] / 1024:7.1f} MiB")  # fmt: skip
+            # The sandboxes' snapshot file: what no process maps is in no PSS above.
+            held, mapped = snapshot_file_kib([up.pid, *descendants(up.pid, max_depth=8)])
+            total_pss += (held - mapped) / 1024
+            print(f"  snapshot file    held {held / 1024:7.1f} MiB, not mapped "
+                  f"{(held - mapped) / 1024:.1f} MiB (added to the total)")  # fmt: skip
             print(f"  total            PSS {total_pss:7.1f} MiB  RSS {total_rss:7.1f} MiB")
         finally:
             up.terminate()

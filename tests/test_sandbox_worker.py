@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,11 +22,11 @@ from sandbox_runtime.worker.confinement import SANDBOX_DENO_DIR
 from sandbox_runtime.worker.launcher import (
     INTERRUPT_FILE_PREFIX,
     InterruptFile,
-    _read_snapshot,
     sandbox_pid,
     sweep_left_interrupt_files,
 )
 from sandbox_runtime.worker.snapshot_cache import ensure_snapshot, pyodide_version, snapshot_path
+from sandbox_runtime.worker.snapshot_memory import PAGE, snapshot_bytes, snapshot_memory
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
 
@@ -402,15 +404,56 @@ async def test_a_snapshot_used_counts_as_recent(tmp_path: Path, anyio_backend: s
     assert path.stat().st_mtime_ns == written
 
 
-def test_a_snapshot_pruned_after_it_was_found_is_still_sent(tmp_path: Path) -> None:
-    """Another supervisor may prune a snapshot between a start finding it and reading it:
-    the bytes kept for that name are sent instead of failing the start."""
-    path = _left_behind(tmp_path / "pyodide-0.1.0-aaaaaaaaaaaaaaaa.snapshot", 60.0, b"bytes")
-    assert _read_snapshot(path) == b"bytes"
+def _fake_snapshot(marker: int) -> bytes:
+    """A snapshot as Pyodide lays it out: a 128-byte header (its second u32: its length),
+    then an image of four pages, the second all zero."""
+    header = bytearray(128)
+    header[0:8] = struct.pack("<II", 0x5AFE, 128)
+    pages = [bytes([marker]) * PAGE, bytes(PAGE), bytes(range(256)) * 16, b"\x07" * PAGE]
+    return bytes(header) + b"".join(pages)
+
+
+def test_the_snapshot_memory_file_is_laid_out_for_mapping_and_sealed(tmp_path: Path) -> None:
+    # Every sandbox maps this file: no process may change it, whatever its uid.
+    snapshot = _fake_snapshot(1)
+    path = _left_behind(tmp_path / "pyodide-0.1.0-aaaaaaaaaaaaaaaa.snapshot", 60.0, snapshot)
+    fd = snapshot_memory(path)
+    try:
+        assert os.pread(fd, 128, 0) == snapshot[:128]
+        assert os.pread(fd, 4 * PAGE, PAGE) == snapshot[128:]  # the image at a page boundary
+        assert os.fstat(fd).st_blocks * 512 <= 4 * PAGE  # header and three pages: no zero page
+        assert snapshot_bytes(fd) == snapshot
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", PAGE)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, PAGE)
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        private = mmap.mmap(fd, PAGE, mmap.MAP_PRIVATE, offset=PAGE)  # copy-on-write: fine
+        private[0] = 9
+        assert os.pread(fd, 1, PAGE) == b"\x01"
+        private.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_snapshot_pruned_after_it_was_found_is_still_served(tmp_path: Path) -> None:
+    """Another supervisor may prune a snapshot between a start finding it and launching: the
+    memory file kept for that name serves instead of failing the start; a new version of the
+    file gets a new one."""
+    path = _left_behind(tmp_path / "pyodide-0.1.0-aaaaaaaaaaaaaaaa.snapshot", 60.0)
+    path.write_bytes(_fake_snapshot(1))
+    first = snapshot_memory(path)
     path.unlink()
-    assert _read_snapshot(path) == b"bytes"
+    kept = snapshot_memory(path)
+    assert snapshot_bytes(kept) == _fake_snapshot(1)
+    _left_behind(path, 30.0, _fake_snapshot(2))
+    newer = snapshot_memory(path)
+    assert snapshot_bytes(newer) == _fake_snapshot(2)
+    for fd in (first, kept, newer):
+        os.close(fd)
     with pytest.raises(FileNotFoundError):
-        _read_snapshot(tmp_path / "pyodide-0.1.0-bbbbbbbbbbbbbbbb.snapshot")
+        snapshot_memory(tmp_path / "pyodide-0.1.0-bbbbbbbbbbbbbbbb.snapshot")
 
 
 async def test_restore_refuses_bad_blobs(anyio_backend: str) -> None:

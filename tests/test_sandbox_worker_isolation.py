@@ -12,7 +12,7 @@ import pytest
 
 from broker.redis_server import free_port
 from sandbox_runtime.worker import SandboxProcess
-from sandbox_runtime.worker.launcher import network_namespace_available
+from sandbox_runtime.worker.launcher import c_library, network_namespace_available
 from tests.sandbox_worker_helpers import SETTINGS, ok, run
 
 pytestmark = pytest.mark.anyio
@@ -133,6 +133,19 @@ async def test_no_network(sandbox: SandboxProcess, http_port: int) -> None:
     await _fails(sandbox, f"import urllib.request\nurllib.request.urlopen({url!r}, timeout=2)")
     await ok(sandbox, "import time\ntime.sleep(0.3)")  # let any pending JS work run
     assert _Recorder.hits == []
+
+
+async def test_the_guest_cannot_open_a_native_library(sandbox: SandboxProcess) -> None:
+    # The load maps the snapshot through the C library (FFI permission for it alone): that
+    # permission is revoked before any guest code runs.
+    libc = c_library(SETTINGS.deno_path)
+    symbols = "{getpid: {parameters: [], result: 'i32'}}"
+    probe = (
+        "from pyodide.code import run_js\n"
+        f"print(run_js(\"try {{ Deno.dlopen({libc!r}, {symbols}); 'opened' }}"
+        " catch (e) { e.name }\"))"
+    )
+    assert await ok(sandbox, probe) == "NotCapable\n"
 
 
 async def test_os_system_runs_nothing(anyio_backend: str, sandbox: SandboxProcess) -> None:

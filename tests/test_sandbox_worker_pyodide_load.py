@@ -19,13 +19,18 @@ collector out of the guest's reach.
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sandbox_runtime.worker import SandboxProcess
-from sandbox_runtime.worker.launcher import JS_DIR
+from sandbox_runtime.worker.launcher import JS_DIR, c_library, sandbox_pid
+from sandbox_runtime.worker.snapshot_memory import PAGE, snapshot_memory
 from tests.sandbox_worker_helpers import SETTINGS, ok
 
 DRIVER = r"""
@@ -101,9 +106,15 @@ console.log(JSON.stringify({
 """
 
 
-def _run_driver(tmp_path: Path, driver: str, *arguments: str) -> Any:
+def _run_driver(
+    tmp_path: Path,
+    driver: str,
+    *arguments: str,
+    permissions: tuple[str, ...] = (),
+    pass_fds: tuple[int, ...] = (),
+) -> Any:
     """Runs `driver` (JavaScript importing ./pyodide_load.mjs) under real Deno, allowed to read
-    the scripts and Pyodide's directory; what it printed, parsed as JSON."""
+    the scripts and Pyodide's directory (and `permissions` more); what it printed, as JSON."""
     script = tmp_path / "driver.mjs"
     script.write_text(driver.replace("./pyodide_load.mjs", (JS_DIR / "pyodide_load.mjs").as_uri()))
     done = subprocess.run(
@@ -113,6 +124,7 @@ def _run_driver(tmp_path: Path, driver: str, *arguments: str) -> Any:
             "--no-config",
             "--no-lock",
             f"--allow-read={JS_DIR},{SETTINGS.pyodide_dir.resolve()}",
+            *permissions,
             str(script),
             *arguments,
         ],
@@ -120,6 +132,7 @@ def _run_driver(tmp_path: Path, driver: str, *arguments: str) -> Any:
         text=True,
         timeout=120,
         check=False,
+        pass_fds=pass_fds,
         env={"PATH": "/usr/bin:/bin", "DENO_DIR": str(tmp_path / "deno"), "NO_COLOR": "1"},
     )
     assert done.returncode == 0, done.stderr
@@ -148,6 +161,101 @@ def test_the_load_frees_the_binary_and_the_snapshot_and_restores_every_byte(
             "unpatched": True,
             "snapshotFreed": True,
         },
+    }
+
+
+#: A snapshot of 48 pages: of the first 16, every third one zero, the others filled; the next
+#: 24 zero (a hole the mapping leaves out); the last 8 filled.
+MAPPED_PAGES = 48
+MAPPED_DRIVER = r"""
+import { loadPyodideLean, snapshotFromDescriptor } from "./pyodide_load.mjs";
+
+const [fd, libc, misaligned] = [Number(Deno.args[0]), Deno.args[1], Deno.args[2] === "1"];
+const PAGE = 4096, PAGES = 48;
+const filled = (page) => (page < 16 && page % 3 !== 0) || page >= 40;
+const expected = new Uint8Array(PAGES * PAGE);
+for (let page = 0; page < PAGES; page++) {
+  if (filled(page)) expected.fill((page * 7 + 1) % 256, page * PAGE, (page + 1) * PAGE);
+}
+const { snapshot, image } = snapshotFromDescriptor(fd, libc);
+const header = [...snapshot.subarray(0, 8)];
+let mapped = null; // what the restore answered: mapped (true) or read and copied (false)
+const into = image.into;
+image.into = (target, source) => (mapped = into(target, source));
+let heap = null;
+await loadPyodideLean(async (options) => {
+  const memory = new WebAssembly.Memory({ initial: 4 });
+  heap = new Uint8Array(memory.buffer);
+  heap[3 * PAGE + 5] = 1; // written at instantiation where the snapshot has a zero page
+  heap[20 * PAGE + 7] = 2; // and in its long hole
+  const target = misaligned ? heap.subarray(8) : heap;
+  new Int8Array(target.buffer, target.byteOffset).set(options._loadSnapshot.subarray(128));
+}, { indexURL: "/x/" }, snapshot, image);
+const restored = heap.subarray(misaligned ? 8 : 0, (misaligned ? 8 : 0) + PAGES * PAGE);
+let mismatches = 0;
+for (let i = 0; i < expected.length; i++) if (restored[i] !== expected[i]) mismatches++;
+heap[PAGE] = 99; // copy-on-write: the file keeps its byte
+let dlopen = "opened";
+try {
+  Deno.dlopen(libc, { getpid: { parameters: [], result: "i32" } });
+} catch (error) {
+  dlopen = error.name;
+}
+console.log(JSON.stringify({
+  header,
+  mismatches,
+  mapped,
+  dlopen,
+  ffiGranted: Deno.permissions.querySync({ name: "ffi", path: libc }).state === "granted",
+  snapshotFreed: snapshot.buffer.detached,
+}));
+"""
+
+
+def _mapped_snapshot(tmp_path: Path) -> int:
+    """The sealed memory file of a snapshot of `MAPPED_PAGES` pages (as MAPPED_DRIVER expects)."""
+    header = bytearray(128)
+    header[0:8] = struct.pack("<II", 0x5AFE, 128)
+    def filled(page: int) -> bool:
+        return (page < 16 and page % 3 != 0) or page >= 40
+
+    image = b"".join(
+        bytes([(page * 7 + 1) % 256 if filled(page) else 0]) * PAGE for page in range(MAPPED_PAGES)
+    )
+    path = tmp_path / "pyodide-0.1.0-cccccccccccccccc.snapshot"
+    path.write_bytes(bytes(header) + image)
+    return snapshot_memory(path)
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_the_snapshot_is_mapped_from_its_memory_file_and_ffi_revoked(
+    tmp_path: Path, misaligned: bool
+) -> None:
+    # The image is mapped over the WebAssembly memory (or, where a mapping cannot be made,
+    # read and copied): every byte as the snapshot has it, pages written at instantiation
+    # restored too; then the FFI permission that made it possible is gone.
+    libc = c_library(SETTINGS.deno_path)
+    assert libc is not None
+    fd = _mapped_snapshot(tmp_path)
+    try:
+        got = _run_driver(
+            tmp_path,
+            MAPPED_DRIVER,
+            str(fd),
+            libc,
+            "1" if misaligned else "0",
+            permissions=(f"--allow-ffi={libc}",),
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
+    assert got == {
+        "header": [0xFE, 0x5A, 0, 0, 128, 0, 0, 0],
+        "mismatches": 0,
+        "mapped": not misaligned,
+        "dlopen": "NotCapable",
+        "ffiGranted": False,
+        "snapshotFreed": True,
     }
 
 
@@ -414,23 +522,28 @@ def test_the_snapshots_maker_zeroes_the_allocators_free_memory(tmp_path: Path) -
     }
 
 
-def _copies_by_region(pid: int, needle: bytes) -> dict[str, int]:
+def _copies_by_region(pid: int, needle: bytes) -> dict[int, int]:
     """Where `needle` occurs in the resident memory `pid` can read and write: how many times
-    in each region (mapping) that holds it."""
-    found: dict[str, int] = {}
+    in each region that holds it (a run of adjacent read-write mappings, by its start: the
+    WebAssembly memory is one, made of the snapshot file's mapped ranges and what lies
+    between them)."""
+    found: dict[int, int] = {}
+    region = end = -1
     with open(f"/proc/{pid}/mem", "rb", 0) as memory:
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
             span, perms = line.split()[:2]
             if not perms.startswith("rw"):
                 continue
-            start, end = (int(bound, 16) for bound in span.split("-"))
+            start, stop = (int(bound, 16) for bound in span.split("-"))
+            region = region if start == end else start
+            end = stop
             try:
                 memory.seek(start)
-                count = len(re.findall(re.escape(needle), memory.read(end - start)))
+                count = len(re.findall(re.escape(needle), memory.read(stop - start)))
             except OSError:  # a guard page or a region unmapped meanwhile
                 continue
             if count:
-                found[span] = count
+                found[region] = found.get(region, 0) + count
     return found
 
 
@@ -560,6 +673,73 @@ async def test_the_start_makes_no_javascript_function_for_every_table_slot(
     assert 0 < int(address) < _initial_table_slots()
     assert grown == "0"
     assert float(heap_growth_mib) > 1.0, "the table's functions were made before"
+
+
+def _snapshot_mapping_kib(pid: int) -> tuple[int, int]:
+    """(Rss, Shared) in KiB of a sandbox's mappings of the snapshot's memory file (shared:
+    pages other processes map too; a memory file's pages count as dirty)."""
+    rss = shared = 0
+    inside = False
+    for line in Path(f"/proc/{sandbox_pid(pid)}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            inside = "/memfd:rlm-" in line
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1])
+        elif inside and fields[0] in ("Shared_Clean:", "Shared_Dirty:"):
+            shared += int(fields[1])
+    return rss, shared
+
+
+def _deno_argv(pid: int) -> list[str]:
+    return Path(f"/proc/{sandbox_pid(pid)}/cmdline").read_bytes().decode().split("\0")
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+async def test_sandboxes_share_the_pages_of_the_snapshot_they_did_not_write(
+    mapped: bool, anyio_backend: str
+) -> None:
+    # Each sandbox copied the snapshot's image into its own memory; now each maps the one
+    # sealed memory file, copy-on-write: what their sessions did not write is one copy for
+    # both. With RLM_SANDBOX_MAP_SNAPSHOT off, no FFI permission is given and it is copied.
+    settings = SETTINGS.model_copy(update={"map_snapshot": mapped})
+    processes = [await SandboxProcess.spawn(settings) for _ in range(2)]
+    try:
+        for process in processes:
+            assert await ok(process, "rows = [str(i) for i in range(50000)]; print(len(rows))") == (
+                "50000\n"
+            )
+        for process in processes:
+            rss, shared = _snapshot_mapping_kib(process.pid)
+            if mapped:
+                assert rss > 4096 and shared > 4096, (rss, shared)  # KiB
+            else:
+                assert rss == 0
+            ffi = [arg for arg in _deno_argv(process.pid) if "-ffi" in arg]
+            assert ffi == (
+                [f"--allow-ffi={c_library(settings.deno_path)}"] if mapped else ["--deny-ffi"]
+            )
+    finally:
+        for process in processes:
+            await process.kill()
+
+
+#: How many packages Pyodide's lock file told the sandbox of.
+PACKAGES = """
+import pyodide_js
+print(len(pyodide_js._api.lockfile_packages.to_py()))
+"""
+
+
+async def test_the_sandbox_is_given_a_lock_file_without_packages(anyio_backend: str) -> None:
+    # Pyodide kept its lock file's 357 packages in JavaScript (and their import names in
+    # Python), though a sandbox can load none: only Pyodide's core files are installed and
+    # it has no network. It is given the lock file with no package in it.
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        assert await ok(process, PACKAGES) == "0\n"
+    finally:
+        await process.kill()
 
 
 #: Where Pyodide believes it runs, then Node's `process` read from JavaScript: what it is, and

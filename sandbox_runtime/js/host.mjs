@@ -3,13 +3,21 @@
 // (stdio can turn non-blocking and break synchronous reads). A frame is two big-endian u32
 // (header length, payload length), a JSON header and raw payload bytes.
 //
-// Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_path, make_snapshot,
-// snapshot_in_pipe, fd_in, fd_out, interrupt_path, state_bytes}. Permissions come from the
-// command line; this script needs read access to the Pyodide and guest directories, the REPL
-// file, the snapshot file, the input pipe and the interrupt file, and write access to the
-// output pipe only.
+// Argument: one JSON object {pyodide_dir, guest_dir, repl_path, snapshot_fd, map_with,
+// snapshot_in_pipe, make_snapshot, fd_in, fd_out, interrupt_path, state_bytes}. Permissions
+// come from the command line; this script needs read access to the Pyodide and guest
+// directories, the REPL file, the input pipe and the interrupt file, write access to the
+// output pipe only, and FFI access to the C library `map_with` until Pyodide is loaded.
 
-import { asShell, loadPyodideLean, STDLIB_PLACEHOLDER, stdlibFromDisk, zeroFreeMemory } from "./pyodide_load.mjs";
+import {
+  asShell,
+  loadPyodideLean,
+  lockfileWithoutPackages,
+  snapshotFromDescriptor,
+  STDLIB_PLACEHOLDER,
+  stdlibFromDisk,
+  zeroFreeMemory,
+} from "./pyodide_load.mjs";
 
 // V8's collector (Deno runs with --expose-gc), taken off the global object before any guest
 // code can run: only this script decides when to collect (see before "ready").
@@ -87,19 +95,28 @@ function loadGuest(pyodide) {
 const showNode = asShell(config.pyodide_dir);
 const { loadPyodide, version } = await import(new URL(`file://${config.pyodide_dir}/pyodide.mjs`).href);
 const quiet = () => {};
-const options = { indexURL: `${config.pyodide_dir}/`, env: { HOME: "/home/pyodide" }, stdout: quiet, stderr: quiet };
+const options = {
+  indexURL: `${config.pyodide_dir}/`,
+  lockFileContents: lockfileWithoutPackages(config.pyodide_dir),
+  env: { HOME: "/home/pyodide" },
+  stdout: quiet,
+  stderr: quiet,
+};
+// The snapshot: the runtime's sealed memory file, its image mapped during the load; or its
+// bytes, the first frame.
 let snapshot = null;
-if (config.snapshot_path) snapshot = Deno.readFileSync(config.snapshot_path);
+let image = null;
+if (config.snapshot_fd !== null) ({ snapshot, image } = snapshotFromDescriptor(config.snapshot_fd, config.map_with));
 if (config.snapshot_in_pipe) {
-  // Confined (bwrap), the snapshot file is not visible: its bytes are the first frame.
   const frame = readFrame();
   if (frame === null) Deno.exit(EXIT_PROTOCOL);
   snapshot = frame.payload;
 }
 if (config.make_snapshot) options._makeSnapshot = true;
 if (snapshot) options.stdLibURL = STDLIB_PLACEHOLDER;
-const pyodide = await loadPyodideLean(loadPyodide, options, snapshot);
+const pyodide = await loadPyodideLean(loadPyodide, options, snapshot, image);
 showNode();
+Deno.permissions.revokeSync({ name: "ffi" }); // given for the mapping alone: gone, whatever it did
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);
 pyodide.setStderr(discard);

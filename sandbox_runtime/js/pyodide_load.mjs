@@ -66,13 +66,17 @@ function zeroPage(words, first) {
   return true;
 }
 
-// `Int8Array.prototype.set`, except for a copy of `snapshot`'s bytes to the start of a
-// page-aligned array (Pyodide's restore): that one skips pages zero in source and target.
-function sparseSet(original, snapshot) {
+// `Int8Array.prototype.set`, except for the copy of the snapshot's image (a part of
+// `snapshot`'s buffer) to the start of a page-aligned array, Pyodide's restore. With `image`
+// (`snapshotFromDescriptor`), the image is mapped there, or else read into `source` first.
+// The copy skips pages zero in source and target.
+function restoringSet(original, snapshot, image) {
   return function set(source, offset = 0) {
+    if (!ArrayBuffer.isView(source) || source.buffer !== snapshot.buffer) {
+      return original.call(this, source, offset);
+    }
+    if (image && offset === 0 && image.into(this, source)) return;
     if (
-      !ArrayBuffer.isView(source) ||
-      source.buffer !== snapshot.buffer ||
       offset !== 0 ||
       this.byteOffset % PAGE !== 0 ||
       source.byteOffset % 4 !== 0 ||
@@ -393,12 +397,13 @@ export function evaluatedModuleFactory(pyodideDir, tableSlots = new MainTableSlo
   }
 }
 
-// `loadPyodide(options)`, from `snapshot` (the bytes `makeMemorySnapshot` gave) unless it is
-// null; the snapshot's buffer and the binary's are detached (emptied) when this returns.
+// `loadPyodide(options)`, from `snapshot` (the bytes `makeMemorySnapshot` gave, or from
+// `snapshotFromDescriptor` with its `image`) unless it is null; the snapshot's buffer and the
+// binary's are detached (emptied) when this returns.
 // Pyodide's module comes from `evaluatedModuleFactory` (of `options.indexURL`) unless
 // `options.createPyodideModule` names one: every load, the snapshot's maker's and each
 // restore, makes the same function table.
-export async function loadPyodideLean(loadPyodide, givenOptions, snapshot) {
+export async function loadPyodideLean(loadPyodide, givenOptions, snapshot, image = null) {
   const tableSlots = new MainTableSlots();
   const factory =
     givenOptions.createPyodideModule ??
@@ -415,7 +420,7 @@ export async function loadPyodideLean(loadPyodide, givenOptions, snapshot) {
   }
   const own = Object.getOwnPropertyDescriptor(Int8Array.prototype, "set"); // none: inherited
   const original = Int8Array.prototype.set;
-  Int8Array.prototype.set = sparseSet(original, snapshot);
+  Int8Array.prototype.set = restoringSet(original, snapshot, image);
   try {
     return await loadPyodide({ ...options, _loadSnapshot: snapshot });
   } finally {
@@ -425,6 +430,116 @@ export async function loadPyodideLean(loadPyodide, givenOptions, snapshot) {
     snapshot.buffer.transfer(0);
   }
 }
+
+// The snapshot in the runtime's sealed memory file, descriptor `fd` (its layout:
+// sandbox_runtime/worker/snapshot_memory.py), through the C library at `libcPath`, the one
+// library Deno lets this process open: {snapshot, image}. `snapshot` is what Pyodide reads:
+// the header, then an image of zeros, never touched (calloc'd pages). `image.into(target,
+// source)` maps the file's image over the start of the WebAssembly memory `target`, private
+// and copy-on-write, and answers true; if the mapping fails, it reads the image into
+// `source` (the snapshot's image) and answers false. Either way the descriptor is closed,
+// the library too, and the FFI permission revoked (host.mjs revokes it again before any
+// guest code runs, whatever happened).
+//
+// The file's holes are the image's zero pages. A hole of at least `UNMAPPED_HOLE` is not
+// mapped: the memory is left as it is there, zero (a page written at instantiation is
+// zeroed), which reads as the kernel's one zero page; a read of a hole the mapping covers
+// would give the file a zeroed page of its own (shared, but memory all the same).
+const UNMAPPED_HOLE = 16 * PAGE;
+
+export function snapshotFromDescriptor(fd, libcPath) {
+  const libc = Deno.dlopen(libcPath, {
+    pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+    lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+    mmap: { parameters: ["buffer", "usize", "i32", "i32", "i32", "i64"], result: "isize" },
+    close: { parameters: ["i32"], result: "i32" },
+  });
+  const done = () => {
+    libc.symbols.close(fd);
+    libc.close();
+    Deno.permissions.revokeSync({ name: "ffi" });
+  };
+  const readAt = (into, position) => {
+    for (let got = 0; got < into.length; ) {
+      const n = Number(libc.symbols.pread(fd, into.subarray(got), into.length - got, BigInt(position + got)));
+      if (n <= 0) throw new Error("the snapshot's memory file is shorter than it says");
+      got += n;
+    }
+  };
+  let snapshot, imageAt, size;
+  try {
+    size = Number(libc.symbols.lseek(fd, 0n, SEEK_END));
+    const first = new Uint8Array(PAGE);
+    readAt(first, 0);
+    const headerBytes = new DataView(first.buffer).getUint32(4, true);
+    imageAt = Math.max(PAGE, Math.ceil(headerBytes / PAGE) * PAGE);
+    if (headerBytes < 8 || headerBytes > PAGE || imageAt > size) throw new Error("not a snapshot's memory file");
+    snapshot = new Uint8Array(headerBytes + size - imageAt);
+    snapshot.set(first.subarray(0, headerBytes));
+  } catch (error) {
+    done();
+    throw error;
+  }
+  // The file's next hole (or data) at or after `offset` in the image; the image's end if none.
+  const seek = (offset, whence) => {
+    const found = Number(libc.symbols.lseek(fd, BigInt(imageAt + offset), whence));
+    return found < 0 ? size - imageAt : Math.min(found - imageAt, size - imageAt);
+  };
+  // [start, end) of the image to map: all of it but its holes of UNMAPPED_HOLE or more.
+  const mappedRanges = (length) => {
+    const ranges = [];
+    let start = 0;
+    for (let at = 0; at < length; ) {
+      const hole = Math.min(seek(at, SEEK_HOLE), length);
+      if (hole >= length) break;
+      const data = Math.min(seek(hole, SEEK_DATA), length);
+      if (data - hole >= UNMAPPED_HOLE) {
+        if (hole > start) ranges.push([start, hole]);
+        start = data;
+      }
+      at = data;
+    }
+    if (start < length) ranges.push([start, length]);
+    return ranges;
+  };
+  const map = (target, length) => {
+    if (target.byteOffset % PAGE !== 0 || length % PAGE !== 0 || length > target.byteLength) return false;
+    const words = new Int32Array(target.buffer, target.byteOffset, length / 4);
+    let end = 0;
+    for (const [start, stop] of [...mappedRanges(length), [length, length]]) {
+      for (let page = end; page < start; page += PAGE) {
+        if (!zeroPage(words, page / 4)) words.fill(0, page / 4, (page + PAGE) / 4);
+      }
+      if (stop > start) {
+        const at = new Uint8Array(target.buffer, target.byteOffset + start, stop - start);
+        const offset = BigInt(imageAt + start);
+        if (Number(libc.symbols.mmap(at, stop - start, PROT_READ_WRITE, MAP_PRIVATE_FIXED, fd, offset)) === -1) {
+          return false; // the copy that follows writes every page again
+        }
+      }
+      end = stop;
+    }
+    return true;
+  };
+  const image = {
+    into(target, source) {
+      try {
+        if (map(target, source.byteLength)) return true;
+        readAt(new Uint8Array(source.buffer, source.byteOffset, source.byteLength), imageAt);
+        return false;
+      } finally {
+        done();
+      }
+    },
+  };
+  return { snapshot, image };
+}
+// Linux's, on x86_64 and aarch64 alike.
+const SEEK_END = 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const PROT_READ_WRITE = 0x1 | 0x2;
+const MAP_PRIVATE_FIXED = 0x02 | 0x10;
 
 // The allocator's free memory zeroed, for the snapshot's maker: every free block is taken
 // through `malloc`, largest sizes first, filled with zeros and given back (the allocator then
@@ -459,6 +574,16 @@ export function zeroFreeMemory(module) {
     for (const pointer of taken) module._free(pointer);
   }
   return zeroed;
+}
+
+// Pyodide's lock file with no package in it, for `loadPyodide`'s `lockFileContents`. A
+// sandbox can load no package (only Pyodide's core files are installed, and it has no
+// network), and Pyodide keeps every entry of the real one in JavaScript (357 packages: their
+// names, files, hashes, imports and dependencies) and their import names in Python (to tell
+// a failed import which package has the module, and that it can be installed).
+export function lockfileWithoutPackages(pyodideDir) {
+  const lockfile = JSON.parse(Deno.readTextFileSync(`${pyodideDir}/pyodide-lock.json`));
+  return { ...lockfile, packages: {} };
 }
 
 // What a snapshot's restore installs as the standard library (an empty zip): see above.

@@ -18,8 +18,10 @@ use: its cgroup's limit, else MemTotal) is what the pool and the sessions are ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -130,6 +132,35 @@ def tree_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
     if (total := process_pss(pid, proc)) is None:
         return None
     return total + sum(process_pss(child, proc) or 0 for child in descendants(pid, proc))
+
+
+#: How the sandboxes' shared snapshot file names itself (`worker/snapshot_memory.py`).
+SNAPSHOT_FILE_PREFIX = "/memfd:rlm-"
+
+
+def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[int, int]:
+    """(held, mapped) in KiB: the snapshot memory files `pids` hold open (their pages written,
+    each file once), and the part of them these processes' mappings count in their PSS. What
+    is held and not mapped is in no process's PSS (for the benches' accounting)."""
+    held: dict[tuple[int, int], int] = {}
+    mapped = 0
+    for pid in pids:
+        try:
+            for fd in (proc / str(pid) / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith(SNAPSHOT_FILE_PREFIX):
+                        info = fd.stat()
+                        held[(info.st_dev, info.st_ino)] = info.st_blocks // 2
+            inside = False
+            for line in (proc / str(pid) / "smaps").read_text().splitlines():
+                fields = line.split()
+                if not fields[0].endswith(":"):
+                    inside = len(fields) > 5 and fields[5].startswith(SNAPSHOT_FILE_PREFIX)
+                elif inside and fields[0] == "Pss:":
+                    mapped += int(fields[1])
+        except (OSError, ProcessLookupError):  # gone meanwhile
+            continue
+    return sum(held.values()), mapped
 
 
 # --- the budget --------------------------------------------------------------------------------

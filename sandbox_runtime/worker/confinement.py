@@ -86,8 +86,6 @@ class Wrapped:
     pass_fds: list[int]
     uid: int | None
     env: dict[str, str]
-    #: Where Deno reads the memory snapshot; None under bwrap (it comes over the pipe).
-    snapshot_path: Path | None = None
     #: Runs under bwrap (else Deno sees the host's file system, behind its permissions).
     confined: bool = False
     #: The rlimits are set by the `prlimit` wrapper (else the caller sets them afterwards).
@@ -151,13 +149,14 @@ def wrap(
     visible: list[Path],
     *,
     memory_bytes: int,
-    snapshot_path: Path | None = None,
     interrupt_fd: int | None = None,
 ) -> Wrapped:
     """The prefix that confines `deno run` as `support` allows, `visible` bound read-only.
 
     `interrupt_fd`: the sandbox's interrupt file (`launcher.InterruptFile`), bound read-only
-    at `SANDBOX_INTERRUPT_FILE` through a descriptor of it (none of its directories open)."""
+    at `SANDBOX_INTERRUPT_FILE` through a descriptor of it (none of its directories open).
+    The memory snapshot is not bound: its directory may be closed to the sandbox's uid (e.g.
+    under /root), which bwrap cannot bind from; the launcher passes a descriptor of it."""
     env = {"DENO_DIR": str(settings.cache_dir / "deno")}
     own_uid = support.mode == "bwrap" and support.own_uid
     prefix = _limits_prefix(settings, memory_bytes, own_uid=own_uid)
@@ -165,7 +164,7 @@ def wrap(
     if support.mode != "bwrap" or support.bwrap is None:
         if support.mode == "unshare" and support.unshare is not None:
             prefix += [support.unshare, "-n", "--"]
-        return Wrapped(prefix, [], None, env, snapshot_path, limits_set=limits)
+        return Wrapped(prefix, [], None, env, limits_set=limits)
     uid = _lease_uid(settings) if support.own_uid else None
     owned: list[int] = []
     try:
@@ -189,11 +188,8 @@ def wrap(
         if uid is not None:
             _uids_in_use.discard(uid)
         raise
-    # The snapshot's host directory may be closed to the sandbox's uid (e.g. under /root),
-    # and a descriptor of the host file could be reopened for writing by a sandbox owning
-    # it: its bytes come over the request pipe instead (`snapshot_in_pipe`).
     env = {"DENO_DIR": SANDBOX_DENO_DIR}
-    return Wrapped(prefix, owned, uid, env, None, confined=True, limits_set=limits)
+    return Wrapped(prefix, owned, uid, env, confined=True, limits_set=limits)
 
 
 def _namespace_args() -> list[str]:

@@ -22,6 +22,7 @@ from . import confinement, page_merging
 from .confinement import Wrapped, network_namespace_works
 from .framing import encode_frame
 from .settings import WorkerSettings
+from .snapshot_memory import snapshot_bytes, snapshot_memory
 
 logger = logging.getLogger(__name__)
 
@@ -161,28 +162,33 @@ def deno_argv(
     fd_out: int,
     interrupt_path: str,
     memory_bytes: int,
-    snapshot_path: Path | None,
     make_snapshot: bool,
+    snapshot_fd: int | None = None,
+    map_with: str | None = None,
     snapshot_in_pipe: bool = False,
     code_cache: bool = True,
 ) -> list[str]:
     """The full command line: read access to Pyodide, our scripts and pipes; nothing else.
 
+    The snapshot: `snapshot_fd`, its sealed memory file (`snapshot_memory`), which the sandbox
+    reads and maps through the C library `map_with` (FFI permission for that library alone,
+    revoked by the sandbox before any guest code runs); or `snapshot_in_pipe`, its bytes in
+    the first frame.
     `code_cache` False where Deno's cache directory is the sandbox's own empty tmpfs: V8's
     code cache (~3 MB of host memory per sandbox, as tmpfs pages outside its PSS) would be
     written there at every start and never read, since no later sandbox sees it.
     """
     readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
     readable += [f"/dev/fd/{fd_in}", interrupt_path]
-    if snapshot_path is not None:
-        readable.append(str(snapshot_path))
+    map_with = map_with if snapshot_fd is not None else None
     config = {
         "pyodide_dir": str(settings.pyodide_dir),
         "guest_dir": str(GUEST_DIR),
         "repl_path": str(REPL_SCRIPT),
-        "snapshot_path": str(snapshot_path) if snapshot_path else None,
-        "make_snapshot": make_snapshot,
+        "snapshot_fd": snapshot_fd if map_with else None,
+        "map_with": map_with,
         "snapshot_in_pipe": snapshot_in_pipe,
+        "make_snapshot": make_snapshot,
         "fd_in": fd_in,
         "fd_out": fd_out,
         "interrupt_path": interrupt_path,
@@ -210,7 +216,7 @@ def deno_argv(
         "--deny-net",
         "--deny-env",
         "--deny-run",
-        "--deny-ffi",
+        f"--allow-ffi={map_with}" if map_with else "--deny-ffi",
         "--deny-sys",
         *([] if code_cache else ["--no-code-cache"]),
         f"--v8-flags={','.join(v8_flags)}",
@@ -250,9 +256,16 @@ def visible_paths(settings: WorkerSettings) -> list[Path]:
     return [settings.pyodide_dir, JS_DIR, GUEST_DIR, REPL_SCRIPT]
 
 
+@functools.cache
+def c_library(deno_path: Path) -> str | None:
+    """The C library Deno links (as `ldd` names it, which is also where a confined sandbox
+    sees it): what a sandbox maps the snapshot through. None when `ldd` does not say."""
+    linked = confinement.libraries(str(deno_path))
+    return next((path for path in linked if Path(path).name == "libc.so.6"), None)
+
+
 async def _wrap(
     settings: WorkerSettings,
-    snapshot_path: Path | None,
     memory_bytes: int,
     interrupt_fd: int | None = None,
 ) -> Wrapped:
@@ -269,7 +282,6 @@ async def _wrap(
         support,
         visible_paths(settings),
         memory_bytes=memory_bytes,
-        snapshot_path=snapshot_path,
         interrupt_fd=interrupt_fd,
     )
 
@@ -283,20 +295,34 @@ async def launch(
 ) -> Launched:
     """Start a sandbox process; the caller waits for its first frame."""
     loop = asyncio.get_running_loop()
+    map_with = c_library(settings.deno_path) if settings.map_snapshot else None
+    snapshot_fd = piped = None
+    if snapshot_path is not None:
+        snapshot_fd = await asyncio.to_thread(snapshot_memory, snapshot_path)
+        if map_with is None:  # its bytes over the pipe instead
+            try:
+                piped = await asyncio.to_thread(snapshot_bytes, snapshot_fd)
+            finally:
+                os.close(snapshot_fd)
+                snapshot_fd = None
     interrupts = InterruptFile.create()
     try:
-        wrapped = await _wrap(settings, snapshot_path, memory_bytes, interrupts.fd)
+        wrapped = await _wrap(settings, memory_bytes, interrupts.fd)
     except BaseException:
         interrupts.close()
+        if snapshot_fd is not None:
+            os.close(snapshot_fd)
         raise
     child_in, parent_out = os.pipe()
     parent_in, child_out = os.pipe()
-    child_fds = (child_in, child_out)
+    # The snapshot's memory file goes with the pipes (everyone's to read, no one's to write:
+    # not handed to the sandbox's uid), closed here once the child has it.
+    child_fds = (child_in, child_out, *([] if snapshot_fd is None else [snapshot_fd]))
     try:
         if wrapped.uid is not None:
             # The sandbox reopens its pipes by /dev/fd/N, which checks the pipe's owner; it
             # reads its interrupt file as its owner (mode 0600).
-            for fd in (*child_fds, interrupts.fd):
+            for fd in (child_in, child_out, interrupts.fd):
                 os.fchown(fd, wrapped.uid, wrapped.uid)
         interrupt_path = (
             confinement.SANDBOX_INTERRUPT_FILE if wrapped.confined else str(interrupts.path)
@@ -307,9 +333,10 @@ async def launch(
             fd_out=child_out,
             interrupt_path=interrupt_path,
             memory_bytes=memory_bytes,
-            snapshot_path=wrapped.snapshot_path,
             make_snapshot=make_snapshot,
-            snapshot_in_pipe=snapshot_path is not None and wrapped.snapshot_path is None,
+            snapshot_fd=snapshot_fd,
+            map_with=map_with,
+            snapshot_in_pipe=piped is not None,
             code_cache=not wrapped.confined,
         )
         process = await asyncio.create_subprocess_exec(
@@ -360,37 +387,10 @@ async def launch(
         wrapped.release()
         raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    if snapshot_path is not None and wrapped.snapshot_path is None:
+    if piped is not None:
         # The first frame: the snapshot's bytes (the pipe drains as Deno reads them).
-        writer.write(encode_frame({"op": "snapshot"}, await _snapshot_bytes(snapshot_path)))
+        writer.write(encode_frame({"op": "snapshot"}, piped))
     return Launched(process, reader, writer, interrupts, read_transport, wrapped)
-
-
-_snapshot_cache: dict[tuple[Path, int, int], bytes] = {}
-
-
-async def _snapshot_bytes(path: Path) -> bytes:
-    """The snapshot file's bytes, read once per version of the file and kept."""
-    return await asyncio.to_thread(_read_snapshot, path)
-
-
-def _read_snapshot(path: Path) -> bytes:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        # Pruned from the cache directory since it was found (`snapshot_cache.prune`): the
-        # bytes kept for this path are as good (its name is its key).
-        kept = next((data for key, data in _snapshot_cache.items() if key[0] == path), None)
-        if kept is None:
-            raise
-        return kept
-    key = (path, info.st_size, info.st_mtime_ns)
-    data = _snapshot_cache.get(key)
-    if data is None:
-        data = path.read_bytes()
-        _snapshot_cache.clear()  # one snapshot in use at a time
-        _snapshot_cache[key] = data
-    return data
 
 
 def limit_resources(pid: int, settings: WorkerSettings, memory_bytes: int) -> None:
