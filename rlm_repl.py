@@ -55,7 +55,6 @@ import threading
 import time
 import traceback
 import types
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -353,6 +352,8 @@ class HttpTransport:
         call_timeout_s: float = 3600.0,
         retry: RetryPolicy | None = None,
     ) -> None:
+        import urllib.parse  # here: not in every sandbox's snapshot
+
         parsed = urllib.parse.urlsplit(base_url.rstrip("/"))
         # The socket path is the percent-encoded "host"; `hostname` would lower-case it.
         self._unix_path = (
@@ -426,6 +427,8 @@ class HttpTransport:
                 raise LLMQueryTimeoutError(
                     f"request {result.get('id')} unanswered after {self.call_timeout_s} s"
                 )
+            import urllib.parse
+
             request_id = urllib.parse.quote(str(result["id"]), safe="")
             path = f"/requests/{request_id}?wait={self._wait_for(deadline)}"
             result = _as_dict(self._request("GET", path, None).body)
@@ -519,6 +522,8 @@ def _idempotency_key() -> str:
 
 
 def _query_wait(path: str) -> float:
+    import urllib.parse
+
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
     try:
         return float(query.get("wait", ["0"])[0])

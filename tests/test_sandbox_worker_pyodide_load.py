@@ -742,6 +742,37 @@ async def test_the_sandbox_is_given_a_lock_file_without_packages(anyio_backend: 
         await process.kill()
 
 
+#: What the snapshot holds: how many objects it froze, and which of the modules only
+#: hibernation and other environments use a new sandbox has imported.
+SNAPSHOT_CONTENT = """
+import gc, sys
+later = [name for name in ("pickle", "hashlib", "urllib.parse") if name in sys.modules]
+print(gc.get_freeze_count() > 10000, later)
+"""
+
+
+async def test_the_snapshot_holds_frozen_objects_and_no_module_a_session_may_not_need(
+    anyio_backend: str,
+) -> None:
+    # Every sandbox maps the snapshot's pages until it writes them: the collector walking the
+    # objects restored from it wrote into nearly all of them (frozen now, it never walks them),
+    # and pickle (hibernation), hashlib and urllib.parse (the HTTP transport of other
+    # environments) took ~0.5 MiB of it in every sandbox (imported where used now).
+    process = await SandboxProcess.spawn(SETTINGS)
+    try:
+        assert await ok(process, SNAPSHOT_CONTENT) == "True []\n"
+        # Hibernation imports pickle when it runs.
+        assert await ok(process, "kept = {'a': [1, 2]}") == ""
+        blob = await process.hibernate()
+    finally:
+        await process.kill()
+    restored = await SandboxProcess.restore(SETTINGS, blob)
+    try:
+        assert await ok(restored, "print(kept['a'][1])") == "2\n"
+    finally:
+        await restored.kill()
+
+
 #: Where Pyodide believes it runs, then Node's `process` read from JavaScript: what it is, and
 #: how much V8's heap grew by reading it (in MiB; Deno builds it at its first read).
 NODE_PROCESS = """

@@ -15,7 +15,6 @@ which names it left out, and `bind_context(..., rebind=True)` fills exactly thos
 from __future__ import annotations
 
 import importlib
-import pickle
 import types
 from typing import Any
 
@@ -61,6 +60,8 @@ def dump(session: Session, *, contexts: bool = True) -> tuple[bytes, list[str]]:
     """Pickle the user namespace; returns the bytes and the names that had to be dropped.
 
     `contexts=False` leaves out the loaded contexts (see the module's docstring)."""
+    import pickle  # here, as in `load`: only a session hibernated imports it, not the snapshot
+
     loaded = _loaded_names(session)
     left_out = set() if contexts else {name for names in loaded.values() for name in names}
     modules: dict[str, str] = {}
@@ -95,6 +96,8 @@ def dump(session: Session, *, contexts: bool = True) -> tuple[bytes, list[str]]:
 
 def _pickle_tolerantly(values: dict[str, Any]) -> tuple[bytes, list[str]]:
     """Pickle the dict in one go (keeping shared references) after dropping what fails alone."""
+    import pickle
+
     try:
         return pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL), []
     except Exception:  # noqa: BLE001, S110 -- any user object may fail; found one by one below
@@ -113,6 +116,8 @@ def _pickle_tolerantly(values: dict[str, Any]) -> tuple[bytes, list[str]]:
 
 def load(session: Session, blob: bytes) -> list[str]:
     """Rebuild the namespace from `dump`'s bytes; returns the names that could not be restored."""
+    import pickle
+
     outer = pickle.loads(blob)  # noqa: S301 -- unpickled inside the sandbox, never in the supervisor
     if not isinstance(outer, dict) or outer.get("version") != FORMAT_VERSION:
         raise ValueError("not a namespace snapshot of this format version")

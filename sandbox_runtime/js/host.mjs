@@ -124,9 +124,12 @@ loadGuest(pyodide);
 
 if (config.make_snapshot) {
   // What the start left to collect, then the allocator's free memory zeroed: garbage would be
-  // restored into every sandbox like live data (zero pages are skipped).
+  // restored into every sandbox like live data (zero pages are skipped). What is left is
+  // frozen (gc.freeze): the collector never walks it again, so a session's collections do not
+  // write into every page of it, which every sandbox maps from one file until it writes.
   const gc = pyodide.pyimport("gc");
   gc.collect();
+  gc.freeze();
   gc.destroy();
   zeroFreeMemory(pyodide._module);
   writeFrame({ op: "snapshot_made", pyodide_version: version }, pyodide.makeMemorySnapshot());

@@ -140,8 +140,9 @@ SNAPSHOT_FILE_PREFIX = "/memfd:rlm-"
 
 def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[int, int]:
     """(held, mapped) in KiB: the snapshot memory files `pids` hold open (their pages written,
-    each file once), and the part of them these processes' mappings count in their PSS. What
-    is held and not mapped is in no process's PSS (for the benches' accounting)."""
+    each file once), and the part of them these processes' mappings count in their PSS (the
+    file's pages, not those a write copied). What is held and not mapped is in no process's
+    PSS (for the benches' accounting)."""
     held: dict[tuple[int, int], int] = {}
     mapped = 0
     for pid in pids:
@@ -158,6 +159,8 @@ def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[
                     inside = len(fields) > 5 and fields[5].startswith(SNAPSHOT_FILE_PREFIX)
                 elif inside and fields[0] == "Pss:":
                     mapped += int(fields[1])
+                elif inside and fields[0] == "Anonymous:":  # copied at a write: the process's
+                    mapped -= int(fields[1])
         except (OSError, ProcessLookupError):  # gone meanwhile
             continue
     return sum(held.values()), mapped
