@@ -75,7 +75,7 @@ function restoringSet(original, snapshot, image) {
     if (!ArrayBuffer.isView(source) || source.buffer !== snapshot.buffer) {
       return original.call(this, source, offset);
     }
-    if (image && offset === 0 && image.into(this, source)) return;
+    if (image?.into(offset === 0 ? this : null, source)) return;
     if (
       offset !== 0 ||
       this.byteOffset % PAGE !== 0 ||
@@ -436,10 +436,10 @@ export async function loadPyodideLean(loadPyodide, givenOptions, snapshot, image
 // library Deno lets this process open: {snapshot, image}. `snapshot` is what Pyodide reads:
 // the header, then an image of zeros, never touched (calloc'd pages). `image.into(target,
 // source)` maps the file's image over the start of the WebAssembly memory `target`, private
-// and copy-on-write, and answers true; if the mapping fails, it reads the image into
-// `source` (the snapshot's image) and answers false. Either way the descriptor is closed,
-// the library too, and the FFI permission revoked (host.mjs revokes it again before any
-// guest code runs, whatever happened).
+// and copy-on-write, and answers true; if the mapping fails (or `target` is null: the copy
+// goes elsewhere), it reads the image into `source` (the snapshot's image), answering false.
+// Either way the descriptor is closed, the library too, and the FFI permission revoked
+// (host.mjs revokes it again before any guest code runs, whatever happened).
 //
 // The file's holes are the image's zero pages. A hole of at least `UNMAPPED_HOLE` is not
 // mapped: the memory is left as it is there, zero (a page written at instantiation is
@@ -503,7 +503,9 @@ export function snapshotFromDescriptor(fd, libcPath) {
     return ranges;
   };
   const map = (target, length) => {
-    if (target.byteOffset % PAGE !== 0 || length % PAGE !== 0 || length > target.byteLength) return false;
+    if (!target || target.byteOffset % PAGE !== 0 || length % PAGE !== 0 || length > target.byteLength) {
+      return false;
+    }
     const words = new Int32Array(target.buffer, target.byteOffset, length / 4);
     let end = 0;
     for (const [start, stop] of [...mappedRanges(length), [length, length]]) {
