@@ -162,6 +162,8 @@ async def test_hibernated_session_is_restored_on_execute(
         # /health lists the isolation layers in force, and what this machine cannot give.
         layers = health["isolation"]["layers"]
         assert layers["deno_permissions"]["active"]
+        # FFI: for the C library alone, to map the snapshot, revoked before guest code.
+        assert "revoked before guest code" in layers["deno_permissions"]["detail"]
         netns = network_namespace_available()
         assert layers["network_namespace"]["active"] is netns
         assert ("network_namespace" in health["isolation"]["missing"]) is not netns

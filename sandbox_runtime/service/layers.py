@@ -18,7 +18,7 @@ from typing import Any
 from sandbox_runtime.errors import SandboxStartError
 from sandbox_runtime.worker import WorkerSettings
 from sandbox_runtime.worker.confinement import TMP_BYTES, Support, data_limit
-from sandbox_runtime.worker.launcher import check_confinement, confinement_support
+from sandbox_runtime.worker.launcher import c_library, check_confinement, confinement_support
 from sandbox_runtime.worker.page_merging import status as page_merging_status
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,16 @@ def _network_namespace(settings: WorkerSettings, support: Support) -> Layer:
     return Layer(name, False, "`unshare -n` refused here; Deno's --deny-net only")
 
 
+def _deno_permissions(settings: WorkerSettings) -> Layer:
+    detail = "reads Pyodide and the runtime's scripts only; net, env, run, sys denied; ffi "
+    library = c_library(settings.deno_path) if settings.map_snapshot else None
+    if library is None:
+        detail += "denied (the memory snapshot is copied)"
+    else:
+        detail += f"for {library} alone, to map the memory snapshot, revoked before guest code"
+    return Layer("deno_permissions", True, detail)
+
+
 def _page_merging(settings: WorkerSettings) -> Layer:
     """Missing (weaker isolation, said at start) while sandboxes opt in to KSM, whether or not
     the machine's ksmd runs now: it may be started later."""
@@ -124,11 +134,7 @@ def isolation_layers(settings: WorkerSettings) -> IsolationReport:
     support = confinement_support(settings)
     return IsolationReport(
         (
-            Layer(
-                "deno_permissions",
-                True,
-                "reads Pyodide and the runtime's scripts only; net, env, run, ffi, sys denied",
-            ),
+            _deno_permissions(settings),
             *_bwrap_layers(support),
             _network_namespace(settings, support),
             Layer(
