@@ -710,6 +710,7 @@ async def test_sandboxes_share_the_pages_of_the_snapshot_they_did_not_write(
                 "50000\n"
             )
         for process in processes:
+            assert process.snapshot_restore == ("mapped" if mapped else "piped")
             rss, shared = _snapshot_mapping_kib(process.pid)
             if mapped:
                 assert rss > 4096 and shared > 4096, (rss, shared)  # KiB

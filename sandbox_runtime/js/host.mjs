@@ -114,6 +114,17 @@ if (config.snapshot_in_pipe) {
 }
 if (config.make_snapshot) options._makeSnapshot = true;
 if (snapshot) options.stdLibURL = STDLIB_PLACEHOLDER;
+// How the snapshot's image got into the memory, for the supervisor: "mapped", "read" (from
+// the memory file, the mapping refused), "piped" (its bytes over the pipe), or null.
+let restored = config.snapshot_in_pipe ? "piped" : null;
+if (image) {
+  const into = image.into;
+  image.into = (target, source) => {
+    const mapped = into(target, source);
+    restored = mapped ? "mapped" : "read";
+    return mapped;
+  };
+}
 const pyodide = await loadPyodideLean(loadPyodide, options, snapshot, image);
 showNode();
 Deno.permissions.revokeSync({ name: "ffi" }); // given for the mapping alone: gone, whatever it did
@@ -235,7 +246,7 @@ const dispatch = runtime.dispatch;
 // memory-reducing collection before serving gives back ~12 MiB, and the heap stays near its
 // live size as sessions run (their data lives in the WebAssembly memory).
 collectGarbage?.({ type: "major", execution: "sync", flavor: "last-resort" });
-writeFrame({ op: "ready", pyodide_version: version, memory_bytes: memoryBytes() });
+writeFrame({ op: "ready", pyodide_version: version, memory_bytes: memoryBytes(), snapshot: restored });
 
 for (;;) {
   const frame = readFrame();

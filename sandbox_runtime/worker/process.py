@@ -33,6 +33,8 @@ from .settings import WorkerSettings
 from .snapshot_cache import ensure_snapshot
 
 logger = logging.getLogger(__name__)
+#: Warnings said once per process (a pool starts many sandboxes alike).
+_warned = {"snapshot_not_mapped": False}
 
 _TRUNCATION_SLACK = 200
 _EXIT_WAIT_S = 2.0
@@ -77,6 +79,10 @@ class SandboxProcess:
         self._idle_watch: asyncio.Task[None] | None = None
         #: Why the supervisor killed the process, said to the next caller.
         self.kill_reason: str | None = None
+        #: How the memory snapshot got into the sandbox's memory, as it said when ready:
+        #: "mapped" (from the shared file), "read" (the mapping refused: copied from the file),
+        #: "piped" (RLM_SANDBOX_MAP_SNAPSHOT off: its bytes over the pipe), None (cold start).
+        self.snapshot_restore: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -114,8 +120,18 @@ class SandboxProcess:
             await process.kill()
             raise SandboxStartError(f"unexpected first frame {frame.header.get('op')!r}")
         launched.interrupts.unlink()  # opened by the sandbox (bound, under bwrap): no name needed
+        process.snapshot_restore = frame.header.get("snapshot")
+        if process.snapshot_restore == "read" and not _warned["snapshot_not_mapped"]:
+            # Asked to map the snapshot and could not: each sandbox copies it (more memory).
+            _warned["snapshot_not_mapped"] = True
+            logger.warning(
+                "sandbox could not map the memory snapshot; copied instead",
+                extra={"pid": process.pid},
+            )
         # process.pid is learnt here, while bwrap is alive to tell it.
-        logger.debug("sandbox started", extra={"pid": process.pid, "snapshot": bool(snapshot)})
+        logger.debug(
+            "sandbox started", extra={"pid": process.pid, "snapshot": process.snapshot_restore}
+        )
         if launched.wrapped.confined and not launched.wrapped.limits_set:
             limit_resources(process.pid, settings, limit)
         process._watch_idle()
