@@ -82,8 +82,10 @@ class ServeComponent(ServiceComponent):
 def _open_ledger(poller_settings: PollerSettings | None) -> UsageLedger | None:
     """The usage ledger of RLM_LEDGER_PATH, where the runs' root calls are recorded (the
     poller records their sub-calls in the same file); None when unset."""
-    path = (poller_settings or PollerSettings()).ledger_path
-    return UsageLedger(path) if path is not None else None
+    settings = poller_settings or PollerSettings()
+    if settings.ledger_path is None:
+        return None
+    return UsageLedger(settings.ledger_path, detail_days=settings.ledger_detail_days)
 
 
 @click.command("serve")

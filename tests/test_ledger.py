@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -169,3 +171,93 @@ def test_two_processes_write_one_file(tmp_path: Path) -> None:
     with UsageLedger(path) as ledger:
         assert ledger.total() == Usage(400, 800, 200.0, 400)
         assert [k["tenant_id"] for k, _ in ledger.totals(group_by=["tenant_id"])] == ["p1", "p2"]
+
+
+DAY = 86400.0
+
+
+def _record_mix(ledger: UsageLedger, start: int) -> None:
+    """Calls of two tenants (and one of none), sessions, runs, models and depths."""
+    rows = [
+        ("a", "s1", "r1", "root", 0), ("a", "s1", "r1", "sub", 1), ("a", "s1", "r1", "sub", 1),
+        ("a", "s2", "r2", "sub", 1), ("b", "s3", "r3", "sub", 2), (None, None, None, "m", 0),
+    ]  # fmt: skip
+    for n, (tenant, session, run, model, depth) in enumerate(rows, start=start):
+        ledger.record(usage=one_call(n), model=model, depth=depth, tenant_id=tenant,
+                      session_id=session, run_id=run)  # fmt: skip
+
+
+def _every_view(ledger: UsageLedger) -> list[object]:
+    views: list[object] = [ledger.total()]
+    for group in (
+        ["tenant_id"],
+        ["session_id"],
+        ["run_id"],
+        ["model", "depth"],
+        ["tenant_id", "run_id"],
+    ):
+        views.append(ledger.totals(group_by=group))
+    views += [ledger.total(tenant_id="a", depth=1), ledger.total(run_id="r3")]
+    return views
+
+
+def _rows(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as db:
+        calls = db.execute("SELECT COUNT(*) FROM llm_usage").fetchone()[0]
+        daily = db.execute("SELECT COUNT(*) FROM llm_usage_daily").fetchone()[0]
+    return calls, daily
+
+
+def test_old_calls_are_folded_per_day_and_every_total_stays_exact(tmp_path: Path) -> None:
+    # Without folding the ledger grew by a row per call, forever. Calls older than
+    # detail_days become one row per day and dimensions; no total or grouping changes.
+    path = tmp_path / "usage.db"
+    with UsageLedger(path, detail_days=30) as ledger:
+        _record_mix(ledger, 1)
+        _record_mix(ledger, 10)
+        before = _every_view(ledger)
+        assert ledger.fold() == 0  # nothing is 30 days old yet
+        assert _rows(path) == (12, 0)
+        assert ledger.fold(now=time.time() + 31 * DAY) == 1
+        assert _rows(path) == (0, 5)  # one row per (tenant, session, run, model, depth)
+        assert _every_view(ledger) == before
+        assert ledger.totals(group_by=["tenant_id"])[0][0] == {"tenant_id": None}
+        _record_mix(ledger, 20)  # the same day again: added to its rows
+        ledger.fold(now=time.time() + 31 * DAY)
+        assert _rows(path) == (0, 5)
+        assert ledger.total().calls == 18
+        assert ledger.total(tenant_id="a").input_tokens == sum(
+            n for start in (1, 10, 20) for n in range(start, start + 4)
+        )
+    result = CliRunner().invoke(
+        usage_command, ["--ledger", str(path), "--by", "tenant_id", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sum(row["calls"] for row in json.loads(result.output)) == 18
+
+
+def test_calls_recorded_while_folding_are_all_counted(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    with UsageLedger(path, detail_days=1) as ledger:
+
+        def worker(start: int) -> None:
+            for i in range(start, start + 100):
+                ledger.record(usage=one_call(i), model="m", depth=0, tenant_id="t")
+
+        threads = [threading.Thread(target=worker, args=(k * 100,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            ledger.fold(now=time.time() + 2 * DAY)
+        for thread in threads:
+            thread.join()
+        ledger.fold(now=time.time() + 2 * DAY)
+        assert _rows(path) == (0, 1)
+        assert ledger.total(tenant_id="t") == sum((one_call(i) for i in range(400)), Usage())
+
+
+def test_a_ledger_without_detail_days_never_folds(tmp_path: Path) -> None:
+    with UsageLedger(tmp_path / "usage.db") as ledger:
+        _record_mix(ledger, 1)
+        assert ledger.fold(now=time.time() + 3650 * DAY) == 0
+    assert _rows(tmp_path / "usage.db") == (6, 0)

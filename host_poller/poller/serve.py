@@ -46,7 +46,7 @@ async def open_poller(
             router = ModelRouter.from_settings(llm_settings, build_client)
             stack.push_async_callback(router.aclose)
         if ledger is None and settings.ledger_path is not None:
-            ledger = UsageLedger(settings.ledger_path)
+            ledger = UsageLedger(settings.ledger_path, detail_days=settings.ledger_detail_days)
             stack.callback(ledger.close)
         handler = RequestHandler(router, ledger=ledger, budgets=budgets, sub_rlm=sub_rlm)
         poller = Poller(settings, handler)
@@ -76,7 +76,7 @@ async def open_standalone(
         stack.push_async_callback(router.aclose)
         ledger = None
         if settings.ledger_path is not None:
-            ledger = UsageLedger(settings.ledger_path)
+            ledger = UsageLedger(settings.ledger_path, detail_days=settings.ledger_detail_days)
             stack.callback(ledger.close)
         budgets = RunBudgets(adopted_idle_s=settings.poller_run_budget_idle_s)
         sub_rlm: SubRLMRunner | None = None

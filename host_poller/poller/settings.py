@@ -33,6 +33,14 @@ class PollerSettings(BaseSettings):
     ledger_path: Path | None = Field(
         None, description="SQLite usage ledger of every answered call (RLM_LEDGER_PATH)."
     )
+    ledger_detail_days: float = Field(
+        30.0,
+        ge=1,
+        le=36_500,
+        description="The usage ledger keeps each call this many days, then folds it into one "
+        "row per UTC day and per tenant, session, run, model and depth: every total stays "
+        "exact, and the file grows with runs, not calls (docs/llm-profiles.md).",
+    )
     poller_concurrency: int = Field(
         32, ge=1, le=10_000, description="Requests answered at once by this poller, all tenants."
     )
