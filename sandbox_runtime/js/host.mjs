@@ -114,19 +114,11 @@ if (config.snapshot_in_pipe) {
 }
 if (config.make_snapshot) options._makeSnapshot = true;
 if (snapshot) options.stdLibURL = STDLIB_PLACEHOLDER;
-// How the snapshot's image got into the memory, for the supervisor: "mapped", "read" (from
-// the memory file, the mapping refused), "piped" (its bytes over the pipe), or null.
-let restored = config.snapshot_in_pipe ? "piped" : null;
-if (image) {
-  const into = image.into;
-  image.into = (target, source) => {
-    const mapped = into(target, source);
-    restored = mapped ? "mapped" : "read";
-    return mapped;
-  };
-}
 const pyodide = await loadPyodideLean(loadPyodide, options, snapshot, image);
 showNode();
+// How the snapshot's image got into the memory, for the supervisor: "mapped", "read" (from
+// the memory file, the mapping refused), "piped" (its bytes over the pipe), or null.
+const restored = image?.restored ?? (config.snapshot_in_pipe ? "piped" : null);
 Deno.permissions.revokeSync({ name: "ffi" }); // given for the mapping alone: gone, whatever it did
 const discard = { write: (bytes) => bytes.length };
 pyodide.setStdout(discard);

@@ -524,10 +524,15 @@ export function snapshotFromDescriptor(fd, libcPath) {
     return true;
   };
   const image = {
+    restored: null, // "mapped" or "read", once `into` ran
     into(target, source) {
       try {
-        if (map(target, source.byteLength)) return true;
+        if (map(target, source.byteLength)) {
+          image.restored = "mapped";
+          return true;
+        }
         readAt(new Uint8Array(source.buffer, source.byteOffset, source.byteLength), imageAt);
+        image.restored = "read";
         return false;
       } finally {
         done();
