@@ -274,6 +274,8 @@ async def test_a_small_budget_hibernates_idle_sessions_and_refuses_what_cannot_f
             assert memory["budget_bytes"] == budget
             assert memory["budget_source"] == "RLM_SANDBOX_LIVE_MEMORY_BYTES"
             assert 0 < memory["used_bytes"] <= budget
+            # The snapshot file the runtime holds once for all its sandboxes (~15 MiB).
+            assert 5 * 2**20 < memory["snapshot_file_bytes"] < 64 * 2**20
 
             # A second session needs a start-up: the idle first one is hibernated for it.
             second = (await client.create_session(p.CreateSession())).session_id
@@ -308,6 +310,7 @@ async def test_a_small_budget_hibernates_idle_sessions_and_refuses_what_cannot_f
             assert _metric(metrics, "rlm_sandbox_memory_hibernations_total") >= 3
             assert _metric(metrics, "rlm_sandbox_memory_budget_bytes") == budget
             assert 0 < _metric(metrics, "rlm_sandbox_memory_bytes") <= budget
+            assert _metric(metrics, "rlm_sandbox_snapshot_file_bytes") > 5 * 2**20
 
 
 async def _pool_idle(health: Any) -> bool:

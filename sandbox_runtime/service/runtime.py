@@ -15,7 +15,7 @@ from sandbox_runtime.service.pool import WarmPool
 from sandbox_runtime.service.settings import RuntimeSettings
 from sandbox_runtime.service.stateless import StatelessExecutor
 from sandbox_runtime.service.store import HibernationStore, StoreLimits
-from sandbox_runtime.worker import WorkerSettings
+from sandbox_runtime.worker import WorkerSettings, snapshot_memory
 from sandbox_runtime.worker.page_merging import status as page_merging_status
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ class Runtime:
             lambda: self.memory.total,
         )
         gauge(
+            "rlm_sandbox_snapshot_file_bytes",
+            "Memory of the snapshot file the runtime holds once for all sandboxes (they map it).",
+            snapshot_memory.held_bytes,
+        )
+        gauge(
             "rlm_sandbox_memory_budget_bytes",
             "Memory the live sandboxes may hold (RLM_SANDBOX_LIVE_MEMORY_BYTES, or auto).",
             lambda: self.memory.budget.bytes,
@@ -153,7 +158,10 @@ class Runtime:
                 "hibernated_bytes": self.store.total_bytes,
                 "hibernated_spilled_bytes": self.store.disk_bytes,
             },
-            "memory": self.memory.as_dict(),
+            "memory": {
+                **self.memory.as_dict(),
+                "snapshot_file_bytes": snapshot_memory.held_bytes(),
+            },
             "page_merging": page_merging_status(self._merge_pages).as_dict(),
             "stateless_running": self.stateless.running,
             "restarts": self.sessions.restarts,
