@@ -29,6 +29,7 @@ from sandbox_runtime.service.memory import rollup_kib, snapshot_file_kib
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings
 from sandbox_runtime.worker.page_merging import KSM_DIR
 from sandbox_runtime.worker.page_merging import status as page_merging_status
+from sandbox_runtime.worker.snapshot_memory import MAPPED_NAME_PREFIX
 
 ROUNDS = 200
 
@@ -150,7 +151,7 @@ def anatomy_kib(pid: int, pyodide_dir: Path) -> dict[str, int]:
     memory_end = -1  # where the mapped snapshot ends: the memory's grown part follows it
     for start, end, perms, path, pss in _regions(pid):
         grown = start == memory_end and not path and perms.startswith("rw")
-        if path.startswith("/memfd:rlm-") or grown:
+        if path.startswith(MAPPED_NAME_PREFIX) or grown:
             part = "the WebAssembly memory"  # the snapshot's image, mapped copy-on-write
             memory_end = end
         elif path.endswith("/deno"):

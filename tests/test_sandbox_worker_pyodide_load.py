@@ -30,7 +30,7 @@ import pytest
 
 from sandbox_runtime.worker import SandboxProcess
 from sandbox_runtime.worker.launcher import JS_DIR, c_library, sandbox_pid
-from sandbox_runtime.worker.snapshot_memory import PAGE, snapshot_memory
+from sandbox_runtime.worker.snapshot_memory import MAPPED_NAME_PREFIX, PAGE, snapshot_memory
 from tests.sandbox_worker_helpers import SETTINGS, ok
 
 DRIVER = r"""
@@ -683,7 +683,7 @@ def _snapshot_mapping_kib(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{sandbox_pid(pid)}/smaps").read_text().splitlines():
         fields = line.split()
         if not fields[0].endswith(":"):
-            inside = "/memfd:rlm-" in line
+            inside = MAPPED_NAME_PREFIX in line
         elif inside and fields[0] == "Rss:":
             rss += int(fields[1])
         elif inside and fields[0] in ("Shared_Clean:", "Shared_Dirty:"):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from sandbox_runtime.worker.snapshot_memory import MAPPED_NAME_PREFIX
+
 logger = logging.getLogger(__name__)
 
 _KiB = 1024
@@ -134,10 +136,6 @@ def tree_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
     return total + sum(process_pss(child, proc) or 0 for child in descendants(pid, proc))
 
 
-#: How the sandboxes' shared snapshot file names itself (`worker/snapshot_memory.py`).
-SNAPSHOT_FILE_PREFIX = "/memfd:rlm-"
-
-
 def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[int, int]:
     """(held, mapped) in KiB: the snapshot memory files `pids` hold open (their pages written,
     each file once), and the part of them these processes' mappings count in their PSS (the
@@ -149,14 +147,14 @@ def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[
         try:
             for fd in (proc / str(pid) / "fd").iterdir():
                 with contextlib.suppress(OSError):
-                    if os.readlink(fd).startswith(SNAPSHOT_FILE_PREFIX):
+                    if os.readlink(fd).startswith(MAPPED_NAME_PREFIX):
                         info = fd.stat()
                         held[(info.st_dev, info.st_ino)] = info.st_blocks // 2
             inside = False
             for line in (proc / str(pid) / "smaps").read_text().splitlines():
                 fields = line.split()
                 if not fields[0].endswith(":"):
-                    inside = len(fields) > 5 and fields[5].startswith(SNAPSHOT_FILE_PREFIX)
+                    inside = len(fields) > 5 and fields[5].startswith(MAPPED_NAME_PREFIX)
                 elif inside and fields[0] == "Pss:":
                     mapped += int(fields[1])
                 elif inside and fields[0] == "Anonymous:":  # copied at a write: the process's

@@ -30,6 +30,8 @@ from pathlib import Path
 from ..errors import SandboxStartError
 
 PAGE = 4096
+#: How a snapshot file shows in a process's mappings and descriptors (`/memfd:rlm-<file name>`).
+MAPPED_NAME_PREFIX = "/memfd:rlm-"
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _ZERO_PAGE = bytes(PAGE)
 
@@ -91,7 +93,8 @@ def _sealed_copy(snapshot: bytes, name: str) -> int:
         raise SandboxStartError(f"{name} is not a Pyodide memory snapshot (its header length)")
     image = memoryview(snapshot)[header_bytes:]
     start = image_offset(header_bytes)
-    fd = os.memfd_create(f"rlm-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    memfd_name = MAPPED_NAME_PREFIX.removeprefix("/memfd:") + name
+    fd = os.memfd_create(memfd_name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, start + len(image))
         os.pwrite(fd, snapshot[:header_bytes], 0)
