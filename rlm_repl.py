@@ -35,9 +35,9 @@ failed call raises an `LLMQueryError`, never returns an error string.
 
 from __future__ import annotations
 
-# Imported where they are used (argparse, ctypes, email.utils, http.client, uuid): the Pyodide
-# sandbox imports this module into its memory snapshot and talks over a pipe, not HTTP, and
-# those modules cost ~1.3 MiB of every sandbox's memory (docs/performance.md).
+# Imported where they are used (argparse, ctypes, email.utils, http.client, urllib.parse): the
+# Pyodide sandbox imports this module into its memory snapshot and talks over a pipe, not
+# HTTP, and those modules cost ~1.6 MiB of every sandbox's memory (docs/performance.md).
 import ast
 import builtins
 import contextlib
@@ -352,7 +352,8 @@ class HttpTransport:
         call_timeout_s: float = 3600.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        import urllib.parse  # here: not in every sandbox's snapshot
+        import http.client
+        import urllib.parse
 
         parsed = urllib.parse.urlsplit(base_url.rstrip("/"))
         # The socket path is the percent-encoded "host"; `hostname` would lower-case it.
@@ -372,10 +373,10 @@ class HttpTransport:
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        import http.client  # here, once: not on every exchange of the llm_query path
-
+        # Bound here, once: not imported again on the llm_query path.
         #: what a failed exchange raises (retried, on a new connection)
         self._exchange_errors = (OSError, http.client.HTTPException)
+        self._quote = urllib.parse.quote
 
     def send(self, calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not calls:
@@ -427,9 +428,7 @@ class HttpTransport:
                 raise LLMQueryTimeoutError(
                     f"request {result.get('id')} unanswered after {self.call_timeout_s} s"
                 )
-            import urllib.parse
-
-            request_id = urllib.parse.quote(str(result["id"]), safe="")
+            request_id = self._quote(str(result["id"]), safe="")
             path = f"/requests/{request_id}?wait={self._wait_for(deadline)}"
             result = _as_dict(self._request("GET", path, None).body)
         return result

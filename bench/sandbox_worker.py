@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox_runtime.service.memory import rollup_kib, snapshot_file_kib
+from sandbox_runtime.service.memory import rollup_kib, smaps_regions, snapshot_file_kib
 from sandbox_runtime.worker import LLMCall, LLMCallResult, SandboxProcess, WorkerSettings
 from sandbox_runtime.worker.page_merging import KSM_DIR
 from sandbox_runtime.worker.page_merging import status as page_merging_status
@@ -122,19 +122,6 @@ def _before_data_section(binary: bytes) -> int:
     return at
 
 
-def _regions(pid: int) -> list[tuple[int, int, str, str, int]]:
-    """(start, end, permissions, path, PSS in KiB) of each region in /proc/<pid>/smaps."""
-    regions: list[tuple[int, int, str, str, int]] = []
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split(maxsplit=5)  # a region: span, perms, offset, device, inode, path
-        if not fields[0].endswith(":"):
-            start, end = (int(bound, 16) for bound in fields[0].split("-"))
-            regions.append((start, end, fields[1], fields[5] if len(fields) > 5 else "", 0))
-        elif fields[0] == "Pss:":
-            regions[-1] = (*regions[-1][:4], int(fields[1]))
-    return regions
-
-
 def anatomy_kib(pid: int, pyodide_dir: Path) -> dict[str, int]:
     """PSS of one sandbox process by part, in KiB, from /proc/<pid>/smaps. Its anonymous
     read-write regions are told apart by what they hold (read through /proc/<pid>/mem): V8's
@@ -149,7 +136,7 @@ def anatomy_kib(pid: int, pyodide_dir: Path) -> dict[str, int]:
     other = "V8's heap, other anonymous memory"
     parts: dict[str, int] = {}
     memory_end = -1  # where the mapped snapshot ends: the memory's grown part follows it
-    for start, end, perms, path, pss in _regions(pid):
+    for start, end, perms, path, pss, _ in smaps_regions(pid):
         grown = start == memory_end and not path and perms.startswith("rw")
         if path.startswith(MAPPED_NAME_PREFIX) or grown:
             part = "the WebAssembly memory"  # the snapshot's image, mapped copy-on-write

@@ -395,7 +395,7 @@ def _files(directory: Path) -> set[Path]:
 
 async def test_a_snapshot_used_counts_as_recent(tmp_path: Path, anyio_backend: str) -> None:
     """Starting from a snapshot marks it used (its access time), and nothing else of it
-    changes: its modification time keys the bytes the launcher keeps in memory."""
+    changes: its modification time keys the memory file `snapshot_memory` keeps of it."""
     settings = WorkerSettings(cache_dir=tmp_path)
     path = _left_behind(snapshot_path(settings), 3 * 86400.0)
     written = path.stat().st_mtime_ns

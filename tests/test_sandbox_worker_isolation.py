@@ -135,6 +135,35 @@ async def test_no_network(sandbox: SandboxProcess, http_port: int) -> None:
     assert _Recorder.hits == []
 
 
+#: A write, through ctypes, into the characters of a string every sandbox restored from the
+#: snapshot (a page of the snapshot file that all sandboxes map), read back where it was made.
+OVERWRITE_SHARED = """
+import ctypes, string, sys
+text = string.ascii_lowercase
+ctypes.memmove(id(text) + sys.getsizeof(text) - len(text) - 1, b"Z" * len(text), len(text))
+print(string.ascii_lowercase)
+"""
+
+
+async def test_a_write_to_the_shared_snapshot_stays_in_its_sandbox(
+    anyio_backend: str, sandbox: SandboxProcess
+) -> None:
+    # Sandboxes map one snapshot file: a page one of them writes is copied into its own
+    # memory first, so neither a sandbox running beside it nor one started after it sees it.
+    attacker = await SandboxProcess.spawn(SETTINGS)
+    try:
+        assert await ok(attacker, OVERWRITE_SHARED) == "Z" * 26 + "\n"
+        later = await SandboxProcess.spawn(SETTINGS)
+        try:
+            for other in (sandbox, later):
+                read = "import string\nprint(string.ascii_lowercase)"
+                assert await ok(other, read) == "abcdefghijklmnopqrstuvwxyz\n"
+        finally:
+            await later.kill()
+    finally:
+        await attacker.kill()
+
+
 async def test_the_guest_cannot_open_a_native_library(sandbox: SandboxProcess) -> None:
     # The load maps the snapshot through the C library (FFI permission for it alone): that
     # permission is revoked before any guest code runs.

@@ -14,12 +14,14 @@
 // page cache, shared by every sandbox) instead of each sandbox holding a copy.
 //
 // The snapshot: Pyodide restores a snapshot with one `HEAP8.set(bytes)` into a fresh
-// WebAssembly memory: that writes every page, and about half of the snapshot's 30 MB are zero
-// pages, which a fresh memory already reads as zero without committing them. During the load,
-// a copy of exactly the snapshot's bytes skips the pages that are zero on both sides (a read
-// of an untouched page commits nothing), and afterwards the snapshot's own buffer is freed:
-// Pyodide keeps a reference to it in its config, so dropping ours and collecting does not
-// free it, while detaching it does, at once.
+// WebAssembly memory, which would write every page of it into every sandbox. That call is
+// intercepted (`restoringSet`). A sandbox given the runtime's snapshot file maps its image
+// there instead, copy-on-write, so the pages no session writes are one copy for all
+// sandboxes (`snapshotFromDescriptor`). Given the bytes (over its pipe), it copies them,
+// skipping the pages that are zero on both sides (about half of the 30 MB; a read of an
+// untouched page commits nothing). Afterwards the snapshot's own buffer is freed: Pyodide
+// keeps a reference to it in its config, so dropping ours and collecting does not free it,
+// while detaching it does, at once.
 //
 // The binary's data segments (3.3 of its 9.6 MB): V8 keeps its copy of a module's bytes for
 // as long as the module lives (it compiles functions from them as they are first called), data
@@ -333,10 +335,17 @@ const NODE_ENVIRONMENT =
 const NO_NODE_ENVIRONMENT = "var ENVIRONMENT_IS_NODE=false;var ENVIRONMENT_IS_SHELL=false;";
 const EXPORTED = "export default _createPyodideModule;";
 let shell = false; // `asShell` in effect
+let readAhead = null; // {pyodideDir, source}: what `asShell` read, for the factory to take
 
 // pyodide.asm.mjs's text; undefined when it cannot be read (Pyodide's own import then reports
-// why) or is not the module this expects (one default export at its end).
+// why) or is not the module this expects (one default export at its end). Read once per
+// start: the text `asShell` read (1.2 MB) is the factory's, then dropped.
 function moduleSource(pyodideDir) {
+  if (readAhead?.pyodideDir === pyodideDir) {
+    const { source } = readAhead;
+    readAhead = null;
+    return source;
+  }
   let source;
   try {
     source = Deno.readTextFileSync(`${pyodideDir}/pyodide.asm.mjs`).trimEnd();
@@ -353,7 +362,10 @@ function moduleSource(pyodideDir) {
 // above), from now until the function this returns is called; nothing changes when Pyodide's
 // module is not one this can load that way (then it loads as on Node, as before).
 export function asShell(pyodideDir) {
-  if (shell || !moduleSource(pyodideDir)?.includes(NODE_ENVIRONMENT)) return () => {};
+  if (shell) return () => {};
+  const source = moduleSource(pyodideDir);
+  if (!source?.includes(NODE_ENVIRONMENT)) return () => {};
+  readAhead = { pyodideDir, source };
   const process = Object.getOwnPropertyDescriptor(globalThis, "process");
   delete globalThis.process;
   globalThis.read = (path) => Deno.readTextFileSync(path);
@@ -363,6 +375,7 @@ export function asShell(pyodideDir) {
   };
   shell = true;
   return () => {
+    readAhead = null; // not taken (another factory was given): not kept either
     delete globalThis.read;
     delete globalThis.readbuffer;
     delete globalThis.load;

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from sandbox_runtime.worker.snapshot_memory import MAPPED_NAME_PREFIX
 
@@ -136,6 +136,35 @@ def tree_pss(pid: int, proc: Path = Path("/proc")) -> int | None:
     return total + sum(process_pss(child, proc) or 0 for child in descendants(pid, proc))
 
 
+class Region(NamedTuple):
+    """One mapping of a process, from /proc/<pid>/smaps (sizes in KiB)."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    pss: int
+    #: Pages of it the process copied at a write (of a file's private mapping: its own).
+    anonymous: int
+
+
+def smaps_regions(pid: int, proc: Path = Path("/proc")) -> list[Region]:
+    """The mappings of live process `pid`, in address order."""
+    regions: list[Region] = []
+    for line in (proc / str(pid) / "smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # a mapping: span, perms, offset, device, inode, path
+        if not fields[0].endswith(":"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            regions.append(
+                Region(start, end, fields[1], fields[5] if len(fields) > 5 else "", 0, 0)
+            )
+        elif fields[0] == "Pss:":
+            regions[-1] = regions[-1]._replace(pss=int(fields[1]))
+        elif fields[0] == "Anonymous:":
+            regions[-1] = regions[-1]._replace(anonymous=int(fields[1]))
+    return regions
+
+
 def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[int, int]:
     """(held, mapped) in KiB: the snapshot memory files `pids` hold open (their pages written,
     each file once), and the part of them these processes' mappings count in their PSS (the
@@ -150,15 +179,11 @@ def snapshot_file_kib(pids: Iterable[int], proc: Path = Path("/proc")) -> tuple[
                     if os.readlink(fd).startswith(MAPPED_NAME_PREFIX):
                         info = fd.stat()
                         held[(info.st_dev, info.st_ino)] = info.st_blocks // 2
-            inside = False
-            for line in (proc / str(pid) / "smaps").read_text().splitlines():
-                fields = line.split()
-                if not fields[0].endswith(":"):
-                    inside = len(fields) > 5 and fields[5].startswith(MAPPED_NAME_PREFIX)
-                elif inside and fields[0] == "Pss:":
-                    mapped += int(fields[1])
-                elif inside and fields[0] == "Anonymous:":  # copied at a write: the process's
-                    mapped -= int(fields[1])
+            mapped += sum(
+                region.pss - region.anonymous
+                for region in smaps_regions(pid, proc)
+                if region.path.startswith(MAPPED_NAME_PREFIX)
+            )
         except (OSError, ProcessLookupError):  # gone meanwhile
             continue
     return sum(held.values()), mapped

@@ -171,21 +171,20 @@ def deno_argv(
     """The full command line: read access to Pyodide, our scripts and pipes; nothing else.
 
     The snapshot: `snapshot_fd`, its sealed memory file (`snapshot_memory`), which the sandbox
-    reads and maps through the C library `map_with` (FFI permission for that library alone,
-    revoked by the sandbox before any guest code runs); or `snapshot_in_pipe`, its bytes in
-    the first frame.
+    reads and maps through the C library `map_with` (given with it: FFI permission for that
+    library alone, revoked by the sandbox before any guest code runs); or `snapshot_in_pipe`,
+    its bytes in the first frame.
     `code_cache` False where Deno's cache directory is the sandbox's own empty tmpfs: V8's
     code cache (~3 MB of host memory per sandbox, as tmpfs pages outside its PSS) would be
     written there at every start and never read, since no later sandbox sees it.
     """
     readable = [str(settings.pyodide_dir), str(JS_DIR), str(GUEST_DIR), str(REPL_SCRIPT)]
     readable += [f"/dev/fd/{fd_in}", interrupt_path]
-    map_with = map_with if snapshot_fd is not None else None
     config = {
         "pyodide_dir": str(settings.pyodide_dir),
         "guest_dir": str(GUEST_DIR),
         "repl_path": str(REPL_SCRIPT),
-        "snapshot_fd": snapshot_fd if map_with else None,
+        "snapshot_fd": snapshot_fd,
         "map_with": map_with,
         "snapshot_in_pipe": snapshot_in_pipe,
         "make_snapshot": make_snapshot,
@@ -295,10 +294,10 @@ async def launch(
 ) -> Launched:
     """Start a sandbox process; the caller waits for its first frame."""
     loop = asyncio.get_running_loop()
-    map_with = c_library(settings.deno_path) if settings.map_snapshot else None
-    snapshot_fd = piped = None
+    map_with = snapshot_fd = piped = None
     if snapshot_path is not None:
         snapshot_fd = await asyncio.to_thread(snapshot_memory, snapshot_path)
+        map_with = c_library(settings.deno_path) if settings.map_snapshot else None
         if map_with is None:  # its bytes over the pipe instead
             try:
                 piped = await asyncio.to_thread(snapshot_bytes, snapshot_fd)

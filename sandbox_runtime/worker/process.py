@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -33,13 +34,17 @@ from .settings import WorkerSettings
 from .snapshot_cache import ensure_snapshot
 
 logger = logging.getLogger(__name__)
-#: Warnings said once per process (a pool starts many sandboxes alike).
-_warned = {"snapshot_not_mapped": False}
 
 _TRUNCATION_SLACK = 200
 _EXIT_WAIT_S = 2.0
 _OOM_MARKERS = ("out of memory", "Out of memory", "OOM", "RangeError: WebAssembly.Memory")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache  # once per process: a pool starts many sandboxes alike
+def _warn_snapshot_not_mapped() -> None:
+    # Asked to map the snapshot and could not: each sandbox copies it (more memory).
+    logger.warning("sandbox could not map the memory snapshot; copied instead")
 
 
 class _Killed(Exception):
@@ -121,13 +126,8 @@ class SandboxProcess:
             raise SandboxStartError(f"unexpected first frame {frame.header.get('op')!r}")
         launched.interrupts.unlink()  # opened by the sandbox (bound, under bwrap): no name needed
         process.snapshot_restore = frame.header.get("snapshot")
-        if process.snapshot_restore == "read" and not _warned["snapshot_not_mapped"]:
-            # Asked to map the snapshot and could not: each sandbox copies it (more memory).
-            _warned["snapshot_not_mapped"] = True
-            logger.warning(
-                "sandbox could not map the memory snapshot; copied instead",
-                extra={"pid": process.pid},
-            )
+        if process.snapshot_restore == "read":
+            _warn_snapshot_not_mapped()
         # process.pid is learnt here, while bwrap is alive to tell it.
         logger.debug(
             "sandbox started", extra={"pid": process.pid, "snapshot": process.snapshot_restore}

@@ -10,7 +10,7 @@ Every new key leaves the old snapshots behind (~30 MB each: an upgrade, an edite
 script, another copy of the project sharing the directory), so making one also prunes the
 directory down to the `snapshot_cache_keep` most recently used. A snapshot's last use is its
 access time, set when a sandbox is started from it (its modification time stays: it is part
-of the key under which the launcher keeps the bytes in memory).
+of the key under which `snapshot_memory` keeps the snapshot's memory file).
 """
 
 from __future__ import annotations
